@@ -1,0 +1,1 @@
+"""Named search spaces (YAML), shipped as package data: `tieify search --space NAME`."""

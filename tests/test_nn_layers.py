@@ -18,9 +18,7 @@ from tieify.nn import TiedBlock, TiedConv1d, TiedConv2d, TiedConv3d, TiedLinear
 
 TIED = {1: TiedConv1d, 2: TiedConv2d, 3: TiedConv3d}
 DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-PROPERTY = settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _macs(module: nn.Module, x: torch.Tensor) -> int:
@@ -54,15 +52,30 @@ def conv_cases(draw):
     bias = draw(st.booleans())
     n = draw(st.integers(1, 3))
     return dict(
-        nd=nd, B=B, groups=G, cin=cin, cout=cout, k=k, stride=stride, padding=padding,
-        dilation=dilation, mode=mode, size=size, bias=bias, n=n,
+        nd=nd,
+        B=B,
+        groups=G,
+        cin=cin,
+        cout=cout,
+        k=k,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        mode=mode,
+        size=size,
+        bias=bias,
+        n=n,
     )
 
 
 def _build(case, cls_map=TIED, **extra):
     kwargs = dict(
-        stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
-        groups=case["groups"], bias=case["bias"], padding_mode=case["mode"],
+        stride=case["stride"],
+        padding=case["padding"],
+        dilation=case["dilation"],
+        groups=case["groups"],
+        bias=case["bias"],
+        padding_mode=case["mode"],
     )
     return cls_map[case["nd"]](case["cin"], case["cout"], case["k"], **kwargs, **extra)
 
@@ -144,8 +157,15 @@ def test_mean_transfer_is_the_least_squares_projection():
 
 @pytest.mark.parametrize(
     "B, G, cin, cout, k, hw",
-    [(1, 1, 64, 64, 3, 8), (2, 1, 64, 128, 3, 8), (4, 1, 64, 64, 3, 8), (4, 1, 256, 64, 1, 7),
-     (8, 1, 64, 64, 3, 5), (2, 32, 128, 128, 3, 6), (4, 2, 32, 64, 5, 9)],
+    [
+        (1, 1, 64, 64, 3, 8),
+        (2, 1, 64, 128, 3, 8),
+        (4, 1, 64, 64, 3, 8),
+        (4, 1, 256, 64, 1, 7),
+        (8, 1, 64, 64, 3, 5),
+        (2, 32, 128, 128, 3, 6),
+        (4, 2, 32, 64, 5, 9),
+    ],
 )
 def test_hand_computed_params_and_macs(B, G, cin, cout, k, hw):
     dense = nn.Conv2d(cin, cout, k, padding=k // 2, groups=G, bias=False)
@@ -186,13 +206,25 @@ def test_tied_linear_from_dense_and_gradients(B):
 
 
 def test_from_dense_keeps_hyper_parameters_dtype_and_requires_grad():
-    dense = nn.Conv2d(8, 16, (3, 1), stride=(2, 1), padding=(1, 0), dilation=(1, 2),
-                      padding_mode="reflect", dtype=torch.float64)
+    dense = nn.Conv2d(
+        8,
+        16,
+        (3, 1),
+        stride=(2, 1),
+        padding=(1, 0),
+        dilation=(1, 2),
+        padding_mode="reflect",
+        dtype=torch.float64,
+    )
     dense.weight.requires_grad_(False)
     dense.eval()
     tied = TiedConv2d.from_dense(dense, B=2)
     assert (tied.kernel_size, tied.stride, tied.padding, tied.dilation) == (
-        (3, 1), (2, 1), (1, 0), (1, 2))
+        (3, 1),
+        (2, 1),
+        (1, 0),
+        (1, 2),
+    )
     assert tied.padding_mode == "reflect" and tied.weight.dtype == torch.float64
     assert not tied.weight.requires_grad and tied.bias.requires_grad
     assert not tied.training
@@ -271,8 +303,12 @@ def test_from_dense_rejects_wrong_types_and_subclasses_with_own_forward():
 
 def _tiny_net() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 8),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 8),
     )
 
 
@@ -383,3 +419,14 @@ def test_tied_block_on_timm_convs():
         torch.testing.assert_close(y, block.blockwise_forward(x))
     scaled = layers.ScaledStdConv2d(16, 32, 3)
     assert TiedBlock(scaled, B=4).module.scale == pytest.approx(scaled.scale * 2)
+
+
+def test_tied_block_transfer_none_reinitializes_through_the_module():
+    torch.manual_seed(0)
+    conv = _WeightStandardized(16, 32, 3, padding=1)
+    fresh = TiedBlock(conv, B=4, transfer=None)
+    mean = TiedBlock(conv, B=4)
+    assert fresh.module.weight.shape == mean.module.weight.shape == (8, 4, 3, 3)
+    assert not torch.allclose(fresh.module.weight, mean.module.weight)
+    x = torch.randn(1, 16, 5, 5)
+    torch.testing.assert_close(fresh(x), fresh.blockwise_forward(x))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from importlib import resources
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,10 @@ def test_every_package_folder_is_listed_in_pyproject():
 
 
 def test_recipes_and_search_spaces_are_package_data():
-    for package, folder in (("tieify.recipes", "recipes"), ("tieify.search_spaces", "search_spaces")):
+    for package, folder in (
+        ("tieify.recipes", "recipes"),
+        ("tieify.search_spaces", "search_spaces"),
+    ):
         shipped = {p.name for p in resources.files(package).iterdir() if p.name.endswith(".yaml")}
         in_repo = {p.name for p in (ROOT / folder).glob("*.yaml")}
         assert shipped == in_repo
@@ -34,8 +38,8 @@ def test_recipes_and_search_spaces_are_package_data():
 def test_import_is_cheap():
     code = (
         "import sys, tieify, tieify.nn; "
-        "heavy = [m for m in ('optuna', 'ray', 'timm', 'matplotlib', 'fvcore') if m in sys.modules]; "
-        "print(heavy)"
+        "heavy = ('optuna', 'ray', 'timm', 'matplotlib', 'fvcore'); "
+        "print([m for m in heavy if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -19,7 +19,7 @@ __all__ = ["TiedBlock"]
 def _scaled_std_conv(thin: nn.Module, dense: nn.Module, B: int) -> None:
     # timm's ScaledStdConv2d caches scale = gamma * fan_in ** -0.5; the thin copy has B times
     # fewer inputs per filter.
-    thin.scale = dense.scale * math.sqrt(B)  # type: ignore[operator]
+    thin.scale = dense.scale * math.sqrt(B)  # type: ignore[operator, assignment]
 
 
 # Per-class adjustments of attributes that a module computed from its channel counts at
@@ -79,6 +79,7 @@ class TiedBlock(nn.Module):
     B: int
     in_channels: int
     out_channels: int
+    module: nn.Module
 
     def __init__(self, module: nn.Module, B: int, transfer: str | None = "mean") -> None:
         super().__init__()
@@ -116,8 +117,9 @@ class TiedBlock(nn.Module):
         adjust = THIN_ADJUSTMENTS.get(type(module).__name__)
         if adjust is not None:
             adjust(thin, module, B)
-        if transfer is None and hasattr(thin, "reset_parameters"):
-            thin.reset_parameters()
+        reset = getattr(thin, "reset_parameters", None)
+        if transfer is None and callable(reset):
+            reset()
         self.module = thin
         self.B = B
         self.in_channels = c_in

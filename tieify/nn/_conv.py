@@ -15,7 +15,8 @@ from ._paths import tied_conv_forward
 __all__ = ["TiedConv1d", "TiedConv2d", "TiedConv3d"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+# Typed loosely: torch's stubs declare int where the constructors accept tuples too.
+_DENSE: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class _TiedConvNd(nn.Module):
@@ -93,8 +94,8 @@ class _TiedConvNd(nn.Module):
         self.padding_mode = padding_mode
         self.B = B
         self._reversed_padding_repeated_twice = list(thin._reversed_padding_repeated_twice)
-        self.weight = thin.weight
-        self.register_parameter("bias", thin.bias)
+        self.weight = nn.Parameter(thin.weight.data)
+        self.bias = None if thin.bias is None else nn.Parameter(thin.bias.data)
         # Forward path: "auto" lets tieify.nn._paths choose per input; tieify.optimize() pins
         # the fastest measured one.
         self.path = "auto"
@@ -102,9 +103,7 @@ class _TiedConvNd(nn.Module):
     # -- construction from and to dense layers -------------------------------------------
 
     @classmethod
-    def from_dense(
-        cls, layer: nn.Module, B: int, transfer: str | None = "mean"
-    ) -> _TiedConvNd:
+    def from_dense(cls, layer: nn.Module, B: int, transfer: str | None = "mean") -> _TiedConvNd:
         """Tie a dense or grouped convolution.
 
         Args:
@@ -213,7 +212,9 @@ class _TiedConvNd(nn.Module):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return conv(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return conv(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
     def _check_input(self, x: torch.Tensor) -> None:
         nd = self._ndim
@@ -233,9 +234,7 @@ class _TiedConvNd(nn.Module):
         return tied_conv_forward(self, x)
 
     def extra_repr(self) -> str:
-        s = (
-            "{in_channels}, {out_channels}, kernel_size={kernel_size}, stride={stride}, B={B}"
-        )
+        s = "{in_channels}, {out_channels}, kernel_size={kernel_size}, stride={stride}, B={B}"
         if self.padding != (0,) * len(self.padding):
             s += ", padding={padding}"
         if self.dilation != (1,) * len(self.dilation):

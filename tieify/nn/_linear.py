@@ -57,8 +57,8 @@ class TiedLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.B = B
-        self.weight = thin.weight
-        self.register_parameter("bias", thin.bias)
+        self.weight = nn.Parameter(thin.weight.data)
+        self.bias = None if thin.bias is None else nn.Parameter(thin.bias.data)
 
     @classmethod
     def from_dense(cls, layer: nn.Module, B: int, transfer: str | None = "mean") -> TiedLinear:

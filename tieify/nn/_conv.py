@@ -231,6 +231,8 @@ class _TiedConvNd(nn.Module):
         if x.dim() == self._ndim + 1:  # unbatched, as torch's convolutions accept
             return self.forward(x.unsqueeze(0)).squeeze(0)
         self._check_input(x)
+        if self.B == 1:  # nothing to fold: exactly the dense layer's computation
+            return self.thin_conv(x)
         return tied_conv_forward(self, x)
 
     def extra_repr(self) -> str:

@@ -1,19 +1,88 @@
 """Forward paths of the tied convolutions.
 
 Every path computes exactly the reference forward (the authors'): fold the B channel blocks
-into the batch, ``(N, C, *S) -> (N·B, C/B, *S)``, run the thin convolution, unfold.
+into the batch, ``(N, C, *S) -> (N·B, C/B, *S)``, run the thin convolution, unfold. They
+differ only in how the work is laid out for the kernels underneath:
+
+- ``"fold"``: the reference, the fallback for every input.
+- ``"gemm"``: 1×1 convolution on a channels-last input; the input *is* a
+  ``(N·S·B, C_in/B)`` matrix (a zero-copy view), one matrix multiply with the thin
+  ``(C_out/B, C_in/B)`` filter bank gives the channels-last output, again as a view.
+- ``"bmm"``: 1×1 convolution on a contiguous (NCHW) input: ``(N·B, C_in/B, S)`` batched
+  matrix multiply with the shared filter bank (zero-copy in and out).
+- ``"lift"``: k×k convolution on a channels-last input: the ``(N, H, W, B, C/B)`` memory is a
+  zero-copy channels-last ``(N, C/B, H, W, B)`` tensor of one more dimension, and a
+  convolution with kernel 1 along the new B axis applies the shared filter bank to every
+  block (Conv1d → conv2d, Conv2d → conv3d).
+- ``"grouped"``: the compact dense form, a ``groups·B``-group convolution with the filter
+  bank repeated B times (the repeat is part of the graph; parameters stay compact).
+
+Which path runs is decided from static properties only (layer attributes, dtype, device,
+shapes other than the batch, the strides of the non-batch dimensions), so ``torch.compile``
+(``fullgraph=True``) and ``torch.export`` with a dynamic batch see one branch. ``layer.path``
+is ``"auto"`` (the cheap rule in :func:`default_path`) or a pinned path name (set by
+:func:`tieify.optimize` after timing); a pinned path that does not apply to an input falls back
+to the rule.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from ._conv import _TiedConvNd
 
-PATHS = ("fold",)
+PATHS = ("fold", "gemm", "bmm", "lift", "grouped")
+
+_CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+# -- layout helpers (static: they never look at the batch size or the batch stride) --------
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether the non-batch dims of ``x`` are laid out (*S, C) with C innermost, dense.
+
+    Dims of size 1 are ignored (their stride is meaningless), and the batch dim is never
+    looked at, so the answer is the same for every batch size.
+    """
+    shape = x.shape[1:]
+    strides = x.stride()[1:]
+    order = [*range(1, len(shape)), 0]  # spatial dims outer to inner, then channels
+    expected = 1
+    for d in reversed(order):
+        if shape[d] != 1 and strides[d] != expected:
+            return False
+        expected *= shape[d]
+    return True
+
+
+def is_channels_first(x: torch.Tensor) -> bool:
+    """Whether the non-batch dims of ``x`` are dense in (C, *S) order (NCHW-contiguous)."""
+    shape = x.shape[1:]
+    strides = x.stride()[1:]
+    expected = 1
+    for d in reversed(range(len(shape))):
+        if shape[d] != 1 and strides[d] != expected:
+            return False
+        expected *= shape[d]
+    return True
+
+
+def layout_of(x: torch.Tensor) -> str:
+    """``"channels_last"``, ``"contiguous"`` or ``"strided"`` (both when ambiguous: last)."""
+    if is_channels_last(x) and not is_channels_first(x):
+        return "channels_last"
+    if is_channels_first(x):
+        return "contiguous"
+    return "strided"
+
+
+# -- the paths --------------------------------------------------------------------------------
 
 
 def fold_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
@@ -24,6 +93,147 @@ def fold_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(n, layer.out_channels, *y.shape[2:])
 
 
+def _is_pointwise(layer: _TiedConvNd) -> bool:
+    """1×1 (all dims), no padding, one group: the convolution is a matrix multiply."""
+    pad = layer.padding
+    no_pad = pad in ("valid", "same") if isinstance(pad, str) else all(p == 0 for p in pad)
+    return (
+        all(k == 1 for k in layer.kernel_size)
+        and no_pad
+        and layer.groups == 1
+        and all(d == 1 for d in layer.dilation)
+    )
+
+
+def _subsample(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
+    if any(s != 1 for s in layer.stride):
+        index = (slice(None), slice(None), *(slice(None, None, s) for s in layer.stride))
+        x = x[index]
+    return x
+
+
+def gemm_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
+    """1×1 tied conv on a channels-last input as one ``(N·S·B, C/B) @ (C/B, O/B)`` GEMM."""
+    x = _subsample(layer, x)
+    B, nd = layer.B, layer._ndim
+    o, c = layer.out_channels // B, layer.in_channels // B
+    spatial = x.shape[2:]
+    xl = x.permute(0, *range(2, nd + 2), 1)  # (N, *S, C): a view for channels-last input
+    y = F.linear(xl.reshape(-1, c), layer.weight.reshape(o, c), layer.bias)
+    y = y.reshape(x.shape[0], *spatial, layer.out_channels)
+    return y.permute(0, nd + 1, *range(1, nd + 1))
+
+
+def bmm_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
+    """1×1 tied conv on a contiguous input as ``W' @ (N·B, C/B, S)`` (batched GEMM)."""
+    x = _subsample(layer, x)
+    B = layer.B
+    o, c = layer.out_channels // B, layer.in_channels // B
+    n, spatial = x.shape[0], x.shape[2:]
+    xs = x.reshape(n * B, c, math.prod(spatial))
+    y = torch.matmul(layer.weight.reshape(o, c), xs)
+    if layer.bias is not None:
+        y = y + layer.bias.reshape(o, 1)
+    return y.reshape(n, layer.out_channels, *spatial)
+
+
+def lift_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
+    """k×k tied conv on a channels-last input as a conv of one more dim (kernel 1 along B)."""
+    B, nd = layer.B, layer._ndim
+    c = layer.in_channels // B
+    n, spatial = x.shape[0], x.shape[2:]
+    xl = x.permute(0, *range(2, nd + 2), 1).reshape(n, *spatial, B, c)
+    xl = xl.permute(0, nd + 2, *range(1, nd + 2))  # (N, C/B, *S, B), channels-last_{nd+1}
+    pad = layer.padding if isinstance(layer.padding, str) else (*layer.padding, 0)
+    y = _CONV_FN[nd + 1](
+        xl,
+        layer.weight.unsqueeze(-1),
+        layer.bias,
+        (*layer.stride, 1),
+        pad,
+        (*layer.dilation, 1),
+        layer.groups,
+    )
+    # y: (N, O/B, *S', B) -> memory (N, *S', B, O/B) -> (N, O, *S') channels-last
+    out_spatial = y.shape[2:-1]
+    y = y.permute(0, *range(2, nd + 3), 1).reshape(n, *out_spatial, layer.out_channels)
+    return y.permute(0, nd + 1, *range(1, nd + 1))
+
+
+def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
+    """The compact dense form: a ``groups·B``-group conv with the filter bank repeated B times."""
+    B = layer.B
+    weight = layer.weight.repeat(B, *([1] * (layer.weight.dim() - 1)))
+    bias = None if layer.bias is None else layer.bias.repeat(B)
+    conv = _CONV_FN[layer._ndim]
+    groups = layer.groups * B
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        return conv(x, weight, bias, layer.stride, 0, layer.dilation, groups)
+    return conv(x, weight, bias, layer.stride, layer.padding, layer.dilation, groups)
+
+
+_FORWARD: dict[str, Callable[[_TiedConvNd, torch.Tensor], torch.Tensor]] = {
+    "fold": fold_forward,
+    "gemm": gemm_forward,
+    "bmm": bmm_forward,
+    "lift": lift_forward,
+    "grouped": grouped_forward,
+}
+
+
+# -- selection --------------------------------------------------------------------------------
+
+
+def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
+    """The paths that compute ``layer`` on an input laid out like ``x`` (static test)."""
+    paths = ["fold", "grouped"]
+    channels_last = is_channels_last(x)
+    if _is_pointwise(layer):
+        if channels_last:
+            paths.append("gemm")
+        if is_channels_first(x):
+            paths.append("bmm")
+    elif channels_last and layer._ndim in (1, 2) and layer.padding_mode == "zeros":
+        paths.append("lift")
+    return tuple(p for p in PATHS if p in paths)
+
+
+def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
+    """The cheap rule: the zero-copy path for the input's layout, else the reference fold.
+
+    Pointwise layers run as a GEMM (channels-last) or, on CPU, a batched GEMM (contiguous);
+    k×k layers on a channels-last 1-D/2-D input run lifted; everything else folds (measured
+    in ``benchmarks/results/``).
+    """
+    paths = applicable_paths(layer, x)
+    if "gemm" in paths:
+        return "gemm"
+    if "bmm" in paths and x.device.type == "cpu":
+        return "bmm"
+    if "lift" in paths:
+        return "lift"
+    return "fold"
+
+
+def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
+    """The path ``layer`` runs on ``x``: its pinned ``path`` when that applies, else the rule."""
+    path = getattr(layer, "path", "auto")
+    if path != "auto" and path not in _FORWARD:
+        raise ValueError(
+            f"{type(layer).__name__}.path must be 'auto' or one of {PATHS}, but got {path!r}; "
+            "set layer.path = 'auto' or run tieify.optimize(model, example_inputs)."
+        )
+    if path != "auto" and path in applicable_paths(layer, x):
+        return path
+    return default_path(layer, x)
+
+
+def run_path(layer: _TiedConvNd, x: torch.Tensor, path: str) -> torch.Tensor:
+    """Run one named path (the caller checks that it applies; see :func:`applicable_paths`)."""
+    return _FORWARD[path](layer, x)
+
+
 def tied_conv_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     """Run ``layer`` on ``x`` (already validated, batched) with the path it selects."""
-    return fold_forward(layer, x)
+    return _FORWARD[select_path(layer, x)](layer, x)

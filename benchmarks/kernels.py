@@ -1,0 +1,234 @@
+"""Kernel efficiency of tied convolutions on ResNet-50's twelve conv shapes.
+
+E = (dense time / B) / tied time: 1.0 means the tied layer turns its B-fold multiply-add
+saving into a B-fold speed-up. For each shape and B ∈ {2, 4, 8}, measured side by side in one
+interleaved run (ABAB rounds, medians of per-round ratios):
+
+- ``fold``: the authors' reference forward (reshape to (N·B, C/B, H, W), thin conv), NCHW;
+- ``grouped``: ``nn.Conv2d`` with ``groups=B`` (what a group conv with G = B costs), best of
+  NCHW and channels-last;
+- ``tieify``: ``TiedConv2d`` after ``tieify.optimize`` on a channels-last input (the layout
+  tieify recommends), and on an NCHW input; the better of the two is the headline column.
+
+Dense time is the faster of NCHW and channels-last ``nn.Conv2d`` in the same round (a strict
+baseline). Batch 8, 2 threads by default. Writes ``results/kernels.json`` and
+``results/kernels.md``.
+
+Usage::
+
+    python benchmarks/kernels.py            # ~3-5 minutes on 2 cores
+    python benchmarks/kernels.py --quick    # fewer rounds, ~1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tieify.latency._optimize import choose_path  # noqa: E402
+from tieify.latency._timing import calibrate_iters, time_once  # noqa: E402
+from tieify.nn import TiedConv2d  # noqa: E402
+from tieify.nn import _paths  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (C_in, C_out, H, k) of ResNet-50's convolutions (stride 1 versions).
+SHAPES = [
+    (64, 64, 56, 3),
+    (64, 256, 56, 1),
+    (256, 64, 56, 1),
+    (128, 128, 28, 3),
+    (128, 512, 28, 1),
+    (512, 128, 28, 1),
+    (256, 256, 14, 3),
+    (256, 1024, 14, 1),
+    (1024, 256, 14, 1),
+    (512, 512, 7, 3),
+    (512, 2048, 7, 1),
+    (2048, 512, 7, 1),
+]
+CL = torch.channels_last
+
+
+def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
+    """Interleaved rounds over every candidate of one shape; returns per-B medians."""
+    pad = k // 2
+    x = torch.randn(batch, ci, h, h)
+    xc = x.contiguous(memory_format=CL)
+    dense = torch.nn.Conv2d(ci, co, k, padding=pad, bias=False)
+    dense_cl = torch.nn.Conv2d(ci, co, k, padding=pad, bias=False).to(memory_format=CL)
+    out_numel = batch * co * h * h
+    fns = {
+        "dense_nchw": lambda: dense(x),
+        "dense_cl": lambda: dense_cl(xc),
+        # Memory floor: allocating and writing the output, which every path must do.
+        "write_output": lambda: torch.empty(out_numel).fill_(1.0),
+    }
+    paths = {}
+    for B in Bs:
+        tied = TiedConv2d.from_dense(dense, B)
+        tied_cl = TiedConv2d.from_dense(dense, B)
+        with torch.inference_mode():
+            tied.path = choose_path(tied, x)
+            tied_cl.path = choose_path(tied_cl, xc)
+        paths[B] = {"nchw": tied.path, "channels_last": tied_cl.path}
+        g = torch.nn.Conv2d(ci, co, k, padding=pad, groups=B, bias=False)
+        g_cl = torch.nn.Conv2d(ci, co, k, padding=pad, groups=B, bias=False).to(memory_format=CL)
+        fns[f"fold|{B}"] = lambda t=tied: _paths.fold_forward(t, x)
+        fns[f"grouped_nchw|{B}"] = lambda m=g: m(x)
+        fns[f"grouped_cl|{B}"] = lambda m=g_cl: m(xc)
+        fns[f"tieify_nchw|{B}"] = lambda t=tied: t(x)
+        fns[f"tieify_cl|{B}"] = lambda t=tied_cl: t(xc)
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn()
+        iters = {n: calibrate_iters(f, target_s) for n, f in fns.items()}
+        samples = {n: [] for n in fns}
+        for _ in range(rounds):
+            for n, f in fns.items():
+                samples[n].append(time_once(f, iters[n]))
+    # Per-round ratios (the same round's dense time), then medians over rounds.
+    dense_r = [min(a, b) for a, b in zip(samples["dense_nchw"], samples["dense_cl"])]
+    rows = []
+    for B in Bs:
+
+        def eff(name, B=B):
+            return statistics.median(d / B / t for d, t in zip(dense_r, samples[name]))
+
+        def best(a, b, B=B):
+            return statistics.median(
+                d / B / min(s, u) for d, s, u in zip(dense_r, samples[a], samples[b])
+            )
+
+        row = {
+            "C_in": ci, "C_out": co, "H": h, "k": k, "B": B,
+            "dense_ms": statistics.median(dense_r) * 1e3,
+            "dense_nchw_ms": statistics.median(samples["dense_nchw"]) * 1e3,
+            "dense_cl_ms": statistics.median(samples["dense_cl"]) * 1e3,
+            "E_fold": eff(f"fold|{B}"),
+            "E_ceiling": eff("write_output"),
+            "E_grouped": best(f"grouped_nchw|{B}", f"grouped_cl|{B}"),
+            "E_tieify": best(f"tieify_nchw|{B}", f"tieify_cl|{B}"),
+            "E_tieify_cl": eff(f"tieify_cl|{B}"),
+            "E_tieify_nchw": eff(f"tieify_nchw|{B}"),
+            "speedup_vs_fold": statistics.median(
+                f / min(a, b)
+                for f, a, b in zip(
+                    samples[f"fold|{B}"], samples[f"tieify_nchw|{B}"], samples[f"tieify_cl|{B}"]
+                )
+            ),
+            "path_cl": paths[B]["channels_last"],
+            "path_nchw": paths[B]["nchw"],
+        }
+        for n in ("fold", "tieify_cl", "tieify_nchw", "grouped_nchw", "grouped_cl"):
+            row[f"{n}_ms"] = statistics.median(samples[f"{n}|{B}"]) * 1e3
+        rows.append(row)
+    return rows
+
+
+def summarize(rows):
+    out = {}
+    for col in ("E_fold", "E_grouped", "E_tieify", "E_tieify_cl", "E_tieify_nchw", "E_ceiling"):
+        vals = [r[col] for r in rows]
+        out[col] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+    out["faster_than_fold"] = sum(r["speedup_vs_fold"] > 1.0 for r in rows)
+    out["n"] = len(rows)
+    return out
+
+
+def markdown(res):
+    s = res["summary"]
+    lines = [
+        "# Tied conv kernel efficiency, ResNet-50 shapes",
+        "",
+        f"E = (dense time / B) / tied time; batch {res['batch']}, {res['threads']} threads, "
+        f"{res['rounds']} interleaved rounds, medians of per-round ratios. Machine: "
+        f"{res['machine']}, torch {res['torch']}. {res['note']}",
+        "",
+        "| | median E | min E | max E |",
+        "|---|---:|---:|---:|",
+    ]
+    for col, label in (
+        ("E_fold", "reference fold (NCHW)"),
+        ("E_grouped", "grouped conv G=B (best layout)"),
+        ("E_tieify", "**tieify** (best layout)"),
+        ("E_tieify_cl", "tieify, channels_last"),
+        ("E_tieify_nchw", "tieify, NCHW"),
+        ("E_ceiling", "memory ceiling (time to write the output)"),
+    ):
+        v = s[col]
+        lines.append(f"| {label} | {v['median']:.2f} | {v['min']:.2f} | {v['max']:.2f} |")
+    lines += [
+        "",
+        f"tieify faster than the reference fold on {s['faster_than_fold']}/{s['n']} "
+        "(shape, B) cases.",
+        "",
+        "| C_in | C_out | H | k | B | dense ms | E fold | E grouped | E tieify | E tieify CL "
+        "| E tieify NCHW | E ceiling | × vs fold | path CL | path NCHW |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['C_in']} | {r['C_out']} | {r['H']} | {r['k']} | {r['B']} | "
+            f"{r['dense_ms']:.2f} | {r['E_fold']:.2f} | {r['E_grouped']:.2f} | "
+            f"**{r['E_tieify']:.2f}** | {r['E_tieify_cl']:.2f} | {r['E_tieify_nchw']:.2f} | "
+            f"{r['E_ceiling']:.2f} | {r['speedup_vs_fold']:.2f} | {r['path_cl']} | {r['path_nchw']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Tied conv kernel efficiency (ResNet-50 shapes).")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--B", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--target-s", type=float, default=0.01)
+    p.add_argument("--quick", action="store_true", help="5 rounds, shorter samples")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.target_s = 5, 0.005
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    start = time.time()
+    rows = []
+    for ci, co, h, k in SHAPES:
+        rows += bench_shape(ci, co, h, k, args.B, args.batch, args.rounds, args.target_s)
+        r = rows[-1]
+        print(f"{ci}->{co} {h}x{h} k{k}: E_tieify(B={r['B']})={r['E_tieify']:.2f}", flush=True)
+    res = {
+        "benchmark": "kernels",
+        "batch": args.batch,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "B": args.B,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} logical CPUs",
+        "note": "The machine's cores are shared with other jobs: timings are noisy, candidates "
+        "are interleaved (ABAB) and E is a median of per-round ratios. 'E ceiling' is the E of "
+        "a layer that only allocates and writes its output (the memory floor of every path): "
+        "where it is below 1, no implementation can reach E = 1 on this machine.",
+        "seconds": round(time.time() - start, 1),
+        "rows": rows,
+    }
+    res["summary"] = summarize(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
+    (args.out / "kernels.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""Accuracy of ``tieify.predict_latency`` against measured latency on random plans.
+
+For each model (ResNet-50 and MobileNetV3-Large by default) draw random plans (every
+eligible conv: B ∈ {1, 2, 4}, drawn per layer; depthwise convs, the stem and the head stay
+dense), build the tied models, predict each one's latency from the lookup table (filled
+lazily; the first plans pay for the new layer configurations) and measure it (interleaved
+rounds over all the plans of a model, medians). Reports the median absolute percentage error
+(MdAPE), the worst error, and how many table entries had to be measured.
+
+Usage::
+
+    python benchmarks/latency_model.py              # 2 × 12 plans at 96×96, ~4 minutes
+    python benchmarks/latency_model.py --quick      # 2 × 10 plans at 64×64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import divisible, is_depthwise, tie_convs  # noqa: E402
+
+from tieify.latency import LatencyTable, cache_dir, predict_latency  # noqa: E402
+from tieify.latency._timing import calibrate_iters, time_once  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def random_plan_model(dense, rng: random.Random, stem: str, head: str):
+    choices: dict[str, int] = {}
+
+    def choose(name, conv):
+        if name.startswith((stem, head)) or is_depthwise(conv) or conv.in_channels < 8:
+            return None
+        b = rng.choice([1, 2, 4])
+        while b > 1 and not divisible(conv, b):
+            b //= 2
+        choices[name] = b
+        return b
+
+    return tie_convs(dense, choose), choices
+
+
+MODELS = {
+    "resnet50": ("conv1", "fc"),
+    "mobilenet_v3_large": ("features.0.", "features.16."),
+}
+
+
+def run_model(name: str, args, table: LatencyTable) -> list[dict]:
+    import torchvision.models as tvm
+
+    torch.manual_seed(0)
+    dense = getattr(tvm, name)().eval()
+    stem, head = MODELS[name]
+    rng = random.Random(args.seed)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    plans = []
+    for i in range(args.plans):
+        tied, choices = random_plan_model(dense, rng, stem, head)
+        tied.eval()
+        if args.channels_last:
+            tied = tied.to(memory_format=torch.channels_last)
+        before, t0 = table.measured, time.time()
+        predicted = predict_latency(tied, x, table=table)
+        plans.append(
+            {
+                "model": name, "plan": i, "predicted_ms": predicted * 1e3,
+                "mean_B": statistics.mean(choices.values()),
+                "new_entries": table.measured - before,
+                "predict_s": time.time() - t0, "_module": tied,
+            }
+        )
+        print(f"{name} plan {i}: predicted {predicted * 1e3:.2f} ms "
+              f"({plans[-1]['new_entries']} new entries)", flush=True)
+    fns = {p["plan"]: (lambda m=p["_module"]: m(x)) for p in plans}
+    with torch.inference_mode():
+        for f in fns.values():
+            f()
+        iters = {k: calibrate_iters(f, args.target_s) for k, f in fns.items()}
+        samples: dict[int, list[float]] = {k: [] for k in fns}
+        for _ in range(args.rounds):
+            for k, f in fns.items():
+                samples[k].append(time_once(f, iters[k]))
+    for p in plans:
+        p["measured_ms"] = statistics.median(samples[p["plan"]]) * 1e3
+        p["ape"] = abs(p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]
+        del p["_module"]
+    return plans
+
+
+def markdown(res: dict) -> str:
+    s = res["summary"]
+    lines = [
+        "# Latency model accuracy (predicted vs measured)",
+        "",
+        f"{res['plans_per_model']} random plans per model, batch {res['batch']}, "
+        f"{res['size']}×{res['size']}, {res['layout']}, {res['threads']} threads, torch "
+        f"{res['torch']}, {res['machine']}. {res['note']}",
+        "",
+        f"**Median absolute percentage error: {s['mdape'] * 100:.1f}%** over {s['n']} plans "
+        f"(max {s['max_ape'] * 100:.1f}%).",
+        "",
+        "| model | MdAPE | max APE | table entries measured |",
+        "|---|---:|---:|---:|",
+    ]
+    for m, v in s["per_model"].items():
+        lines.append(
+            f"| {m} | {v['mdape'] * 100:.1f}% | {v['max_ape'] * 100:.1f}% | {v['entries']} |"
+        )
+    lines += ["", "| model | plan | mean B | predicted ms | measured ms | APE |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['plan']} | {r['mean_B']:.2f} | {r['predicted_ms']:.2f} | "
+            f"{r['measured_ms']:.2f} | {r['ape'] * 100:.1f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Latency model error on random plans.")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--plans", type=int, default=12)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--target-s", type=float, default=0.1)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="ignore the on-disk table")
+    p.add_argument("--quick", action="store_true", help="10 plans per model at 64×64")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.plans, args.size, args.rounds = 10, 64, 5
+    torch.set_num_threads(args.threads)
+    table = LatencyTable(persist=not args.fresh)
+    start = time.time()
+    rows = []
+    for m in args.models:
+        rows += run_model(m, args, table)
+    apes = [r["ape"] for r in rows]
+    per_model = {}
+    for m in args.models:
+        mine = [r for r in rows if r["model"] == m]
+        per_model[m] = {
+            "mdape": statistics.median(r["ape"] for r in mine),
+            "max_ape": max(r["ape"] for r in mine),
+            "entries": sum(r["new_entries"] for r in mine),
+        }
+    res = {
+        "benchmark": "latency_model", "plans_per_model": args.plans, "batch": args.batch,
+        "size": args.size, "threads": args.threads, "torch": torch.__version__,
+        "layout": "channels_last" if args.channels_last else "contiguous",
+        "machine": f"{platform.machine()} {os.cpu_count()} logical CPUs",
+        "cache": str(cache_dir()) if not args.fresh else "(in memory)",
+        "note": "Cores shared with other jobs: measured latencies are medians of interleaved "
+        "rounds over all plans of a model; the table entries were measured in the same session.",
+        "seconds": round(time.time() - start, 1),
+        "summary": {"mdape": statistics.median(apes), "max_ape": max(apes), "n": len(apes),
+                    "per_model": per_model},
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (args.out / f"latency_model{suffix}.json").write_text(json.dumps(res, indent=1))
+    (args.out / f"latency_model{suffix}.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

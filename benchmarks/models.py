@@ -1,0 +1,265 @@
+"""Model-level latency: dense vs tied, against the multiply-add (MAC) ratio.
+
+Cases (torchvision models, random weights, eval mode):
+
+- ``resnet50_3x3_B2``: ResNet-50 with every bottleneck 3×3 conv tied at B = 2;
+- ``resnet50_all_B4``: every bottleneck conv (1×1, 3×3, 1×1 and the downsample) at B = 4;
+- ``resnext50_B2``: ResNeXt-50 32×4d, every bottleneck conv at B = 2 (TGC inside the groups);
+- ``mobilenet_v3_large_B2``: every non-depthwise conv outside the stem and head at B = 2;
+- ``mobilenet_v3_large_TiedSE``: only the squeeze-and-excitation convs, at B = 8 (TiedSE).
+
+For each case and batch size (1 and 8) the dense and tied models run in interleaved rounds
+(medians) in three modes: ``eager`` (NCHW), ``channels_last`` (after ``tieify.optimize``)
+and ``compile`` (``torch.compile`` of the channels-last models). The MAC ratio counts
+convolution and linear multiply-adds (one fused multiply-add = 1 MAC), tied over dense.
+
+Usage::
+
+    python benchmarks/models.py                  # ~10 minutes on 2 cores
+    python benchmarks/models.py --quick          # 128×128 inputs, no compile, ~3 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import tieify  # noqa: E402
+from tieify.latency._timing import calibrate_iters, time_once  # noqa: E402
+from tieify.nn import TiedConv2d  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CL = torch.channels_last
+
+
+# -- building tied models -----------------------------------------------------------------
+
+
+def tie_convs(model: nn.Module, choose: Callable[[str, nn.Conv2d], int | None]) -> nn.Module:
+    """A copy of ``model`` with each ``nn.Conv2d`` for which ``choose(name, conv)`` gives a
+    B > 1 replaced by ``TiedConv2d.from_dense(conv, B)``."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Conv2d:
+            continue
+        B = choose(name, module)
+        if not B or B == 1:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, TiedConv2d.from_dense(module, B))
+    return model
+
+
+def divisible(conv: nn.Conv2d, B: int) -> bool:
+    g = conv.groups
+    return conv.in_channels % (g * B) == 0 and conv.out_channels % (g * B) == 0
+
+
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels
+
+
+def macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Conv + linear multiply-adds of one forward pass (tied layers counted as computed)."""
+    total = 0
+
+    def hook(m: nn.Module, args, out) -> None:
+        nonlocal total
+        if isinstance(m, (nn.Conv2d, TiedConv2d)):
+            B = getattr(m, "B", 1)
+            k = math.prod(m.kernel_size)
+            total += out.numel() * (m.in_channels // (m.groups * B)) * k
+        elif isinstance(m, nn.Linear):
+            total += out.numel() * m.in_features
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, TiedConv2d, nn.Linear))
+    ]
+    with torch.inference_mode():
+        model(x)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def _bottleneck_conv(name: str) -> bool:
+    return name.startswith("layer") and (".conv" in name or ".downsample.0" in name)
+
+
+def build_case(case: str) -> tuple[nn.Module, nn.Module]:
+    """(dense, tied) models of one benchmark case."""
+    import torchvision.models as tvm
+
+    torch.manual_seed(0)
+    if case.startswith("resnet50"):
+        dense = tvm.resnet50()
+        if case == "resnet50_3x3_B2":
+            tied = tie_convs(dense, lambda n, c: 2 if _bottleneck_conv(n) and c.kernel_size == (3, 3) else None)
+        else:
+            tied = tie_convs(dense, lambda n, c: 4 if _bottleneck_conv(n) and divisible(c, 4) else None)
+    elif case == "resnext50_B2":
+        dense = tvm.resnext50_32x4d()
+        tied = tie_convs(dense, lambda n, c: 2 if _bottleneck_conv(n) and divisible(c, 2) else None)
+    elif case == "mobilenet_v3_large_B2":
+        dense = tvm.mobilenet_v3_large()
+
+        def choose(n: str, c: nn.Conv2d) -> int | None:
+            body = n.startswith("features.") and not n.startswith(("features.0.", "features.16."))
+            return 2 if body and not is_depthwise(c) and divisible(c, 2) else None
+
+        tied = tie_convs(dense, choose)
+    elif case == "mobilenet_v3_large_TiedSE":
+        dense = tvm.mobilenet_v3_large()
+
+        def choose_se(n: str, c: nn.Conv2d) -> int | None:
+            if ".fc1" not in n and ".fc2" not in n:
+                return None
+            return next((b for b in (8, 4, 2) if divisible(c, b)), None)
+
+        tied = tie_convs(dense, choose_se)
+    else:
+        raise ValueError(f"unknown case {case!r}")
+    return dense.eval(), tied.eval()
+
+
+CASES = [
+    "resnet50_3x3_B2",
+    "resnet50_all_B4",
+    "resnext50_B2",
+    "mobilenet_v3_large_B2",
+    "mobilenet_v3_large_TiedSE",
+]
+
+
+# -- timing ---------------------------------------------------------------------------------
+
+
+def time_pair(fns: dict[str, Callable[[], object]], rounds: int, target_s: float):
+    """Median seconds and median per-round tied/dense ratio of interleaved samples."""
+    for f in fns.values():
+        f()
+    iters = {n: calibrate_iters(f, target_s) for n, f in fns.items()}
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(rounds):
+        for n, f in fns.items():
+            samples[n].append(time_once(f, iters[n]))
+    return samples
+
+
+def run_case(case: str, args) -> list[dict]:
+    dense, tied = build_case(case)
+    rows = []
+    for batch in args.batches:
+        x = torch.randn(batch, 3, args.size, args.size)
+        mac_ratio = macs(tied, x) / macs(dense, x)
+        xc = x.contiguous(memory_format=CL)
+        dense_cl = copy.deepcopy(dense).to(memory_format=CL)
+        tied_cl = copy.deepcopy(tied).to(memory_format=CL)
+        with torch.inference_mode():
+            tieify.optimize(tied_cl, xc)
+        modes = {
+            "eager": (lambda: dense(x), lambda: tied(x)),
+            "channels_last": (lambda: dense_cl(xc), lambda: tied_cl(xc)),
+        }
+        if args.compile:
+            cd = torch.compile(dense_cl)
+            ct = torch.compile(tied_cl)
+            modes["compile"] = (lambda: cd(xc), lambda: ct(xc))
+        fns = {}
+        for mode, (fd, ft) in modes.items():
+            fns[f"{mode}|dense"], fns[f"{mode}|tied"] = fd, ft
+        with torch.inference_mode():
+            samples = time_pair(fns, args.rounds, args.target_s)
+        for mode in modes:
+            d, t = samples[f"{mode}|dense"], samples[f"{mode}|tied"]
+            ratio = statistics.median(b / a for a, b in zip(d, t))
+            rows.append(
+                {
+                    "case": case, "batch": batch, "mode": mode, "size": args.size,
+                    "dense_ms": statistics.median(d) * 1e3, "tied_ms": statistics.median(t) * 1e3,
+                    "latency_ratio": ratio, "mac_ratio": mac_ratio,
+                    "gap": ratio - mac_ratio,
+                }
+            )
+            r = rows[-1]
+            print(
+                f"{case} b{batch} {mode}: dense {r['dense_ms']:.1f} ms, tied {r['tied_ms']:.1f} "
+                f"ms, ratio {ratio:.3f} vs MAC {mac_ratio:.3f}",
+                flush=True,
+            )
+    return rows
+
+
+def markdown(res: dict) -> str:
+    lines = [
+        "# Model latency: tied / dense against the MAC ratio",
+        "",
+        f"Input {res['size']}×{res['size']}, {res['threads']} threads, {res['rounds']} "
+        f"interleaved rounds, medians of per-round ratios; torch {res['torch']}, "
+        f"{res['machine']}. {res['note']}",
+        "",
+        "| case | batch | mode | dense ms | tied ms | latency ratio | MAC ratio | gap |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['mode']} | {r['dense_ms']:.1f} | "
+            f"{r['tied_ms']:.1f} | {r['latency_ratio']:.3f} | {r['mac_ratio']:.3f} | "
+            f"{r['gap']:+.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Dense vs tied model latency against MAC ratio.")
+    p.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--target-s", type=float, default=0.2)
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--quick", action="store_true", help="128×128, 3 rounds, no compile")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.rounds, args.compile, args.target_s = 128, 3, False, 0.05
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    rows = []
+    for case in args.cases:
+        rows += run_case(case, args)
+    res = {
+        "benchmark": "models", "size": args.size, "threads": args.threads,
+        "rounds": args.rounds, "torch": torch.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} logical CPUs",
+        "note": "Cores shared with other jobs: noisy; dense and tied interleaved per round.",
+        "seconds": round(time.time() - start, 1), "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (args.out / f"models{suffix}.json").write_text(json.dumps(res, indent=1))
+    (args.out / f"models{suffix}.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

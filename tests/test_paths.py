@@ -1,0 +1,270 @@
+"""Forward paths of tied convolutions: equality with the reference, selection, tuning cache."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tieify
+from tieify.latency import _optimize
+from tieify.latency._cache import JsonCache, cache_dir
+from tieify.nn import TiedConv1d, TiedConv2d, TiedConv3d
+from tieify.nn import _paths
+
+CL = {1: None, 2: torch.channels_last, 3: torch.channels_last_3d}
+TIED = {1: TiedConv1d, 2: TiedConv2d, 3: TiedConv3d}
+
+
+def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "contiguous":
+        return x.contiguous()
+    nd = x.dim() - 2
+    if CL[nd] is not None:
+        return x.contiguous(memory_format=CL[nd])
+    return x.transpose(1, 2).contiguous().transpose(1, 2)  # (N, L, C) memory
+
+
+def tolerances(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 4e-2, "atol": 4e-2}
+
+
+def check_all_paths(layer, x: torch.Tensor) -> list[str]:
+    """Every applicable path equals the reference fold, forward and backward."""
+    x = x.detach().requires_grad_()
+    ref = _paths.fold_forward(layer, x)
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    g_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, [x, *params], g_out)
+    paths = _paths.applicable_paths(layer, x)
+    assert paths[0] == "fold" and "grouped" in paths
+    tol = tolerances(x.dtype)
+    for path in paths:
+        y = _paths.run_path(layer, x, path)
+        assert y.shape == ref.shape, path
+        torch.testing.assert_close(y, ref, **tol, msg=lambda m, p=path: f"{p}: {m}")
+        grads = torch.autograd.grad(y, [x, *params], g_out)
+        for g, r in zip(grads, ref_grads):
+            scale = float(r.detach().abs().max()) + 1.0
+            torch.testing.assert_close(
+                g.float(), r.float(), rtol=tol["rtol"], atol=tol["atol"] * scale,
+                msg=lambda m, p=path: f"{p} backward: {m}",
+            )
+    # The layer itself (whatever it selects) equals the reference too.
+    torch.testing.assert_close(layer(x), ref, **tol)
+    return list(paths)
+
+
+@st.composite
+def conv_cases(draw):
+    nd = draw(st.sampled_from([1, 2, 2, 2, 3]))
+    B = draw(st.sampled_from([1, 2, 4]))
+    groups = draw(st.sampled_from([1, 1, 2]))
+    cin = B * groups * draw(st.integers(1, 3))
+    cout = B * groups * draw(st.integers(1, 3))
+    k = draw(st.sampled_from([1, 1, 2, 3]))
+    stride = draw(st.sampled_from([1, 1, 2]))
+    dilation = draw(st.sampled_from([1, 1, 2]))
+    if stride == 1 and draw(st.booleans()):
+        padding = draw(st.sampled_from(["same", "valid"]))
+    else:
+        padding = draw(st.sampled_from([0, 0, 1]))
+    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "circular"]))
+    if isinstance(padding, str) or padding == 0:
+        mode = "zeros" if padding != "same" else mode
+    size = draw(st.integers(max(3, dilation * (k - 1) + 1), 7))
+    n = draw(st.integers(1, 3))
+    layout = draw(st.sampled_from(["contiguous", "channels_last"]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16]))
+    bias = draw(st.booleans())
+    return nd, B, groups, cin, cout, k, stride, dilation, padding, mode, size, n, layout, dtype, bias
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases(), st.integers(0, 2**16))
+def test_every_path_equals_reference(case, seed):
+    nd, B, groups, cin, cout, k, stride, dil, pad, mode, size, n, layout, dtype, bias = case
+    torch.manual_seed(seed)
+    layer = TIED[nd](
+        cin, cout, k, stride=stride, padding=pad, dilation=dil, groups=groups, bias=bias,
+        padding_mode=mode, B=B,
+    ).to(dtype)
+    x = to_layout(torch.randn(n, cin, *([size] * nd), dtype=dtype), layout)
+    check_all_paths(layer, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "cin,cout,k,stride,B",
+    [(64, 256, 1, 1, 4), (256, 64, 1, 2, 8), (32, 32, 3, 1, 4), (48, 96, 3, 2, 2)],
+)
+def test_resnet_like_shapes(cin, cout, k, stride, B, layout, dtype):
+    torch.manual_seed(0)
+    layer = TiedConv2d(cin, cout, k, stride=stride, padding=k // 2, B=B).to(dtype)
+    x = to_layout(torch.randn(2, cin, 9, 9, dtype=dtype), layout)
+    paths = check_all_paths(layer, x)
+    fast = {"contiguous": "bmm", "channels_last": "gemm"}[layout] if k == 1 else "lift"
+    assert (fast in paths) == (k == 1 or layout == "channels_last")
+
+
+def test_fast_paths_keep_channels_last_and_the_expected_choice():
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    pw = TiedConv2d(16, 32, 1, B=4)
+    kk = TiedConv2d(16, 32, 3, padding=1, B=4)
+    assert _paths.default_path(pw, x) == "gemm"
+    assert _paths.default_path(kk, x) == "lift"
+    assert _paths.default_path(pw, x.contiguous()) == "bmm"
+    assert _paths.default_path(kk, x.contiguous()) == "fold"
+    for layer in (pw, kk):
+        y = layer(x)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    # gemm reads the input in place: the matrix it multiplies is a view of x's storage.
+    xl = x.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert xl.data_ptr() == x.data_ptr() and xl._base is not None
+
+
+def test_layout_detection_ignores_batch_and_unit_dims():
+    x = torch.randn(3, 8, 1, 1)
+    assert _paths.is_channels_last(x) and _paths.is_channels_first(x)
+    assert _paths.layout_of(x) == "contiguous"
+    y = torch.randn(5, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert _paths.layout_of(y) == "channels_last"
+    assert _paths.layout_of(y[:1]) == _paths.layout_of(y[:4]) == "channels_last"
+    assert _paths.layout_of(torch.randn(2, 8, 4, 6)[..., ::2]) == "strided"
+
+
+def test_pinned_path_is_used_when_it_applies_and_falls_back_otherwise(monkeypatch):
+    layer = TiedConv2d(16, 32, 3, padding=1, B=4)
+    x = torch.randn(1, 16, 5, 5)
+    calls = []
+    for name in ("fold", "grouped", "lift"):
+        orig = _paths._FORWARD[name]
+        monkeypatch.setitem(
+            _paths._FORWARD, name, lambda lay, t, n=name, f=orig: (calls.append(n), f(lay, t))[1]
+        )
+    layer.path = "grouped"
+    layer(x)
+    layer.path = "lift"  # needs channels-last: NCHW input falls back to the rule (fold)
+    layer(x)
+    layer(x.contiguous(memory_format=torch.channels_last))
+    assert calls == ["grouped", "fold", "lift"]
+    layer.path = "fastest"
+    with pytest.raises(ValueError, match="'auto' or one of"):
+        layer(x)
+
+
+# -- tieify.optimize and its cache ------------------------------------------------------------
+
+
+class FakeTimer:
+    """Deterministic timings: each path's time comes from a table; counts calls."""
+
+    def __init__(self, times: dict[str, float]) -> None:
+        self.times = times
+        self.calls = 0
+
+    def __call__(self, fns, **kwargs):
+        self.calls += 1
+        for fn in fns.values():  # the candidates must run
+            fn()
+        return {name: self.times.get(name, 1.0) for name in fns}
+
+
+@pytest.fixture
+def cache_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIEIFY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_optimize, "PATH_CACHE", JsonCache("paths.json"))
+    return tmp_path
+
+
+def small_net() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        TiedConv2d(16, 32, 1, B=4),
+        torch.nn.ReLU(),
+        TiedConv2d(32, 32, 3, padding=1, B=2),
+        TiedConv2d(32, 32, 3, padding=1, B=2),  # same configuration: measured once
+    )
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv("TIEIFY_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "tieify"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "tieify"
+    monkeypatch.setenv("TIEIFY_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+
+
+def test_optimize_pins_fastest_and_caches(cache_tmp, monkeypatch):
+    timer = FakeTimer({"fold": 3.0, "grouped": 2.0, "gemm": 5.0, "lift": 1.0, "bmm": 4.0})
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    net = small_net().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    ref = net(x)
+    assert tieify.optimize(net, x) is net
+    assert [net[0].path, net[2].path, net[3].path] == ["grouped", "lift", "lift"]
+    assert timer.calls == 2  # two distinct configurations
+    torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-4)
+    data = json.loads((cache_tmp / "paths.json").read_text())
+    assert data["version"] == 1 and len(data["entries"]) == 2
+    # A fresh process (new in-memory cache) reads the choice from disk: no timing at all.
+    monkeypatch.setattr(_optimize, "PATH_CACHE", JsonCache("paths.json"))
+    net2 = small_net()
+    tieify.optimize(net2, x)
+    assert timer.calls == 2
+    assert [net2[0].path, net2[2].path] == ["grouped", "lift"]
+
+
+def test_optimize_ties_are_broken_by_path_order(cache_tmp, monkeypatch):
+    monkeypatch.setattr(_optimize, "_timer", FakeTimer({}))  # every path 1.0 s
+    net = small_net()
+    x = torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    tieify.optimize(net, x, cache=False)
+    assert net[0].path == "fold" and net[2].path == "fold"
+    assert not (cache_tmp / "paths.json").exists()
+
+
+def test_corrupted_cache_is_rebuilt_with_warning(cache_tmp, monkeypatch):
+    (cache_tmp / "paths.json").write_text("{not json")
+    timer = FakeTimer({"gemm": 0.1})
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    net = torch.nn.Sequential(TiedConv2d(16, 32, 1, B=4))
+    x = torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    with pytest.warns(RuntimeWarning, match="corrupted"):
+        tieify.optimize(net, x)
+    assert net[0].path == "gemm" and timer.calls == 1
+    data = json.loads((cache_tmp / "paths.json").read_text())
+    assert len(data["entries"]) == 1
+    # Wrong version is also rebuilt.
+    (cache_tmp / "paths.json").write_text(json.dumps({"version": 999, "entries": {}}))
+    monkeypatch.setattr(_optimize, "PATH_CACHE", JsonCache("paths.json"))
+    with pytest.warns(RuntimeWarning, match="version"):
+        tieify.optimize(net, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monkeypatch.setattr(_optimize, "PATH_CACHE", JsonCache("paths.json"))
+        tieify.optimize(net, x)  # now clean
+
+
+def test_optimize_real_timer_gives_a_valid_path(cache_tmp):
+    net = small_net()
+    x = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    ref = net(x)
+    tieify.optimize(net, x, repeats=1)
+    for layer in (net[0], net[2]):
+        assert layer.path in _paths.applicable_paths(layer, x)
+    torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_optimize_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="nn.Module"):
+        tieify.optimize("resnet50", torch.randn(1))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="example_inputs"):
+        tieify.optimize(small_net(), 3)

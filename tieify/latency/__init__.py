@@ -1,0 +1,24 @@
+"""Speed: fast tied-layer paths, their tuning, and latency prediction.
+
+- :func:`optimize` times each tied convolution's forward paths once per input shape and pins
+  the fastest (cached on disk, like ``cudnn.benchmark``).
+- :func:`predict_latency` predicts a model's (or a plan's) forward latency from a per-layer
+  lookup table measured on this machine plus the model's non-layer remainder.
+- :func:`measure_latency` measures it directly (median of interleaved rounds).
+- :func:`cache_dir` is where measurements are kept (``$TIEIFY_CACHE_DIR``, else
+  ``$XDG_CACHE_HOME/tieify``, else ``~/.cache/tieify``).
+"""
+
+from ._cache import cache_dir
+from ._optimize import optimize
+from ._predict import latency_breakdown, measure_latency, predict_latency
+from ._table import LatencyTable
+
+__all__ = [
+    "optimize",
+    "predict_latency",
+    "measure_latency",
+    "latency_breakdown",
+    "LatencyTable",
+    "cache_dir",
+]

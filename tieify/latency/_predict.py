@@ -1,0 +1,271 @@
+"""``tieify.predict_latency``: layer lookup table + the measured non-layer remainder.
+
+predicted latency = remainder + Σ table[layer]
+
+- The table (:mod:`tieify.latency._table`) holds the median forward time of every layer
+  configuration (convolutions, linears, tied layers) on its own input.
+- The remainder is the model with every layer replaced by a stub that returns a ready-made
+  output of the right shape: it times everything else (norms, activations, pooling, residual
+  adds, Python overhead). Tying a layer never changes its output's shape, so every plan of one
+  model shares one remainder, measured once and cached under a key made of the model's
+  non-layer structure, the input, the thread count and the torch version.
+
+So for a search over plans of one model only the layer configurations not yet in the table
+are ever timed; the rest is arithmetic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._optimize import input_signature, like, run_model
+from ._table import TABLE, LatencyTable, is_layer
+from ._timing import interleaved_medians, num_threads
+
+__all__ = ["predict_latency", "measure_latency", "latency_breakdown"]
+
+
+class _Stub(nn.Module):
+    def __init__(self, out: Any) -> None:
+        super().__init__()
+        self.out = out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.out
+
+
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Top-most layer modules (a layer's children are part of it)."""
+    found: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if is_layer(child):
+                found.append((full, child))
+            else:
+                walk(full, child)
+
+    if is_layer(model):
+        return [("", model)]
+    walk("", model)
+    return found
+
+
+def _example_tensor(example_inputs: Any) -> torch.Tensor | None:
+    if isinstance(example_inputs, torch.Tensor):
+        return example_inputs
+    if isinstance(example_inputs, (tuple, list)):
+        for v in example_inputs:
+            if isinstance(v, torch.Tensor):
+                return v
+    if isinstance(example_inputs, dict):
+        for v in example_inputs.values():
+            if isinstance(v, torch.Tensor):
+                return v
+    return None
+
+
+def _capture(model: nn.Module, example_inputs: Any, layers: list[tuple[str, nn.Module]]):
+    ins: dict[str, torch.Tensor] = {}
+    outs: dict[str, Any] = {}
+    handles = []
+    for name, layer in layers:
+
+        def hook(m: nn.Module, args: tuple, out: Any, name: str = name) -> None:
+            if name not in ins and args and isinstance(args[0], torch.Tensor):
+                ins[name] = args[0].detach()
+                outs[name] = out.detach() if isinstance(out, torch.Tensor) else out
+
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            run_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return ins, outs
+
+
+def _remainder_key(model: nn.Module, outs: dict[str, Any], x: Any, threads: int) -> str:
+    parts = []
+    layer_names = set(outs)
+    for name, module in model.named_modules():
+        if name in layer_names:
+            out = outs[name]
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            parts.append(f"{name}:LAYER{shape}")
+        elif not any(name.startswith(n + ".") for n in layer_names if n):
+            parts.append(f"{name}:{type(module).__name__}({module.extra_repr()})")
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+    sig = input_signature(x) if isinstance(x, torch.Tensor) else {}
+    return json.dumps(
+        {"remainder": digest, "input": sig, "threads": threads, "torch": torch.__version__},
+        sort_keys=True,
+    )
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _measure_remainder(
+    model: nn.Module,
+    example_inputs: Any,
+    layers: list[tuple[str, nn.Module]],
+    outs: dict[str, Any],
+    repeats: int,
+) -> float:
+    stubs = {n: _Stub(like(o) if isinstance(o, torch.Tensor) else o) for n, o in outs.items()}
+    originals = dict(layers)
+    try:
+        for name, stub in stubs.items():
+            _set_submodule(model, name, stub)
+        return measure_latency(model, example_inputs, repeats=repeats)
+    finally:
+        for name in stubs:
+            _set_submodule(model, name, originals[name])
+
+
+def latency_breakdown(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    threads: int | None = None,
+    table: LatencyTable | None = None,
+    repeats: int = 5,
+) -> dict[str, float]:
+    """Predicted seconds per layer (by module name) plus ``"<remainder>"``.
+
+    Same arguments as :func:`predict_latency` (a model only).
+    """
+    table = TABLE if table is None else table
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"latency_breakdown expects an nn.Module, but got {type(model).__name__}."
+        )
+    with num_threads(threads):
+        n_threads = torch.get_num_threads()
+        was_training = model.training
+        model.eval()
+        try:
+            layers = _layers(model)
+            ins, outs = _capture(model, example_inputs, layers)
+            layers = [(n, m) for n, m in layers if n in ins]
+            out: dict[str, float] = {}
+            for name, layer in layers:
+                seconds = table.lookup(layer, ins[name], threads=n_threads, repeats=repeats)
+                out[name] = float(seconds or 0.0)
+            if layers == [("", model)]:
+                out["<remainder>"] = 0.0
+                return out
+            key = _remainder_key(model, outs, _example_tensor(example_inputs), n_threads)
+            rem = table.get_value(key)
+            if not isinstance(rem, (int, float)):
+                rem = _measure_remainder(model, example_inputs, layers, outs, repeats + 2)
+                table.set_value(key, rem)
+            out["<remainder>"] = float(rem)
+            return out
+        finally:
+            model.train(was_training)
+
+
+def _resolve(model_or_plan: Any, model: nn.Module | None) -> nn.Module:
+    if isinstance(model_or_plan, nn.Module):
+        return model_or_plan
+    if model is None:
+        raise TypeError(
+            "predict_latency(model_or_plan, ...) got a plan "
+            f"({type(model_or_plan).__name__}) but no base model; pass model=<the dense model "
+            "the plan was made for>, or pass the tied model itself."
+        )
+    apply = getattr(model_or_plan, "apply", None)
+    if callable(apply):
+        return apply(model)
+    from .._api import tieify  # type: ignore[import-not-found]
+
+    return tieify(model, plan=model_or_plan)
+
+
+def predict_latency(
+    model_or_plan: Any,
+    example_inputs: Any,
+    *,
+    model: nn.Module | None = None,
+    threads: int | None = None,
+    table: LatencyTable | None = None,
+    repeats: int = 5,
+) -> float:
+    """Predicted forward latency in seconds (inference, ``eval()`` mode) on this machine.
+
+    The sum of a per-layer lookup table (each layer configuration timed once on its own and
+    cached on disk) and the model's non-layer remainder (timed once per model structure and
+    input). Layer configurations missing from the table are measured on the spot, so the
+    first call on a new model is slower; later calls, also of other plans of the same model,
+    only time layers they have not seen. The cache lives under ``$TIEIFY_CACHE_DIR`` (else
+    ``$XDG_CACHE_HOME/tieify``, else ``~/.cache/tieify``).
+
+    Args:
+        model_or_plan: the model to predict (dense, tied or mixed), or a plan to apply to
+            ``model`` (a copy is made by the plan's ``apply``; ``model`` is not changed).
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs, at
+            the batch size, resolution, dtype and memory layout to predict for.
+        model: the base model when ``model_or_plan`` is a plan.
+        threads: predict for this many intra-op threads (default: the current setting).
+        table: the lookup table (default: the process-wide one, backed by the disk cache).
+        repeats: timing rounds for each entry measured.
+
+    Returns:
+        Seconds per forward pass.
+
+    Example:
+        >>> import torch, tieify
+        >>> from tieify.nn import TiedConv2d
+        >>> net = torch.nn.Sequential(TiedConv2d(16, 32, 3, padding=1, B=4), torch.nn.ReLU())
+        >>> seconds = tieify.predict_latency(net, torch.randn(1, 16, 8, 8))  # doctest: +SKIP
+    """
+    resolved = _resolve(model_or_plan, model)
+    parts = latency_breakdown(
+        resolved, example_inputs, threads=threads, table=table, repeats=repeats
+    )
+    return float(sum(parts.values()))
+
+
+def measure_latency(
+    model: nn.Module, example_inputs: Any, *, repeats: int = 7, threads: int | None = None
+) -> float:
+    """Measured forward latency in seconds: the median of ``repeats`` timed rounds (eval mode,
+    inference mode, after warm-up). What ``--latency measured`` uses.
+
+    Example:
+        >>> import torch
+        >>> from tieify.latency import measure_latency
+        >>> measure_latency(torch.nn.ReLU(), torch.randn(8)) > 0
+        True
+    """
+    was_training = model.training
+    model.eval()
+    x = example_inputs
+    device = None
+    t = _example_tensor(x)
+    if t is not None and t.device.type == "cuda":
+        device = t.device
+    try:
+        with num_threads(threads), torch.inference_mode():
+            times = interleaved_medians(
+                {"model": lambda: run_model(model, x)},
+                repeats=repeats,
+                warmup=2,
+                target_s=0.02,
+                device=device,
+            )
+    finally:
+        model.train(was_training)
+    return times["model"]

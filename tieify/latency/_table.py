@@ -1,0 +1,109 @@
+"""The per-layer latency lookup table, measured on the machine at hand.
+
+An entry is the median forward time (seconds) of one layer configuration on one input,
+keyed by the layer's op and hyper-parameters (type, channels, kernel, stride, padding,
+dilation, groups, B, bias, forward path), the input's shape (batch included), dtype, memory
+layout and device, the thread count and the torch version. Entries are measured lazily, the
+first time a key is asked for, and kept on disk (``latency.json`` in the tieify cache
+directory), so a search pays for each distinct layer once per machine.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn import TIED_TYPES
+from ._cache import JsonCache
+from ._optimize import input_signature, layer_signature, like
+from ._timing import interleaved_medians, num_threads
+
+__all__ = ["LAYER_TYPES", "is_layer", "layer_key", "LatencyTable", "TABLE"]
+
+#: Modules timed on their own (the rest of a model is the "remainder").
+LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    *TIED_TYPES,
+)
+
+
+def is_layer(module: nn.Module) -> bool:
+    """Whether ``module`` gets a table entry of its own."""
+    return isinstance(module, LAYER_TYPES)
+
+
+def layer_key(layer: nn.Module, x: torch.Tensor, threads: int | None = None) -> str:
+    """The table key of ``layer`` run on inputs like ``x`` (a JSON string)."""
+    sig = layer_signature(layer)
+    if hasattr(layer, "path"):
+        sig["path"] = layer.path
+    inner = getattr(layer, "module", None)  # TiedBlock: the wrapped module decides the cost
+    if isinstance(inner, nn.Module):
+        sig["inner"] = layer_signature(inner)
+    key = {
+        "op": sig,
+        "input": input_signature(x),
+        "threads": torch.get_num_threads() if threads is None else threads,
+        "torch": torch.__version__,
+    }
+    return json.dumps(key, sort_keys=True)
+
+
+class LatencyTable:
+    """Median forward seconds per layer key, measured on demand and cached on disk."""
+
+    def __init__(self, name: str = "latency.json", persist: bool = True) -> None:
+        self.store = JsonCache(name, persist=persist)
+        self.measured = 0  # entries measured by this process (not read from disk)
+
+    def lookup(
+        self,
+        layer: nn.Module,
+        x: torch.Tensor,
+        *,
+        threads: int | None = None,
+        repeats: int = 5,
+        measure: bool = True,
+    ) -> float | None:
+        """Seconds per forward of ``layer`` on inputs like ``x``; measured when missing.
+
+        With ``measure=False`` a missing entry gives ``None`` instead.
+        """
+        key = layer_key(layer, x, threads)
+        hit = self.store.get(key)
+        if isinstance(hit, (int, float)):
+            return float(hit)
+        if not measure:
+            return None
+        seconds = time_module(layer, x, threads=threads, repeats=repeats)
+        self.store.set(key, seconds)
+        self.measured += 1
+        return seconds
+
+    def get_value(self, key: str) -> Any:
+        return self.store.get(key)
+
+    def set_value(self, key: str, value: Any) -> None:
+        self.store.set(key, value)
+
+
+def time_module(
+    module: nn.Module, x: torch.Tensor, *, threads: int | None = None, repeats: int = 5
+) -> float:
+    """Median seconds of ``module(x')`` for a random ``x'`` shaped and laid out like ``x``."""
+    xx = like(x)
+    device = x.device if x.device.type == "cuda" else None
+    with num_threads(threads), torch.inference_mode():
+        times = interleaved_medians(
+            {"m": lambda: module(xx)}, repeats=repeats, warmup=2, target_s=0.004, device=device
+        )
+    return times["m"]
+
+
+TABLE = LatencyTable()

@@ -1,0 +1,82 @@
+"""Wall-clock timing helpers: warm-up, interleaved repetitions, medians.
+
+Timings on a shared machine are noisy; every helper here interleaves the candidates
+(A B C A B C ...) so that a burst of load hits all of them alike, and reports medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+
+@contextmanager
+def num_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (``None``: leave as is)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn: Callable[[], object], iters: int = 1, device: torch.device | None = None) -> float:
+    """Seconds per call of ``fn``, averaged over ``iters`` back-to-back calls."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def calibrate_iters(fn: Callable[[], object], target_s: float, device=None) -> int:
+    """How many back-to-back calls of ``fn`` take about ``target_s`` (at least 1)."""
+    t = time_once(fn, 1, device)
+    return max(1, min(1000, int(target_s / max(t, 1e-7))))
+
+
+def interleaved_medians(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 2,
+    target_s: float = 0.02,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured in interleaved rounds (ABAB...).
+
+    Args:
+        fns: name -> zero-argument callable.
+        repeats: rounds; each round times every candidate once, in order.
+        warmup: untimed calls of each candidate first (allocator, kernel selection).
+        target_s: each timed sample runs a candidate about this long (several calls).
+        device: a CUDA device to synchronize around each sample, or ``None``.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    iters = {name: calibrate_iters(fn, target_s, device) for name, fn in fns.items()}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(time_once(fn, iters[name], device))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of ``values``."""
+    return statistics.median(values)

@@ -1,0 +1,407 @@
+"""Evaluating one candidate plan: build, count, time, fine-tune, score against budgets.
+
+An :class:`Evaluator` is prepared once per process (data, dense baseline, search space) and
+then turns parameter dicts (one per trial) into metrics. It is shared by the embedded Optuna
+engine (:mod:`tieify.search._study`) and the Ray backend (:mod:`tieify.search._ray`).
+
+Metrics of a trial (all plain JSON values, stored as Optuna user attributes):
+
+- ``accuracy``: top-1 on the held-out split (fraction) after fine-tuning the tied model
+  (weights transferred from the dense baseline) with the recipe's ``train`` settings;
+- ``latency_ms``: median milliseconds per forward pass at ``latency.batch_size`` with
+  ``latency.threads`` threads, warm-up excluded (``measured``), or the latency model's
+  prediction (``predicted``);
+- ``params`` (de-duplicated) and ``macs`` (per sample, fvcore's unit) from :func:`tieify.count`;
+- ``plan`` (replayable plan dict), ``assignment`` (per-layer factors), ``failed_reason`` for a
+  trial that could not be built or diverged, ``pruned`` for a trial a pruner stopped.
+
+The dense baseline is trained once (``model.pretrain_epochs``) and cached in
+``<out>/baseline/``; its accuracy *after the same fine-tuning* as every candidate is the
+reference for ``max_accuracy_drop``.
+
+Example:
+    >>> from tieify.search import load_recipe
+    >>> ev = Evaluator(load_recipe("default", {"model.pretrain_epochs": 1}), "/tmp/x")  # doctest: +SKIP
+    >>> ev.evaluate({"B_layer1": 2, "B_layer2": 2, "B_layer3": 4}, None)["accuracy"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._errors import ModelResolveError, TieifyError
+from ._data import Data, load_data
+from ._recipe import Recipe
+from ._space import Space, apply_assignment, build_space
+from ._train import Diverged, Pruned, accuracy, fit
+
+__all__ = ["Evaluator", "build_model", "measure_latency", "CONSTRAINT_NAMES"]
+
+logger = logging.getLogger("tieify.search")
+
+#: Budget keys in the order :meth:`Evaluator.constraints` returns them (configured ones only).
+CONSTRAINT_NAMES = (
+    "min_accuracy",
+    "max_accuracy_drop",
+    "max_latency_ms",
+    "max_params",
+    "max_macs",
+)
+
+
+def build_model(recipe: Recipe, data: Data) -> nn.Module:
+    """The dense model the recipe names, with a head for ``data.num_classes`` classes.
+
+    ``cifar_resnet`` is the package's small ResNet; any other name is a MODEL string of
+    ``tieify report`` (torchvision name, ``timm:NAME``, ``module:factory``, ``file.py:factory``).
+    """
+    kwargs = dict(recipe.model.kwargs)
+    if recipe.model.name == "cifar_resnet":
+        from ._cifar_resnet import cifar_resnet
+
+        kwargs.setdefault("num_classes", data.num_classes)
+        kwargs.setdefault("in_channels", data.input_size[0])
+        try:
+            return cifar_resnet(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ModelResolveError(f"model.kwargs {kwargs!r} for cifar_resnet: {exc}") from None
+    from .._models import resolve_model
+
+    try:
+        model = resolve_model(recipe.model.name, **{"num_classes": data.num_classes, **kwargs})
+    except ModelResolveError:
+        model = resolve_model(recipe.model.name, **kwargs)
+        _replace_head(model, data.num_classes)
+    return model
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = (name, m)
+    if last is None or last[1].out_features == num_classes:
+        return
+    name, m = last
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.Linear(m.in_features, num_classes, bias=m.bias is not None))
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module, x: torch.Tensor, *, threads: int = 1, repeats: int = 20, warmup: int = 3
+) -> float:
+    """Median milliseconds per forward pass of ``model(x)`` (eval mode, no grad).
+
+    Each of the ``repeats`` samples times enough back-to-back calls to last about 5 ms; the
+    ``warmup`` calls before are not timed.
+
+    Example:
+        >>> import torch
+        >>> measure_latency(torch.nn.Linear(4, 4), torch.randn(1, 4), repeats=3) > 0
+        True
+    """
+    was_training = model.training
+    model.eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(warmup):
+            model(x)
+        start = time.perf_counter()
+        model(x)
+        once = max(time.perf_counter() - start, 1e-6)
+        iters = max(1, min(200, int(0.005 / once)))
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(iters):
+                model(x)
+            samples.append((time.perf_counter() - start) / iters)
+    finally:
+        torch.set_num_threads(before)
+        model.train(was_training)
+    return 1000.0 * statistics.median(samples)
+
+
+def _count(model: nn.Module, x: torch.Tensor) -> tuple[int, int | None]:
+    try:
+        from .._count import count
+
+        c = count(model, x)
+        return int(c.params), int(c.macs)
+    except Exception as exc:  # counting must not end a search; params are always known
+        logger.debug("counting MACs failed: %s", exc)
+        seen: set[int] = set()
+        total = 0
+        for p in model.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel()
+        return total, None
+
+
+class Evaluator:
+    """Prepared once per process; evaluates parameter dicts of the recipe's search space.
+
+    Args:
+        recipe: The validated recipe.
+        out_dir: Output folder (the dense baseline is cached in ``<out>/baseline``).
+        evaluate_fn: Optional ``evaluate(model) -> float`` replacing fine-tuning and top-1
+            (e.g. a user metric); it must return an accuracy-like value, higher is better.
+        log: Whether to log baseline training progress.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        out_dir: str | Path,
+        *,
+        evaluate_fn: Callable[[nn.Module], float] | None = None,
+        log: bool = True,
+    ) -> None:
+        self.recipe = recipe
+        self.out_dir = Path(out_dir)
+        self.evaluate_fn = evaluate_fn
+        self._log = log
+        self.data = load_data(recipe.data)
+        model = build_model(recipe, self.data)
+        self.example = self.data.example_batch(1)
+        self.latency_input = self.data.example_batch(recipe.latency.batch_size)
+        self.space: Space = build_space(
+            recipe.search.space, model, self.example, recipe.search.choices
+        )
+        self.dense = self._pretrained(model)
+        self.baseline = self._baseline_metrics()
+
+    # -- the contract with the engines ------------------------------------------------------
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna directions of :meth:`objectives`, in order."""
+        return self.recipe.directions
+
+    @property
+    def objective_names(self) -> list[str]:
+        return list(self.recipe.search.objectives)
+
+    @property
+    def constraint_names(self) -> list[str]:
+        """Configured budgets, in the order of :meth:`constraints`."""
+        b = self.recipe.budgets
+        return [n for n in CONSTRAINT_NAMES if getattr(b, n) is not None]
+
+    def suggest_params(self, trial: Any) -> dict[str, Any]:
+        """Ask an Optuna trial for one candidate (deterministic given the sampler's seed)."""
+        return self.space.suggest(trial)
+
+    def objectives(self, metrics: Mapping[str, Any]) -> list[float]:
+        """Objective values in :attr:`directions` order."""
+        return [float(metrics[o]) for o in self.recipe.search.objectives]
+
+    def constraints(self, metrics: Mapping[str, Any]) -> list[float]:
+        """One value per configured budget; ``<= 0`` means the budget is met.
+
+        Accuracy budgets are in accuracy units (fractions); latency, params and MACs are
+        relative overshoots (``value / budget - 1``).
+        """
+        b = self.recipe.budgets
+        acc = float(metrics["accuracy"])
+        out = []
+        for name in self.constraint_names:
+            limit = getattr(b, name)
+            if name == "min_accuracy":
+                out.append(limit - acc)
+            elif name == "max_accuracy_drop":
+                out.append((self.baseline["accuracy"] - acc) - limit)
+            else:
+                value = metrics.get(name.removeprefix("max_"))
+                out.append(0.0 if value is None else float(value) / float(limit) - 1.0)
+        return [round(v, 9) for v in out]
+
+    def evaluate(
+        self,
+        params: Mapping[str, Any],
+        report: Callable[[int, float], bool] | None = None,
+        *,
+        weights_path: str | Path | None = None,
+    ) -> dict[str, Any]:
+        """Build, count, time and fine-tune one candidate; see the module docstring.
+
+        Args:
+            params: A parameter dict from :meth:`suggest_params`.
+            report: ``report(epoch, accuracy) -> prune?`` after each fine-tuning epoch.
+            weights_path: Where to save the fine-tuned ``state_dict`` (optional).
+
+        Returns:
+            The metrics dict; ``failed_reason`` is set when the candidate could not be built
+            or its training diverged, ``pruned`` when ``report`` stopped it.
+        """
+        start = time.perf_counter()
+        bs, gs = self.space.assignment(params)
+        metrics: dict[str, Any] = {
+            "assignment": {"B": bs, "groups": gs},
+            "baseline_accuracy": self.baseline["accuracy"],
+        }
+        try:
+            tied, plan = apply_assignment(self.dense, bs, gs, self.example)
+            metrics["plan"] = plan
+            tied(self.example)
+        except Exception as exc:
+            metrics["failed_reason"] = f"unbuildable plan: {type(exc).__name__}: {exc}"
+            metrics.setdefault("plan", {"B": bs, "groups": gs})
+            return metrics
+        metrics["params"], metrics["macs"] = _count(tied, self.example)
+        metrics["latency_ms"] = self._latency(tied)
+        try:
+            metrics["accuracy"] = self._accuracy(tied, report)
+        except Diverged as exc:
+            metrics["failed_reason"] = str(exc)
+            return metrics
+        except Pruned as exc:
+            metrics["accuracy"] = exc.accuracy
+            metrics["pruned"] = True
+            return metrics
+        metrics["accuracy_drop"] = self.baseline["accuracy"] - metrics["accuracy"]
+        metrics["seconds"] = round(time.perf_counter() - start, 3)
+        if weights_path is not None:
+            Path(weights_path).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(tied.state_dict(), weights_path)
+        return metrics
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _accuracy(self, model: nn.Module, report: Callable[[int, float], bool] | None) -> float:
+        if self.evaluate_fn is not None:
+            return float(self.evaluate_fn(model))
+        t = self.recipe.train
+        if t.epochs == 0:
+            return accuracy(model, self.data.val)
+        teacher = self.dense if t.kd_alpha > 0 else None
+        result = fit(
+            model,
+            self.data.train,
+            self.data.val,
+            t,
+            batch_size=self.recipe.data.batch_size,
+            teacher=teacher,
+            report=report,
+        )
+        return result.accuracy
+
+    def _latency(self, model: nn.Module) -> float:
+        lat = self.recipe.latency
+        if lat.mode == "predicted":
+            predicted = _predicted_ms(model, self.latency_input)
+            if predicted is not None:
+                return predicted
+        return round(
+            measure_latency(
+                model,
+                self.latency_input,
+                threads=lat.threads,
+                repeats=lat.repeats,
+                warmup=lat.warmup,
+            ),
+            5,
+        )
+
+    def _cache_key(self) -> str:
+        d = self.recipe.to_dict()
+        key = {k: d[k] for k in ("model", "data", "train")}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _pretrained(self, model: nn.Module) -> nn.Module:
+        m = self.recipe.model
+        if m.checkpoint is not None:
+            state = torch.load(m.checkpoint, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            model.load_state_dict(state)
+        if m.pretrain_epochs == 0:
+            return model.eval()
+        folder = self.out_dir / "baseline"
+        path = folder / f"dense-{self._cache_key()}.pt"
+        if path.is_file():
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval()
+        if self._log:
+            logger.info("training the dense baseline for %d epochs (cached in %s)",
+                        m.pretrain_epochs, path)
+        pre = self.recipe.train
+        fit(
+            model,
+            self.data.train,
+            self.data.val,
+            pre,
+            batch_size=self.recipe.data.batch_size,
+            epochs=m.pretrain_epochs,
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+        return model.eval()
+
+    def _baseline_metrics(self) -> dict[str, Any]:
+        folder = self.out_dir / "baseline"
+        path = folder / f"baseline-{self._cache_key()}.json"
+        if path.is_file() and self.evaluate_fn is None:
+            cached = json.loads(path.read_text())
+            if cached.get("latency_input") == list(self.latency_input.shape):
+                return dict(cached)
+        dense = copy.deepcopy(self.dense)
+        try:
+            acc = self._accuracy(dense, None)
+        except Diverged as exc:
+            raise TieifyError(
+                f"the dense baseline diverged while fine-tuning ({exc}); lower train.lr"
+            ) from None
+        params, macs = _count(self.dense, self.example)
+        metrics = {
+            "accuracy": acc,
+            "pretrained_accuracy": accuracy(self.dense, self.data.val),
+            "params": params,
+            "macs": macs,
+            "latency_ms": self._latency(self.dense),
+            "latency_input": list(self.latency_input.shape),
+        }
+        if not all(math.isfinite(float(v)) for v in (acc, metrics["latency_ms"])):
+            raise TieifyError(f"the dense baseline has non-finite metrics: {metrics}")
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=2))
+        return metrics
+
+
+def _predicted_ms(model: nn.Module, x: torch.Tensor) -> float | None:
+    try:
+        from ..latency import predict_latency
+    except ImportError:
+        logger.warning("latency.mode 'predicted' needs tieify.predict_latency; measuring instead")
+        return None
+    try:
+        out = predict_latency(model, x)
+    except Exception as exc:
+        logger.warning("predict_latency failed (%s); measuring instead", exc)
+        return None
+    if isinstance(out, (int, float)):
+        return float(out)
+    for attr in ("latency_ms", "ms", "median_ms", "total_ms"):
+        value = getattr(out, attr, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    logger.warning("predict_latency returned %r without milliseconds; measuring instead", out)
+    return None

@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/gpu_timing.py                      # GPU if present, else small CPU map
     python benchmarks/gpu_timing.py --device cpu --quick
+    python benchmarks/gpu_timing.py --check-paths        # every path == reference, on the GPU
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tieify.latency._timing import interleaved_medians  # noqa: E402
-from tieify.nn import TiedConv2d  # noqa: E402
-from tieify.nn import _paths  # noqa: E402
+from tieify.nn import (
+    TiedConv2d,  # noqa: E402
+    _paths,  # noqa: E402
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,16 +49,19 @@ def run(args: argparse.Namespace) -> dict:
             for G in factors:
                 conv = torch.nn.Conv2d(C, C, 3, padding=1, groups=G, bias=False)
                 conv = conv.to(device=device, dtype=dtype, memory_format=fmt)
-                fns[("group", G, "-")] = (lambda m=conv: m(x))
+                fns[("group", G, "-")] = lambda m=conv, x=x: m(x)
             for B in factors[1:]:
                 tied = TiedConv2d(C, C, 3, padding=1, bias=False, B=B).to(device, dtype)
                 for path in _paths.applicable_paths(tied, x):
-                    fns[("tied", B, path)] = (lambda m=tied, p=path: _paths.run_path(m, x, p))
-                fns[("tied", B, "auto")] = (lambda m=tied: m(x))
+                    fns[("tied", B, path)] = lambda m=tied, p=path, x=x: _paths.run_path(m, x, p)
+                fns[("tied", B, "auto")] = lambda m=tied, x=x: m(x)
             named = {f"{k}|{f}|{p}": fn for (k, f, p), fn in fns.items()}
             with torch.inference_mode():
                 med = interleaved_medians(
-                    named, repeats=args.repeats, warmup=2, target_s=args.target_s,
+                    named,
+                    repeats=args.repeats,
+                    warmup=2,
+                    target_s=args.target_s,
                     device=device if gpu else None,
                 )
             dense = med["group|1|-"]
@@ -64,21 +70,73 @@ def run(args: argparse.Namespace) -> dict:
                 f = int(f)
                 rows.append(
                     {
-                        "dtype": dtype_name, "layout": layout, "op": kind, "factor": f,
-                        "path": path, "ms": t * 1e3, "speedup_vs_dense": dense / t,
+                        "dtype": dtype_name,
+                        "layout": layout,
+                        "op": kind,
+                        "factor": f,
+                        "path": path,
+                        "ms": t * 1e3,
+                        "speedup_vs_dense": dense / t,
                         "ideal_speedup": f,
                     }
                 )
             print(f"done {dtype_name} {layout}", flush=True)
     return {
         "benchmark": "gpu_timing",
-        "feature_map": {"N": N, "C": C, "H": S, "W": S}, "kernel": 3,
+        "feature_map": {"N": N, "C": C, "H": S, "W": S},
+        "kernel": 3,
         "device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "note": "medians of interleaved rounds; speedup = dense (G=1) time / time",
         "rows": rows,
     }
+
+
+def check_paths() -> int:
+    """Every forward path equals the reference fold on the GPU (forward and backward)."""
+    if not torch.cuda.is_available():
+        print("no CUDA device; the CPU test suite covers the paths (tests/test_paths.py)")
+        return 0
+    dev = torch.device("cuda")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    failures = 0
+    n = 0
+    for cin, cout, k, s, B in [
+        (64, 256, 1, 1, 4),
+        (256, 64, 1, 2, 8),
+        (64, 64, 3, 1, 4),
+        (96, 192, 3, 2, 2),
+        (128, 128, 3, 1, 8),
+    ]:
+        for dtype in (torch.float32, torch.bfloat16):
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                layer = TiedConv2d(cin, cout, k, stride=s, padding=k // 2, B=B).to(dev, dtype)
+                x = torch.randn(4, cin, 14, 14, device=dev, dtype=dtype)
+                x = x.contiguous(memory_format=fmt).requires_grad_()
+                ref = _paths.fold_forward(layer, x)
+                g = torch.randn_like(ref)
+                rg = torch.autograd.grad(ref, [x, layer.weight, layer.bias], g)
+                tol = 1e-4 if dtype == torch.float32 else 4e-2
+                for path in _paths.applicable_paths(layer, x):
+                    n += 1
+                    try:
+                        y = _paths.run_path(layer, x, path)
+                        torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+                        gg = torch.autograd.grad(y, [x, layer.weight, layer.bias], g)
+                        for a, b in zip(gg, rg, strict=True):
+                            sc = float(b.abs().max()) + 1
+                            torch.testing.assert_close(
+                                a.float(), b.float(), rtol=tol, atol=tol * sc
+                            )
+                    except AssertionError as e:
+                        failures += 1
+                        print("MISMATCH", cin, cout, k, s, B, dtype, fmt, path, str(e)[:200])
+                print(cin, cout, k, B, dtype, fmt, "default:", _paths.default_path(layer, x))
+    print(f"{n - failures}/{n} path checks passed on {torch.cuda.get_device_name()}")
+    return 1 if failures else 0
 
 
 def markdown(res: dict) -> str:
@@ -86,8 +144,7 @@ def markdown(res: dict) -> str:
     lines = [
         f"# Group conv vs tied conv timing ({res['device']}, torch {res['torch']})",
         "",
-        f"3×3 conv, feature map N={fm['N']}, C={fm['C']}, {fm['H']}×{fm['W']}; "
-        f"{res['note']}.",
+        f"3×3 conv, feature map N={fm['N']}, C={fm['C']}, {fm['H']}×{fm['W']}; {res['note']}.",
         "",
     ]
     for dtype in sorted({r["dtype"] for r in res["rows"]}):
@@ -95,8 +152,12 @@ def markdown(res: dict) -> str:
             rows = [r for r in res["rows"] if r["dtype"] == dtype and r["layout"] == layout]
             if not rows:
                 continue
-            lines += [f"## {dtype}, {layout}", "", "| op | G or B | path | ms | speed-up vs dense | ideal |",
-                      "|---|---:|---|---:|---:|---:|"]
+            lines += [
+                f"## {dtype}, {layout}",
+                "",
+                "| op | G or B | path | ms | speed-up vs dense | ideal |",
+                "|---|---:|---|---:|---:|---:|",
+            ]
             for r in rows:
                 lines.append(
                     f"| {r['op']} | {r['factor']} | {r['path']} | {r['ms']:.3f} | "
@@ -119,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats, factors up to 8")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--check-paths", action="store_true", help="only check path equality")
     args = p.parse_args(argv)
+    if args.check_paths:
+        return check_paths()
     gpu = args.device.startswith("cuda")
     if not gpu:
         torch.set_num_threads(args.threads)

@@ -37,8 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tieify.latency._optimize import choose_path  # noqa: E402
 from tieify.latency._timing import calibrate_iters, time_once  # noqa: E402
-from tieify.nn import TiedConv2d  # noqa: E402
-from tieify.nn import _paths  # noqa: E402
+from tieify.nn import (
+    TiedConv2d,  # noqa: E402
+    _paths,  # noqa: E402
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -98,20 +100,24 @@ def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
             for n, f in fns.items():
                 samples[n].append(time_once(f, iters[n]))
     # Per-round ratios (the same round's dense time), then medians over rounds.
-    dense_r = [min(a, b) for a, b in zip(samples["dense_nchw"], samples["dense_cl"])]
+    dense_r = [min(a, b) for a, b in zip(samples["dense_nchw"], samples["dense_cl"], strict=True)]
     rows = []
     for B in Bs:
 
         def eff(name, B=B):
-            return statistics.median(d / B / t for d, t in zip(dense_r, samples[name]))
+            return statistics.median(d / B / t for d, t in zip(dense_r, samples[name], strict=True))
 
         def best(a, b, B=B):
             return statistics.median(
-                d / B / min(s, u) for d, s, u in zip(dense_r, samples[a], samples[b])
+                d / B / min(s, u) for d, s, u in zip(dense_r, samples[a], samples[b], strict=True)
             )
 
         row = {
-            "C_in": ci, "C_out": co, "H": h, "k": k, "B": B,
+            "C_in": ci,
+            "C_out": co,
+            "H": h,
+            "k": k,
+            "B": B,
             "dense_ms": statistics.median(dense_r) * 1e3,
             "dense_nchw_ms": statistics.median(samples["dense_nchw"]) * 1e3,
             "dense_cl_ms": statistics.median(samples["dense_cl"]) * 1e3,
@@ -124,7 +130,10 @@ def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
             "speedup_vs_fold": statistics.median(
                 f / min(a, b)
                 for f, a, b in zip(
-                    samples[f"fold|{B}"], samples[f"tieify_nchw|{B}"], samples[f"tieify_cl|{B}"]
+                    samples[f"fold|{B}"],
+                    samples[f"tieify_nchw|{B}"],
+                    samples[f"tieify_cl|{B}"],
+                    strict=True,
                 )
             ),
             "path_cl": paths[B]["channels_last"],
@@ -182,7 +191,8 @@ def markdown(res):
             f"| {r['C_in']} | {r['C_out']} | {r['H']} | {r['k']} | {r['B']} | "
             f"{r['dense_ms']:.2f} | {r['E_fold']:.2f} | {r['E_grouped']:.2f} | "
             f"**{r['E_tieify']:.2f}** | {r['E_tieify_cl']:.2f} | {r['E_tieify_nchw']:.2f} | "
-            f"{r['E_ceiling']:.2f} | {r['speedup_vs_fold']:.2f} | {r['path_cl']} | {r['path_nchw']} |"
+            f"{r['E_ceiling']:.2f} | {r['speedup_vs_fold']:.2f} | {r['path_cl']} | "
+            f"{r['path_nchw']} |"
         )
     return "\n".join(lines) + "\n"
 

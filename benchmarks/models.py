@@ -111,9 +111,13 @@ def build_case(case: str) -> tuple[nn.Module, nn.Module]:
     if case.startswith("resnet50"):
         dense = tvm.resnet50()
         if case == "resnet50_3x3_B2":
-            tied = tie_convs(dense, lambda n, c: 2 if _bottleneck_conv(n) and c.kernel_size == (3, 3) else None)
+            tied = tie_convs(
+                dense, lambda n, c: 2 if _bottleneck_conv(n) and c.kernel_size == (3, 3) else None
+            )
         else:
-            tied = tie_convs(dense, lambda n, c: 4 if _bottleneck_conv(n) and divisible(c, 4) else None)
+            tied = tie_convs(
+                dense, lambda n, c: 4 if _bottleneck_conv(n) and divisible(c, 4) else None
+            )
     elif case == "resnext50_B2":
         dense = tvm.resnext50_32x4d()
         tied = tie_convs(dense, lambda n, c: 2 if _bottleneck_conv(n) and divisible(c, 2) else None)
@@ -175,13 +179,13 @@ def run_case(case: str, args) -> list[dict]:
         with torch.inference_mode():
             tieify.optimize(tied_cl, xc)
         modes = {
-            "eager": (lambda: dense(x), lambda: tied(x)),
-            "channels_last": (lambda: dense_cl(xc), lambda: tied_cl(xc)),
+            "eager": (lambda x=x: dense(x), lambda x=x: tied(x)),
+            "channels_last": (lambda m=dense_cl, x=xc: m(x), lambda m=tied_cl, x=xc: m(x)),
         }
         if args.compile:
             cd = torch.compile(dense_cl)
             ct = torch.compile(tied_cl)
-            modes["compile"] = (lambda: cd(xc), lambda: ct(xc))
+            modes["compile"] = (lambda m=cd, x=xc: m(x), lambda m=ct, x=xc: m(x))
         fns = {}
         for mode, (fd, ft) in modes.items():
             fns[f"{mode}|dense"], fns[f"{mode}|tied"] = fd, ft
@@ -189,12 +193,17 @@ def run_case(case: str, args) -> list[dict]:
             samples = time_pair(fns, args.rounds, args.target_s)
         for mode in modes:
             d, t = samples[f"{mode}|dense"], samples[f"{mode}|tied"]
-            ratio = statistics.median(b / a for a, b in zip(d, t))
+            ratio = statistics.median(b / a for a, b in zip(d, t, strict=True))
             rows.append(
                 {
-                    "case": case, "batch": batch, "mode": mode, "size": args.size,
-                    "dense_ms": statistics.median(d) * 1e3, "tied_ms": statistics.median(t) * 1e3,
-                    "latency_ratio": ratio, "mac_ratio": mac_ratio,
+                    "case": case,
+                    "batch": batch,
+                    "mode": mode,
+                    "size": args.size,
+                    "dense_ms": statistics.median(d) * 1e3,
+                    "tied_ms": statistics.median(t) * 1e3,
+                    "latency_ratio": ratio,
+                    "mac_ratio": mac_ratio,
                     "gap": ratio - mac_ratio,
                 }
             )
@@ -247,11 +256,15 @@ def main(argv=None) -> int:
     for case in args.cases:
         rows += run_case(case, args)
     res = {
-        "benchmark": "models", "size": args.size, "threads": args.threads,
-        "rounds": args.rounds, "torch": torch.__version__,
+        "benchmark": "models",
+        "size": args.size,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "torch": torch.__version__,
         "machine": f"{platform.machine()} {os.cpu_count()} logical CPUs",
         "note": "Cores shared with other jobs: noisy; dense and tied interleaved per round.",
-        "seconds": round(time.time() - start, 1), "rows": rows,
+        "seconds": round(time.time() - start, 1),
+        "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""

@@ -136,7 +136,13 @@ search:
 """
 
 
-def write_tiny_recipe(folder: Path) -> Path:
-    path = folder / "ray_tiny.yaml"
-    path.write_text(TINY_RECIPE)
+def write_tiny_recipe(folder: Path, *, single_objective: bool = False) -> Path:
+    """The tiny recipe; ``single_objective``: accuracy only, TPE, pruning on (ASHA on Ray)."""
+    text = TINY_RECIPE
+    if single_objective:
+        text = text.replace("name: ray-tiny", "name: ray-tiny-single")
+        text = text.replace("objectives: [accuracy, latency_ms, params]", "objectives: [accuracy]")
+        text = text.replace("sampler: nsga2", "sampler: tpe\n  pruner: median")
+    path = folder / ("ray_tiny_single.yaml" if single_objective else "ray_tiny.yaml")
+    path.write_text(text)
     return path

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -220,3 +221,16 @@ def test_console_script(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_table_on_a_terminal_uses_rich(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, err = _run(capsys, "report", "resnet18", "--B", "4", "--input-size", "3,32,32")
+    assert code == 0, err
+    out = re.sub(r"\x1b\[[0-9;]*m", "", out)  # colours off
+    assert "┃ layer" in out  # rich's table border
+    line = next(x for x in out.splitlines() if "layer1.0.conv2" in x)
+    assert "36,864" in line and "2,304" in line

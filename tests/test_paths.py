@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 import tieify
 from tieify.latency import _optimize
 from tieify.latency._cache import JsonCache, cache_dir
-from tieify.nn import TiedConv1d, TiedConv2d, TiedConv3d
-from tieify.nn import _paths
+from tieify.nn import TiedConv1d, TiedConv2d, TiedConv3d, _paths
 
 CL = {1: None, 2: torch.channels_last, 3: torch.channels_last_3d}
 TIED = {1: TiedConv1d, 2: TiedConv2d, 3: TiedConv3d}
@@ -48,10 +47,13 @@ def check_all_paths(layer, x: torch.Tensor) -> list[str]:
         assert y.shape == ref.shape, path
         torch.testing.assert_close(y, ref, **tol, msg=lambda m, p=path: f"{p}: {m}")
         grads = torch.autograd.grad(y, [x, *params], g_out)
-        for g, r in zip(grads, ref_grads):
+        for g, r in zip(grads, ref_grads, strict=True):
             scale = float(r.detach().abs().max()) + 1.0
             torch.testing.assert_close(
-                g.float(), r.float(), rtol=tol["rtol"], atol=tol["atol"] * scale,
+                g.float(),
+                r.float(),
+                rtol=tol["rtol"],
+                atol=tol["atol"] * scale,
                 msg=lambda m, p=path: f"{p} backward: {m}",
             )
     # The layer itself (whatever it selects) equals the reference too.
@@ -81,7 +83,23 @@ def conv_cases(draw):
     layout = draw(st.sampled_from(["contiguous", "channels_last"]))
     dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16]))
     bias = draw(st.booleans())
-    return nd, B, groups, cin, cout, k, stride, dilation, padding, mode, size, n, layout, dtype, bias
+    return (
+        nd,
+        B,
+        groups,
+        cin,
+        cout,
+        k,
+        stride,
+        dilation,
+        padding,
+        mode,
+        size,
+        n,
+        layout,
+        dtype,
+        bias,
+    )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -90,8 +108,16 @@ def test_every_path_equals_reference(case, seed):
     nd, B, groups, cin, cout, k, stride, dil, pad, mode, size, n, layout, dtype, bias = case
     torch.manual_seed(seed)
     layer = TIED[nd](
-        cin, cout, k, stride=stride, padding=pad, dilation=dil, groups=groups, bias=bias,
-        padding_mode=mode, B=B,
+        cin,
+        cout,
+        k,
+        stride=stride,
+        padding=pad,
+        dilation=dil,
+        groups=groups,
+        bias=bias,
+        padding_mode=mode,
+        B=B,
     ).to(dtype)
     x = to_layout(torch.randn(n, cin, *([size] * nd), dtype=dtype), layout)
     check_all_paths(layer, x)

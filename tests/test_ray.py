@@ -77,11 +77,13 @@ def ray_args(cluster: Cluster) -> list[str]:
     ]
 
 
-def run(cmd: list[str], env: dict[str, str], label: str, timeout: float = 240) -> None:
+def run(cmd: list[str], env: dict[str, str], label: str, timeout: float = 240) -> str:
+    """Run a search to completion; returns its stderr (log lines)."""
     start = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     WALL[label] = time.monotonic() - start
     assert proc.returncode == 0, f"{label} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    return proc.stderr
 
 
 def load_study(out: Path):
@@ -143,10 +145,12 @@ def test_ray_matches_embedded_backend(cluster: Cluster, recipe: Path, tmp_path: 
     # The sampler proposes the same candidates, trial by trial (Ray asks two at once).
     assert [t.params for t in t_ray] == [t.params for t in t_emb]
     assert s_ray.directions == s_emb.directions
-    for te, tr in zip(t_emb, t_ray):
+    for te, tr in zip(t_emb, t_ray, strict=True):
         # Budgets reached Optuna as constraints (Ray's OptunaSearch alone drops them).
         assert tr.constraints.keys() == te.constraints.keys() and tr.constraints
-        assert tr.user_attrs.keys() == te.user_attrs.keys()
+        # Same stored metrics (an embedded trial may reuse an identical earlier candidate's).
+        skip = {"reused_from", "seconds"}
+        assert tr.user_attrs.keys() - skip == te.user_attrs.keys() - skip
         assert tr.user_attrs["plan"] == te.user_attrs["plan"]
         assert tr.user_attrs["params"] == te.user_attrs["params"]
         assert tr.user_attrs["macs"] == te.user_attrs["macs"]
@@ -155,11 +159,26 @@ def test_ray_matches_embedded_backend(cluster: Cluster, recipe: Path, tmp_path: 
     for name in RESULT_FILES:
         assert (ray_out / name).is_file(), name
         assert (emb / name).is_file(), name
+    front = json.loads((ray_out / "pareto.json").read_text())["front"]
+    assert front  # the budget (max_params) leaves feasible candidates
+    for point in front:
+        assert (ray_out / point["plan_file"]).is_file()
+        assert s_ray.trials[point["trial"]].constraints  # feasible by its stored constraints
+        assert all(v <= 0 for v in s_ray.trials[point["trial"]].constraints.values())
     assert csv_header(ray_out / "trials.csv") == csv_header(emb / "trials.csv")
-    for name in ("pareto.json", "best_plan.json"):
-        a = json.loads((emb / name).read_text())
-        b = json.loads((ray_out / name).read_text())
-        assert keys_tree(b) == keys_tree(a), name
+    a = json.loads((emb / "pareto.json").read_text())
+    b = json.loads((ray_out / "pareto.json").read_text())
+    assert b.keys() == a.keys()
+    assert b["front"][0].keys() == a["front"][0].keys()
+    assert b["baseline"].keys() == a["baseline"].keys()
+    assert (b["objectives"], b["directions"], b["budgets"]) == (
+        a["objectives"],
+        a["directions"],
+        a["budgets"],
+    )
+    plan_a = json.loads((emb / "best_plan.json").read_text())
+    plan_b = json.loads((ray_out / "best_plan.json").read_text())
+    assert keys_tree(plan_b).keys() == keys_tree(plan_a).keys()
     assert (ray_out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     events = read_events(ray_out)
@@ -209,17 +228,19 @@ def test_killed_driver_resumes(cluster: Cluster, recipe: Path, tmp_path: Path) -
     """SIGKILL the driver mid-search, rerun with --resume: nothing completed is lost or rerun."""
     out = tmp_path / "resume"
     cmd = search_cmd(recipe, out, *ray_args(cluster))
-    proc = subprocess.Popen(cmd, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
 
         def some_done():
-            study_file = out / "study.journal"
-            if not study_file.exists():
+            if not (out / "study.journal").exists():
                 return None
-            done = [
-                t for t in load_study(out).get_trials() if t.state.is_finished()
-            ]
-            return done or None
+            try:
+                trials = load_study(out).get_trials()
+            except ValueError:  # the journal exists, the study is not created yet
+                return None
+            return [t for t in trials if t.state.is_finished()] or None
 
         wait_for(some_done, proc, 180, "a trial to complete")
     finally:
@@ -228,18 +249,80 @@ def test_killed_driver_resumes(cluster: Cluster, recipe: Path, tmp_path: Path) -
     before = {t.number: t for t in load_study(out).get_trials() if t.state.is_finished()}
     assert before and len(before) < TRIALS
 
-    run(cmd + ["--resume"], cluster.env, "ray resume")
+    log = run(cmd + ["--resume"], cluster.env, "ray resume")
+    assert "resuming Ray Tune experiment" in log  # Tuner.restore, not a fresh Tune run
 
     trials = load_study(out).get_trials()
     for number, t in before.items():  # kept, unchanged
         assert trials[number].state == t.state
         assert trials[number].values == t.values
         assert trials[number].datetime_complete == t.datetime_complete
-    counted = [t for t in trials if not str(t.user_attrs.get("failed_reason", "")).startswith(
-        "interrupted"
-    )]
+    counted = [
+        t
+        for t in trials
+        if not str(t.user_attrs.get("failed_reason", "")).startswith("interrupted")
+    ]
     assert len(counted) == TRIALS
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in counted)
     events = read_events(out)
     assert all(c == 1 for c in done_counts(events).values()), events
     assert set(done_counts(events)) == {t.number for t in counted}
+
+
+def test_single_objective_reports_to_optuna_with_asha(cluster: Cluster, tmp_path: Path) -> None:
+    """One objective: ASHA may stop trials; Optuna gets every intermediate accuracy; the
+    store is an Optuna storage URL (what optuna-dashboard opens)."""
+    recipe = write_tiny_recipe(tmp_path, single_objective=True)
+    out, url = tmp_path / "single", f"sqlite:///{tmp_path / 'study.db'}"
+    run(search_cmd(recipe, out, *ray_args(cluster), "--storage", url), cluster.env, "ray single")
+
+    study = optuna.load_study(study_name="tieify-ray-tiny-single", storage=url)
+    assert [d.name for d in study.directions] == ["MAXIMIZE"]
+    trials = study.get_trials()
+    assert len(trials) == TRIALS
+    states = {t.state for t in trials}
+    assert states <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert optuna.trial.TrialState.COMPLETE in states  # ASHA always lets the first one finish
+    for t in trials:
+        steps = sorted(t.intermediate_values)
+        assert steps and all(0.0 <= v <= 1.0 for v in t.intermediate_values.values())
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert len(steps) == 2  # train.epochs: one report per epoch
+            assert 0.0 <= t.values[0] <= 1.0 and t.constraints
+        else:
+            assert t.user_attrs["pruned"] is True
+    assert (out / "pareto.json").is_file() and (out / "trials.csv").is_file()
+
+
+def test_without_ray_the_cli_says_how_to_install(recipe: Path, tmp_path: Path) -> None:
+    """Ray unimportable (as without the extra): one-line error naming the pip command."""
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from tieify.cli import main\n"
+        f"sys.exit(main({search_cmd(recipe, tmp_path / 'out', '--backend', 'ray')[3:]!r}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("tieify search: error: backend='ray' needs Ray Tune")
+    assert "pip install 'tieify[ray]'" in lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cpus_per_trial": 0}, "cpus_per_trial must be > 0"),
+        ({"gpus_per_trial": -1}, "gpus_per_trial must be >= 0"),
+        ({"max_concurrent": 0}, "max_concurrent must be None"),
+        ({"max_failures": -2}, "max_failures must be an integer >= 0"),
+    ],
+)
+def test_bad_ray_settings_fail_before_any_work(
+    recipe: Path, tmp_path: Path, kwargs: dict, message: str
+) -> None:
+    from tieify import SearchError
+    from tieify.search import search
+
+    with pytest.raises(SearchError, match=message):
+        search(str(recipe), backend="ray", out_dir=tmp_path, trials=2, progress=False, **kwargs)
+    assert not (tmp_path / "study.journal").exists()

@@ -259,3 +259,68 @@ def test_bad_arguments(models: tuple[Net, Net]) -> None:
         report(net, "tied", X)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="counter"):
         report(net, net, X, counter="thop")
+
+
+class _Out:
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+class _Wrapped(nn.Module):
+    """The tied net behind a forward fvcore's jit trace cannot handle."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> _Out:
+        return _Out(self.inner(x))
+
+
+def test_one_side_falls_back_both_recounted(models: tuple[Net, Net]) -> None:
+    net, tied = models
+    rep = report(net, _Wrapped(tied), X)
+    assert rep.before.counter == rep.after.counter == "flop_counter"
+    assert any("both were counted with torch.utils.flop_counter" in n for n in rep.notes)
+    # flop_counter does not count batch-norm or pooling: totals are conv + linear MACs.
+    assert rep.before.macs == sum(v[5] for v in EXPECTED.values())
+    assert rep.after.macs == sum(v[6] for v in EXPECTED.values())
+
+
+def test_with_tieify_resnet18_hand_checked_rows() -> None:
+    import torchvision
+
+    import tieify
+
+    model = torchvision.models.resnet18()
+    x = torch.randn(1, 3, 64, 64)
+    tied = tieify.tieify(model, B=4, example_inputs=x)
+    rep = report(model, tied, x)
+    assert rep.from_plan
+    rows = {r.name: r for r in rep.rows}
+    conv2 = rows["layer1.0.conv2"]  # 64·64·9 weights; layer1 runs at 16×16 for a 64×64 input
+    assert (conv2.params_before, conv2.params_after) == (36_864, 36_864 // 16)
+    assert (conv2.macs_before, conv2.macs_after) == (256 * 36_864, 256 * 36_864 // 4)
+    assert rows["conv1"].action == "leave" and "stem" in rows["conv1"].reason
+    t = rep.totals()
+    assert t["params_before"] == 11_689_512
+    assert t["params_after"] == sum(p.numel() for p in tied.parameters())
+
+
+def test_with_tieify_attention_groups() -> None:
+    import torchvision
+
+    import tieify
+
+    model = torchvision.models.mobilenet_v3_small()
+    x = torch.randn(1, 3, 64, 64)
+    rep = report(model, tieify.tieify(model, B=4, example_inputs=x), x)
+    se_rows = [r for r in rep.rows if r.attention == "SE"]
+    assert len(se_rows) == 18  # 9 squeeze-excitation blocks, two 1×1 convs each
+    fc1 = next(r for r in se_rows if r.name == "features.1.block.1.fc1")  # 16→8, bias
+    assert (fc1.params_before, fc1.params_after) == (16 * 8 + 8, 16 * 8 // 16 + 8 // 4)
+    se = rep.totals()["attention"]["SE"]
+    assert se["layers"] == 18
+    assert se["params_before"] == sum(r.params_before or 0 for r in se_rows)
+    assert se["params_after"] == sum(r.params_after or 0 for r in se_rows)
+    assert "SE branches (18 layers): params" in rep.to_markdown()

@@ -70,6 +70,8 @@ class LayerPlan:
         reason: why the layer is left (or a note); ``""`` otherwise.
         role: ``"stem"`` (reads the image channels), ``"head"`` (final classifier) or None.
         tieable: whether the rewrite supports this layer kind at all (B aside).
+        weight_target: functional layers: the qualified weight parameter they read.
+        bias_target: functional layers: the qualified bias parameter, if any.
     """
 
     name: str
@@ -90,6 +92,8 @@ class LayerPlan:
     reason: str = ""
     role: str | None = None
     tieable: bool = True
+    weight_target: str | None = None
+    bias_target: str | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

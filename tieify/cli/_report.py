@@ -198,8 +198,10 @@ def _parse_batch(text: str) -> int:
 
 
 def _preset_kwargs(name: str, model: Any) -> dict[str, Any]:
-    from .._presets import get_preset
-
+    try:
+        from .._presets import get_preset
+    except ImportError:
+        raise SpecError("--preset: presets are not available in this build.") from None
     try:
         preset = get_preset(name, model)
     except KeyError as err:
@@ -276,16 +278,18 @@ def run(args: argparse.Namespace) -> int:
     _probe(model, x, size, size_given)
 
     kwargs: dict[str, Any] = _preset_kwargs(args.preset, model) if args.preset else {}
-    if B is not None:
-        kwargs["B"] = B
-    if groups is not None:
-        kwargs["groups"] = groups
     plan = kwargs.pop("plan", None)
-    if plan is not None and ("B" in kwargs or "groups" in kwargs):
+    if plan is not None and (B is not None or groups is not None):
         raise SpecError(
             f"--preset {args.preset!r} is a complete plan; it cannot be combined with --B or "
             "--groups."
         )
+    if B is not None:
+        kwargs["B"] = B
+    elif "B" not in kwargs:
+        kwargs["B"] = None  # only what was asked for: --groups alone groups, ties nothing
+    if groups is not None:
+        kwargs["groups"] = groups
     if plan is not None:
         tied = plan.apply(model)
     else:

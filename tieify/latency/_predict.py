@@ -4,11 +4,13 @@ predicted latency = remainder + Σ table[layer]
 
 - The table (:mod:`tieify.latency._table`) holds the median forward time of every layer
   configuration (convolutions, linears, tied layers) on its own input.
-- The remainder is the model with every layer replaced by a stub that returns a ready-made
-  output of the right shape: it times everything else (norms, activations, pooling, residual
-  adds, Python overhead). Tying a layer never changes its output's shape, so every plan of one
-  model shares one remainder, measured once and cached under a key made of the model's
-  non-layer structure, the input, the thread count and the torch version.
+- The remainder is everything else (norms, activations, pooling, residual adds, Python
+  overhead, and the difference between a layer timed alone and inside the model). Tying a
+  layer never changes its output's shape, so every plan of one model shares one remainder: the
+  first model seen with a given structure is measured end to end once, and its measured total
+  minus the sum of its layers' table entries is cached under a key made of the model's
+  non-layer structure (and layer output shapes), the input, the thread count and the torch
+  version.
 
 So for a search over plans of one model only the layer configurations not yet in the table
 are ever timed; the rest is arithmetic.
@@ -23,20 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._optimize import input_signature, like, run_model
+from ._optimize import input_signature, run_model
 from ._table import TABLE, LatencyTable, is_layer
 from ._timing import interleaved_medians, num_threads
 
 __all__ = ["predict_latency", "measure_latency", "latency_breakdown"]
-
-
-class _Stub(nn.Module):
-    def __init__(self, out: Any) -> None:
-        super().__init__()
-        self.out = out
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.out
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -105,33 +98,15 @@ def _remainder_key(model: nn.Module, outs: dict[str, Any], x: Any, threads: int)
     digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
     sig = input_signature(x) if isinstance(x, torch.Tensor) else {}
     return json.dumps(
-        {"remainder": digest, "input": sig, "threads": threads, "torch": torch.__version__},
+        {
+            "remainder": digest,
+            "method": "calibrated",
+            "input": sig,
+            "threads": threads,
+            "torch": torch.__version__,
+        },
         sort_keys=True,
     )
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-def _measure_remainder(
-    model: nn.Module,
-    example_inputs: Any,
-    layers: list[tuple[str, nn.Module]],
-    outs: dict[str, Any],
-    repeats: int,
-) -> float:
-    stubs = {n: _Stub(like(o) if isinstance(o, torch.Tensor) else o) for n, o in outs.items()}
-    originals = dict(layers)
-    try:
-        for name, stub in stubs.items():
-            _set_submodule(model, name, stub)
-        return measure_latency(model, example_inputs, repeats=repeats)
-    finally:
-        for name in stubs:
-            _set_submodule(model, name, originals[name])
 
 
 def latency_breakdown(
@@ -140,7 +115,7 @@ def latency_breakdown(
     *,
     threads: int | None = None,
     table: LatencyTable | None = None,
-    repeats: int = 5,
+    repeats: int = 7,
 ) -> dict[str, float]:
     """Predicted seconds per layer (by module name) plus ``"<remainder>"``.
 
@@ -148,9 +123,7 @@ def latency_breakdown(
     """
     table = TABLE if table is None else table
     if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"latency_breakdown expects an nn.Module, but got {type(model).__name__}."
-        )
+        raise TypeError(f"latency_breakdown expects an nn.Module, but got {type(model).__name__}.")
     with num_threads(threads):
         n_threads = torch.get_num_threads()
         was_training = model.training
@@ -169,7 +142,10 @@ def latency_breakdown(
             key = _remainder_key(model, outs, _example_tensor(example_inputs), n_threads)
             rem = table.get_value(key)
             if not isinstance(rem, (int, float)):
-                rem = _measure_remainder(model, example_inputs, layers, outs, repeats + 2)
+                # The first model seen with this structure calibrates the remainder: its
+                # measured total minus its layers' table entries.
+                total = measure_latency(model, example_inputs, repeats=repeats + 4)
+                rem = max(0.0, total - sum(out.values()))
                 table.set_value(key, rem)
             out["<remainder>"] = float(rem)
             return out
@@ -187,11 +163,12 @@ def _resolve(model_or_plan: Any, model: nn.Module | None) -> nn.Module:
             "the plan was made for>, or pass the tied model itself."
         )
     apply = getattr(model_or_plan, "apply", None)
-    if callable(apply):
-        return apply(model)
-    from .._api import tieify  # type: ignore[import-not-found]
-
-    return tieify(model, plan=model_or_plan)
+    if not callable(apply):
+        raise TypeError(
+            "predict_latency(model_or_plan, ...) expects an nn.Module or a plan with an "
+            f"apply(model) method (tieify.Plan), but got {type(model_or_plan).__name__}."
+        )
+    return apply(model)
 
 
 def predict_latency(
@@ -201,7 +178,7 @@ def predict_latency(
     model: nn.Module | None = None,
     threads: int | None = None,
     table: LatencyTable | None = None,
-    repeats: int = 5,
+    repeats: int = 7,
 ) -> float:
     """Predicted forward latency in seconds (inference, ``eval()`` mode) on this machine.
 
@@ -214,7 +191,7 @@ def predict_latency(
 
     Args:
         model_or_plan: the model to predict (dense, tied or mixed), or a plan to apply to
-            ``model`` (a copy is made by the plan's ``apply``; ``model`` is not changed).
+            ``model`` (``plan.apply(model)`` builds a tied copy; ``model`` is not changed).
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs, at
             the batch size, resolution, dtype and memory layout to predict for.
         model: the base model when ``model_or_plan`` is a plan.

@@ -1,6 +1,6 @@
 """The per-layer latency lookup table, measured on the machine at hand.
 
-An entry is the median forward time (seconds) of one layer configuration on one input,
+An entry is the fastest sampled forward time (seconds) of one layer configuration on one input,
 keyed by the layer's op and hyper-parameters (type, channels, kernel, stride, padding,
 dilation, groups, B, bias, forward path), the input's shape (batch included), dtype, memory
 layout and device, the thread count and the torch version. Entries are measured lazily, the
@@ -11,6 +11,7 @@ directory), so a search pays for each distinct layer once per machine.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from ..nn import TIED_TYPES
 from ._cache import JsonCache
 from ._optimize import input_signature, layer_signature, like
-from ._timing import interleaved_medians, num_threads
+from ._timing import calibrate_iters, num_threads, time_once
 
 __all__ = ["LAYER_TYPES", "is_layer", "layer_key", "LatencyTable", "TABLE"]
 
@@ -68,7 +69,7 @@ class LatencyTable:
         x: torch.Tensor,
         *,
         threads: int | None = None,
-        repeats: int = 5,
+        repeats: int = 7,
         measure: bool = True,
     ) -> float | None:
         """Seconds per forward of ``layer`` on inputs like ``x``; measured when missing.
@@ -94,16 +95,23 @@ class LatencyTable:
 
 
 def time_module(
-    module: nn.Module, x: torch.Tensor, *, threads: int | None = None, repeats: int = 5
+    module: nn.Module, x: torch.Tensor, *, threads: int | None = None, repeats: int = 7
 ) -> float:
-    """Median seconds of ``module(x')`` for a random ``x'`` shaped and laid out like ``x``."""
+    """Seconds of ``module(x')`` for a random ``x'`` shaped and laid out like ``x``: the fastest
+    of ``repeats`` samples (on a shared machine only interference makes a sample slower; the
+    model's remainder, calibrated against a median end-to-end time, absorbs the typical
+    interference)."""
     xx = like(x)
     device = x.device if x.device.type == "cuda" else None
     with num_threads(threads), torch.inference_mode():
-        times = interleaved_medians(
-            {"m": lambda: module(xx)}, repeats=repeats, warmup=2, target_s=0.004, device=device
-        )
-    return times["m"]
+        for _ in range(2):
+            module(xx)
+        iters = calibrate_iters(lambda: module(xx), 0.002, device)
+        samples = []
+        for _ in range(repeats):
+            time.sleep(0.002)  # decorrelate samples from other processes' time slices
+            samples.append(time_once(lambda: module(xx), iters, device))
+    return min(samples)
 
 
 TABLE = LatencyTable()

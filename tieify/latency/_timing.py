@@ -34,7 +34,9 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_once(fn: Callable[[], object], iters: int = 1, device: torch.device | None = None) -> float:
+def time_once(
+    fn: Callable[[], object], iters: int = 1, device: torch.device | None = None
+) -> float:
     """Seconds per call of ``fn``, averaged over ``iters`` back-to-back calls."""
     _sync(device)
     start = time.perf_counter()
@@ -50,14 +52,14 @@ def calibrate_iters(fn: Callable[[], object], target_s: float, device=None) -> i
     return max(1, min(1000, int(target_s / max(t, 1e-7))))
 
 
-def interleaved_medians(
+def interleaved_samples(
     fns: Mapping[str, Callable[[], object]],
     repeats: int = 5,
     warmup: int = 2,
     target_s: float = 0.02,
     device: torch.device | None = None,
-) -> dict[str, float]:
-    """Median seconds per call of each candidate, measured in interleaved rounds (ABAB...).
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, one sample per interleaved round (ABAB...).
 
     Args:
         fns: name -> zero-argument callable.
@@ -74,6 +76,19 @@ def interleaved_medians(
     for _ in range(repeats):
         for name, fn in fns.items():
             samples[name].append(time_once(fn, iters[name], device))
+    return samples
+
+
+def interleaved_medians(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 2,
+    target_s: float = 0.02,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each candidate over interleaved rounds (see
+    :func:`interleaved_samples` for the arguments)."""
+    samples = interleaved_samples(fns, repeats, warmup, target_s, device)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 

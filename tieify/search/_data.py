@@ -6,9 +6,10 @@ both deterministic given ``DataConfig.seed``:
 - ``digits``: the 1,797 real 8×8 handwritten digits bundled with scikit-learn (no download),
   scaled to [0, 1], resized bilinearly to ``image_size``, repeated to 3 channels, normalized,
   then split by a seeded permutation (``val_fraction`` held out).
-- ``cifar10`` / ``cifar100``: torchvision's datasets in their ``cifar-10-batches-py`` /
-  ``cifar-100-python`` pickle format under ``root`` (``download=True`` fetches them when the
-  recipe asks and the machine has network); the official test split is the validation split.
+- ``cifar10`` / ``cifar100``: the official python pickle batches (``cifar-10-batches-py`` /
+  ``cifar-100-python`` under ``root``), read directly; ``download: true`` first fetches and
+  checksums them through torchvision (needs network). The official test split is the
+  validation split.
 - ``imagefolder``: ``root/train/<class>/*`` (and ``root/val/<class>/*`` when present; otherwise
   ``val_fraction`` of train is held out), resized to ``image_size``.
 
@@ -117,24 +118,79 @@ def _transform(size: int, native: int | None, mean: Any, std: Any) -> Any:
     return T.Compose(steps)
 
 
-def _cifar(cfg: DataConfig, base_dir: str | None) -> Data:
-    from torchvision import datasets
+class _Images(Dataset[Any]):
+    """uint8 images (N, C, H, W) and labels; normalized (and resized) per item."""
 
-    cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, size: int, mean: Any, std: Any):
+        self.images, self.labels, self.size = images, labels, size
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.images[i].float().div(255.0)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = torch.nn.functional.interpolate(
+                x[None], size=(self.size, self.size), mode="bilinear", align_corners=False
+            )[0]
+        return (x - self.mean) / self.std, int(self.labels[i])
+
+
+_CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+
+
+def _read_cifar(folder: Path, files: list[str], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read CIFAR's python pickle batches: ``{"data": uint8 (N, 3072), key: [labels]}``."""
+    import pickle
+
+    import numpy as np
+
+    data, labels = [], []
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise RecipeError(
+                f"recipe key 'data.root': CIFAR file {path} is missing; set data.download: true "
+                "(needs network) or point data.root at the folder that holds "
+                f"{folder.name}/."
+            )
+        with path.open("rb") as fh:
+            entry = pickle.load(fh, encoding="latin1")
+        data.append(np.asarray(entry["data"], dtype=np.uint8))
+        labels.extend(entry[key])
+    images = torch.from_numpy(np.vstack(data).reshape(-1, 3, 32, 32).copy())
+    return images, torch.as_tensor(labels, dtype=torch.long)
+
+
+def _cifar(cfg: DataConfig, base_dir: str | None) -> Data:
+    folder_name, train_files, test_files, key = _CIFAR_FILES[cfg.dataset]
     root = _root(cfg.root or "data", base_dir)
-    tf = _transform(cfg.image_size, 32, _CIFAR_MEAN, _CIFAR_STD)
-    try:
-        train = cls(str(root), train=True, download=cfg.download, transform=tf)
-        val = cls(str(root), train=False, download=cfg.download, transform=tf)
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
-        raise RecipeError(
-            f"recipe key 'data.root' = {cfg.root!r}: {cfg.dataset} could not be loaded from "
-            f"{root} ({exc}); set data.download: true (needs network) or fix the path."
-        ) from None
+    if cfg.download:
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
+        cls(str(root), train=True, download=True)  # fetches and verifies the archive
+    folder = root / folder_name
+    num_classes = 100 if cfg.dataset == "cifar100" else 10
+    splits = []
+    for files in (train_files, test_files):
+        images, labels = _read_cifar(folder, files, key)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise RecipeError(
+                f"{folder}: labels must lie in [0, {num_classes}), but got "
+                f"[{int(labels.min())}, {int(labels.max())}]."
+            )
+        splits.append(_Images(images, labels, cfg.image_size, _CIFAR_MEAN, _CIFAR_STD))
     return Data(
-        train=_materialize(_limit(train, cfg.max_train_samples, cfg.seed)),
-        val=_materialize(_limit(val, cfg.max_val_samples, cfg.seed)),
-        num_classes=100 if cfg.dataset == "cifar100" else 10,
+        train=_materialize(_limit(splits[0], cfg.max_train_samples, cfg.seed)),
+        val=_materialize(_limit(splits[1], cfg.max_val_samples, cfg.seed)),
+        num_classes=num_classes,
         input_size=(3, cfg.image_size, cfg.image_size),
     )
 

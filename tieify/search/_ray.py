@@ -133,6 +133,11 @@ class _Driver:
     evaluator: Any
     study: optuna.Study
     n_trials: int
+    progress: Any  # _results.SearchProgress: one log line per finished trial
+    deadline: float | None = None  # time.monotonic() after which no new trial starts
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 _DRIVER: _Driver | None = None
@@ -183,7 +188,7 @@ def _reusable(study: optuna.Study, params: Mapping[str, Any]) -> dict[str, Any] 
 
 
 def _searcher_class() -> type:
-    from optuna.trial import Trial, TrialState
+    from optuna.trial import Trial
     from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
@@ -261,7 +266,11 @@ def _searcher_class() -> type:
         def suggest(self, trial_id: str) -> Any:
             study = self._study()
             if trial_id not in self._numbers:
-                if counted_trials(study) >= _driver().n_trials:
+                driver = _driver()
+                if counted_trials(study) >= driver.n_trials:
+                    return Searcher.FINISHED
+                if driver.expired():  # as the embedded loop: running trials finish
+                    logger.warning("timeout reached; no new trials")
                     return Searcher.FINISHED
                 ot_trial = study.ask()
                 self._ot_trials[trial_id] = ot_trial
@@ -294,21 +303,22 @@ def _searcher_class() -> type:
             if state.is_finished():  # told before an interruption; nothing to add
                 return
             payload = (result or {}).get(_RESULT_KEY)
+            metrics: dict[str, Any]
             if payload:
-                record(study, ot_trial, json.loads(payload), _driver().evaluator)
+                metrics = json.loads(payload)
             elif error:
-                ot_trial.set_user_attr(
-                    "failed_reason",
-                    "Ray trial failed after its retries (worker died or raised); see "
-                    f"the trial's error file under {EXPERIMENT_DIR}/",
-                )
-                study.tell(ot_trial, state=TrialState.FAIL)
+                metrics = {
+                    "failed_reason": "Ray trial failed after its retries (worker died or "
+                    f"raised); see its error.txt under {EXPERIMENT_DIR}/ or the Ray logs"
+                }
             else:  # stopped by the scheduler (ASHA) before its final result
-                metrics: dict[str, Any] = {"pruned": True}
+                metrics = {"pruned": True}
                 accuracy = (result or {}).get(_ACCURACY_KEY)
                 if isinstance(accuracy, (int, float)) and math.isfinite(accuracy):
                     metrics["accuracy"] = float(accuracy)
-                record(study, ot_trial, metrics, _driver().evaluator)
+            driver = _driver()
+            state = record(study, ot_trial, metrics, driver.evaluator)
+            driver.progress.trial_done(ot_trial, ot_trial.params, metrics, state)
 
         def save(self, checkpoint_path: str) -> None:
             import pickle
@@ -370,7 +380,13 @@ def _run_trial(
     number = int(config["number"])
     params = dict(config["params"])
     events = os.path.join(out_dir, EVENTS_FILE)
-    where = {"trial": number, "pid": os.getpid(), "node": socket.gethostname()}
+    where = {"trial": number, "pid": os.getpid(), "node": socket.gethostname(), "ray_node": ""}
+    try:
+        import ray
+
+        where["ray_node"] = ray.get_runtime_context().get_node_id()[:12]
+    except Exception:  # informational only
+        pass
     if _already_told(store, number):
         _event(events, event="skip", **where)
         tune.report({"final": 1, _ACCURACY_KEY: float("nan"), "already_told": 1})
@@ -473,7 +489,8 @@ def run_ray(
             clusters that use the default journal store.
         trials: Number of trials the study should hold (trials already in a resumed store
             count).
-        timeout: Wall-clock budget in seconds for this run, or None.
+        timeout: Seconds after which no new trial starts (running ones finish, as in the
+            embedded backend), or None.
         storage: Optuna storage URL/path, or None for ``<out>/study.journal``.
         resume: Continue the study (and Ray Tune's experiment, when one was saved).
         seed: Sampler seed (same seed as the embedded backend: same first candidates).
@@ -496,7 +513,8 @@ def run_ray(
     global _DRIVER
     _check_args(trials, cpus_per_trial, gpus_per_trial, max_concurrent, max_failures)
     ray, tune = _import_ray()
-    from tieify.search._study import make_sampler, open_study
+    from tieify.search._results import SearchProgress
+    from tieify.search._study import counted_trials, make_sampler, open_study
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -507,7 +525,7 @@ def run_ray(
     store = _store_ref(study, storage)
     evaluator = evaluator_factory()
     directions = list(evaluator.directions)
-    restoring = resume and tune.Tuner.can_restore(str(exp_path))
+    restoring = resume and _restorable(tune, exp_path)
     if not restoring and exp_path.exists() and any(exp_path.iterdir()):
         if not resume:
             raise SearchError(
@@ -537,14 +555,27 @@ def run_ray(
         ),
         {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
     )
-    _DRIVER = _Driver(evaluator=evaluator, study=study, n_trials=trials)
+    study.set_user_attr("baseline", dict(evaluator.baseline))
+    study.set_user_attr("constraint_names", list(evaluator.constraint_names))
+    progress = SearchProgress(study, evaluator, trials, enabled=False)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    _DRIVER = _Driver(
+        evaluator=evaluator, study=study, n_trials=trials, progress=progress, deadline=deadline
+    )
     try:
         if restoring:
             logger.info("resuming Ray Tune experiment %s", exp_path)
-            tuner = tune.Tuner.restore(
+            tune.Tuner.restore(
                 str(exp_path), trainable, resume_unfinished=True, resume_errored=False
-            )
-        else:
+            ).fit()
+        # A fresh Tune run asks for the trials the study still lacks: a new search, or a resumed
+        # one whose Tune experiment had nothing left to run (ended by its timeout, or a larger
+        # --trials than before).
+        if counted_trials(study) < trials and not _DRIVER.expired():
+            if exp_path.exists():
+                done = exp_path.with_name(f"{EXPERIMENT_DIR}.{time.strftime('%Y%m%d-%H%M%S')}")
+                exp_path.rename(done)
+                logger.info("kept the previous Tune experiment in %s", done)
             searcher = _searcher_class()(sampler, single_objective=len(directions) == 1)
             scheduler = None
             if len(directions) == 1 and recipe.search.pruner != "none":
@@ -558,9 +589,8 @@ def run_ray(
                 tune_config=tune.TuneConfig(
                     search_alg=searcher,
                     scheduler=scheduler,
-                    num_samples=trials,
+                    num_samples=trials,  # upper bound; the searcher stops at the study's count
                     max_concurrent_trials=max_concurrent,
-                    time_budget_s=timeout,
                     reuse_actors=True,
                     trial_dirname_creator=_trial_dirname,
                 ),
@@ -571,12 +601,29 @@ def run_ray(
                     verbose=0,
                 ),
             )
-        tuner.fit()
+            tuner.fit()
     finally:
         _DRIVER = None
         if started_ray:
             ray.shutdown()
     return store.load()
+
+
+def _restorable(tune: Any, exp_path: Path) -> bool:
+    """Whether ``exp_path`` holds a Tune experiment with at least one recorded trial.
+
+    A driver killed before Tune recorded any trial leaves a state ``Tuner.restore`` cannot
+    resume; the search then starts a fresh Tune run on the same study.
+    """
+    if not tune.Tuner.can_restore(str(exp_path)):
+        return False
+    states = sorted(exp_path.glob("experiment_state-*.json"))
+    if not states:
+        return False
+    try:
+        return bool(json.loads(states[-1].read_text()).get("trial_data"))
+    except (OSError, ValueError):
+        return False
 
 
 def _trial_dirname(trial: Any) -> str:

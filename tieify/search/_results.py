@@ -84,7 +84,6 @@ def _row(t: Any) -> dict[str, Any]:
         t.state.name == "COMPLETE"
     )
     row["violation"] = round(_violation(t), 6) if t.constraints else 0.0
-    row["reused_from"] = ua.get("reused_from", "")
     row["failed_reason"] = ua.get("failed_reason", "")
     start, end = t.datetime_start, t.datetime_complete
     row["seconds"] = round((end - start).total_seconds(), 2) if start and end else ""
@@ -105,13 +104,15 @@ def _point(t: Any, index: int | None = None) -> dict[str, Any]:
 
 
 def _weights_for(out: Path, t: Any) -> Path | None:
-    for number in (t.number, t.user_attrs.get("reused_from")):
-        if number is None:
-            continue
-        path = out / "trials" / f"{number}.pt"
-        if path.is_file():
-            return path
-    return None
+    path = out / "trials" / f"{t.number}.pt"
+    return path if path.is_file() else None
+
+
+def _baseline_file(out: Path) -> dict[str, Any]:
+    files = sorted((out / "baseline").glob("baseline-*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return {}
+    return dict(json.loads(files[-1].read_text()))
 
 
 def write_results(study: optuna.Study, recipe: Recipe, out_dir: str | Path) -> dict[str, Any]:
@@ -132,7 +133,7 @@ def write_results(study: optuna.Study, recipe: Recipe, out_dir: str | Path) -> d
     complete = [t for t in trials if t.state.name == "COMPLETE" and t.values is not None]
     feasible = [t for t in complete if _feasible(t)]
     front = pareto_front(feasible, study.directions)
-    baseline = study.user_attrs.get("baseline") or {}
+    baseline = _baseline_file(out) or study.user_attrs.get("baseline") or {}
     if not baseline:
         for t in trials:
             if "baseline_accuracy" in t.user_attrs:
@@ -173,8 +174,10 @@ def write_results(study: optuna.Study, recipe: Recipe, out_dir: str | Path) -> d
         weights = _weights_for(out, t)
         if weights is not None:
             shutil.copyfile(weights, folder / "weights.pt")
+    best_plan = front[0].user_attrs.get("plan") if front else None
+    (out / "best_plan.json").write_text(json.dumps(best_plan or {}, indent=2, sort_keys=True))
     (out / "pareto.json").write_text(json.dumps(summary, indent=2, default=str))
-    summary["files"] = ["trials.csv", "pareto.json", "report.md", "front/"]
+    summary["files"] = ["trials.csv", "pareto.json", "report.md", "best_plan.json", "front/"]
     if _plot(out / "pareto.png", complete, front, baseline):
         summary["files"].append("pareto.png")
     (out / "report.md").write_text(_markdown(summary, recipe))
@@ -183,7 +186,7 @@ def write_results(study: optuna.Study, recipe: Recipe, out_dir: str | Path) -> d
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     fields = ["trial", "state", "decisions", *_METRICS, "feasible", "violation"]
-    fields += ["reused_from", "seconds", "failed_reason"]
+    fields += ["seconds", "failed_reason"]
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -389,6 +392,15 @@ class SearchProgress:
 
     _best_value: float | None = None
 
+    def note(self, text: str) -> None:
+        """Print a line above the bar (or log it)."""
+        if self._progress is not None:
+            self._progress.console.print(text, markup=False, highlight=False, style="dim")
+        else:
+            import logging
+
+            logging.getLogger("tieify.search").info(text)
+
 
 def _log_line(
     number: int, total: int, params: Mapping[str, Any], metrics: Mapping[str, Any], state: str
@@ -403,6 +415,4 @@ def _log_line(
     )
     if state == "PRUNED":
         text += " PRUNED"
-    if metrics.get("reused_from") is not None:
-        text += f" (same as trial {metrics['reused_from']})"
     return text

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -344,8 +345,6 @@ def _callable(spec: str) -> Callable[..., Any]:
     mod_name, _, attr = spec.rpartition(":")
     try:
         if mod_name.endswith(".py"):
-            import importlib.util
-
             mspec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
             if mspec is None or mspec.loader is None:
                 raise ImportError(f"cannot load {mod_name}")
@@ -537,7 +536,7 @@ def apply_assignment(
     gs = dict(gs or {})
     api = _plan_api()
     if api is not None:
-        kwargs: dict[str, Any] = {"example_inputs": example_inputs}
+        kwargs: dict[str, Any] = {"example_inputs": example_inputs, "strict": True}
         kwargs["B"] = {**{_escape(k): int(v) for k, v in bs.items()}, "*": None}
         if gs:
             kwargs["groups"] = {**{_escape(k): int(v) for k, v in gs.items()}, "*": None}

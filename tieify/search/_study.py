@@ -43,6 +43,7 @@ __all__ = [
     "run_study",
     "record",
     "counted_trials",
+    "reusable_metrics",
     "INTERRUPTED",
 ]
 
@@ -212,6 +213,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def reusable_metrics(previous: Any) -> dict[str, Any]:
+    """Metrics of an earlier trial for a new trial with the same parameters (same keys)."""
+    metrics = dict(previous.user_attrs)
+    metrics["seconds"] = 0.0
+    return metrics
+
+
 def _same_params(study: optuna.Study, params: Mapping[str, Any]) -> Any:
     from optuna.trial import TrialState
 
@@ -234,9 +242,8 @@ def run_study(
 ) -> optuna.Study:
     """Run trials until the study holds ``trials`` counted trials (or ``timeout`` seconds pass).
 
-    A candidate whose parameters equal an earlier completed trial's reuses its metrics
-    (training is deterministic) with a fresh latency measurement skipped; the trial records
-    ``reused_from``.
+    A candidate whose parameters equal an earlier completed trial's reuses that trial's
+    metrics (training is deterministic given the seed), which the log line says.
     """
     from ._results import SearchProgress
 
@@ -251,11 +258,13 @@ def run_study(
             trial = study.ask()
             params = evaluator.suggest_params(trial)
             previous = _same_params(study, params)
-            if previous is not None:
-                metrics = {
-                    k: v for k, v in previous.user_attrs.items() if k not in ("seconds",)
-                }
-                metrics["reused_from"] = previous.number
+            if previous is not None:  # deterministic training: same parameters, same result
+                metrics = reusable_metrics(previous)
+                _copy_weights(out_dir, previous.number, trial.number)
+                bar.note(
+                    f"trial {trial.number}: same parameters as trial {previous.number}; "
+                    "its metrics are reused"
+                )
             else:
                 metrics = _evaluate(trial, evaluator, params, single, out_dir, save_weights)
             state = record(study, trial, metrics, evaluator)
@@ -263,6 +272,16 @@ def run_study(
             if on_trial is not None:
                 on_trial(trial, metrics, state)
     return study
+
+
+def _copy_weights(out_dir: str | Path | None, src: int, dst: int) -> None:
+    if out_dir is None:
+        return
+    path = Path(out_dir) / "trials" / f"{src}.pt"
+    if path.is_file():
+        import shutil
+
+        shutil.copyfile(path, path.with_name(f"{dst}.pt"))
 
 
 def _evaluate(

@@ -204,7 +204,7 @@ def _fit(
             loss = _loss(model(x), y, t_logits, cfg)
             if not torch.isfinite(loss):
                 raise Diverged(
-                    f"diverged: training loss became {float(loss)} at epoch {epoch}, step "
+                    f"diverged: training loss became {float(loss.detach())} at epoch {epoch}, step "
                     f"{i + 1} (lr={cfg.lr}); lower train.lr or check the data"
                 )
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,172 @@
+"""Latency model: lookup table, remainder, prediction arithmetic, on-disk cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import tieify
+from tieify.latency import LatencyTable, _predict, _table, latency_breakdown, measure_latency
+from tieify.nn import TiedConv2d
+
+
+@pytest.fixture
+def fake_timing(tmp_path, monkeypatch):
+    """Deterministic 'timings': a layer costs its multiply-adds in µs; a model's end-to-end
+    time is its layers' cost plus 100 µs."""
+    monkeypatch.setenv("TIEIFY_CACHE_DIR", str(tmp_path))
+    calls = {"layers": 0, "models": 0}
+
+    def layer_cost(module: nn.Module, x: torch.Tensor, out: torch.Tensor | None = None) -> float:
+        if out is None:
+            with torch.no_grad():
+                out = module(x)
+        k = 1
+        for s in getattr(module, "kernel_size", (1,)):
+            k *= s
+        B = getattr(module, "B", 1)
+        cin = getattr(module, "in_channels", getattr(module, "in_features", 1))
+        groups = getattr(module, "groups", 1)
+        return out.numel() * cin // (groups * B) * k * 1e-6
+
+    def fake_time_module(module, x, *, threads=None, repeats=7):
+        calls["layers"] += 1
+        return layer_cost(module, x)
+
+    def fake_measure(model, example_inputs, *, repeats=7, threads=None):
+        calls["models"] += 1
+        total = 0.0
+        for m in model.modules():
+            if _table.is_layer(m) and m is not model:
+                total += m._fake_cost  # set by the test from a hook pass
+        return total + 100e-6
+
+    monkeypatch.setattr(_table, "time_module", fake_time_module)
+    monkeypatch.setattr(_predict, "measure_latency", fake_measure)
+    return calls, layer_cost
+
+
+def net(B: int | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 1)]
+    if B:
+        convs = [TiedConv2d.from_dense(c, B) for c in convs]
+    return nn.Sequential(convs[0], nn.BatchNorm2d(16), nn.ReLU(), convs[1], nn.ReLU()).eval()
+
+
+def attach_costs(model: nn.Module, x: torch.Tensor, layer_cost) -> None:
+    def hook(m, args, out):
+        m._fake_cost = layer_cost(m, args[0], out)
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if _table.is_layer(m)]
+    with torch.no_grad():
+        model(x)
+    for h in hs:
+        h.remove()
+
+
+def test_prediction_is_table_plus_remainder(fake_timing):
+    calls, layer_cost = fake_timing
+    x = torch.randn(2, 8, 6, 6)
+    dense, tied = net(), net(B=2)
+    attach_costs(dense, x, layer_cost)
+    table = LatencyTable()
+    parts = latency_breakdown(dense, x, table=table)
+    # Hand-computed MACs: conv 3×3 8→16 on 2×6×6: 2·16·36·8·9; conv 1×1 16→16: 2·16·36·16.
+    mac0, mac1 = 2 * 16 * 36 * 8 * 9, 2 * 16 * 36 * 16
+    assert parts["0"] == pytest.approx(mac0 * 1e-6)
+    assert parts["3"] == pytest.approx(mac1 * 1e-6)
+    assert parts["<remainder>"] == pytest.approx(100e-6)
+    assert calls == {"layers": 2, "models": 1}
+    # A plan of the same model: only the new (tied) layers are timed, the remainder is reused.
+    predicted = tieify.predict_latency(tied, x, table=table)
+    assert predicted == pytest.approx((mac0 + mac1) / 2 * 1e-6 + 100e-6)
+    assert calls == {"layers": 4, "models": 1}
+    # Warm table: nothing is measured again.
+    assert tieify.predict_latency(tied, x, table=table) == pytest.approx(predicted)
+    assert calls == {"layers": 4, "models": 1}
+
+
+def test_table_persists_on_disk_and_keys_are_specific(fake_timing, tmp_path):
+    calls, layer_cost = fake_timing
+    x = torch.randn(1, 8, 6, 6)
+    dense = net()
+    attach_costs(dense, x, layer_cost)
+    tieify.predict_latency(dense, x, table=LatencyTable())
+    data = json.loads((tmp_path / "latency.json").read_text())
+    keys = [json.loads(k) for k in data["entries"]]
+    layer_keys = [k for k in keys if "op" in k]
+    assert len(layer_keys) == 2 and len(keys) == 3  # 2 layers + 1 remainder
+    k = layer_keys[0]
+    assert set(k) == {"op", "input", "threads", "torch"}
+    assert k["input"]["layout"] == "contiguous" and k["input"]["dtype"] == "float32"
+    assert k["input"]["shape"][0] == 1  # the batch is part of the key
+    # A new table object (a new process) reads the entries back: no timing.
+    before = dict(calls)
+    tieify.predict_latency(dense, x, table=LatencyTable())
+    assert calls == before
+    # Another batch size is another key.
+    x2 = torch.randn(3, 8, 6, 6)
+    attach_costs(dense, x2, layer_cost)
+    tieify.predict_latency(dense, x2, table=LatencyTable())
+    assert calls["layers"] == before["layers"] + 2
+
+
+def test_corrupted_latency_cache_is_rebuilt(fake_timing, tmp_path):
+    calls, layer_cost = fake_timing
+    (tmp_path / "latency.json").write_text("\x00garbage")
+    x = torch.randn(1, 8, 6, 6)
+    dense = net()
+    attach_costs(dense, x, layer_cost)
+    with pytest.warns(RuntimeWarning, match="corrupted"):
+        tieify.predict_latency(dense, x, table=LatencyTable())
+    assert json.loads((tmp_path / "latency.json").read_text())["version"] == 1
+
+
+def test_model_is_left_as_it_was(fake_timing):
+    _, layer_cost = fake_timing
+    x = torch.randn(1, 8, 6, 6)
+    model = net(B=2).train()
+    attach_costs(model, x, layer_cost)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tieify.predict_latency(model, x, table=LatencyTable(persist=False))
+    assert model.training
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+def test_plan_without_base_model_is_rejected():
+    with pytest.raises(TypeError, match="no base model"):
+        tieify.predict_latency({"layers": {}}, torch.randn(1, 3, 8, 8))
+
+
+def test_plan_with_apply_is_applied(fake_timing):
+    _, layer_cost = fake_timing
+    x = torch.randn(1, 8, 6, 6)
+
+    class FakePlan:
+        def apply(self, model):
+            tied = net(B=2)
+            attach_costs(tied, x, layer_cost)
+            return tied
+
+    base = net()
+    attach_costs(base, x, layer_cost)
+    table = LatencyTable(persist=False)
+    direct = tieify.predict_latency(net_with_costs := FakePlan().apply(base), x, table=table)
+    assert net_with_costs is not base
+    assert tieify.predict_latency(FakePlan(), x, model=base, table=table) == pytest.approx(direct)
+
+
+def test_real_measurement_smoke(tmp_path, monkeypatch):
+    """Real timers on a tiny model: positive numbers, no assertion on their size."""
+    monkeypatch.setenv("TIEIFY_CACHE_DIR", str(tmp_path))
+    x = torch.randn(1, 8, 6, 6)
+    model = net(B=2)
+    assert measure_latency(model, x, repeats=2) > 0
+    parts = latency_breakdown(model, x, table=LatencyTable(), repeats=2)
+    assert set(parts) == {"0", "3", "<remainder>"}
+    assert all(v >= 0 for v in parts.values())

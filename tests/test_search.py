@@ -1,0 +1,128 @@
+"""End-to-end search on a tiny model: files, front, constraints, failures, replay."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from _search_helpers import tiny_recipe
+
+from tieify import SearchError
+from tieify.search import load_recipe, search
+from tieify.search._objective import Evaluator
+from tieify.search._space import replay
+from tieify.search._study import open_study, run_study
+
+
+def _write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _rows(out: Path) -> list[dict]:
+    with (out / "trials.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_two_trial_search_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    summary = search(_write(tmp_path, tiny_recipe()), out_dir=out, trials=2, progress=False)
+    for name in ("pareto.json", "trials.csv", "pareto.png", "report.md", "best_plan.json",
+                 "study.journal"):
+        assert (out / name).is_file(), name
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = _rows(out)
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
+    assert summary["trials"] == 2 and summary["front"]
+    on_disk = json.loads((out / "pareto.json").read_text())
+    assert on_disk["front"] == json.loads(json.dumps(summary["front"], default=str))
+    assert "Feasible Pareto front" in (out / "report.md").read_text()
+
+    # Each front point replays: same plan -> same tied model, weights load, same accuracy.
+    r = load_recipe(out.parent / "recipe.yaml", {})
+    ev = Evaluator(r, out, log=False)  # reuses the cached baseline
+    for point in summary["front"]:
+        folder = out / point["plan_file"].rsplit("/", 1)[0]
+        plan = json.loads((folder / "best_plan.json").read_text())
+        tied = replay(ev.dense, plan)
+        tied.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
+        from tieify.search._train import accuracy
+
+        assert accuracy(tied, ev.data.val) == pytest.approx(point["accuracy"])
+        n = sum(p.numel() for p in {id(p): p for p in tied.parameters()}.values())
+        assert n == point["params"]
+
+
+def test_constraints_are_honoured(tmp_path: Path) -> None:
+    raw = tiny_recipe(budgets={"max_params": 2500}, search={"space": "uniform"})
+    out = tmp_path / "out"
+    summary = search(_write(tmp_path, raw), out_dir=out, trials=6, progress=False, seed=1)
+    rows = [r for r in _rows(out) if r["state"] == "COMPLETE"]
+    params = [int(r["params"]) for r in rows]
+    # the run saw both kinds of candidates, and only feasible ones reach the front
+    assert any(p > 2500 for p in params) and any(p <= 2500 for p in params)
+    assert all((r["feasible"] == "True") == (int(r["params"]) <= 2500) for r in rows)
+    assert summary["front"]
+    assert all(p["params"] <= 2500 and p["violation"] == 0 for p in summary["front"])
+    assert summary["feasible"] == sum(p <= 2500 for p in params)
+
+
+def test_no_feasible_point_lists_closest(tmp_path: Path, capsys) -> None:
+    raw = tiny_recipe(budgets={"max_params": 10})
+    out = tmp_path / "out"
+    summary = search(_write(tmp_path, raw), out_dir=out, trials=2, progress=True)
+    text = capsys.readouterr().out
+    assert summary["front"] == [] and len(summary["closest"]) >= 1
+    assert "No feasible point" in text and "closest" in text
+    assert json.loads((out / "best_plan.json").read_text()) == {}
+    assert "No feasible point" in (out / "report.md").read_text()
+
+
+def test_failed_trials_are_recorded_and_study_goes_on(tmp_path: Path) -> None:
+    space = tmp_path / "bad_space.yaml"
+    space.write_text(yaml.safe_dump({
+        "type": "custom",
+        "decisions": [{"name": "B_layer1", "layers": ["layer1.*"], "choices": [3]}],
+    }))
+    raw = tiny_recipe(search={"space": str(space)})
+    out = tmp_path / "out"
+    summary = search(_write(tmp_path, raw), out_dir=out, trials=2, progress=False)
+    rows = _rows(out)
+    assert [r["state"] for r in rows] == ["FAIL", "FAIL"]
+    assert all(r["failed_reason"].startswith("unbuildable plan:") for r in rows)
+    assert "B=3" in rows[0]["failed_reason"]
+    assert len(summary["failed"]) == 2 and summary["front"] == []
+
+
+def test_diverging_trial_is_recorded(tmp_path: Path) -> None:
+    r = load_recipe(_write(tmp_path, tiny_recipe()), {})
+    ev = Evaluator(r, tmp_path / "out", log=False)
+    # the same evaluator, now fine-tuning with an absurd learning rate
+    ev.recipe = dataclasses.replace(r, train=dataclasses.replace(r.train, lr=1e12, momentum=0.0))
+    study = open_study(r, None, "diverge", False)
+    run_study(study, ev, trials=2, progress=False)
+    trials = study.get_trials()
+    assert len(trials) == 2
+    assert {t.state.name for t in trials} == {"FAIL"}
+    assert all("diverged" in t.user_attrs["failed_reason"] for t in trials)
+
+
+def test_existing_study_needs_resume(tmp_path: Path) -> None:
+    path = _write(tmp_path, tiny_recipe())
+    out = tmp_path / "out"
+    search(path, out_dir=out, trials=1, progress=False)
+    with pytest.raises(SearchError, match="already holds study 'tieify-tiny' with 1 trial.*--resume"):
+        search(path, out_dir=out, trials=2, progress=False)
+    summary = search(path, out_dir=out, trials=2, resume=True, progress=False)
+    assert summary["trials"] == 2
+
+
+def test_ray_backend_without_ray_or_unknown_backend(tmp_path: Path) -> None:
+    with pytest.raises(SearchError, match="backend must be one of optuna, ray"):
+        search(None, backend="dask", out_dir=tmp_path)

@@ -132,7 +132,8 @@ def markdown(res: dict) -> str:
         "",
         f"{res['plans_per_model']} random plans per model, batch {res['batch']}, "
         f"{res['size']}×{res['size']}, {res['layout']}, {res['threads']} threads, torch "
-        f"{res['torch']}, {res['machine']}. {res['note']}",
+        f"{res['torch']}, {res['machine']}. {res['note']} Load average (1/5/15 min) at start "
+        f"{res['loadavg_start']}, at end {res['loadavg_end']}.",
         "",
         f"**Median absolute percentage error: {s['mdape'] * 100:.1f}%** over {s['n']} plans "
         f"(max {s['max_ape'] * 100:.1f}%).",
@@ -178,6 +179,7 @@ def main(argv=None) -> int:
         args.plans, args.size, args.rounds = 10, 64, 5
     torch.set_num_threads(args.threads)
     table = LatencyTable(persist=not args.fresh)
+    load_start = os.getloadavg()
     start = time.time()
     rows = []
     for m in args.models:
@@ -205,6 +207,8 @@ def main(argv=None) -> int:
         "rounds over all plans of a model; the table entries were measured in the same session; "
         "the remainder was calibrated on the dense model, which is not among the plans.",
         "seconds": round(time.time() - start, 1),
+        "loadavg_start": [round(v, 2) for v in load_start],
+        "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         "summary": {
             "mdape": statistics.median(apes),
             "max_ape": max(apes),

@@ -10,7 +10,8 @@ Cases (torchvision models, random weights, eval mode):
 
 For each case and batch size (1 and 8) the dense and tied models run in interleaved rounds
 (medians) in three modes: ``eager`` (NCHW), ``channels_last`` (after ``tieify.optimize``)
-and ``compile`` (``torch.compile`` of the channels-last models). The MAC ratio counts
+and ``compile`` (``torch.compile(dynamic=True)`` of the channels-last models; by default for
+the ResNet-50 cases only, since each CPU compile takes about a minute here). The MAC ratio counts
 convolution and linear multiply-adds (one fused multiply-add = 1 MAC), tied over dense.
 
 Usage::
@@ -169,22 +170,25 @@ def time_pair(fns: dict[str, Callable[[], object]], rounds: int, target_s: float
 
 def run_case(case: str, args) -> list[dict]:
     dense, tied = build_case(case)
+    dense_cl = copy.deepcopy(dense).to(memory_format=CL)
+    tied_cl = copy.deepcopy(tied).to(memory_format=CL)
+    compiled = None
+    if args.compile and case in args.compile_cases:
+        # One dynamic-shape compile per model serves every batch size.
+        compiled = (torch.compile(dense_cl, dynamic=True), torch.compile(tied_cl, dynamic=True))
     rows = []
     for batch in args.batches:
         x = torch.randn(batch, 3, args.size, args.size)
         mac_ratio = macs(tied, x) / macs(dense, x)
         xc = x.contiguous(memory_format=CL)
-        dense_cl = copy.deepcopy(dense).to(memory_format=CL)
-        tied_cl = copy.deepcopy(tied).to(memory_format=CL)
         with torch.inference_mode():
             tieify.optimize(tied_cl, xc)
         modes = {
             "eager": (lambda x=x: dense(x), lambda x=x: tied(x)),
             "channels_last": (lambda m=dense_cl, x=xc: m(x), lambda m=tied_cl, x=xc: m(x)),
         }
-        if args.compile:
-            cd = torch.compile(dense_cl)
-            ct = torch.compile(tied_cl)
+        if compiled is not None:
+            cd, ct = compiled
             modes["compile"] = (lambda m=cd, x=xc: m(x), lambda m=ct, x=xc: m(x))
         fns = {}
         for mode, (fd, ft) in modes.items():
@@ -222,7 +226,8 @@ def markdown(res: dict) -> str:
         "",
         f"Input {res['size']}×{res['size']}, {res['threads']} threads, {res['rounds']} "
         f"interleaved rounds, medians of per-round ratios; torch {res['torch']}, "
-        f"{res['machine']}. {res['note']}",
+        f"{res['machine']}. {res['note']} Load average (1/5/15 min) at start "
+        f"{res['loadavg_start']}, at end {res['loadavg_end']}.",
         "",
         "| case | batch | mode | dense ms | tied ms | latency ratio | MAC ratio | gap |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
@@ -245,12 +250,19 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--target-s", type=float, default=0.2)
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument(
+        "--compile-cases",
+        nargs="+",
+        default=["resnet50_3x3_B2", "resnet50_all_B4"],
+        help="cases also timed under torch.compile (a CPU compile takes ~1 min per model)",
+    )
     p.add_argument("--quick", action="store_true", help="128×128, 3 rounds, no compile")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.rounds, args.compile, args.target_s = 128, 3, False, 0.05
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
     start = time.time()
     rows = []
     for case in args.cases:
@@ -264,6 +276,8 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()} {os.cpu_count()} logical CPUs",
         "note": "Cores shared with other jobs: noisy; dense and tied interleaved per round.",
         "seconds": round(time.time() - start, 1),
+        "loadavg_start": [round(v, 2) for v in load_start],
+        "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)

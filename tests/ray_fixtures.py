@@ -21,6 +21,9 @@ from pathlib import Path
 
 RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Explicit, so that a ~/.ray/auth_token left by an earlier local ray.init() does not turn
+    # token authentication on for the cluster but not for the drivers (loopback only here).
+    "RAY_AUTH_MODE": "disabled",
     "RAY_DEDUP_LOGS": "0",
     # Tune's Rich/AIR console tables are noise in captured test output.
     "RAY_AIR_NEW_OUTPUT": "0",

@@ -234,3 +234,24 @@ def test_table_on_a_terminal_uses_rich(
     assert "┃ layer" in out  # rich's table border
     line = next(x for x in out.splitlines() if "layer1.0.conv2" in x)
     assert "36,864" in line and "2,304" in line
+
+
+def test_preset_root_8(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(
+        capsys, "report", "resnet18", "--preset", "root-8", *SMALL, "--format", "json"
+    )
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)["layers"]}
+    # Deep Roots root-8: groups 8/4/2/1 over the stages' 3×3 convs (DESIGN §2).
+    conv = rows["layer1.0.conv2"]
+    assert (conv["action"], conv["groups"], conv["B"]) == ("group", 8, None)
+    assert (conv["params_after"], conv["macs_after"]) == (36_864 // 8, 9_437_184 // 8)
+    assert rows["layer3.1.conv2"]["groups"] == 2
+    assert rows["layer4.1.conv2"]["action"] == "leave"
+
+
+def test_unknown_preset_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "report", "resnet18", "--preset", "root-9", *SMALL)
+    assert code == 2 and out == ""
+    assert err.startswith("tieify report: error: --preset: unknown preset 'root-9'; known")
+    assert err.count("\n") == 1

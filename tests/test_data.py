@@ -47,8 +47,12 @@ def _write_cifar10(root: Path, n_train: int = 10, n_test: int = 6) -> np.ndarray
     ):
         data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, size=n)]
-        entry = {"batch_label": f"batch {i}", "labels": labels, "data": data,
-                 "filenames": [f"img{j}.png" for j in range(n)]}
+        entry = {
+            "batch_label": f"batch {i}",
+            "labels": labels,
+            "data": data,
+            "filenames": [f"img{j}.png" for j in range(n)],
+        }
         with (folder / name).open("wb") as fh:
             pickle.dump(entry, fh, protocol=2)
         if first is None:
@@ -69,8 +73,9 @@ def test_cifar10_pickle_format(tmp_path: Path) -> None:
     mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
     std = torch.tensor([0.2470, 0.2435, 0.2616]).view(3, 1, 1)
     torch.testing.assert_close(x, (img - mean) / std)
-    small = load_data(DataConfig(dataset="cifar10", root=str(tmp_path), image_size=8,
-                                 max_train_samples=7))
+    small = load_data(
+        DataConfig(dataset="cifar10", root=str(tmp_path), image_size=8, max_train_samples=7)
+    )
     assert len(small.train) == 7 and small.train[0][0].shape == (3, 8, 8)
 
 
@@ -78,8 +83,11 @@ def test_cifar100_and_missing_file(tmp_path: Path) -> None:
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     for name, n in (("train", 8), ("test", 4)):
-        entry = {"data": np.zeros((n, 3072), np.uint8), "fine_labels": list(range(90, 90 + n)),
-                 "coarse_labels": [0] * n}
+        entry = {
+            "data": np.zeros((n, 3072), np.uint8),
+            "fine_labels": list(range(90, 90 + n)),
+            "coarse_labels": [0] * n,
+        }
         with (folder / name).open("wb") as fh:
             pickle.dump(entry, fh)
     d = load_data(DataConfig(dataset="cifar100", root=str(tmp_path), image_size=32))
@@ -108,6 +116,7 @@ def test_imagefolder_with_and_without_val(tmp_path: Path) -> None:
     x, y = d.val[5]
     assert x.shape == (3, 8, 8) and int(y) == 2
     _write_images(tmp_path / "b" / "train", ["x", "y"], 5)
-    d2 = load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "b"), image_size=8,
-                              val_fraction=0.2))
+    d2 = load_data(
+        DataConfig(dataset="imagefolder", root=str(tmp_path / "b"), image_size=8, val_fraction=0.2)
+    )
     assert (len(d2.train), len(d2.val), d2.num_classes) == (8, 2, 2)

@@ -294,3 +294,13 @@ def test_optimize_rejects_bad_arguments():
         tieify.optimize("resnet50", torch.randn(1))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="example_inputs"):
         tieify.optimize(small_net(), 3)
+
+
+def test_optimize_leaves_weights_and_statistics_alone(cache_tmp, monkeypatch):
+    monkeypatch.setattr(_optimize, "_timer", FakeTimer({"bmm": 0.5}))
+    net = torch.nn.Sequential(TiedConv2d(16, 32, 1, B=4), torch.nn.BatchNorm2d(32)).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    tieify.optimize(net, torch.randn(2, 16, 4, 4))
+    assert net.training and net[0].path == "bmm"
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, before[k])

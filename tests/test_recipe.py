@@ -59,8 +59,11 @@ def test_bad_recipes_name_key_value_and_rule(raw: dict, words: list[str]) -> Non
 def test_impossible_accuracy_budget_without_training() -> None:
     with pytest.raises(RecipeError, match="accuracy budgets need a trained model"):
         recipe_from_dict(
-            {"train": {"epochs": 0}, "model": {"pretrain_epochs": 0},
-             "budgets": {"min_accuracy": 0.9}}
+            {
+                "train": {"epochs": 0},
+                "model": {"pretrain_epochs": 0},
+                "budgets": {"min_accuracy": 0.9},
+            }
         )
 
 

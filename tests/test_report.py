@@ -324,3 +324,29 @@ def test_with_tieify_attention_groups() -> None:
     assert se["params_before"] == sum(r.params_before or 0 for r in se_rows)
     assert se["params_after"] == sum(r.params_after or 0 for r in se_rows)
     assert "SE branches (18 layers): params" in rep.to_markdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name", ["seresnext26d_32x4d", "gcresnet33ts", "convnext_atto", "xception41", "densenet121"]
+)
+def test_timm_tied_rows_cost_dense_over_B(name: str) -> None:
+    timm = pytest.importorskip("timm")
+    import tieify
+
+    model = timm.create_model(name, pretrained=False)
+    x = torch.randn(1, 3, 64, 64)
+    tied_model = tieify.tieify(model, B=4, example_inputs=x)
+    rep = report(model, tied_model, x)
+    assert rep.before.counter == rep.after.counter == "fvcore"
+    tied = [r for r in rep.rows if r.action == "tie" and r.macs_before]
+    assert tied
+    for r in tied:
+        assert r.B is not None and r.macs_after is not None
+        assert r.macs_after * r.B == r.macs_before, r.name
+        assert r.params_after is not None and r.params_before is not None
+        assert r.params_after < r.params_before, r.name
+    for r in rep.rows:
+        if r.action == "leave":
+            assert r.params_after == r.params_before, r.name
+    assert rep.totals()["params_after"] == sum(p.numel() for p in tied_model.parameters())

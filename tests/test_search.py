@@ -33,8 +33,14 @@ def _rows(out: Path) -> list[dict]:
 def test_two_trial_search_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     summary = search(_write(tmp_path, tiny_recipe()), out_dir=out, trials=2, progress=False)
-    for name in ("pareto.json", "trials.csv", "pareto.png", "report.md", "best_plan.json",
-                 "study.journal"):
+    for name in (
+        "pareto.json",
+        "trials.csv",
+        "pareto.png",
+        "report.md",
+        "best_plan.json",
+        "study.journal",
+    ):
         assert (out / name).is_file(), name
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = _rows(out)
@@ -86,10 +92,14 @@ def test_no_feasible_point_lists_closest(tmp_path: Path, capsys) -> None:
 
 def test_failed_trials_are_recorded_and_study_goes_on(tmp_path: Path) -> None:
     space = tmp_path / "bad_space.yaml"
-    space.write_text(yaml.safe_dump({
-        "type": "custom",
-        "decisions": [{"name": "B_layer1", "layers": ["layer1.*"], "choices": [3]}],
-    }))
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "type": "custom",
+                "decisions": [{"name": "B_layer1", "layers": ["layer1.*"], "choices": [3]}],
+            }
+        )
+    )
     raw = tiny_recipe(search={"space": str(space)})
     out = tmp_path / "out"
     summary = search(_write(tmp_path, raw), out_dir=out, trials=2, progress=False)
@@ -117,7 +127,9 @@ def test_existing_study_needs_resume(tmp_path: Path) -> None:
     path = _write(tmp_path, tiny_recipe())
     out = tmp_path / "out"
     search(path, out_dir=out, trials=1, progress=False)
-    with pytest.raises(SearchError, match="already holds study 'tieify-tiny' with 1 trial.*--resume"):
+    with pytest.raises(
+        SearchError, match="already holds study 'tieify-tiny' with 1 trial.*--resume"
+    ):
         search(path, out_dir=out, trials=2, progress=False)
     summary = search(path, out_dir=out, trials=2, resume=True, progress=False)
     assert summary["trials"] == 2

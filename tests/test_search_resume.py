@@ -40,8 +40,20 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "tieify", "search", str(recipe), "--trials", str(TRIALS),
-           "--out", str(out), "--quiet", "--seed", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tieify",
+        "search",
+        str(recipe),
+        "--trials",
+        str(TRIALS),
+        "--out",
+        str(out),
+        "--quiet",
+        "--seed",
+        "0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
@@ -57,8 +69,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     before = {t.number: (t.params, t.values) for t in _complete(out)}
     assert 2 <= len(before) < TRIALS
 
-    again = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True,
-                           timeout=600)
+    again = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     trials = _study(out).get_trials()
     after = {t.number: (t.params, t.values) for t in trials if t.state.name == "COMPLETE"}

@@ -33,12 +33,16 @@ def test_per_stage_on_torchvision_resnet18() -> None:
 
 
 def test_per_layer_restricts_choices_to_divisors() -> None:
-    net = nn.Sequential(nn.Conv2d(3, 12, 3), nn.Conv2d(12, 12, 3, groups=12),
-                        nn.Conv2d(12, 24, 1), nn.Flatten(), nn.Linear(24, 10))
+    net = nn.Sequential(
+        nn.Conv2d(3, 12, 3),
+        nn.Conv2d(12, 12, 3, groups=12),
+        nn.Conv2d(12, 24, 1),
+        nn.Flatten(),
+        nn.Linear(24, 10),
+    )
     layers = discover_layers(net)
     # depthwise conv skipped; 3 input channels allow only 1
-    assert [(la.name, la.valid) for la in layers] == [
-        ("0", (1,)), ("2", (1, 2, 4)), ("4", (1, 2))]
+    assert [(la.name, la.valid) for la in layers] == [("0", (1,)), ("2", (1, 2, 4)), ("4", (1, 2))]
     space = build_space("per_layer", net)
     assert [(d.name, d.choices) for d in space.decisions] == [("B_2", (1, 2, 4)), ("B_4", (1, 2))]
     # without named stages, layers fall into depth quarters
@@ -105,12 +109,22 @@ def test_tied_assignment_and_replay() -> None:
 
 def test_custom_yaml_and_callable_spaces(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"type": "custom", "decisions": [
-        {"name": "early", "layers": ["layer1.*", "layer2.*"], "choices": [1, 2]},
-        {"name": "late", "layers": "layer3.*"}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "type": "custom",
+                "decisions": [
+                    {"name": "early", "layers": ["layer1.*", "layer2.*"], "choices": [1, 2]},
+                    {"name": "late", "layers": "layer3.*"},
+                ],
+            }
+        )
+    )
     space = build_space(str(path), cifar_resnet())
     assert [(d.name, d.choices) for d in space.decisions] == [
-        ("early", (1, 2)), ("late", (1, 2, 4, 8))]
+        ("early", (1, 2)),
+        ("late", (1, 2, 4, 8)),
+    ]
     bs, _ = space.assignment({"early": 2, "late": 4})
     assert bs["layer1.0.conv1"] == 2 and bs["layer3.0.conv2"] == 4
 

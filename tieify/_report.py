@@ -511,7 +511,7 @@ def _rows_from_plan(
                 name=name,
                 kind=str(getattr(lp, "kind", "") or (_kind(a) if a is not None else "")),
                 action=action,
-                B=int(B) if isinstance(B, int) else None,
+                B=int(B) if isinstance(B, int) and "tie" in action else None,
                 groups=int(groups) if isinstance(groups, int) else None,
                 in_channels=getattr(lp, "in_channels", None),
                 out_channels=getattr(lp, "out_channels", None),

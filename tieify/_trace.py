@@ -25,6 +25,7 @@ _DENSE_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _FUNCTIONAL_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _FUNCTIONAL_LINEAR = {F.linear}
+_KNOWN_OTHER = (nn.Embedding, nn.EmbeddingBag, nn.modules.batchnorm._NormBase, nn.LayerNorm)
 _SIZE_METHODS = {"size", "dim", "numel", "type", "get_device"}
 
 
@@ -92,6 +93,22 @@ def classify(name: str, module: nn.Module) -> Layer | None:
             return Layer(name, module, "linear", 1, 1, 1, (), mtype, False, "lazy, uninitialized")
         kind = "linear" if type(module).forward is nn.Linear.forward else "linear_subclass"
         return Layer(name, module, kind, module.in_features, module.out_features, 1, (), mtype)
+    weight = module._parameters.get("weight")
+    if (
+        isinstance(weight, torch.Tensor)
+        and weight.dim() >= 2
+        and not isinstance(module, _KNOWN_OTHER)
+        and not type(module).__module__.startswith("torch.nn.")
+    ):
+        cin = getattr(module, "in_channels", None)
+        cout = getattr(module, "out_channels", None)
+        if not isinstance(cin, int) or not isinstance(cout, int) or cin < 1 or cout < 1:
+            cin, cout = int(weight.shape[-1]), int(weight.shape[0])
+        return Layer(
+            name, module, "other", cin, cout, 1, (), mtype, False,
+            f"{type(module).__name__} is not a conv/linear layer tieify can tie (e.g. "
+            "per-sample expert weights); left dense",
+        )  # fmt: skip
     return None
 
 
@@ -352,7 +369,25 @@ def discover(model: nn.Module, use_fx: bool = True) -> Discovery:
 
     order: list[Layer] = []
     called: set[str] = set()
+    # layers inside a (timm-registered) leaf module: called by its forward as modules, so
+    # they can be swapped; they sit in the forward order where the leaf is called
+    inner: dict[str, list[Layer]] = {}
+    for layer in layers:
+        parts = layer.name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            inner.setdefault(".".join(parts[:i]), []).append(layer)
+    leaf_targets = {
+        str(n.target) for n in graph.nodes if n.op == "call_module" and n.target not in by_name
+    }
     for node in graph.nodes:
+        if node.op == "call_module" and str(node.target) in leaf_targets:
+            m = modules.get(str(node.target))
+            if m is not None and not type(m).__module__.startswith("torch.nn."):
+                for layer in inner.get(str(node.target), []):
+                    if layer.name not in called:
+                        called.add(layer.name)
+                        order.append(layer)
+            continue
         if node.op == "call_module" and node.target in by_name:
             layer = by_name[str(node.target)]
             layer.nodes.append(node)

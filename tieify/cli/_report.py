@@ -205,7 +205,8 @@ def _preset_kwargs(name: str, model: Any) -> dict[str, Any]:
     try:
         preset = get_preset(name, model)
     except KeyError as err:
-        raise SpecError(f"--preset: {err.args[0] if err.args else name!r}") from None
+        message = str(err.args[0]) if err.args else f"unknown preset {name!r}"
+        raise SpecError(f"--preset: {message}") from None
     if isinstance(preset, dict):
         return dict(preset)
     if hasattr(preset, "apply"):

@@ -45,7 +45,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--trials", type=int, help="number of trials in the study (default: recipe)")
     g.add_argument("--timeout", type=float, help="wall-clock budget in seconds for this run")
     g.add_argument("--out", help="output folder (default: runs/<recipe name>)")
-    g.add_argument("--storage", help="Optuna storage URL or journal path (default: OUT/study.journal)")
+    g.add_argument(
+        "--storage", help="Optuna storage URL or journal path (default: OUT/study.journal)"
+    )
     g.add_argument("--resume", action="store_true", help="continue the study in the store")
     g.add_argument("--seed", type=int, help="sampler seed (default: recipe)")
     g.add_argument("--study-name", help="study name in the store (default: tieify-<recipe>)")
@@ -54,7 +56,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
     m = p.add_argument_group("model and budgets (override the recipe)")
-    m.add_argument("--model", help="MODEL string (torchvision name, timm:NAME, module:fn, file.py:fn)")
+    m.add_argument(
+        "--model", help="MODEL string (torchvision name, timm:NAME, module:fn, file.py:fn)"
+    )
     m.add_argument("--epochs", type=int, help="fine-tuning epochs per candidate")
     m.add_argument("--min-accuracy", type=float, help="minimum top-1 accuracy (fraction)")
     m.add_argument(

@@ -93,10 +93,13 @@ def _capture_inputs(
             seen[module] = x.detach()
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, types)]
+    was_training = model.training
+    model.eval()  # no running-statistics update from this look-only pass
     try:
         with torch.no_grad():
             run_model(model, example_inputs)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     return seen

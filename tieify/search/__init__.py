@@ -16,7 +16,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import time
+import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -195,3 +197,14 @@ def _print_end(summary: Mapping[str, Any], out: Path, console: Any) -> None:
     console.print(
         f"wrote {', '.join(summary['files'])} to {out} in {summary['wall_seconds']:.1f} s"
     )
+
+
+class _CallableModule(types.ModuleType):
+    """``tieify.search`` is both this package and the function: importing the subpackage
+    rebinds the attribute ``tieify.search`` to the module, so the module forwards calls."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return search(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -139,8 +139,12 @@ class _Images(Dataset[Any]):
 
 
 _CIFAR_FILES = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                "labels"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "labels",
+    ),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
 }
 

@@ -21,12 +21,14 @@ reference for ``max_accuracy_drop``.
 
 Example:
     >>> from tieify.search import load_recipe
-    >>> ev = Evaluator(load_recipe("default", {"model.pretrain_epochs": 1}), "/tmp/x")  # doctest: +SKIP
-    >>> ev.evaluate({"B_layer1": 2, "B_layer2": 2, "B_layer3": 4}, None)["accuracy"]  # doctest: +SKIP
+    >>> recipe = load_recipe("default", {"model.pretrain_epochs": 1})
+    >>> ev = Evaluator(recipe, "/tmp/x")  # doctest: +SKIP
+    >>> ev.evaluate({"B_layer1": 2, "B_layer2": 2, "B_layer3": 4})["accuracy"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -34,7 +36,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,18 @@ def measure_latency(
     return 1000.0 * statistics.median(samples)
 
 
+@contextlib.contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` for the block (``None``: unchanged)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _count(model: nn.Module, x: torch.Tensor) -> tuple[int, int | None]:
     try:
         from .._count import count
@@ -184,8 +198,9 @@ class Evaluator:
         self.space: Space = build_space(
             recipe.search.space, model, self.example, recipe.search.choices
         )
-        self.dense = self._pretrained(model)
-        self.baseline = self._baseline_metrics()
+        with _threads(recipe.train.threads):
+            self.dense = self._pretrained(model)
+            self.baseline = self._baseline_metrics()
 
     # -- the contract with the engines ------------------------------------------------------
 
@@ -250,6 +265,15 @@ class Evaluator:
             The metrics dict; ``failed_reason`` is set when the candidate could not be built
             or its training diverged, ``pruned`` when ``report`` stopped it.
         """
+        with _threads(self.recipe.train.threads):
+            return self._evaluate(params, report, weights_path)
+
+    def _evaluate(
+        self,
+        params: Mapping[str, Any],
+        report: Callable[[int, float], bool] | None,
+        weights_path: str | Path | None,
+    ) -> dict[str, Any]:
         start = time.perf_counter()
         bs, gs = self.space.assignment(params)
         metrics: dict[str, Any] = {
@@ -339,8 +363,9 @@ class Evaluator:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return model.eval()
         if self._log:
-            logger.info("training the dense baseline for %d epochs (cached in %s)",
-                        m.pretrain_epochs, path)
+            logger.info(
+                "training the dense baseline for %d epochs (cached in %s)", m.pretrain_epochs, path
+            )
         pre = self.recipe.train
         fit(
             model,
@@ -371,7 +396,7 @@ class Evaluator:
                 f"the dense baseline diverged while fine-tuning ({exc}); lower train.lr"
             ) from None
         params, macs = _count(self.dense, self.example)
-        metrics = {
+        metrics: dict[str, Any] = {
             "accuracy": acc,
             "pretrained_accuracy": accuracy(self.dense, self.data.val),
             "params": params,

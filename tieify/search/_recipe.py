@@ -233,8 +233,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def _type_error(key: str, value: Any, tp: Any) -> RecipeError:
     return RecipeError(
-        f"recipe key {key!r} must be {_type_name(tp)}, but got {value!r} "
-        f"({type(value).__name__})."
+        f"recipe key {key!r} must be {_type_name(tp)}, but got {value!r} ({type(value).__name__})."
     )
 
 
@@ -343,8 +342,10 @@ def _validate(r: Recipe, base_dir: Path | None) -> None:
         )
     for o in s.objectives:
         _one_of("search.objectives", o, tuple(OBJECTIVES))
-    if (b.max_accuracy_drop is not None or b.min_accuracy is not None) and t.epochs == 0 and (
-        r.model.pretrain_epochs == 0 and r.model.checkpoint is None
+    if (
+        (b.max_accuracy_drop is not None or b.min_accuracy is not None)
+        and t.epochs == 0
+        and (r.model.pretrain_epochs == 0 and r.model.checkpoint is None)
     ):
         raise RecipeError(
             "accuracy budgets need a trained model, but got train.epochs=0, "
@@ -383,8 +384,7 @@ def _validate(r: Recipe, base_dir: Path | None) -> None:
         ckpt = _resolve_path(r.model.checkpoint, base_dir)
         if not ckpt.is_file():
             raise RecipeError(
-                f"recipe key 'model.checkpoint' = {r.model.checkpoint!r}: no such file "
-                f"({ckpt})."
+                f"recipe key 'model.checkpoint' = {r.model.checkpoint!r}: no such file ({ckpt})."
             )
 
 
@@ -457,7 +457,7 @@ def _absolute_paths(recipe: Recipe, base: Path | None) -> Recipe:
 
 def builtin_recipes() -> list[str]:
     """Names of the recipes shipped in ``tieify.recipes`` (``recipes/`` in the repository)."""
-    names = set()
+    names: set[str] = set()
     for folder in _recipe_folders():
         names.update(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
     return sorted(names)

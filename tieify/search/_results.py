@@ -80,8 +80,10 @@ def _row(t: Any) -> dict[str, Any]:
     row["decisions"] = describe(t.params)
     for k in _METRICS:
         row[k] = ua.get(k, "")
-    row["feasible"] = (_feasible(t) if t.state.name == "COMPLETE" else "") if t.constraints else (
-        t.state.name == "COMPLETE"
+    row["feasible"] = (
+        (_feasible(t) if t.state.name == "COMPLETE" else "")
+        if t.constraints
+        else (t.state.name == "COMPLETE")
     )
     row["violation"] = round(_violation(t), 6) if t.constraints else 0.0
     row["failed_reason"] = ua.get("failed_reason", "")
@@ -282,8 +284,10 @@ def _markdown(summary: dict[str, Any], recipe: Recipe) -> str:
         "",
     ]
     points = summary["front"] or summary["closest"]
-    title = "## Feasible Pareto front" if summary["front"] else (
-        "## No feasible point — closest candidates (by total budget violation)"
+    title = (
+        "## Feasible Pareto front"
+        if summary["front"]
+        else ("## No feasible point — closest candidates (by total budget violation)")
     )
     lines += [title, "", "| " + " | ".join(_HEAD) + " |", "|" + "---|" * len(_HEAD)]
     lines += ["| " + " | ".join(r) + " |" for r in _table_rows(points)]
@@ -344,8 +348,13 @@ class SearchProgress:
     def __enter__(self) -> SearchProgress:
         if not self.enabled:
             return self
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-        from rich.progress import TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         from ._study import counted_trials
 
@@ -370,9 +379,7 @@ class SearchProgress:
         self, trial: Any, params: Mapping[str, Any], metrics: Mapping[str, Any], state: str
     ) -> None:
         line = _log_line(trial.number, self.total, params, metrics, state)
-        feasible = state == "COMPLETE" and all(
-            v <= 0 for v in self.evaluator.constraints(metrics)
-        )
+        feasible = state == "COMPLETE" and all(v <= 0 for v in self.evaluator.constraints(metrics))
         line += " feasible" if feasible else (" infeasible" if state == "COMPLETE" else "")
         if feasible and "accuracy" in metrics:
             best = self._best_value

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import importlib
 import importlib.util
@@ -194,10 +195,7 @@ def discover_layers(
     if layers and not any(layer.stage for layer in layers):
         q = len(layers)
         layers = [
-            Layer(*[getattr(la, f) for f in ("name", "kind", "in_channels", "out_channels",
-                                              "groups", "kernel_size")],
-                  f"depth{1 + (4 * i) // q}", la.valid)
-            for i, la in enumerate(layers)
+            dataclasses.replace(la, stage=f"depth{1 + (4 * i) // q}") for i, la in enumerate(layers)
         ]
     return layers
 
@@ -244,8 +242,10 @@ def _check_keys(raw: Mapping[str, Any], where: str) -> None:
 
 
 def _int_list(value: Any, key: str, where: str) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or not value or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
     ):
         raise RecipeError(
             f"search-space key {key!r} in {where} must be a non-empty list of integers >= 1, "
@@ -269,7 +269,9 @@ def _decision(item: Any, layers: list[Layer], default: tuple[int, ...], where: s
     if isinstance(item, Decision):
         return item
     if not isinstance(item, Mapping) or "name" not in item:
-        raise RecipeError(f"each decision in {where} must be a mapping with a 'name', got {item!r}.")
+        raise RecipeError(
+            f"each decision in {where} must be a mapping with a 'name', got {item!r}."
+        )
     extra = set(item) - {"name", "layers", "choices", "kind"}
     if extra:
         raise RecipeError(
@@ -297,7 +299,7 @@ def _decision(item: Any, layers: list[Layer], default: tuple[int, ...], where: s
 
 def builtin_spaces() -> list[str]:
     """Names of the spaces shipped in ``tieify.search_spaces``."""
-    names = set()
+    names: set[str] = set()
     for folder in _space_folders():
         names.update(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
     return sorted(names)
@@ -337,7 +339,9 @@ def _load_yaml(spec: str) -> tuple[dict[str, Any], str]:
             )
     raw = yaml.safe_load(text) or {}
     if not isinstance(raw, dict):
-        raise RecipeError(f"search space {spec!r} must be a YAML mapping, got {type(raw).__name__}.")
+        raise RecipeError(
+            f"search space {spec!r} must be a YAML mapping, got {type(raw).__name__}."
+        )
     return raw, repr(spec)
 
 
@@ -443,10 +447,11 @@ def _roots_space(raw: Mapping[str, Any], name: str, layers: list[Layer], where: 
 
 def _finish(space: Space, spec: str) -> Space:
     if not space.decisions:
+        shown = ", ".join(f"{la.name}{list(la.valid)}" for la in space.layers[:8])
         raise RecipeError(
             f"search space {spec!r} has no decision for this model: no layer accepts a value "
-            f"other than 1 (layers: {', '.join(f'{la.name}{list(la.valid)}' for la in space.layers[:8])}"
-            f"{' ...' if len(space.layers) > 8 else ''}); pick another space or choices."
+            f"other than 1 (layers: {shown}{' ...' if len(space.layers) > 8 else ''}); pick "
+            "another space or choices."
         )
     return space
 
@@ -488,7 +493,10 @@ def _apply_fallback(model: nn.Module, bs: Mapping[str, int], gs: Mapping[str, in
 
     out = copy.deepcopy(model)
     for name, G in gs.items():
-        _set(out, name, _grouped(out.get_submodule(name), int(G)))
+        conv = out.get_submodule(name)
+        if not isinstance(conv, nn.modules.conv._ConvNd):
+            raise TieError(f"layer {name!r} ({type(conv).__name__}) is not a convolution.")
+        _set(out, name, _grouped(conv, int(G)))
     for name, B in bs.items():
         layer = out.get_submodule(name)
         if isinstance(layer, nn.Linear):
@@ -548,8 +556,9 @@ def apply_assignment(
         except TieifyError:
             raise
         except Exception as exc:  # planner present but incompatible: swap layers directly
-            _warn_once(f"tieify.plan failed ({type(exc).__name__}: {exc}); swapping tied "
-                       "layers directly")
+            _warn_once(
+                f"tieify.plan failed ({type(exc).__name__}: {exc}); swapping tied layers directly"
+            )
     tied = _apply_fallback(model, bs, gs)
     return tied, {
         "version": 1,

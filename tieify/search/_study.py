@@ -101,9 +101,7 @@ def storage_for(storage: Any) -> Any:
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def open_study(
-    recipe: Recipe, storage: Any, study_name: str | None, resume: bool
-) -> optuna.Study:
+def open_study(recipe: Recipe, storage: Any, study_name: str | None, resume: bool) -> optuna.Study:
     """Create the study, or load it from the store when ``resume`` is set.
 
     Args:
@@ -148,7 +146,7 @@ def open_study(
         study = optuna.create_study(
             storage=store,
             study_name=name,
-            directions=recipe.directions,
+            directions=recipe.directions,  # type: ignore[arg-type]
             sampler=sampler,
             pruner=pruner,
         )

@@ -138,3 +138,48 @@ def test_existing_study_needs_resume(tmp_path: Path) -> None:
 def test_ray_backend_without_ray_or_unknown_backend(tmp_path: Path) -> None:
     with pytest.raises(SearchError, match="backend must be one of optuna, ray"):
         search(None, backend="dask", out_dir=tmp_path)
+
+
+def test_single_objective_reports_intermediate_accuracy(tmp_path: Path) -> None:
+    raw = tiny_recipe(
+        train={"epochs": 2},
+        search={"objectives": ["accuracy"], "pruner": "median", "sampler": "tpe"},
+    )
+    out = tmp_path / "out"
+    summary = search(
+        _write(tmp_path, raw),
+        out_dir=out,
+        trials=2,
+        progress=False,
+        storage=f"sqlite:///{tmp_path / 'study.db'}",
+    )
+    assert (tmp_path / "study.db").is_file() and not (out / "study.journal").exists()
+    import optuna
+
+    study = optuna.load_study(
+        study_name="tieify-tiny", storage=f"sqlite:///{tmp_path / 'study.db'}"
+    )
+    for t in study.get_trials():
+        # one report per fine-tuning epoch; the last one is the final accuracy
+        assert sorted(t.intermediate_values) == [1, 2]
+        assert t.intermediate_values[2] == pytest.approx(t.user_attrs["accuracy"])
+    assert summary["directions"] == ["maximize"] and len(summary["front"]) == 1
+
+
+def test_user_evaluate_fn_replaces_fine_tuning(tmp_path: Path) -> None:
+    seen = []
+
+    def evaluate(model: torch.nn.Module) -> float:
+        seen.append(sum(p.numel() for p in model.parameters()))
+        return 0.25
+
+    summary = search(
+        _write(tmp_path, tiny_recipe()),
+        out_dir=tmp_path / "o",
+        trials=2,
+        progress=False,
+        evaluate_fn=evaluate,
+    )
+    assert all(p["accuracy"] == 0.25 for p in summary["front"])
+    assert summary["baseline"]["accuracy"] == 0.25
+    assert len(seen) >= 2  # the dense model and each distinct candidate

@@ -61,21 +61,20 @@ def test_uniform_space_and_suggest_is_seeded() -> None:
 
 
 @pytest.mark.parametrize(
-    "topology, kind, expected",
-    [
-        ("root", "B", {"layer1": 8, "layer2": 4, "layer3": 2}),
-        ("column", "B", {"layer1": 8, "layer2": 8, "layer3": 8}),
-        ("tree", "B", {"layer1": 2, "layer2": 4, "layer3": 8}),
-        ("root", "groups", {"layer1": 8, "layer2": 4, "layer3": 2}),
-    ],
+    "topology, kind, first, last",
+    [("root", "B", 8, 2), ("column", "B", 2, 2), ("tree", "B", 2, 8), ("root", "groups", 8, 2)],
 )
-def test_roots_topologies(topology: str, kind: str, expected: dict) -> None:
+def test_roots_topologies(topology: str, kind: str, first: int, last: int) -> None:
     space = build_space("roots", cifar_resnet(width=16))
-    bs, gs = space.assignment({"topology": topology, "base": 8, "kind": kind})
+    assert [d.name for d in space.decisions] == ["topology", "kind", "range"]
+    bs, gs = space.assignment({"topology": topology, "kind": kind, "range": "2-8"})
     got = bs if kind == "B" else gs
     assert (gs if kind == "B" else bs) == {}
-    for name, value in got.items():
-        assert value == expected[name.split(".")[0]], name
+    values = list(got.values())
+    # the schedule runs over depth, from the first to the last decided layer
+    assert values[0] == first and values[-1] == last
+    assert values == sorted(values, reverse=topology == "root")
+    assert "conv1" not in got and "fc" not in got  # stem and head stay dense
     if kind == "groups":  # only the spatial (3x3) convolutions are grouped: the root modules
         assert "layer2.0.downsample.0" not in got and "layer2.0.conv1" in got
     else:

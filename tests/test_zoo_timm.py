@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from test_zoo_torchvision import check_model, coverage, print_coverage
 
 timm = pytest.importorskip("timm")
@@ -133,8 +132,9 @@ def test_timm_condconv_left_with_reason() -> None:
     import tieify
 
     plan = tieify.plan(build("efficientnet_cc_b0_4e", {}), B=4)
-    functional = [lp for lp in plan.layers if lp.kind == "functional_conv"]
-    assert functional and all(lp.action == "leave" and lp.reason for lp in functional)
+    cond = [lp for lp in plan.layers if lp.module_type.endswith("CondConv2d")]
+    assert cond and all(lp.kind == "other" and lp.action == "leave" for lp in cond)
+    assert all("CondConv2d is not a conv/linear layer" in lp.reason for lp in cond)
 
 
 def tieify_plan(model: torch.nn.Module) -> Any:

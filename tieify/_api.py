@@ -17,8 +17,7 @@ from ._trace import Layer, discover, qualname
 __all__ = ["tieify", "plan"]
 
 _ROLE_TEXT = {
-    "stem": "stem (reads the model input): left dense by default; name it in a B mapping "
-    "to tie it",
+    "stem": "stem (reads the model input): left dense by default; name it in a B mapping to tie it",
     "head": "final classifier: left dense by default; name it in a B mapping to tie it",
 }
 
@@ -154,8 +153,7 @@ class _Decider:
                     )
             elif not spatial and not gm.explicit:
                 notes.append(
-                    "1x1 conv kept dense: groups= applies to spatial convs unless named "
-                    "explicitly"
+                    "1x1 conv kept dense: groups= applies to spatial convs unless named explicitly"
                 )
             elif layer.in_channels % g_req or layer.out_channels % g_req:
                 valid = _divisors_common(layer.in_channels, layer.out_channels)
@@ -325,8 +323,10 @@ def _shapes(out: Any) -> Any:
     if isinstance(out, dict):
         return {k: _shapes(v) for k, v in out.items()}
     if isinstance(out, (tuple, list)):
-        return type(out)(_shapes(v) for v in out) if not hasattr(out, "_fields") else tuple(
-            _shapes(v) for v in out
+        return (
+            type(out)(_shapes(v) for v in out)
+            if not hasattr(out, "_fields")
+            else tuple(_shapes(v) for v in out)
         )
     return type(out).__name__
 

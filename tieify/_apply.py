@@ -24,8 +24,7 @@ from torch.nn.utils import parametrize
 
 from ._errors import PlanError
 from ._trace import qualname
-from .nn import TiedBlock, TiedConv1d, TiedConv2d, TiedConv3d, TiedLinear
-from .nn import _transfer
+from .nn import TiedBlock, TiedConv1d, TiedConv2d, TiedConv3d, TiedLinear, _transfer
 
 if TYPE_CHECKING:
     from ._plan import LayerPlan, Plan
@@ -73,9 +72,10 @@ class Mixed(nn.Module):
             nd = w.dim() - 2
             self.mixer = _CONV[nd](cin, out, 1, bias=False, device=w.device, dtype=w.dtype)
         if mode == "concat":
+            weight: Any = self.mixer.weight
             with torch.no_grad():
                 eye = torch.eye(out, device=w.device, dtype=w.dtype)
-                self.mixer.weight.copy_(eye.reshape(self.mixer.weight.shape))
+                weight.copy_(eye.reshape(weight.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layer(x)
@@ -88,7 +88,7 @@ class Mixed(nn.Module):
         return f"mode={self.mode!r}, B={self.B}"
 
 
-def group_conv(layer: nn.Module, groups: int, transfer: str | None = "mean") -> nn.Module:
+def group_conv(layer: Any, groups: int, transfer: str | None = "mean") -> nn.Module:
     """A ``groups``-group copy of a dense conv (Deep Roots root module's spatial conv).
 
     With ``transfer="mean"`` the diagonal group blocks of the dense weight are kept (the
@@ -106,15 +106,15 @@ def group_conv(layer: nn.Module, groups: int, transfer: str | None = "mean") -> 
         groups=groups,
         bias=layer.bias is not None,
         padding_mode=layer.padding_mode,
-        device=w.device,  # type: ignore[union-attr]
-        dtype=w.dtype,  # type: ignore[union-attr]
+        device=w.device,
+        dtype=w.dtype,
     )
     if transfer == "mean":
         with torch.no_grad():
-            blocks = _transfer.diagonal_blocks(w.detach(), groups, 1)  # type: ignore[union-attr]
+            blocks = _transfer.diagonal_blocks(w.detach(), groups, 1)
             new.weight.copy_(blocks.reshape(new.weight.shape))
             if layer.bias is not None:
-                new.bias.copy_(layer.bias.detach())  # type: ignore[union-attr]
+                new.bias.copy_(layer.bias.detach())
     new.train(layer.training)
     return new
 
@@ -263,5 +263,5 @@ def apply_plan(plan: Plan, model: nn.Module, inplace: bool = False) -> nn.Module
         parent_name, _, attr = lp.name.rpartition(".")
         parent = target.get_submodule(parent_name) if parent_name else target
         setattr(parent, attr, new)
-    target.tieify_plan = plan
+    object.__setattr__(target, "tieify_plan", plan)
     return target

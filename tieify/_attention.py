@@ -110,8 +110,10 @@ def _pool_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     if node.op == "call_method" and name in ("mean", "amax"):
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = (dims,) if isinstance(dims, int) else dims
-        if isinstance(dims, (tuple, list)) and dims and all(
-            isinstance(d, int) and (d >= 2 or d < 0) for d in dims
+        if (
+            isinstance(dims, (tuple, list))
+            and dims
+            and all(isinstance(d, int) and (d >= 2 or d < 0) for d in dims)
         ):
             return "max" if name == "amax" else "avg"
     return None
@@ -145,7 +147,7 @@ def _common_prefix(names: Iterable[str]) -> str | None:
     if not parts:
         return None
     prefix = []
-    for items in zip(*parts):
+    for items in zip(*parts, strict=False):
         if len(set(items)) != 1:
             break
         prefix.append(items[0])
@@ -187,9 +189,7 @@ def _graph_branches(
     return found
 
 
-def detect_attention(
-    model: nn.Module, layers: list[Layer], graph: fx.Graph | None
-) -> list[str]:
+def detect_attention(model: nn.Module, layers: list[Layer], graph: fx.Graph | None) -> list[str]:
     """Mark the layers of SE / GC / CBAM branches; returns notes (e.g. GC context convs)."""
     notes: list[str] = []
     modules = dict(model.named_modules())

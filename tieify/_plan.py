@@ -194,8 +194,7 @@ class LayerPlan:
         for attr in ("name", "kind", "module_type", "reason"):
             if not isinstance(kw.get(attr, ""), str):
                 raise PlanError(
-                    f"plan layer {d['name']!r}: `{attr}` must be a string, but got "
-                    f"{kw[attr]!r}."
+                    f"plan layer {d['name']!r}: `{attr}` must be a string, but got {kw[attr]!r}."
                 )
         return cls(**kw)
 
@@ -220,10 +219,11 @@ class Plan:
 
     Example:
         >>> import torch, tieify
-        >>> model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3), torch.nn.Conv2d(8, 4, 1))
-        >>> p = tieify.plan(model, B=2, include=["*"])
-        >>> [lp.action for lp in p.layers]
-        ['tie', 'tie']
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3), torch.nn.Conv2d(8, 4, 1))
+        >>> p = tieify.plan(model, B=2)
+        >>> [(lp.action, lp.role) for lp in p.layers]
+        [('leave', 'stem'), ('tie', None), ('leave', 'head')]
         >>> p == tieify.Plan.from_json(p.to_json())
         True
     """
@@ -386,7 +386,7 @@ class Plan:
 
     def rows(self) -> list[tuple[str, ...]]:
         """Table rows: name, kind, action, B/G, channels, attention, reason."""
-        out = []
+        out: list[tuple[str, ...]] = []
         for lp in self.layers:
             bg = f"{lp.B}/{lp.groups}"
             kind = lp.kind if lp.attention is None else f"{lp.kind} [{lp.attention}]"
@@ -399,7 +399,7 @@ class Plan:
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         lines = []
         for r in rows:
-            cells = [c.ljust(w) for c, w in zip(r[:-1], widths)]
+            cells = [c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)]
             lines.append("  ".join([*cells, r[-1]]).rstrip())
         lines.insert(1, "  ".join("-" * w for w in widths) + "  ------")
         s = self.summary()

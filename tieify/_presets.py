@@ -175,9 +175,7 @@ def get_preset(name: str, model: nn.Module) -> dict[str, Any]:
         kinds = ("SE", "CBAM") if m[1] == "se" else ("GC",)
         b = int(m[2]) if m[2] else 8
         out = {
-            lp.name: b
-            for lp in _base_plan(model).layers
-            if lp.attention in kinds and lp.tieable
+            lp.name: b for lp in _base_plan(model).layers if lp.attention in kinds and lp.tieable
         }
         return {"B": out or None}
     m = re.match(r"^root-(\d+)$", key)

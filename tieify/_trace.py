@@ -23,7 +23,7 @@ __all__ = ["Layer", "Discovery", "discover", "trace", "classify"]
 _CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 _DENSE_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-_FUNCTIONAL_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_FUNCTIONAL_CONV: dict[Any, int] = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _FUNCTIONAL_LINEAR = {F.linear}
 _KNOWN_OTHER = (nn.Embedding, nn.EmbeddingBag, nn.modules.batchnorm._NormBase, nn.LayerNorm)
 _SIZE_METHODS = {"size", "dim", "numel", "type", "get_device"}
@@ -67,12 +67,21 @@ def qualname(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+_LAZY_REASON = "lazy module with uninitialized parameters: run the model once first; left dense"
+
+
+def _lazy(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.lazy.LazyModuleMixin) and bool(
+        module.has_uninitialized_params()
+    )
+
+
 def classify(name: str, module: nn.Module) -> Layer | None:
     """A :class:`Layer` for a conv / linear module, or None for any other module."""
     mtype = qualname(module)
     if isinstance(module, nn.modules.conv._ConvNd):
-        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-            return Layer(name, module, "conv", 1, 1, 1, (), mtype, False, "lazy, uninitialized")
+        if _lazy(module):
+            return Layer(name, module, "conv", 1, 1, 1, (), mtype, False, _LAZY_REASON)
         cin, cout, g = module.in_channels, module.out_channels, module.groups
         ks = tuple(int(k) for k in module.kernel_size)
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -89,8 +98,8 @@ def classify(name: str, module: nn.Module) -> Layer | None:
             return Layer(name, module, "conv_subclass", cin, cout, g, ks, mtype)
         return Layer(name, module, "grouped_conv" if g > 1 else "conv", cin, cout, g, ks, mtype)
     if isinstance(module, nn.Linear):
-        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-            return Layer(name, module, "linear", 1, 1, 1, (), mtype, False, "lazy, uninitialized")
+        if _lazy(module):
+            return Layer(name, module, "linear", 1, 1, 1, (), mtype, False, _LAZY_REASON)
         kind = "linear" if type(module).forward is nn.Linear.forward else "linear_subclass"
         return Layer(name, module, kind, module.in_features, module.out_features, 1, (), mtype)
     weight = module._parameters.get("weight")
@@ -100,9 +109,15 @@ def classify(name: str, module: nn.Module) -> Layer | None:
         and not isinstance(module, _KNOWN_OTHER)
         and not type(module).__module__.startswith("torch.nn.")
     ):
-        cin = getattr(module, "in_channels", None)
-        cout = getattr(module, "out_channels", None)
-        if not isinstance(cin, int) or not isinstance(cout, int) or cin < 1 or cout < 1:
+        cin_attr = getattr(module, "in_channels", None)
+        cout_attr = getattr(module, "out_channels", None)
+        if (
+            isinstance(cin_attr, int)
+            and isinstance(cout_attr, int)
+            and min(cin_attr, cout_attr) > 0
+        ):
+            cin, cout = cin_attr, cout_attr
+        else:
             cin, cout = int(weight.shape[-1]), int(weight.shape[0])
         return Layer(
             name, module, "other", cin, cout, 1, (), mtype, False,
@@ -226,9 +241,10 @@ def _param_source(node: Any) -> fx.Node | None:
 
 
 def _functional_layer(model: nn.Module, graph: fx.Graph, node: fx.Node) -> Layer:
-    is_conv = node.target in _FUNCTIONAL_CONV
+    nd = _FUNCTIONAL_CONV.get(node.target)  # type: ignore[call-overload]
+    is_conv = nd is not None
     kind = "functional_conv" if is_conv else "functional_linear"
-    fname = "F.conv%dd" % _FUNCTIONAL_CONV[node.target] if is_conv else "F.linear"
+    fname = f"F.conv{nd}d" if is_conv else "F.linear"
     name = f"fx:{node.name}"
     weight = _arg(node, 1, "weight")
     bias = _arg(node, 2, "bias")

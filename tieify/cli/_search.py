@@ -25,10 +25,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "search",
         help="search per-stage / per-layer B under accuracy, latency and size budgets",
         description=(
-            "Search tied-block plans (B per layer, stage or model) with Optuna: each candidate "
-            "is the dense model rewritten, fine-tuned briefly, measured (accuracy, latency, "
-            "params, MACs) and checked against the budgets. Writes pareto.json, trials.csv, "
-            "pareto.png, report.md and front/N/best_plan.json to --out."
+            "Search tied-block plans (B per layer, stage or model) with Optuna: each candidate\n"
+            "is the dense model rewritten, fine-tuned briefly, measured (accuracy, latency,\n"
+            "params, MACs) and checked against the budgets. Writes pareto.json, trials.csv,\n"
+            "pareto.png, report.md, best_plan.json and front/N/ to --out."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -98,8 +98,11 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``tieify search``."""
+    import optuna
+
     from ..search import search
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # tieify prints its own lines
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     if not args.quiet:
         logging.getLogger("tieify.search").setLevel(logging.INFO)

@@ -2,15 +2,17 @@
 
 predicted latency = remainder + Σ table[layer]
 
-- The table (:mod:`tieify.latency._table`) holds the median forward time of every layer
-  configuration (convolutions, linears, tied layers) on its own input.
+- The table (:mod:`tieify.latency._table`) holds the fastest sampled forward time of every
+  layer configuration (convolutions, linears, tied layers) on its own input.
 - The remainder is everything else (norms, activations, pooling, residual adds, Python
   overhead, and the difference between a layer timed alone and inside the model). Tying a
   layer never changes its output's shape, so every plan of one model shares one remainder: the
-  first model seen with a given structure is measured end to end once, and its measured total
+  first model seen with a given structure is measured end to end once
+  (:func:`measure_latency`, the same measurement ``--latency measured`` makes), and that time
   minus the sum of its layers' table entries is cached under a key made of the model's
   non-layer structure (and layer output shapes), the input, the thread count and the torch
-  version.
+  version. Errors common to all plans of a model (a layer timed alone vs inside the model)
+  cancel in the differences between plans.
 
 So for a search over plans of one model only the layer configurations not yet in the table
 are ever timed; the rest is arithmetic.

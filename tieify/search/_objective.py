@@ -329,7 +329,7 @@ class Evaluator:
     def _latency(self, model: nn.Module) -> float:
         lat = self.recipe.latency
         if lat.mode == "predicted":
-            predicted = _predicted_ms(model, self.latency_input)
+            predicted = _predicted_ms(model, self.latency_input, lat.threads)
             if predicted is not None:
                 return predicted
         return round(
@@ -411,22 +411,16 @@ class Evaluator:
         return metrics
 
 
-def _predicted_ms(model: nn.Module, x: torch.Tensor) -> float | None:
+def _predicted_ms(model: nn.Module, x: torch.Tensor, threads: int) -> float | None:
+    """``tieify.predict_latency`` (seconds) in milliseconds; None when it is unavailable."""
     try:
         from ..latency import predict_latency
     except ImportError:
         logger.warning("latency.mode 'predicted' needs tieify.predict_latency; measuring instead")
         return None
     try:
-        out = predict_latency(model, x)
+        seconds = predict_latency(model, x, threads=threads)
     except Exception as exc:
         logger.warning("predict_latency failed (%s); measuring instead", exc)
         return None
-    if isinstance(out, (int, float)):
-        return float(out)
-    for attr in ("latency_ms", "ms", "median_ms", "total_ms"):
-        value = getattr(out, attr, None)
-        if isinstance(value, (int, float)):
-            return float(value)
-    logger.warning("predict_latency returned %r without milliseconds; measuring instead", out)
-    return None
+    return round(1000.0 * float(seconds), 5)

@@ -3,7 +3,9 @@
 The search is the embedded one (same recipe, same :class:`Evaluator`, same Optuna sampler and
 the same study store); Ray Tune only decides *where* and *when* each trial runs:
 
-- Candidates come from Optuna through Ray's ``OptunaSearch`` (subclassed here): the study's
+- Candidates come from Optuna through Ray's ``OptunaSearch`` (subclassed in
+  :mod:`._ray_searcher`, which runs on the driver; the trials run :func:`._ray_trial.run_trial`
+  on the workers). The study's
   sampler is the one :func:`make_sampler` builds, asked through a define-by-run function that is
   :meth:`Evaluator.suggest_params`, so the same seed proposes the same first candidates as the
   embedded backend.
@@ -18,7 +20,7 @@ the same study store); Ray Tune only decides *where* and *when* each trial runs:
   the driver asked Optuna for but Tune never recorded are marked failed ("interrupted").
 - Ray is imported lazily; without it ``backend="ray"`` raises :class:`SearchError`.
 
-Each trial appends ``start``/``done`` lines (trial number, pid, node) to
+Each trial appends ``start``/``done`` lines (trial number, pid, host, Ray node) to
 ``<out>/ray_trials.jsonl`` so users can see which worker ran what (on a multi-node cluster
 this needs ``out_dir`` on shared storage, like the journal file itself).
 """
@@ -35,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 
 from tieify._errors import SearchError
 
-from . import _ray_searcher
 from ._ray_trial import ACCURACY_KEY, EVENTS_FILE, run_trial, store_ref
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -145,6 +146,7 @@ def run_ray(
     """
     _check_args(trials, cpus_per_trial, gpus_per_trial, max_concurrent, max_failures)
     ray, tune = _import_ray()
+    from tieify.search import _ray_searcher
     from tieify.search._results import SearchProgress
     from tieify.search._study import counted_trials, make_sampler, open_study
 
@@ -208,7 +210,7 @@ def run_ray(
                 _fresh_tuner(
                     tune,
                     trainable,
-                    _ray_searcher.searcher_class()(sampler, single_objective=single),
+                    _ray_searcher.TieifyOptunaSearch(sampler, single_objective=single),
                     exp_path=exp_path,
                     trials=trials,
                     asha=single and recipe.search.pruner != "none",

@@ -80,11 +80,7 @@ def _row(t: Any) -> dict[str, Any]:
     row["decisions"] = describe(t.params)
     for k in _METRICS:
         row[k] = ua.get(k, "")
-    row["feasible"] = (
-        (_feasible(t) if t.state.name == "COMPLETE" else "")
-        if t.constraints
-        else (t.state.name == "COMPLETE")
-    )
+    row["feasible"] = _feasible(t) if t.state.name == "COMPLETE" else ""
     row["violation"] = round(_violation(t), 6) if t.constraints else 0.0
     row["failed_reason"] = ua.get("failed_reason", "")
     start, end = t.datetime_start, t.datetime_complete

@@ -9,13 +9,14 @@ in the repository, package ``tieify.search_spaces``):
   ``layer1``..``layer4``, timm's ``stages.N``/``blocks.N``, ``features.N``); a model without
   any gets four stages by depth (quarters of its tieable layers, in order);
 - ``per_layer``: one B per tieable layer;
-- ``roots``: Deep Roots topologies over the stages (``root`` decreasing with depth, ``column``
-  constant, ``tree`` increasing) with a base value, for B (all layers of a stage) or for G
-  (the spatial convolutions, the "root modules").
+- ``roots``: Deep Roots topologies over depth (``root`` decreasing from HI to LO, ``column``
+  constant LO, ``tree`` increasing from LO to HI; ``tieify._presets``' schedules) with a
+  ``LO-HI`` range, for B (every tieable layer but stem and head) or for G (the spatial
+  convolutions, the "root modules").
 
 Choices default to {1, 2, 4, 8} and are restricted per layer to values that divide its channels
 per group (a per-stage or uniform decision keeps the values valid for *all* its layers; ``roots``
-rounds each layer down to its largest valid value). A user space is a YAML file (``type: custom``
+takes each layer's nearest valid value). A user space is a YAML file (``type: custom``
 with explicit ``decisions``) or a Python callable ``module:function`` taking
 ``(layers, choices)`` and returning decisions; user decisions are taken as written, so a value
 that does not fit a layer fails that trial with the reason.
@@ -62,7 +63,7 @@ __all__ = [
 
 TOPOLOGIES = ("root", "column", "tree")
 _STAGE_RE = re.compile(r"^((?:layer\d+|stages?\.\d+|blocks?\.\d+|features\.\d+|res\d+))(?:\.|$)")
-_SPACE_KEYS = {"type", "name", "kind", "choices", "decisions", "topologies", "bases", "kinds"}
+_SPACE_KEYS = {"type", "name", "kind", "choices", "decisions", "topologies", "ranges", "kinds"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class Space:
     name: str
     layers: tuple[Layer, ...]
     decisions: tuple[Decision, ...]
-    topology: dict[str, Any] = field(default_factory=dict)
+    topology: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Ask an Optuna trial for every decision; returns ``{decision name: value}``."""
@@ -128,26 +129,16 @@ class Space:
         return bs, gs
 
     def _roots(self, params: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
-        topo, base, kind = str(params["topology"]), int(params["base"]), str(params["kind"])
-        stages = list(dict.fromkeys(layer.stage for layer in self.layers if layer.stage))
-        n = len(stages)
-        out: dict[str, int] = {}
-        for layer in self.layers:
-            if layer.stage is None:
-                continue
-            s = stages.index(layer.stage)
-            if topo == "root":
-                value = base >> s
-            elif topo == "tree":
-                value = base >> (n - 1 - s)
-            else:
-                value = base
-            if kind == "groups" and max(layer.kernel_size, default=1) == 1:
-                continue
-            fitting = [v for v in layer.valid if v <= max(value, 1)]
-            chosen = max(fitting, default=1)
-            if chosen > 1:
-                out[layer.name] = chosen
+        topo, kind, rng = str(params["topology"]), str(params["kind"]), str(params["range"])
+        cache = self.topology.setdefault("cache", {})
+        key = (topo, kind, rng)
+        if key not in cache:
+            from .._presets import get_preset
+
+            kwargs = get_preset(f"{kind}-{topo}-{rng}", self.topology["model"])
+            mapping = kwargs.get(kind) or {}
+            cache[key] = {k: int(v) for k, v in mapping.items() if v is not None and v > 1}
+        out = dict(cache[key])
         return (out, {}) if kind == "B" else ({}, out)
 
     def describe(self, params: Mapping[str, Any]) -> str:
@@ -411,7 +402,7 @@ def build_space(
     elif kind == "per_layer":
         decisions = _per_layer(layers)
     elif kind == "roots":
-        return _roots_space(raw, name, layers, where)
+        return _roots_space(raw, name, layers, where, model)
     elif kind == "custom":
         decisions = _custom(raw, layers, where)
     else:
@@ -422,7 +413,9 @@ def build_space(
     return _finish(Space(name, tuple(layers), tuple(decisions)), spec)
 
 
-def _roots_space(raw: Mapping[str, Any], name: str, layers: list[Layer], where: str) -> Space:
+def _roots_space(
+    raw: Mapping[str, Any], name: str, layers: list[Layer], where: str, model: nn.Module
+) -> Space:
     topologies = tuple(raw.get("topologies", TOPOLOGIES))
     bad = [t for t in topologies if t not in TOPOLOGIES]
     if bad or not topologies:
@@ -430,7 +423,14 @@ def _roots_space(raw: Mapping[str, Any], name: str, layers: list[Layer], where: 
             f"search-space key 'topologies' in {where} must list values of "
             f"{', '.join(TOPOLOGIES)}, but got {list(topologies)!r}."
         )
-    bases = _int_list(raw.get("bases", [2, 4, 8]), "bases", where)
+    ranges = tuple(str(r) for r in raw.get("ranges", ["2-8", "4-8", "2-4"]))
+    for r in ranges:
+        m = re.fullmatch(r"(\d+)-(\d+)", r)
+        if m is None or not 1 <= int(m[1]) <= int(m[2]):
+            raise RecipeError(
+                f"search-space key 'ranges' in {where} must list 'LO-HI' strings with "
+                f"1 <= LO <= HI (e.g. '2-8'), but got {r!r}."
+            )
     kinds = tuple(raw.get("kinds", ["B", "groups"]))
     if not kinds or any(k not in ("B", "groups") for k in kinds):
         raise RecipeError(
@@ -438,10 +438,10 @@ def _roots_space(raw: Mapping[str, Any], name: str, layers: list[Layer], where: 
         )
     decisions = (
         Decision("topology", topologies),
-        Decision("base", bases),
         Decision("kind", kinds),
+        Decision("range", ranges),
     )
-    space = Space(name, tuple(layers), decisions, topology={"stages": True})
+    space = Space(name, tuple(layers), decisions, topology={"model": model})
     return _finish(space, name)
 
 

@@ -328,3 +328,18 @@ def test_bad_inputs(kwargs: dict, error: type, match: str) -> None:
 def test_bad_model() -> None:
     with pytest.raises(TypeError, match="expects a torch.nn.Module, but got str"):
         tieify.tieify("resnet50")  # type: ignore[arg-type]
+
+
+def test_already_tied_layers_are_listed_and_kept() -> None:
+    model = torchvision.models.resnet18().eval()
+    once = tieify.tieify(model, B={"layer4.*": 4}, mixer="concat")
+    p = tieify.plan(once, B=2)
+    assert p.traced
+    lp = p.layer("layer4.0.conv1")
+    assert (lp.kind, lp.action, lp.in_channels, lp.out_channels) == ("tied", "leave", 256, 512)
+    assert "already tied (Mixed, B=4)" in lp.reason
+    assert not any(x.name.startswith("layer4.0.conv1.") for x in p.layers)
+    twice = p.apply(once)
+    assert twice.layer4[0].conv1 is not once.layer4[0].conv1  # a copy, unchanged type
+    assert twice.layer1[0].conv1.B == 2
+    assert twice(torch.randn(1, 3, 32, 32)).shape == (1, 1000)

@@ -183,3 +183,31 @@ def test_user_evaluate_fn_replaces_fine_tuning(tmp_path: Path) -> None:
     assert all(p["accuracy"] == 0.25 for p in summary["front"])
     assert summary["baseline"]["accuracy"] == 0.25
     assert len(seen) >= 2  # the dense model and each distinct candidate
+
+
+def test_timeout_stops_before_the_next_trial(tmp_path: Path) -> None:
+    summary = search(
+        _write(tmp_path, tiny_recipe()),
+        out_dir=tmp_path / "o",
+        trials=5,
+        timeout=1e-9,
+        progress=False,
+    )
+    assert summary["trials"] == 0 and summary["front"] == [] and summary["closest"] == []
+    assert (tmp_path / "o" / "pareto.json").is_file()
+
+
+def test_same_recipe_same_results(tmp_path: Path) -> None:
+    """Seeded initialization, splits, shuffling and sampler: two runs agree on every metric."""
+    path = _write(tmp_path, tiny_recipe())
+    a = search(path, out_dir=tmp_path / "a", trials=2, progress=False)
+    b = search(path, out_dir=tmp_path / "b", trials=2, progress=False)
+    assert a["baseline"]["accuracy"] == b["baseline"]["accuracy"]
+    keys = ("decisions", "accuracy", "params", "macs")
+    assert [{k: p[k] for k in keys} for p in a["front"]] == [
+        {k: p[k] for k in keys} for p in b["front"]
+    ]
+    da = torch.load(next((tmp_path / "a" / "baseline").glob("dense-*.pt")), weights_only=True)
+    db = torch.load(next((tmp_path / "b" / "baseline").glob("dense-*.pt")), weights_only=True)
+    for k in da:
+        torch.testing.assert_close(da[k], db[k], rtol=0, atol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -80,3 +81,41 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     assert len(interrupted) <= 1  # at most the trial in flight is lost
     assert len(after) == TRIALS
     assert len(trials) == TRIALS + len(interrupted)
+
+
+def test_ctrl_c_writes_results_so_far(tmp_path: Path) -> None:
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe()))
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "tieify",
+        "search",
+        str(recipe),
+        "--trials",
+        "1000",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while not _complete(out):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "interrupted: results so far written" in output
+    summary = json.loads((out / "pareto.json").read_text())
+    assert 1 <= summary["states"]["COMPLETE"] < 1000

@@ -76,9 +76,25 @@ def _lazy(module: nn.Module) -> bool:
     )
 
 
+def _tied_types() -> tuple[type, ...]:
+    from ._apply import Mixed
+    from .nn import TIED_TYPES
+
+    return (*TIED_TYPES, Mixed)
+
+
 def classify(name: str, module: nn.Module) -> Layer | None:
     """A :class:`Layer` for a conv / linear module, or None for any other module."""
     mtype = qualname(module)
+    if isinstance(module, _tied_types()):
+        B = int(getattr(module, "B", 1))
+        inner = getattr(module, "layer", module)
+        cin = int(getattr(inner, "in_channels", getattr(inner, "in_features", 1)))
+        cout = int(getattr(inner, "out_channels", getattr(inner, "out_features", 1)))
+        return Layer(
+            name, module, "tied", cin, cout, 1, (), mtype, False,
+            f"already tied ({type(module).__name__}, B={B}); left as it is",
+        )  # fmt: skip
     if isinstance(module, nn.modules.conv._ConvNd):
         if _lazy(module):
             return Layer(name, module, "conv", 1, 1, 1, (), mtype, False, _LAZY_REASON)
@@ -171,7 +187,7 @@ class _Tracer(fx.Tracer):
         self._leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, *_tied_types())):
             return True
         if self._leaves and isinstance(m, self._leaves):
             return True
@@ -351,10 +367,15 @@ def discover(model: nn.Module, use_fx: bool = True) -> Discovery:
     modules = dict(model.named_modules())
     layers: list[Layer] = []
     by_name: dict[str, Layer] = {}
+    tied_prefixes: list[str] = []
     for name, m in modules.items():
+        if any(name.startswith(p) for p in tied_prefixes):
+            continue  # inside an already tied layer
         layer = classify(name, m)
         if layer is None:
             continue
+        if layer.kind == "tied":
+            tied_prefixes.append(name + ".")
         layer.stage = stage_of(name)
         parent = _opaque_parent(name, modules)
         if parent is not None and layer.tieable:

@@ -43,7 +43,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("search")
     g.add_argument("--space", help="uniform, per_stage, per_layer, roots, a YAML file or module:fn")
     g.add_argument("--trials", type=int, help="number of trials in the study (default: recipe)")
-    g.add_argument("--timeout", type=float, help="wall-clock budget in seconds for this run")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds for the trials of this run (no new trial starts after)",
+    )
     g.add_argument("--out", help="output folder (default: runs/<recipe name>)")
     g.add_argument(
         "--storage", help="Optuna storage URL or journal path (default: OUT/study.journal)"

@@ -150,15 +150,20 @@ def search(
         study.set_user_attr("constraint_names", evaluator.constraint_names)
         if progress:
             _print_start(r, evaluator, n_trials, out, console)
-        run_study(
-            study,
-            evaluator,
-            trials=n_trials,
-            timeout=timeout,
-            out_dir=out,
-            save_weights=r.search.save_weights,
-            progress=progress,
-        )
+        try:
+            run_study(
+                study,
+                evaluator,
+                trials=n_trials,
+                timeout=timeout,
+                out_dir=out,
+                save_weights=r.search.save_weights,
+                progress=progress,
+            )
+        except KeyboardInterrupt:  # keep what was found; --resume continues
+            write_results(study, r, out)
+            logger.warning("interrupted: results so far written to %s; --resume continues", out)
+            raise
     summary = write_results(study, r, out)
     summary["out_dir"] = str(out)
     summary["wall_seconds"] = round(time.monotonic() - start, 2)

@@ -192,7 +192,9 @@ class Evaluator:
         self.evaluate_fn = evaluate_fn
         self._log = log
         self.data = load_data(recipe.data)
-        model = build_model(recipe, self.data)
+        with torch.random.fork_rng():  # the same recipe builds the same initial weights
+            torch.manual_seed(recipe.train.seed)
+            model = build_model(recipe, self.data)
         self.example = self.data.example_batch(1)
         self.latency_input = self.data.example_batch(recipe.latency.batch_size)
         self.space: Space = build_space(

@@ -192,9 +192,8 @@ def run_ray(
     study.set_user_attr("baseline", dict(evaluator.baseline))
     study.set_user_attr("constraint_names", list(evaluator.constraint_names))
     progress = SearchProgress(study, evaluator, trials, enabled=False)
-    deadline = None if timeout is None else time.monotonic() + timeout
     driver = _ray_searcher.Driver(
-        evaluator=evaluator, study=study, n_trials=trials, progress=progress, deadline=deadline
+        evaluator=evaluator, study=study, n_trials=trials, progress=progress, timeout=timeout
     )
     try:
         with _ray_searcher.attached(driver):

@@ -49,10 +49,18 @@ class Driver:
     study: optuna.Study
     n_trials: int
     progress: Any  # _results.SearchProgress: one log line per finished trial
-    deadline: float | None = None  # time.monotonic() after which no new trial starts
+    timeout: float | None = None  # seconds after the first suggestion; then no new trial
+    _started: float | None = None
 
     def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        """Whether the timeout has passed (the clock starts at the first call, like the
+        embedded loop's, which starts when trials start rather than at process start)."""
+        if self.timeout is None:
+            return False
+        now = time.monotonic()
+        if self._started is None:
+            self._started = now
+        return now - self._started >= self.timeout
 
 
 _DRIVER: Driver | None = None

@@ -31,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fnmatch
 import importlib
@@ -45,10 +44,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from .._errors import RecipeError, TieError, TieifyError
+from .._errors import RecipeError
 
 __all__ = [
     "Layer",
@@ -457,66 +455,7 @@ def _finish(space: Space, spec: str) -> Space:
 
 
 # --------------------------------------------------------------------------------------------
-# From an assignment to a model (tieify.plan when available, the tied layers otherwise)
-
-
-def _grouped(conv: nn.modules.conv._ConvNd, G: int) -> nn.Module:
-    """A copy of ``conv`` with ``groups·G`` groups keeping its block-diagonal weights."""
-    g, cin, cout = conv.groups, conv.in_channels, conv.out_channels
-    if (cin // g) % G or (cout // g) % G:
-        raise TieError(
-            f"groups factor G must divide in_channels/groups and out_channels/groups, but got "
-            f"G={G}, in_channels={cin}, out_channels={cout}, groups={g}."
-        )
-    new = copy.deepcopy(conv)
-    new.groups = g * G
-    per_in = cin // (g * G)
-    per_out_sub = cout // (g * G)
-    with torch.no_grad():
-        w = conv.weight
-        rows = []
-        for o in range(cout):
-            sub = (o % (cout // g)) // per_out_sub
-            rows.append(w[o, sub * per_in : (sub + 1) * per_in])
-        new.weight = nn.Parameter(torch.stack(rows).clone())
-    return new
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, module)
-
-
-def _apply_fallback(model: nn.Module, bs: Mapping[str, int], gs: Mapping[str, int]) -> nn.Module:
-    from ..nn import TiedConv1d, TiedConv2d, TiedConv3d, TiedLinear
-
-    out = copy.deepcopy(model)
-    for name, G in gs.items():
-        conv = out.get_submodule(name)
-        if not isinstance(conv, nn.modules.conv._ConvNd):
-            raise TieError(f"layer {name!r} ({type(conv).__name__}) is not a convolution.")
-        _set(out, name, _grouped(conv, int(G)))
-    for name, B in bs.items():
-        layer = out.get_submodule(name)
-        if isinstance(layer, nn.Linear):
-            _set(out, name, TiedLinear.from_dense(layer, int(B)))
-        elif isinstance(layer, nn.modules.conv._ConvNd):
-            cls = {1: TiedConv1d, 2: TiedConv2d, 3: TiedConv3d}[len(layer.kernel_size)]
-            _set(out, name, cls.from_dense(layer, int(B)))
-        else:
-            raise TieError(f"layer {name!r} ({type(layer).__name__}) cannot be tied.")
-    return out
-
-
-def _plan_api() -> Any:
-    try:
-        from .. import _api, _plan  # noqa: F401
-    except ImportError:
-        return None
-    import tieify
-
-    return tieify
+# From an assignment to a model, through tieify's planner
 
 
 def apply_assignment(
@@ -527,74 +466,45 @@ def apply_assignment(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rewrite a copy of ``model`` with per-layer B (and G) factors; returns (model, plan dict).
 
-    With tieify's planner (``tieify.plan``) the plan dict is ``Plan.to_json()`` and replays with
-    ``Plan.from_json(...).apply(model)``. Without it, the tied layers are swapped in directly
-    and the plan dict is ``{"version": 1, "format": "tieify.search.assignment", "B": ...,
-    "groups": ...}``, which :func:`replay` applies again.
+    The factors become exact-name patterns for :func:`tieify.plan` (``strict=True``, so a
+    factor that does not fit its layer raises instead of leaving the layer); the plan dict is
+    ``Plan.to_json()`` and replays with ``Plan.from_json(...).apply(model)`` (:func:`replay`).
 
     Raises:
         TieError / PlanError: a factor does not fit a layer.
 
     Example:
         >>> from torch import nn
-        >>> tied, plan = apply_assignment(nn.Sequential(nn.Conv2d(8, 8, 1)), {"0": 2})
-        >>> type(tied[0]).__name__
-        'TiedConv2d'
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1))
+        >>> tied, plan = apply_assignment(net, {"1": 2})
+        >>> type(tied[1]).__name__, tied[1].B
+        ('TiedConv2d', 2)
     """
-    gs = dict(gs or {})
-    api = _plan_api()
-    if api is not None:
-        kwargs: dict[str, Any] = {"example_inputs": example_inputs, "strict": True}
-        kwargs["B"] = {**{_escape(k): int(v) for k, v in bs.items()}, "*": None}
-        if gs:
-            kwargs["groups"] = {**{_escape(k): int(v) for k, v in gs.items()}, "*": None}
-        try:
-            plan = api.plan(model, **kwargs)
-            tied = plan.apply(model)
-            js = plan.to_json()
-            return tied, json.loads(js) if isinstance(js, str) else dict(js)
-        except TieifyError:
-            raise
-        except Exception as exc:  # planner present but incompatible: swap layers directly
-            _warn_once(
-                f"tieify.plan failed ({type(exc).__name__}: {exc}); swapping tied layers directly"
-            )
-    tied = _apply_fallback(model, bs, gs)
-    return tied, {
-        "version": 1,
-        "format": "tieify.search.assignment",
-        "B": dict(bs),
-        "groups": gs,
-    }
+    from .._api import plan as make_plan
 
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    import logging
-
-    if message not in _WARNED:
-        _WARNED.add(message)
-        logging.getLogger("tieify.search").warning(message)
+    kwargs: dict[str, Any] = {"example_inputs": example_inputs, "strict": True}
+    kwargs["B"] = {**{_escape(k): int(v) for k, v in bs.items()}, "*": None}
+    if gs:
+        kwargs["groups"] = {**{_escape(k): int(v) for k, v in gs.items()}, "*": None}
+    plan = make_plan(model, **kwargs)
+    return plan.apply(model), json.loads(plan.to_json())
 
 
 def _escape(name: str) -> str:
+    """A glob pattern matching exactly ``name`` (``[``, ``]``, ``*``, ``?`` escaped)."""
     return re.sub(r"([\[\]\*\?])", r"[\1]", name)
 
 
 def replay(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
-    """Apply a stored plan dict (either form :func:`apply_assignment` writes) to a copy.
+    """Apply a stored plan dict (``best_plan.json``) to a copy of ``model``.
 
     Example:
         >>> from torch import nn
-        >>> net = nn.Sequential(nn.Conv2d(8, 8, 1))
-        >>> _, plan = apply_assignment(net, {"0": 4})
-        >>> type(replay(net, plan)[0]).__name__
-        'TiedConv2d'
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1))
+        >>> _, plan = apply_assignment(net, {"1": 4})
+        >>> replay(net, plan)[1].B
+        4
     """
-    if plan.get("format") == "tieify.search.assignment":
-        return _apply_fallback(model, plan.get("B", {}), plan.get("groups", {}))
-    from tieify import Plan
+    from .._plan import Plan
 
-    return Plan.from_json(json.dumps(dict(plan))).apply(model)  # type: ignore[no-any-return]
+    return Plan.from_dict(dict(plan)).apply(model)

@@ -184,6 +184,16 @@ def test_ray_matches_embedded_backend(cluster: Cluster, recipe: Path, tmp_path: 
     events = read_events(ray_out)
     assert done_counts(events) == {n: 1 for n in range(TRIALS)}
     assert max_running(events) == 2  # --max-concurrent 2 on 2 CPUs: two at once, never more
+
+    # One store for both backends: Ray continues the embedded study (--resume, one more trial).
+    run(
+        search_cmd(recipe, emb, *ray_args(cluster), "--resume", "--trials", str(TRIALS + 1)),
+        cluster.env,
+        "ray resumes embedded",
+    )
+    grown = load_study(emb).get_trials()
+    assert len(grown) == TRIALS + 1 and grown[-1].state == optuna.trial.TrialState.COMPLETE
+    assert [(t.params, t.values) for t in grown[:TRIALS]] == [(t.params, t.values) for t in t_emb]
     print(f"\nwall time, {TRIALS} trials: " + ", ".join(f"{k} {v:.1f}s" for k, v in WALL.items()))
 
 

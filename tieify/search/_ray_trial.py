@@ -151,9 +151,6 @@ def run_trial(
         _event(events, event="reuse", **where)
     else:
         _event(events, event="start", **where)
-        evaluator = _WORKER_EVALUATORS.get(token)
-        if evaluator is None:
-            evaluator = _WORKER_EVALUATORS[token] = evaluator_factory()
 
         def report(step: int, accuracy: float) -> bool:
             tune.report({ACCURACY_KEY: float(accuracy), "step": int(step), "final": 0})
@@ -161,6 +158,9 @@ def run_trial(
 
         weights = os.path.join(out_dir, "trials", f"{number}.pt") if save_weights else None
         try:
+            evaluator = _WORKER_EVALUATORS.get(token)
+            if evaluator is None:  # once per worker process (data, dense baseline, space)
+                evaluator = _WORKER_EVALUATORS[token] = evaluator_factory()
             metrics = dict(evaluator.evaluate(params, report, weights_path=weights))
         except Exception as exc:  # as the embedded loop: an error fails this trial only
             logger.debug("trial %d raised", number, exc_info=True)

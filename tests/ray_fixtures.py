@@ -91,7 +91,7 @@ def read_events(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str):
+def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str, interval: float = 0.05):
     """Poll ``predicate()`` until it returns a truthy value; fail if ``proc`` ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -100,7 +100,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str):
             return value
         if proc.poll() is not None:
             raise AssertionError(f"driver exited (rc={proc.returncode}) before {what}")
-        time.sleep(0.05)
+        time.sleep(interval)
     proc.send_signal(signal.SIGKILL)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 

@@ -252,7 +252,8 @@ def test_killed_driver_resumes(cluster: Cluster, recipe: Path, tmp_path: Path) -
                 return None
             return [t for t in trials if t.state.is_finished()] or None
 
-        wait_for(some_done, proc, 180, "a trial to complete")
+        # Reading the journal costs CPU the search needs: poll it 5 times a second.
+        wait_for(some_done, proc, 180, "a trial to complete", interval=0.2)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)

@@ -125,7 +125,7 @@ def search(
             raise SearchError(
                 f"backend='ray' needs Ray Tune ({exc}); install it with: pip install 'tieify[ray]'"
             ) from None
-        factory = functools.partial(_evaluator, r, str(out.resolve()))
+        factory = functools.partial(_evaluator, r, str(out.resolve()), evaluate_fn)
         study = run_ray(
             r,
             factory,
@@ -144,7 +144,9 @@ def search(
         )
     else:
         study = open_study(r, store, study_name, resume)
-        study.sampler = make_sampler(r, seed)
+        # A resumed study reseeds past the trials it already has, so the sampler does not
+        # propose the first candidates again (they would only be reused, not explored).
+        study.sampler = make_sampler(r, seed + len(study.trials) if resume else seed)
         evaluator = _evaluator(r, str(out), evaluate_fn)
         study.set_user_attr("baseline", dict(evaluator.baseline))
         study.set_user_attr("constraint_names", evaluator.constraint_names)

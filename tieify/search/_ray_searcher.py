@@ -107,14 +107,10 @@ def mark_orphans(study: optuna.Study, keep: set[int]) -> list[int]:
 
 def _reusable(study: optuna.Study, params: Mapping[str, Any]) -> dict[str, Any] | None:
     """Metrics of an earlier completed trial with the same parameters (as the embedded loop)."""
-    from tieify.search._study import _same_params
+    from tieify.search._study import reusable_metrics, same_params
 
-    previous = _same_params(study, params)
-    if previous is None:
-        return None
-    metrics = {k: v for k, v in previous.user_attrs.items() if k != "seconds"}
-    metrics["reused_from"] = previous.number
-    return metrics
+    previous = same_params(study, params)
+    return None if previous is None else reusable_metrics(previous)
 
 
 # --------------------------------------------------------------------------------------------

@@ -218,7 +218,7 @@ def reusable_metrics(previous: Any) -> dict[str, Any]:
     return metrics
 
 
-def _same_params(study: optuna.Study, params: Mapping[str, Any]) -> Any:
+def same_params(study: optuna.Study, params: Mapping[str, Any]) -> Any:
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -255,7 +255,7 @@ def run_study(
                 break
             trial = study.ask()
             params = evaluator.suggest_params(trial)
-            previous = _same_params(study, params)
+            previous = same_params(study, params)
             if previous is not None:  # deterministic training: same parameters, same result
                 metrics = reusable_metrics(previous)
                 _copy_weights(out_dir, previous.number, trial.number)

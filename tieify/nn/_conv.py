@@ -157,15 +157,12 @@ class _TiedConvNd(nn.Module):
             dtype=w.dtype,
             B=B,
         )
-        with torch.no_grad():
-            if transfer == "mean":
-                tied.weight.copy_(_transfer.mean_transfer_weight(w.detach(), B, layer.groups))
-                if layer.bias is not None and tied.bias is not None:
-                    tied.bias.copy_(_transfer.mean_transfer_bias(layer.bias.detach(), B))
-        tied.weight.requires_grad_(w.requires_grad)
-        if tied.bias is not None and layer.bias is not None:
-            tied.bias.requires_grad_(layer.bias.requires_grad)
-        tied.train(layer.training)
+        weight = bias = None
+        if transfer == "mean":
+            weight = _transfer.mean_transfer_weight(w.detach(), B, layer.groups)
+            if layer.bias is not None:
+                bias = _transfer.mean_transfer_bias(layer.bias.detach(), B)
+        _transfer.load_like(tied, weight, bias, layer)
         return tied
 
     def to_dense(self, expand: bool = False) -> nn.Module:
@@ -194,15 +191,11 @@ class _TiedConvNd(nn.Module):
             dtype=self.weight.dtype,
         )
         with torch.no_grad():
-            compact = _transfer.expand_weight(self.weight, self.B)
+            weight = _transfer.expand_weight(self.weight, self.B)
             if expand:
-                compact = _transfer.scatter_blocks(compact, self.B, self.groups)
-            dense.weight.copy_(compact)
-            if self.bias is not None and dense.bias is not None:
-                dense.bias.copy_(_transfer.expand_bias(self.bias, self.B))  # type: ignore[arg-type]
-        dense.weight.requires_grad_(self.weight.requires_grad)
-        dense.train(self.training)
-        return dense
+                weight = _transfer.scatter_blocks(weight, self.B, self.groups)
+            bias = _transfer.expand_bias(self.bias, self.B)
+        return _transfer.load_like(dense, weight, bias, self)
 
     # -- forward ---------------------------------------------------------------------------
 

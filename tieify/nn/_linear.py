@@ -94,15 +94,12 @@ class TiedLinear(nn.Module):
             dtype=w.dtype,
             B=B,
         )
-        with torch.no_grad():
-            if transfer == "mean":
-                tied.weight.copy_(_transfer.mean_transfer_weight(w.detach(), B))
-                if layer.bias is not None and tied.bias is not None:
-                    tied.bias.copy_(_transfer.mean_transfer_bias(layer.bias.detach(), B))
-        tied.weight.requires_grad_(w.requires_grad)
-        if tied.bias is not None and layer.bias is not None:
-            tied.bias.requires_grad_(layer.bias.requires_grad)
-        tied.train(layer.training)
+        weight = bias = None
+        if transfer == "mean":
+            weight = _transfer.mean_transfer_weight(w.detach(), B)
+            if layer.bias is not None:
+                bias = _transfer.mean_transfer_bias(layer.bias.detach(), B)
+        _transfer.load_like(tied, weight, bias, layer)
         return tied
 
     def to_dense(self) -> nn.Linear:
@@ -115,11 +112,9 @@ class TiedLinear(nn.Module):
             dtype=self.weight.dtype,
         )
         with torch.no_grad():
-            dense.weight.copy_(_transfer.expand_linear_weight(self.weight, self.B))
-            if self.bias is not None and dense.bias is not None:
-                dense.bias.copy_(_transfer.expand_bias(self.bias, self.B))  # type: ignore[arg-type]
-        dense.weight.requires_grad_(self.weight.requires_grad)
-        dense.train(self.training)
+            weight = _transfer.expand_linear_weight(self.weight, self.B)
+            bias = _transfer.expand_bias(self.bias, self.B)
+        _transfer.load_like(dense, weight, bias, self)
         return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

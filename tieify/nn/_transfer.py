@@ -9,6 +9,8 @@ position ``k % B``), so B applies inside the groups.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -73,3 +75,20 @@ def mean_transfer_bias(bias: torch.Tensor, B: int) -> torch.Tensor:
 def fold_channels(t: torch.Tensor, B: int) -> torch.Tensor:
     """Mean over B blocks of a per-output-channel tensor whose dim 0 is ``C_out``."""
     return t.reshape(B, t.shape[0] // B, *t.shape[1:]).mean(dim=0)
+
+
+def load_like(layer: Any, weight: torch.Tensor | None, bias: torch.Tensor | None, like: Any) -> Any:
+    """Copy ``weight``/``bias`` (when given) into ``layer`` and take ``like``'s flags.
+
+    The flags are the weight's and bias's ``requires_grad`` and the train/eval mode, so a
+    layer built from another (tied from dense, or dense from tied) behaves like it.
+    """
+    with torch.no_grad():
+        if weight is not None:
+            layer.weight.copy_(weight)
+        if bias is not None and layer.bias is not None:
+            layer.bias.copy_(bias)
+    layer.weight.requires_grad_(like.weight.requires_grad)
+    if layer.bias is not None and like.bias is not None:
+        layer.bias.requires_grad_(like.bias.requires_grad)
+    return layer.train(like.training)

@@ -19,11 +19,11 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .._errors import RecipeError
+from . import _packaged
 
 __all__ = [
     "Recipe",
@@ -457,22 +457,7 @@ def _absolute_paths(recipe: Recipe, base: Path | None) -> Recipe:
 
 def builtin_recipes() -> list[str]:
     """Names of the recipes shipped in ``tieify.recipes`` (``recipes/`` in the repository)."""
-    names: set[str] = set()
-    for folder in _recipe_folders():
-        names.update(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-    return sorted(names)
-
-
-def _recipe_folders() -> list[Any]:
-    out: list[Any] = []
-    try:
-        out.append(resources.files("tieify.recipes"))
-    except ModuleNotFoundError:  # pragma: no cover - broken install
-        pass
-    repo = Path(__file__).resolve().parents[2] / "recipes"
-    if repo.is_dir():
-        out.append(repo)
-    return out
+    return _packaged.names("tieify.recipes")
 
 
 def _read_yaml(text: str, where: str) -> Any:
@@ -546,12 +531,7 @@ def load_recipe(
             raw = _read_yaml(path.read_text(), repr(spec))
             base_dir = path.resolve().parent
         else:
-            text = None
-            for folder in _recipe_folders():
-                candidate = folder / f"{spec}.yaml"
-                if candidate.is_file():
-                    text = candidate.read_text()
-                    break
+            text = _packaged.read("tieify.recipes", spec)
             if text is None:
                 raise RecipeError(
                     f"unknown recipe {spec!r}: not a file and not a built-in recipe; built-in "

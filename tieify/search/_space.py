@@ -40,13 +40,13 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .._errors import RecipeError
+from . import _packaged
 
 __all__ = [
     "Layer",
@@ -288,22 +288,7 @@ def _decision(item: Any, layers: list[Layer], default: tuple[int, ...], where: s
 
 def builtin_spaces() -> list[str]:
     """Names of the spaces shipped in ``tieify.search_spaces``."""
-    names: set[str] = set()
-    for folder in _space_folders():
-        names.update(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-    return sorted(names)
-
-
-def _space_folders() -> list[Any]:
-    out: list[Any] = []
-    try:
-        out.append(resources.files("tieify.search_spaces"))
-    except ModuleNotFoundError:  # pragma: no cover - broken install
-        pass
-    repo = Path(__file__).resolve().parents[2] / "search_spaces"
-    if repo.is_dir():
-        out.append(repo)
-    return out
+    return _packaged.names("tieify.search_spaces")
 
 
 def _load_yaml(spec: str) -> tuple[dict[str, Any], str]:
@@ -316,11 +301,7 @@ def _load_yaml(spec: str) -> tuple[dict[str, Any], str]:
             raise RecipeError(f"search space file {spec!r} does not exist.")
         text = path.read_text()
     else:
-        for folder in _space_folders():
-            candidate = folder / f"{spec}.yaml"
-            if candidate.is_file():
-                text = candidate.read_text()
-                break
+        text = _packaged.read("tieify.search_spaces", spec)
         if text is None:
             raise RecipeError(
                 f"unknown search space {spec!r}; built-in spaces: {', '.join(builtin_spaces())}; "

@@ -89,20 +89,9 @@ def mark_orphans(study: optuna.Study, keep: set[int]) -> list[int]:
     Same reason text as the embedded backend's interrupted trials, so both backends count
     trials alike (:func:`counted_trials` leaves them out).
     """
-    import optuna
+    from tieify.search._study import mark_interrupted
 
-    from tieify.search._study import INTERRUPTED
-
-    orphans = []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.number in keep:
-            continue
-        study._storage.set_trial_user_attr(t._trial_id, "failed_reason", INTERRUPTED)
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-        orphans.append(t.number)
-    if orphans:
-        logger.warning("trials %s were running when the search stopped; marked failed", orphans)
-    return orphans
+    return mark_interrupted(study, keep)
 
 
 def _reusable(study: optuna.Study, params: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -164,12 +164,19 @@ def counted_trials(study: optuna.Study) -> int:
     )
 
 
-def mark_interrupted(study: optuna.Study) -> list[int]:
-    """Tell ``FAIL`` (reason :data:`INTERRUPTED`) to trials left running by a killed process."""
+def mark_interrupted(study: optuna.Study, keep: Collection[int] = ()) -> list[int]:
+    """Tell ``FAIL`` (reason :data:`INTERRUPTED`) to trials left running by a killed process.
+
+    Args:
+        study: the study.
+        keep: numbers of RUNNING trials that are still owned by a live worker.
+    """
     import optuna
 
     numbers = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.number in keep:
+            continue
         study._storage.set_trial_user_attr(t._trial_id, "failed_reason", INTERRUPTED)
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
         numbers.append(t.number)

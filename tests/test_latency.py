@@ -170,3 +170,22 @@ def test_real_measurement_smoke(tmp_path, monkeypatch):
     parts = latency_breakdown(model, x, table=LatencyTable(), repeats=2)
     assert set(parts) == {"0", "3", "<remainder>"}
     assert all(v >= 0 for v in parts.values())
+
+
+def test_stale_table_entries_are_timed_again(fake_timing):
+    """Entries timed under a heavier load (layers alone slower than the whole model) are
+    re-timed when a model structure is calibrated, instead of zeroing the remainder."""
+    calls, layer_cost = fake_timing
+    x = torch.randn(2, 8, 6, 6)
+    dense = net()
+    attach_costs(dense, x, layer_cost)
+    table = LatencyTable()
+    for name, layer in (("0", dense[0]), ("3", dense[3])):
+        inp = x if name == "0" else torch.randn(2, 16, 6, 6)
+        table.store.set(_table.layer_key(layer, inp), 50 * layer_cost(layer, inp))
+    parts = latency_breakdown(dense, x, table=table)
+    mac0, mac1 = 2 * 16 * 36 * 8 * 9, 2 * 16 * 36 * 16
+    assert parts["0"] == pytest.approx(mac0 * 1e-6)
+    assert parts["3"] == pytest.approx(mac1 * 1e-6)
+    assert parts["<remainder>"] == pytest.approx(100e-6)
+    assert calls == {"layers": 2, "models": 2}

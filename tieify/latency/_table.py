@@ -82,8 +82,14 @@ class LatencyTable:
             return float(hit)
         if not measure:
             return None
+        return self.remeasure(layer, x, threads=threads, repeats=repeats)
+
+    def remeasure(
+        self, layer: nn.Module, x: torch.Tensor, *, threads: int | None = None, repeats: int = 7
+    ) -> float:
+        """Time ``layer`` on inputs like ``x`` now and store the entry (replacing any)."""
         seconds = time_module(layer, x, threads=threads, repeats=repeats)
-        self.store.set(key, seconds)
+        self.store.set(layer_key(layer, x, threads), seconds)
         self.measured += 1
         return seconds
 

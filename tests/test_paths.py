@@ -136,22 +136,35 @@ def test_resnet_like_shapes(cin, cout, k, stride, B, layout, dtype):
     paths = check_all_paths(layer, x)
     fast = {"contiguous": "bmm", "channels_last": "gemm"}[layout] if k == 1 else "lift"
     assert (fast in paths) == (k == 1 or layout == "channels_last")
+    # widen: channels-last, and no stride along the innermost axis unless the kernel is 1 there
+    assert ("widen" in paths) == (layout == "channels_last" and (k == 1 or stride == 1))
 
 
 def test_fast_paths_keep_channels_last_and_the_expected_choice():
     x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
     pw = TiedConv2d(16, 32, 1, B=4)
     kk = TiedConv2d(16, 32, 3, padding=1, B=4)
-    assert _paths.default_path(pw, x) == "gemm"
-    assert _paths.default_path(kk, x) == "lift"
+    strided = TiedConv2d(16, 32, 3, stride=2, padding=1, B=4)
+    even_same = TiedConv2d(16, 32, 2, padding="same", B=4)  # asymmetric padding
+    assert _paths.default_path(pw, x) == "widen"
+    assert _paths.default_path(kk, x) == "widen"
+    assert _paths.default_path(strided, x) == "lift"  # a stride along W would cross blocks
+    assert _paths.default_path(even_same, x) == "lift"
     assert _paths.default_path(pw, x.contiguous()) == "bmm"
     assert _paths.default_path(kk, x.contiguous()) == "fold"
-    for layer in (pw, kk):
+    for layer in (pw, kk, strided, even_same):
         y = layer(x)
         assert y.is_contiguous(memory_format=torch.channels_last)
+        for path in _paths.applicable_paths(layer, x):
+            if path in ("gemm", "lift", "widen"):
+                y = _paths.run_path(layer, x, path)
+                assert y.is_contiguous(memory_format=torch.channels_last), path
     # gemm reads the input in place: the matrix it multiplies is a view of x's storage.
     xl = x.permute(0, 2, 3, 1).reshape(-1, 4)
     assert xl.data_ptr() == x.data_ptr() and xl._base is not None
+    # so does widen: (N, H, W·B, C/B) channels-last over the same storage.
+    xw = x.permute(0, 2, 3, 1).reshape(2, 6, 6 * 4, 4).permute(0, 3, 1, 2)
+    assert xw.data_ptr() == x.data_ptr() and xw.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_layout_detection_ignores_batch_and_unit_dims():
@@ -229,7 +242,9 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
 
 
 def test_optimize_pins_fastest_and_caches(cache_tmp, monkeypatch):
-    timer = FakeTimer({"fold": 3.0, "grouped": 2.0, "gemm": 5.0, "lift": 1.0, "bmm": 4.0})
+    timer = FakeTimer(
+        {"fold": 3.0, "grouped": 2.0, "gemm": 5.0, "lift": 1.0, "bmm": 4.0, "widen": 6.0}
+    )
     monkeypatch.setattr(_optimize, "_timer", timer)
     net = small_net().to(memory_format=torch.channels_last)
     x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
@@ -246,6 +261,21 @@ def test_optimize_pins_fastest_and_caches(cache_tmp, monkeypatch):
     tieify.optimize(net2, x)
     assert timer.calls == 2
     assert [net2[0].path, net2[2].path] == ["grouped", "lift"]
+
+
+def test_choice_cached_before_a_new_path_existed_is_timed_again(cache_tmp, monkeypatch):
+    """A cache written when fewer paths existed (an older tieify) must not pin the old
+    winner: the candidate set is part of the key."""
+    layer = TiedConv2d(16, 32, 1, B=4)
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    key = json.loads(_optimize.path_key(layer, x))
+    assert key["candidates"] == ["fold", "gemm", "grouped", "widen"]
+    old = {k: v for k, v in key.items() if k != "candidates"}  # the key before widen existed
+    _optimize.PATH_CACHE.set(json.dumps(old, sort_keys=True), {"path": "gemm"})
+    timer = FakeTimer({"fold": 3.0, "gemm": 2.0, "grouped": 2.5, "widen": 1.0})
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    tieify.optimize(torch.nn.Sequential(layer), x)
+    assert timer.calls == 1 and layer.path == "widen"
 
 
 def test_optimize_ties_are_broken_by_path_order(cache_tmp, monkeypatch):

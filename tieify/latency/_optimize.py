@@ -64,11 +64,18 @@ def input_signature(x: torch.Tensor) -> dict[str, Any]:
 
 
 def path_key(layer: nn.Module, x: torch.Tensor, threads: int | None = None) -> str:
-    """The cache key of a (layer configuration, input, thread count) triple, a JSON string."""
+    """The cache key of a (layer configuration, input, thread count) triple, a JSON string.
+
+    The candidate paths are part of the key, so a choice made before a new path existed (an
+    older tieify) is timed again rather than reused.
+    """
     threads = torch.get_num_threads() if threads is None else threads
     key = {
         "layer": layer_signature(layer),
         "input": input_signature(x),
+        "candidates": (
+            list(_paths.applicable_paths(layer, x)) if isinstance(layer, _TiedConvNd) else []
+        ),
         "threads": threads,
         "torch": torch.__version__,
     }

@@ -14,6 +14,14 @@ differ only in how the work is laid out for the kernels underneath:
   zero-copy channels-last ``(N, C/B, H, W, B)`` tensor of one more dimension, and a
   convolution with kernel 1 along the new B axis applies the shared filter bank to every
   block (Conv1d → conv2d, Conv2d → conv3d).
+- ``"widen"``: any convolution on a channels-last input whose stride along the innermost
+  spatial axis is 1 (or whose kernel there is 1, unpadded): the ``(N, *S, B, C/B)`` memory is
+  a zero-copy channels-last ``(N, C/B, *S[:-1], S[-1]·B)`` tensor in which the B blocks of a
+  pixel sit side by side along the innermost axis; the thin convolution runs on it with the
+  innermost dilation and padding multiplied by B, so each tap reaches the same block of the
+  neighbouring pixel (and the zero padding) and never another block. One ordinary
+  convolution, no copy in or out: on CPU the fastest path in ``benchmarks/results/`` for most
+  shapes.
 - ``"grouped"``: the compact dense form, a ``groups·B``-group convolution with the filter
   bank repeated B times (the repeat is part of the graph; parameters stay compact).
 
@@ -36,7 +44,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from ._conv import _TiedConvNd
 
-PATHS = ("fold", "gemm", "bmm", "lift", "grouped")
+PATHS = ("fold", "gemm", "bmm", "lift", "grouped", "widen")
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -160,6 +168,61 @@ def lift_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     return y.permute(0, nd + 1, *range(1, nd + 1))
 
 
+def _widen_padding(layer: _TiedConvNd) -> tuple[int, ...] | None:
+    """The layer's padding as numbers per dim, or None where it is asymmetric ('same' with an
+    odd total), which a dilated convolution cannot express."""
+    pad = layer.padding
+    if pad == "valid":
+        return (0,) * layer._ndim
+    if pad == "same":
+        totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
+        if any(t % 2 for t in totals):
+            return None
+        return tuple(t // 2 for t in totals)
+    if isinstance(pad, str):  # no other padding strings exist
+        return None
+    return tuple(pad)
+
+
+def _widen_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
+    if not is_channels_last(x) or layer.padding_mode != "zeros":
+        return False
+    pad = _widen_padding(layer)
+    if pad is None:
+        return False
+    # A stride along the widened axis would step across blocks; a 1-wide, unpadded kernel
+    # there is subsampled first instead.
+    return layer.stride[-1] == 1 or (layer.kernel_size[-1] == 1 and pad[-1] == 0)
+
+
+def widen_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
+    """Tied conv on a channels-last input as one conv over ``(N, C/B, *S[:-1], S[-1]·B)``,
+    dilation and padding along the innermost axis multiplied by B (see the module doc)."""
+    B, nd = layer.B, layer._ndim
+    c = layer.in_channels // B
+    pad = _widen_padding(layer)
+    assert pad is not None  # guaranteed by _widen_applies
+    stride = layer.stride
+    if stride[-1] != 1:  # a 1-wide kernel along the innermost axis: subsample it first
+        x = x[..., :: stride[-1]]
+    n, spatial = x.shape[0], x.shape[2:]
+    xl = x.permute(0, *range(2, nd + 2), 1).reshape(n, *spatial[:-1], spatial[-1] * B, c)
+    xl = xl.permute(0, nd + 1, *range(1, nd + 1))  # (N, C/B, *S[:-1], S[-1]·B), channels-last
+    y = _CONV_FN[nd](
+        xl,
+        layer.weight,
+        layer.bias,
+        (*stride[:-1], 1),
+        (*pad[:-1], pad[-1] * B),
+        (*layer.dilation[:-1], layer.dilation[-1] * B),
+        layer.groups,
+    )
+    # y: (N, O/B, *S'[:-1], S'[-1]·B) -> memory (N, *S', B, O/B) -> (N, O, *S') channels-last
+    out_spatial = (*y.shape[2:-1], y.shape[-1] // B)
+    y = y.permute(0, *range(2, nd + 2), 1).reshape(n, *out_spatial, layer.out_channels)
+    return y.permute(0, nd + 1, *range(1, nd + 1))
+
+
 def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     """The compact dense form: a ``groups·B``-group conv with the filter bank repeated B times."""
     B = layer.B
@@ -179,6 +242,7 @@ _FORWARD: dict[str, Callable[[_TiedConvNd, torch.Tensor], torch.Tensor]] = {
     "bmm": bmm_forward,
     "lift": lift_forward,
     "grouped": grouped_forward,
+    "widen": widen_forward,
 }
 
 
@@ -196,20 +260,26 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
             paths.append("bmm")
     elif channels_last and layer._ndim in (1, 2) and layer.padding_mode == "zeros":
         paths.append("lift")
+    if _widen_applies(layer, x):
+        paths.append("widen")
     return tuple(p for p in PATHS if p in paths)
 
 
 def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     """The cheap rule: the zero-copy path for the input's layout, else the reference fold.
 
-    Pointwise layers run as a GEMM (channels-last) or, on CPU, a batched GEMM (contiguous);
-    k×k layers on a channels-last 1-D/2-D input run lifted; everything else folds (measured
-    in ``benchmarks/results/``).
+    On CPU, channels-last inputs run widened where that applies; otherwise pointwise layers
+    run as a GEMM (channels-last) or, on CPU, a batched GEMM (contiguous), and k×k layers on a
+    channels-last 1-D/2-D input run lifted; everything else folds (measured in
+    ``benchmarks/results/``; ``tieify.optimize`` times the candidates instead).
     """
     paths = applicable_paths(layer, x)
+    cpu = x.device.type == "cpu"
+    if "widen" in paths and cpu:
+        return "widen"
     if "gemm" in paths:
         return "gemm"
-    if "bmm" in paths and x.device.type == "cpu":
+    if "bmm" in paths and cpu:
         return "bmm"
     if "lift" in paths:
         return "lift"

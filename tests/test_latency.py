@@ -189,3 +189,21 @@ def test_stale_table_entries_are_timed_again(fake_timing):
     assert parts["3"] == pytest.approx(mac1 * 1e-6)
     assert parts["<remainder>"] == pytest.approx(100e-6)
     assert calls == {"layers": 2, "models": 2}
+
+
+def test_table_key_names_the_path_that_runs():
+    """A tied layer's entry is keyed by the forward it actually runs on that input, so a
+    path rule that changes (or a pinned path) never reuses another path's time."""
+    layer = TiedConv2d(16, 32, 3, padding=1, B=4)
+    x = torch.randn(1, 16, 8, 8)
+    xc = x.contiguous(memory_format=torch.channels_last)
+
+    def path(layer, x):
+        return json.loads(_table.layer_key(layer, x))["op"]["path"]
+
+    assert path(layer, x) == "fold"
+    assert path(layer, xc) == "widen"
+    assert path(layer, xc[0]) == "widen"  # an unbatched input is looked at as batched
+    layer.path = "grouped"
+    assert path(layer, xc) == "grouped"
+    assert path(TiedConv2d(16, 32, 3, padding=1, B=1), xc) == "dense"

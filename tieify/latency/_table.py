@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn import TIED_TYPES
+from ..nn import TIED_TYPES, _paths
+from ..nn._conv import _TiedConvNd
 from ._cache import JsonCache
 from ._optimize import input_signature, layer_signature, like
 from ._timing import calibrate_iters, num_threads, time_once
@@ -42,7 +43,12 @@ def is_layer(module: nn.Module) -> bool:
 def layer_key(layer: nn.Module, x: torch.Tensor, threads: int | None = None) -> str:
     """The table key of ``layer`` run on inputs like ``x`` (a JSON string)."""
     sig = layer_signature(layer)
-    if hasattr(layer, "path"):
+    if isinstance(layer, _TiedConvNd):
+        # The forward that actually runs on x ("auto" resolves by layout, and the rule
+        # changes when tieify gains a path), so an entry is never another path's time.
+        batched = x.unsqueeze(0) if x.dim() == layer._ndim + 1 else x
+        sig["path"] = "dense" if layer.B == 1 else _paths.select_path(layer, batched)
+    elif hasattr(layer, "path"):
         sig["path"] = layer.path
     inner = getattr(layer, "module", None)  # TiedBlock: the wrapped module decides the cost
     if isinstance(inner, nn.Module):

@@ -146,7 +146,7 @@ def test_fast_paths_keep_channels_last_and_the_expected_choice():
     kk = TiedConv2d(16, 32, 3, padding=1, B=4)
     strided = TiedConv2d(16, 32, 3, stride=2, padding=1, B=4)
     even_same = TiedConv2d(16, 32, 2, padding="same", B=4)  # asymmetric padding
-    assert _paths.default_path(pw, x) == "widen"
+    assert _paths.default_path(pw, x) == "gemm"
     assert _paths.default_path(kk, x) == "widen"
     assert _paths.default_path(strided, x) == "lift"  # a stride along W would cross blocks
     assert _paths.default_path(even_same, x) == "lift"

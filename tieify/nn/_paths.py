@@ -20,8 +20,8 @@ differ only in how the work is laid out for the kernels underneath:
   pixel sit side by side along the innermost axis; the thin convolution runs on it with the
   innermost dilation and padding multiplied by B, so each tap reaches the same block of the
   neighbouring pixel (and the zero padding) and never another block. One ordinary
-  convolution, no copy in or out: on CPU the fastest path in ``benchmarks/results/`` for most
-  shapes.
+  convolution, no copy in or out: on CPU the fastest path for most k×k shapes in
+  ``benchmarks/results/``, and for large pointwise ones.
 - ``"grouped"``: the compact dense form, a ``groups·B``-group convolution with the filter
   bank repeated B times (the repeat is part of the graph; parameters stay compact).
 
@@ -268,19 +268,21 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
 def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     """The cheap rule: the zero-copy path for the input's layout, else the reference fold.
 
-    On CPU, channels-last inputs run widened where that applies; otherwise pointwise layers
-    run as a GEMM (channels-last) or, on CPU, a batched GEMM (contiguous), and k×k layers on a
-    channels-last 1-D/2-D input run lifted; everything else folds (measured in
-    ``benchmarks/results/``; ``tieify.optimize`` times the candidates instead).
+    Pointwise layers run as a GEMM (channels-last input) or, on CPU, a batched GEMM
+    (contiguous): a matrix multiply has the least per-call overhead, which decides small
+    and pooled inputs. k×k layers on a channels-last input run widened on CPU where that
+    applies, else lifted (1-D/2-D); everything else folds. Measured in
+    ``benchmarks/results/``; ``tieify.optimize`` times the candidates on the real input
+    instead (e.g. widen beats gemm for large pointwise convs at batch 8).
     """
     paths = applicable_paths(layer, x)
     cpu = x.device.type == "cpu"
-    if "widen" in paths and cpu:
-        return "widen"
     if "gemm" in paths:
         return "gemm"
     if "bmm" in paths and cpu:
         return "bmm"
+    if "widen" in paths and cpu:
+        return "widen"
     if "lift" in paths:
         return "lift"
     return "fold"

@@ -117,6 +117,10 @@ def run_model(name: str, args, table: LatencyTable) -> list[dict]:
     for p in plans:
         p["measured_ms"] = statistics.median(samples[p["plan"]]) * 1e3
         p["measured_best_ms"] = min(samples[p["plan"]]) * 1e3
+        # How much the ground truth itself moves between rounds (its noise).
+        p["spread"] = (max(samples[p["plan"]]) - min(samples[p["plan"]])) / statistics.median(
+            samples[p["plan"]]
+        )
         p["ape"] = abs(p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]
         p["ape_best"] = abs(p["predicted_ms"] - p["measured_best_ms"]) / p["measured_best_ms"]
         del p["_module"]
@@ -136,6 +140,10 @@ def markdown(res: dict) -> str:
         f"**Median absolute percentage error: {s['mdape'] * 100:.1f}%** over {s['n']} plans "
         f"(max {s['max_ape'] * 100:.1f}%) against the median measured latency; "
         f"{s['mdape_best'] * 100:.1f}% against the best-of-rounds measured latency.",
+        "",
+        f"The measured latency itself moves by a median {s['spread'] * 100:.1f}% between "
+        f"rounds ((max − min) / median over the {res['rounds']} rounds of each plan): "
+        "how noisy the ground truth was on this host at the time of the run.",
         "",
         "The `dense` rows calibrated the remainder and are not counted in the error.",
         "",
@@ -167,7 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--target-s", type=float, default=0.05)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -197,6 +205,7 @@ def main(argv=None) -> int:
     res = {
         "benchmark": "latency_model",
         "plans_per_model": args.plans,
+        "rounds": args.rounds,
         "batch": args.batch,
         "size": args.size,
         "threads": args.threads,
@@ -215,6 +224,7 @@ def main(argv=None) -> int:
             "mdape_best": statistics.median(r["ape_best"] for r in rows if r["plan"] != "dense"),
             "max_ape": max(apes),
             "n": len(apes),
+            "spread": statistics.median(r["spread"] for r in rows),
             "per_model": per_model,
         },
         "rows": rows,

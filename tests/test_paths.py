@@ -150,7 +150,7 @@ def test_fast_paths_keep_channels_last_and_the_expected_choice():
     assert _paths.default_path(kk, x) == "widen"
     assert _paths.default_path(strided, x) == "lift"  # a stride along W would cross blocks
     assert _paths.default_path(even_same, x) == "lift"
-    assert _paths.default_path(pw, x.contiguous()) == "bmm"
+    assert _paths.default_path(pw, x.contiguous()) == "fold"
     assert _paths.default_path(kk, x.contiguous()) == "fold"
     for layer in (pw, kk, strided, even_same):
         y = layer(x)

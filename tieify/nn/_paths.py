@@ -268,20 +268,17 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
 def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     """The cheap rule: the zero-copy path for the input's layout, else the reference fold.
 
-    Pointwise layers run as a GEMM (channels-last input) or, on CPU, a batched GEMM
-    (contiguous): a matrix multiply has the least per-call overhead, which decides small
-    and pooled inputs. k×k layers on a channels-last input run widened on CPU where that
-    applies, else lifted (1-D/2-D); everything else folds. Measured in
+    Pointwise layers on a channels-last input run as a GEMM (a matrix multiply has the least
+    per-call overhead, which decides small and pooled inputs); k×k layers on a channels-last
+    input run widened on CPU where that applies, else lifted (1-D/2-D); everything else,
+    NCHW input included, folds (the batched GEMM is slower than the fold on CPU). Measured in
     ``benchmarks/results/``; ``tieify.optimize`` times the candidates on the real input
     instead (e.g. widen beats gemm for large pointwise convs at batch 8).
     """
     paths = applicable_paths(layer, x)
-    cpu = x.device.type == "cpu"
     if "gemm" in paths:
         return "gemm"
-    if "bmm" in paths and cpu:
-        return "bmm"
-    if "widen" in paths and cpu:
+    if "widen" in paths and x.device.type == "cpu":
         return "widen"
     if "lift" in paths:
         return "lift"

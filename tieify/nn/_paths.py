@@ -90,6 +90,16 @@ def layout_of(x: torch.Tensor) -> str:
     return "strided"
 
 
+def channels_inner(t: torch.Tensor) -> torch.Tensor:
+    """``(N, C, *S) -> (N, *S, C)``: a view, dense when ``t`` is channels-last."""
+    return t.permute(0, *range(2, t.dim()), 1)
+
+
+def channels_second(t: torch.Tensor) -> torch.Tensor:
+    """``(N, *S, C) -> (N, C, *S)``: the inverse of :func:`channels_inner` (a view)."""
+    return t.permute(0, t.dim() - 1, *range(1, t.dim() - 1))
+
+
 # -- the paths --------------------------------------------------------------------------------
 
 
@@ -123,13 +133,13 @@ def _subsample(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
 def gemm_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     """1×1 tied conv on a channels-last input as one ``(N·S·B, C/B) @ (C/B, O/B)`` GEMM."""
     x = _subsample(layer, x)
-    B, nd = layer.B, layer._ndim
+    B = layer.B
     o, c = layer.out_channels // B, layer.in_channels // B
     spatial = x.shape[2:]
-    xl = x.permute(0, *range(2, nd + 2), 1)  # (N, *S, C): a view for channels-last input
+    xl = channels_inner(x)  # (N, *S, C): a view for channels-last input
     y = F.linear(xl.reshape(-1, c), layer.weight.reshape(o, c), layer.bias)
     y = y.reshape(x.shape[0], *spatial, layer.out_channels)
-    return y.permute(0, nd + 1, *range(1, nd + 1))
+    return channels_second(y)
 
 
 def bmm_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
@@ -150,8 +160,8 @@ def lift_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     B, nd = layer.B, layer._ndim
     c = layer.in_channels // B
     n, spatial = x.shape[0], x.shape[2:]
-    xl = x.permute(0, *range(2, nd + 2), 1).reshape(n, *spatial, B, c)
-    xl = xl.permute(0, nd + 2, *range(1, nd + 2))  # (N, C/B, *S, B), channels-last_{nd+1}
+    xl = channels_inner(x).reshape(n, *spatial, B, c)
+    xl = channels_second(xl)  # (N, C/B, *S, B), channels-last_{nd+1}
     pad = layer.padding if isinstance(layer.padding, str) else (*layer.padding, 0)
     y = _CONV_FN[nd + 1](
         xl,
@@ -164,8 +174,8 @@ def lift_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     )
     # y: (N, O/B, *S', B) -> memory (N, *S', B, O/B) -> (N, O, *S') channels-last
     out_spatial = y.shape[2:-1]
-    y = y.permute(0, *range(2, nd + 3), 1).reshape(n, *out_spatial, layer.out_channels)
-    return y.permute(0, nd + 1, *range(1, nd + 1))
+    y = channels_inner(y).reshape(n, *out_spatial, layer.out_channels)
+    return channels_second(y)
 
 
 def _widen_padding(layer: _TiedConvNd) -> tuple[int, ...] | None:
@@ -206,8 +216,8 @@ def widen_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     if stride[-1] != 1:  # a 1-wide kernel along the innermost axis: subsample it first
         x = x[..., :: stride[-1]]
     n, spatial = x.shape[0], x.shape[2:]
-    xl = x.permute(0, *range(2, nd + 2), 1).reshape(n, *spatial[:-1], spatial[-1] * B, c)
-    xl = xl.permute(0, nd + 1, *range(1, nd + 1))  # (N, C/B, *S[:-1], S[-1]·B), channels-last
+    xl = channels_inner(x).reshape(n, *spatial[:-1], spatial[-1] * B, c)
+    xl = channels_second(xl)  # (N, C/B, *S[:-1], S[-1]·B), channels-last
     y = _CONV_FN[nd](
         xl,
         layer.weight,
@@ -219,8 +229,8 @@ def widen_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     )
     # y: (N, O/B, *S'[:-1], S'[-1]·B) -> memory (N, *S', B, O/B) -> (N, O, *S') channels-last
     out_spatial = (*y.shape[2:-1], y.shape[-1] // B)
-    y = y.permute(0, *range(2, nd + 2), 1).reshape(n, *out_spatial, layer.out_channels)
-    return y.permute(0, nd + 1, *range(1, nd + 1))
+    y = channels_inner(y).reshape(n, *out_spatial, layer.out_channels)
+    return channels_second(y)
 
 
 def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _allocator_flag  # noqa: E402
 
 from tieify.latency._optimize import choose_path  # noqa: E402
 from tieify.latency._timing import calibrate_iters, time_once  # noqa: E402
@@ -188,7 +191,7 @@ def markdown(res):
         f"E = (dense time / B) / tied time; batch {res['batch']}, {res['threads']} threads, "
         f"{res['rounds']} interleaved rounds, medians of per-round ratios. Machine: "
         f"{res['machine']}, torch {res['torch']}. {res['note']} Load average (1/5/15 min) at start "
-        f"{res['loadavg_start']}, at end {res['loadavg_end']}.",
+        f"{res['loadavg_start']}, at end {res['loadavg_end']}. Allocator: {res['allocator']}.",
         "",
         "| | median E | min E | max E |",
         "|---|---:|---:|---:|",
@@ -235,10 +238,12 @@ def main(argv=None):
     p.add_argument("--target-s", type=float, default=0.01)
     p.add_argument("--quick", action="store_true", help="5 rounds, shorter samples")
     p.add_argument("--out", type=Path, default=RESULTS)
+    _allocator_flag.add_flag(p)
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.target_s = 5, 0.005
     torch.set_num_threads(args.threads)
+    allocator = _allocator_flag.apply(args)
     torch.manual_seed(0)
     load_start = os.getloadavg()
     start = time.time()
@@ -263,6 +268,7 @@ def main(argv=None):
         "seconds": round(time.time() - start, 1),
         "loadavg_start": [round(v, 2) for v in load_start],
         "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+        "allocator": allocator,
         "rows": rows,
     }
     res["summary"] = summarize(rows)

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _allocator_flag  # noqa: E402
 from models import divisible, is_depthwise, tie_convs  # noqa: E402
 
 from tieify.latency import LatencyTable, cache_dir, measure_latency, predict_latency  # noqa: E402
@@ -135,7 +136,7 @@ def markdown(res: dict) -> str:
         f"{res['plans_per_model']} random plans per model, batch {res['batch']}, "
         f"{res['size']}×{res['size']}, {res['layout']}, {res['threads']} threads, torch "
         f"{res['torch']}, {res['machine']}. {res['note']} Load average (1/5/15 min) at start "
-        f"{res['loadavg_start']}, at end {res['loadavg_end']}.",
+        f"{res['loadavg_start']}, at end {res['loadavg_end']}. Allocator: {res['allocator']}.",
         "",
         f"**Median absolute percentage error: {s['mdape'] * 100:.1f}%** over {s['n']} plans "
         f"(max {s['max_ape'] * 100:.1f}%) against the median measured latency; "
@@ -182,10 +183,12 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="ignore the on-disk table")
     p.add_argument("--quick", action="store_true", help="10 plans per model at 64×64")
     p.add_argument("--out", type=Path, default=RESULTS)
+    _allocator_flag.add_flag(p)
     args = p.parse_args(argv)
     if args.quick:
         args.plans, args.size, args.rounds = 10, 64, 3
     torch.set_num_threads(args.threads)
+    allocator = _allocator_flag.apply(args)
     table = LatencyTable(persist=not args.fresh)
     load_start = os.getloadavg()
     start = time.time()
@@ -219,6 +222,7 @@ def main(argv=None) -> int:
         "seconds": round(time.time() - start, 1),
         "loadavg_start": [round(v, 2) for v in load_start],
         "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+        "allocator": allocator,
         "summary": {
             "mdape": statistics.median(apes),
             "mdape_best": statistics.median(r["ape_best"] for r in rows if r["plan"] != "dense"),

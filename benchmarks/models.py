@@ -38,6 +38,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _allocator_flag  # noqa: E402
 
 import tieify  # noqa: E402
 from tieify.latency._timing import calibrate_iters, time_once  # noqa: E402
@@ -222,7 +225,7 @@ def markdown(res: dict) -> str:
         f"Input {res['size']}×{res['size']}, {res['threads']} threads, {res['rounds']} "
         f"interleaved rounds, medians of per-round ratios; torch {res['torch']}, "
         f"{res['machine']}. {res['note']} Load average (1/5/15 min) at start "
-        f"{res['loadavg_start']}, at end {res['loadavg_end']}.",
+        f"{res['loadavg_start']}, at end {res['loadavg_end']}. Allocator: {res['allocator']}.",
         "",
         "| case | batch | mode | dense ms | tied ms | latency ratio | MAC ratio | gap |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
@@ -253,10 +256,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="128×128, 3 rounds, no compile")
     p.add_argument("--out", type=Path, default=RESULTS)
+    _allocator_flag.add_flag(p)
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.rounds, args.compile, args.target_s = 128, 3, False, 0.05
     torch.set_num_threads(args.threads)
+    allocator = _allocator_flag.apply(args)
     load_start = os.getloadavg()
     start = time.time()
     rows = []
@@ -273,6 +278,7 @@ def main(argv=None) -> int:
         "seconds": round(time.time() - start, 1),
         "loadavg_start": [round(v, 2) for v in load_start],
         "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+        "allocator": allocator,
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,7 @@ def test_table_persists_on_disk_and_keys_are_specific(fake_timing, tmp_path):
     layer_keys = [k for k in keys if "op" in k]
     assert len(layer_keys) == 2 and len(keys) == 3  # 2 layers + 1 remainder
     k = layer_keys[0]
-    assert set(k) == {"op", "input", "threads", "torch"}
+    assert set(k) == {"op", "input", "threads", "torch", "allocator"}
     assert k["input"]["layout"] == "contiguous" and k["input"]["dtype"] == "float32"
     assert k["input"]["shape"][0] == 1  # the batch is part of the key
     # A new table object (a new process) reads the entries back: no timing.

@@ -197,6 +197,32 @@ def test_pinned_path_is_used_when_it_applies_and_falls_back_otherwise(monkeypatc
         layer(x)
 
 
+def test_path_choice_is_remembered_per_input_layout(monkeypatch):
+    layer = TiedConv2d(16, 32, 3, padding=1, B=4)
+    checks = []
+    orig = _paths.applicable_paths
+    monkeypatch.setattr(
+        _paths, "applicable_paths", lambda lay, t: (checks.append(1), orig(lay, t))[1]
+    )
+    x = torch.randn(2, 16, 6, 6)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    assert _paths.select_path(layer, x) == "fold"
+    n = len(checks)
+    # The same per-sample layout (any batch size) is answered from the memo: no checks.
+    assert _paths.select_path(layer, torch.randn(5, 16, 6, 6)) == "fold"
+    assert len(checks) == n
+    # Another layout, another path; pinning a path is seen at once (it is part of the key).
+    assert _paths.select_path(layer, xc) == "widen"
+    layer.path = "lift"
+    assert _paths.select_path(layer, xc) == "lift"
+    assert _paths.select_path(layer, x) == "fold"  # lift needs channels-last: the rule
+    torch.testing.assert_close(layer(xc), _paths.fold_forward(layer, xc))
+    # Bounded: many input sizes never grow the memo past its size.
+    for h in range(3, 3 + 2 * _paths._MEMO_SIZE):
+        _paths.select_path(layer, torch.randn(1, 16, h, 4))
+    assert len(layer._path_memo) <= _paths._MEMO_SIZE
+
+
 # -- tieify.optimize and its cache ------------------------------------------------------------
 
 

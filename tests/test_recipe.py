@@ -47,6 +47,10 @@ def test_overrides_dotted_and_nested() -> None:
         ({"search": {"trials": 0}}, ["search.trials", "> 0"]),
         ({"data": {"val_fraction": 1.0}}, ["data.val_fraction", "(0, 1)"]),
         ({"version": 7}, ["version", "7"]),
+        (
+            {"latency": {"allocator": "jemalloc"}},
+            ["latency.allocator", "tuned, system", "'jemalloc'"],
+        ),
     ],
 )
 def test_bad_recipes_name_key_value_and_rule(raw: dict, words: list[str]) -> None:

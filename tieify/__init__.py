@@ -40,6 +40,7 @@ _LAZY = {
     "load": "tieify._io",
     "optimize": "tieify.latency",
     "predict_latency": "tieify.latency",
+    "tune_allocator": "tieify.latency",
     "search": "tieify.search",
 }
 

@@ -5,10 +5,14 @@
 - :func:`predict_latency` predicts a model's (or a plan's) forward latency from a per-layer
   lookup table measured on this machine plus the model's non-layer remainder.
 - :func:`measure_latency` measures it directly (median of interleaved rounds).
+- :func:`tune_allocator` stops glibc's allocator from unmapping freed activations, the page
+  faults that otherwise slow (and scatter) CPU forward times; :func:`allocator_state` says
+  which allocator serves the process.
 - :func:`cache_dir` is where measurements are kept (``$TIEIFY_CACHE_DIR``, else
   ``$XDG_CACHE_HOME/tieify``, else ``~/.cache/tieify``).
 """
 
+from ._allocator import AllocatorState, allocator_state, tune_allocator
 from ._cache import cache_dir
 from ._optimize import optimize
 from ._predict import latency_breakdown, measure_latency, predict_latency
@@ -21,4 +25,7 @@ __all__ = [
     "latency_breakdown",
     "LatencyTable",
     "cache_dir",
+    "tune_allocator",
+    "allocator_state",
+    "AllocatorState",
 ]

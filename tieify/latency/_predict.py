@@ -10,9 +10,10 @@ predicted latency = remainder + Σ table[layer]
   first model seen with a given structure is measured end to end once
   (:func:`measure_latency`, the same measurement ``--latency measured`` makes), and that time
   minus the sum of its layers' table entries is cached under a key made of the model's
-  non-layer structure (and layer output shapes), the input, the thread count and the torch
-  version. Errors common to all plans of a model (a layer timed alone vs inside the model)
-  cancel in the differences between plans.
+  non-layer structure (and layer output shapes), the input, the thread count, the torch
+  version and the allocator state (:func:`tieify.tune_allocator`). Errors common to all
+  plans of a model (a layer timed alone vs inside the model) cancel in the differences
+  between plans.
 
 So for a search over plans of one model only the layer configurations not yet in the table
 are ever timed; the rest is arithmetic.
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._allocator import allocator_state
 from ._optimize import input_signature, run_model
 from ._table import TABLE, LatencyTable, is_layer
 from ._timing import interleaved_medians, num_threads
@@ -106,6 +108,7 @@ def _remainder_key(model: nn.Module, outs: dict[str, Any], x: Any, threads: int)
             "input": sig,
             "threads": threads,
             "torch": torch.__version__,
+            "allocator": allocator_state().label,
         },
         sort_keys=True,
     )

@@ -3,7 +3,8 @@
 An entry is the fastest sampled forward time (seconds) of one layer configuration on one input,
 keyed by the layer's op and hyper-parameters (type, channels, kernel, stride, padding,
 dilation, groups, B, bias, forward path), the input's shape (batch included), dtype, memory
-layout and device, the thread count and the torch version. Entries are measured lazily, the
+layout and device, the thread count, the torch version and whether the allocator is tuned
+(:func:`tieify.tune_allocator`). Entries are measured lazily, the
 first time a key is asked for, and kept on disk (``latency.json`` in the tieify cache
 directory), so a search pays for each distinct layer once per machine.
 """
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..nn import TIED_TYPES, _paths
 from ..nn._conv import _TiedConvNd
+from ._allocator import allocator_state
 from ._cache import JsonCache
 from ._optimize import input_signature, layer_signature, like
 from ._timing import calibrate_iters, num_threads, time_once
@@ -58,6 +60,8 @@ def layer_key(layer: nn.Module, x: torch.Tensor, threads: int | None = None) -> 
         "input": input_signature(x),
         "threads": torch.get_num_threads() if threads is None else threads,
         "torch": torch.__version__,
+        # Page faults on large outputs are part of a layer's time under a system allocator.
+        "allocator": allocator_state().label,
     }
     return json.dumps(key, sort_keys=True)
 

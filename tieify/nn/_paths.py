@@ -295,9 +295,33 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     return "fold"
 
 
+_MEMO_SIZE = 64  # distinct (path, input layout) pairs remembered per layer
+
+
 def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
-    """The path ``layer`` runs on ``x``: its pinned ``path`` when that applies, else the rule."""
+    """The path ``layer`` runs on ``x``: its pinned ``path`` when that applies, else the rule.
+
+    The answer depends only on the layer's hyper-parameters, its ``path`` and the input's
+    per-sample shape, strides, dtype and device, so eager calls remember it per layer (the
+    checks cost ~10 µs a call in Python, as much as a small convolution's kernel). Inside
+    ``torch.compile``/``torch.export`` tracing the checks run every time (shapes may be
+    symbolic there, and the trace keeps only the chosen path).
+    """
     path = getattr(layer, "path", "auto")
+    if torch.compiler.is_compiling():
+        return _select(layer, x, path)
+    key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type)
+    memo = layer.__dict__.setdefault("_path_memo", {})
+    hit = memo.get(key)
+    if hit is None:
+        hit = _select(layer, x, path)
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        memo[key] = hit
+    return hit
+
+
+def _select(layer: _TiedConvNd, x: torch.Tensor, path: str) -> str:
     if path != "auto" and path not in _FORWARD:
         raise ValueError(
             f"{type(layer).__name__}.path must be 'auto' or one of {PATHS}, but got {path!r}; "

@@ -330,6 +330,10 @@ class Evaluator:
 
     def _latency(self, model: nn.Module) -> float:
         lat = self.recipe.latency
+        if lat.allocator == "tuned":
+            from ..latency import tune_allocator
+
+            tune_allocator()
         if lat.mode == "predicted":
             predicted = _predicted_ms(model, self.latency_input, lat.threads)
             if predicted is not None:

@@ -52,6 +52,8 @@ OPTIMIZERS = ("sgd", "adamw")
 SAMPLERS = ("nsga2", "tpe")
 PRUNERS = ("median", "none")
 LATENCY_MODES = ("measured", "predicted")
+#: ``tuned``: tieify.tune_allocator() before timing (no page faults on large outputs).
+ALLOCATORS = ("tuned", "system")
 BUILTIN_SPACES = ("uniform", "per_stage", "per_layer", "roots")
 
 
@@ -101,13 +103,19 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LatencyConfig:
-    """How latency is obtained: measured median of forward passes, or predicted."""
+    """How latency is obtained: measured median of forward passes, or predicted.
+
+    ``allocator: tuned`` calls :func:`tieify.tune_allocator` in the process that times (a
+    search trial's), so large activations do not page-fault on every forward; ``system``
+    times under the allocator as the process has it.
+    """
 
     mode: str = "measured"
     batch_size: int = 1
     threads: int = 1
     repeats: int = 20
     warmup: int = 3
+    allocator: str = "tuned"
 
 
 @dataclass(frozen=True)
@@ -290,6 +298,7 @@ def _validate(r: Recipe, base_dir: Path | None) -> None:
     _one_of("data.dataset", d.dataset, DATASETS)
     _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
     _one_of("latency.mode", lat.mode, LATENCY_MODES)
+    _one_of("latency.allocator", lat.allocator, ALLOCATORS)
     _one_of("search.sampler", s.sampler, SAMPLERS)
     _one_of("search.pruner", s.pruner, PRUNERS)
     for key, value in (

@@ -42,9 +42,12 @@ def check_all_paths(layer, x: torch.Tensor) -> list[str]:
     paths = _paths.applicable_paths(layer, x)
     assert paths[0] == "fold" and "grouped" in paths
     tol = tolerances(x.dtype)
+    channels_last_in = _paths.is_channels_last(x) and not _paths.is_channels_first(x)
     for path in paths:
         y = _paths.run_path(layer, x, path)
         assert y.shape == ref.shape, path
+        # A path never changes the memory format a channels-last network runs in.
+        assert not channels_last_in or _paths.is_channels_last(y), path
         torch.testing.assert_close(y, ref, **tol, msg=lambda m, p=path: f"{p}: {m}")
         grads = torch.autograd.grad(y, [x, *params], g_out)
         for g, r in zip(grads, ref_grads, strict=True):

@@ -103,12 +103,24 @@ def channels_second(t: torch.Tensor) -> torch.Tensor:
 # -- the paths --------------------------------------------------------------------------------
 
 
+def keep_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` laid out like the input ``x`` when ``x`` is channels-last (a copy if it is not).
+
+    A dense convolution returns its input's memory format; so does every path, or one layer's
+    choice would turn the rest of a channels-last network into NCHW (and every later
+    ``tieify.optimize`` decision with it).
+    """
+    if is_channels_last(x) and not is_channels_first(x) and not is_channels_last(y):
+        return channels_second(channels_inner(y).contiguous())
+    return y
+
+
 def fold_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     """Reference path: channels folded into the batch around the thin convolution."""
     n = x.shape[0]
     B = layer.B
     y = layer.thin_conv(x.reshape(n * B, layer.in_channels // B, *x.shape[2:]))
-    return y.reshape(n, layer.out_channels, *y.shape[2:])
+    return keep_layout(y.reshape(n, layer.out_channels, *y.shape[2:]), x)
 
 
 def _is_pointwise(layer: _TiedConvNd) -> bool:
@@ -241,9 +253,10 @@ def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     conv = _CONV_FN[layer._ndim]
     groups = layer.groups * B
     if layer.padding_mode != "zeros":
-        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-        return conv(x, weight, bias, layer.stride, 0, layer.dilation, groups)
-    return conv(x, weight, bias, layer.stride, layer.padding, layer.dilation, groups)
+        xp = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        return keep_layout(conv(xp, weight, bias, layer.stride, 0, layer.dilation, groups), x)
+    y = conv(x, weight, bias, layer.stride, layer.padding, layer.dilation, groups)
+    return keep_layout(y, x)
 
 
 _FORWARD: dict[str, Callable[[_TiedConvNd, torch.Tensor], torch.Tensor]] = {

@@ -10,14 +10,17 @@ Cases (torchvision models, random weights, eval mode):
 
 For each case and batch size (1 and 8) the dense and tied models run in interleaved rounds
 (medians) in three modes: ``eager`` (NCHW), ``channels_last`` (after ``tieify.optimize``)
-and ``compile`` (``torch.compile(dynamic=True)`` of the channels-last models; by default for
-the ResNet-50 cases only, since each CPU compile takes about a minute here). The MAC ratio counts
+and ``compile`` (``torch.compile(dynamic=False)`` of the channels-last models, once per
+batch size; by default for the ResNet-50 cases only, since each CPU compile takes about a
+minute here). The MAC ratio counts
 convolution and linear multiply-adds (one fused multiply-add = 1 MAC), tied over dense.
 
 Usage::
 
-    python benchmarks/models.py                  # ~10 minutes on 2 cores
+    python benchmarks/models.py                  # ~4-10 minutes on 2 cores
     python benchmarks/models.py --quick          # 128×128 inputs, no compile, ~3 minutes
+    python benchmarks/models.py --compile-dynamic  # torch.compile(dynamic=True) instead
+    python benchmarks/models.py --profile --batches 8   # conv vs other time, torch.profiler
 """
 
 from __future__ import annotations
@@ -170,10 +173,7 @@ def run_case(case: str, args) -> list[dict]:
     dense, tied = build_case(case)
     dense_cl = copy.deepcopy(dense).to(memory_format=CL)
     tied_cl = copy.deepcopy(tied).to(memory_format=CL)
-    compiled = None
-    if args.compile and case in args.compile_cases:
-        # One dynamic-shape compile per model serves every batch size.
-        compiled = (torch.compile(dense_cl, dynamic=True), torch.compile(tied_cl, dynamic=True))
+    compile_case = args.compile and case in args.compile_cases
     rows = []
     for batch in args.batches:
         x = torch.randn(batch, 3, args.size, args.size)
@@ -185,8 +185,12 @@ def run_case(case: str, args) -> list[dict]:
             "eager": (lambda x=x: dense(x), lambda x=x: tied(x)),
             "channels_last": (lambda m=dense_cl, x=xc: m(x), lambda m=tied_cl, x=xc: m(x)),
         }
-        if compiled is not None:
-            cd, ct = compiled
+        if compile_case:
+            # A static-shape compile per batch size, after tieify.optimize pinned the paths
+            # for it (--compile-dynamic: one dynamic-shape compile per batch instead).
+            torch._dynamo.reset()
+            cd = torch.compile(dense_cl, dynamic=args.compile_dynamic)
+            ct = torch.compile(tied_cl, dynamic=args.compile_dynamic)
             modes["compile"] = (lambda m=cd, x=xc: m(x), lambda m=ct, x=xc: m(x))
         fns = {}
         for mode, (fd, ft) in modes.items():
@@ -218,13 +222,46 @@ def run_case(case: str, args) -> list[dict]:
     return rows
 
 
+CONV_OPS = ("aten::mkldnn_convolution", "aten::mm", "aten::addmm", "aten::bmm", "aten::convolution")
+
+
+def profile_case(case: str, args) -> dict:
+    """Self CPU time per forward, split into convolutions (and the GEMMs of tied 1×1 layers
+    and the classifier) and everything else, dense and tied, channels-last, eager."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dense, tied = build_case(case)
+    dense, tied = dense.to(memory_format=CL), tied.to(memory_format=CL)
+    x = torch.randn(args.batches[-1], 3, args.size, args.size).contiguous(memory_format=CL)
+    out = {"case": case, "batch": args.batches[-1], "size": args.size}
+    with torch.inference_mode():
+        tieify.optimize(tied, x)
+        for name, model in (("dense", dense), ("tied", tied)):
+            model(x)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(args.rounds):
+                    model(x)
+            conv = other = 0.0
+            for event in prof.key_averages():
+                ms = event.self_cpu_time_total / args.rounds / 1e3
+                if event.key in CONV_OPS:
+                    conv += ms
+                else:
+                    other += ms
+            out[f"{name}_conv_ms"], out[f"{name}_other_ms"] = conv, other
+    out["conv_ratio"] = out["tied_conv_ms"] / out["dense_conv_ms"]
+    out["mac_ratio"] = macs(tied, x) / macs(dense, x)
+    return out
+
+
 def markdown(res: dict) -> str:
     lines = [
         "# Model latency: tied / dense against the MAC ratio",
         "",
         f"Input {res['size']}×{res['size']}, {res['threads']} threads, {res['rounds']} "
         f"interleaved rounds, medians of per-round ratios; torch {res['torch']}, "
-        f"{res['machine']}. {res['note']} Load average (1/5/15 min) at start "
+        f"{res['machine']}. torch.compile: {res.get('compile', 'static shapes, per batch')}. "
+        f"{res['note']} Load average (1/5/15 min) at start "
         f"{res['loadavg_start']}, at end {res['loadavg_end']}. Allocator: {res['allocator']}.",
         "",
         "| case | batch | mode | dense ms | tied ms | latency ratio | MAC ratio | gap |",
@@ -254,6 +291,17 @@ def main(argv=None) -> int:
         default=["resnet50_3x3_B2", "resnet50_all_B4"],
         help="cases also timed under torch.compile (a CPU compile takes ~1 min per model)",
     )
+    p.add_argument(
+        "--compile-dynamic",
+        action="store_true",
+        help="compile with dynamic=True (dynamic shapes) instead of static shapes",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing: torch.profiler split of one forward (last batch size, "
+        "channels-last) into convolution time and the rest, dense and tied",
+    )
     p.add_argument("--quick", action="store_true", help="128×128, 3 rounds, no compile")
     p.add_argument("--out", type=Path, default=RESULTS)
     _allocator_flag.add_flag(p)
@@ -262,6 +310,21 @@ def main(argv=None) -> int:
         args.size, args.rounds, args.compile, args.target_s = 128, 3, False, 0.05
     torch.set_num_threads(args.threads)
     allocator = _allocator_flag.apply(args)
+    if args.profile:
+        print(
+            "| case | batch | size | dense conv ms | dense other ms | tied conv ms | "
+            "tied other ms | conv ratio | MAC ratio |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for case in args.cases:
+            r = profile_case(case, args)
+            print(
+                f"| {case} | {r['batch']} | {r['size']} | {r['dense_conv_ms']:.1f} | "
+                f"{r['dense_other_ms']:.1f} | {r['tied_conv_ms']:.1f} | "
+                f"{r['tied_other_ms']:.1f} | {r['conv_ratio']:.3f} | {r['mac_ratio']:.3f} |",
+                flush=True,
+            )
+        return 0
     load_start = os.getloadavg()
     start = time.time()
     rows = []
@@ -275,6 +338,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {os.cpu_count()} logical CPUs",
         "note": "Cores shared with other jobs: noisy; dense and tied interleaved per round.",
+        "compile": "dynamic shapes" if args.compile_dynamic else "static shapes, per batch",
         "seconds": round(time.time() - start, 1),
         "loadavg_start": [round(v, 2) for v in load_start],
         "loadavg_end": [round(v, 2) for v in os.getloadavg()],

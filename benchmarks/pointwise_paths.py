@@ -1,0 +1,76 @@
+"""Why the static rule keeps ``gemm`` for pointwise tied convs on channels-last input.
+
+Times the ``gemm`` and ``widen`` paths side by side (interleaved rounds, medians) on
+ResNet-50's pointwise shapes, the 64→64 1×1 at 56×56 and MobileNetV3-Large's pooled SE
+layers, B ∈ {2, 4, 8}, at batch 1 and batch 8, and prints the gemm / widen time ratio
+(> 1: widen is faster). The rule cannot look at the batch size (exported models keep a
+dynamic batch), and the winner flips with it; ``tieify.optimize`` picks per input.
+
+Usage::
+
+    python benchmarks/pointwise_paths.py      # ~2 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _allocator_flag  # noqa: E402
+
+from tieify.latency._timing import interleaved_samples  # noqa: E402
+from tieify.nn import TiedConv2d, _paths  # noqa: E402
+
+SHAPES = [  # (C_in, C_out, H)
+    (64, 256, 56),
+    (256, 64, 56),
+    (128, 512, 28),
+    (512, 128, 28),
+    (256, 1024, 14),
+    (1024, 256, 14),
+    (512, 2048, 7),
+    (2048, 512, 7),
+    (64, 64, 56),
+    (960, 240, 1),
+    (240, 960, 1),
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--rounds", type=int, default=7)
+    _allocator_flag.add_flag(p)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"Allocator: {_allocator_flag.apply(args)}; {args.threads} threads.\n")
+    print("| batch | C_in | C_out | H | B=2 gemm/widen | B=4 gemm/widen | B=8 gemm/widen |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for batch in args.batches:
+        for ci, co, h in SHAPES:
+            x = torch.randn(batch, ci, h, h).contiguous(memory_format=torch.channels_last)
+            ratios = []
+            for B in (2, 4, 8):
+                layer = TiedConv2d(ci, co, 1, B=B, bias=False)
+                fns = {
+                    p: (lambda p=p, m=layer, x=x: _paths.run_path(m, x, p))
+                    for p in ("gemm", "widen")
+                }
+                with torch.inference_mode():
+                    s = interleaved_samples(fns, repeats=args.rounds, target_s=0.01)
+                ratios.append(statistics.median(s["gemm"]) / statistics.median(s["widen"]))
+            cells = " | ".join(f"{r:.2f}" for r in ratios)
+            print(f"| {batch} | {ci} | {co} | {h} | {cells} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

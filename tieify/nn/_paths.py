@@ -186,8 +186,10 @@ def lift_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     )
     # y: (N, O/B, *S', B) -> memory (N, *S', B, O/B) -> (N, O, *S') channels-last
     out_spatial = y.shape[2:-1]
-    y = channels_inner(y).reshape(n, *out_spatial, layer.out_channels)
-    return keep_layout(channels_second(y), x)  # a view-only reshape when B = 1
+    # Dense (N, *S', O) memory even when the conv returned NCHW and B = 1 (where a reshape
+    # would be a no-op view); a no-op for a channels-last result.
+    y = channels_inner(y).contiguous().view(n, *out_spatial, layer.out_channels)
+    return channels_second(y)
 
 
 def _widen_padding(layer: _TiedConvNd) -> tuple[int, ...] | None:
@@ -222,7 +224,6 @@ def widen_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     dilation and padding along the innermost axis multiplied by B (see the module doc)."""
     B, nd = layer.B, layer._ndim
     c = layer.in_channels // B
-    x_in = x
     pad = _widen_padding(layer)
     assert pad is not None  # guaranteed by _widen_applies
     stride = layer.stride
@@ -242,8 +243,8 @@ def widen_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     )
     # y: (N, O/B, *S'[:-1], S'[-1]·B) -> memory (N, *S', B, O/B) -> (N, O, *S') channels-last
     out_spatial = (*y.shape[2:-1], y.shape[-1] // B)
-    y = channels_inner(y).reshape(n, *out_spatial, layer.out_channels)
-    return keep_layout(channels_second(y), x_in)  # a view-only reshape when B = 1
+    y = channels_inner(y).contiguous().view(n, *out_spatial, layer.out_channels)  # as in lift
+    return channels_second(y)
 
 
 def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:

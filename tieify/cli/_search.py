@@ -56,7 +56,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="sampler seed (default: recipe)")
     g.add_argument("--study-name", help="study name in the store (default: tieify-<recipe>)")
     g.add_argument(
-        "--latency", choices=("predicted", "measured"), help="latency from the model or measured"
+        "--latency",
+        choices=("predicted", "measured"),
+        help="latency from the model or measured; either way timed after "
+        "tieify.tune_allocator() unless the recipe sets latency.allocator: system",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
     m = p.add_argument_group("model and budgets (override the recipe)")

@@ -9,3 +9,13 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Latency tables and path choices go to a cache of the test session's own, so the
+    user's ``~/.cache/tieify`` neither changes a test's outcome (``latency.mode: auto``
+    looks at it) nor is written by the tests."""
+    import os
+
+    os.environ["TIEIFY_CACHE_DIR"] = str(tmp_path_factory.mktemp("tieify-cache"))

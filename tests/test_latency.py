@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def fake_timing(tmp_path, monkeypatch):
         calls["layers"] += 1
         return layer_cost(module, x)
 
-    def fake_measure(model, example_inputs, *, repeats=7, threads=None):
+    def fake_measure(model, example_inputs, *, repeats=7, threads=None, min_seconds=0.0):
         calls["models"] += 1
         total = 0.0
         for m in model.modules():
@@ -207,3 +208,43 @@ def test_table_key_names_the_path_that_runs():
     layer.path = "grouped"
     assert path(layer, xc) == "grouped"
     assert path(TiedConv2d(16, 32, 3, padding=1, B=1), xc) == "dense"
+
+
+def test_rounds_extend_to_min_seconds_and_stop_at_the_cap():
+    """A calibration median spans ``min_seconds`` of rounds, never more than 10× ``repeats``."""
+    from tieify.latency._timing import interleaved_samples
+
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    assert [len(v) for v in interleaved_samples(fns, repeats=3).values()] == [3, 3]
+    # Instant calls never span 100 s: the rounds stop at the cap, interleaved a, b, a, b, ...
+    calls.clear()
+    samples = interleaved_samples(fns, repeats=3, warmup=0, target_s=0.0, min_seconds=100.0)
+    assert [len(v) for v in samples.values()] == [30, 30]
+    assert calls[-60:] == ["a", "b"] * 30
+
+    def slow() -> None:
+        time.sleep(0.01)
+
+    samples = interleaved_samples({"s": slow}, repeats=2, warmup=0, target_s=0.0, min_seconds=0.1)
+    # Each round sleeps 10 ms, so 0.1 s needs more than the 2 requested rounds.
+    assert 2 < len(samples["s"]) <= 20
+    assert sum(samples["s"]) >= 0.1 - 0.01 * 2
+
+
+def test_is_warm_only_after_the_model_was_predicted(fake_timing):
+    from tieify.latency import is_warm
+
+    calls, layer_cost = fake_timing
+    x = torch.randn(2, 8, 6, 6)
+    dense, tied = net(), net(B=2)
+    attach_costs(dense, x, layer_cost)
+    table = LatencyTable()
+    assert not is_warm(dense, x, table=table)
+    assert calls == {"layers": 0, "models": 0}  # asking times nothing
+    latency_breakdown(dense, x, table=table)
+    assert is_warm(dense, x, table=table)
+    assert not is_warm(dense, x, table=table, threads=torch.get_num_threads() + 1)
+    assert not is_warm(dense, torch.randn(3, 8, 6, 6), table=table)  # another batch size
+    assert not is_warm(tied, x, table=table)  # its tied layers have no entries yet
+    assert is_warm(dense, x, table=LatencyTable()) is True  # read back from disk

@@ -211,3 +211,29 @@ def test_same_recipe_same_results(tmp_path: Path) -> None:
     db = torch.load(next((tmp_path / "b" / "baseline").glob("dense-*.pt")), weights_only=True)
     for k in da:
         torch.testing.assert_close(da[k], db[k], rtol=0, atol=0)
+
+
+def test_latency_mode_auto_predicts_once_the_table_is_warm(tmp_path: Path, monkeypatch) -> None:
+    from tieify.latency import is_warm, predict_latency
+
+    monkeypatch.setenv("TIEIFY_CACHE_DIR", str(tmp_path / "cache"))
+    r = load_recipe(_write(tmp_path, tiny_recipe()), {})
+    assert r.latency.mode == "auto"
+    threads = r.latency.threads
+    # A machine that never predicted this model measures, and the baseline says so.
+    cold = Evaluator(r, tmp_path / "a", log=False)
+    assert cold.latency_mode == "measured"
+    assert cold.baseline["latency_mode"] == "measured"
+    assert not is_warm(cold.dense, cold.latency_input, threads=threads)
+    # Once a prediction filled the table for the dense model, a new search predicts.
+    predict_latency(cold.dense, cold.latency_input, threads=threads)
+    assert is_warm(cold.dense, cold.latency_input, threads=threads)
+    warm = Evaluator(r, tmp_path / "b", log=False)
+    assert warm.latency_mode == "predicted"
+    expected = predict_latency(warm.dense, warm.latency_input, threads=threads)  # lookups only
+    assert warm.baseline["latency_ms"] == round(1000.0 * expected, 5)
+    # The first search keeps the mode its baseline recorded (a resumed run, Ray workers).
+    assert Evaluator(r, tmp_path / "a", log=False).latency_mode == "measured"
+    # An explicit mode wins over the table.
+    explicit = dataclasses.replace(r, latency=dataclasses.replace(r.latency, mode="measured"))
+    assert Evaluator(explicit, tmp_path / "c", log=False).latency_mode == "measured"

@@ -57,9 +57,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--study-name", help="study name in the store (default: tieify-<recipe>)")
     g.add_argument(
         "--latency",
-        choices=("predicted", "measured"),
-        help="latency from the model or measured; either way timed after "
-        "tieify.tune_allocator() unless the recipe sets latency.allocator: system",
+        choices=("auto", "predicted", "measured"),
+        help="latency from the model (a per-layer table cached on this machine) or measured; "
+        "auto (the recipes' default): predicted when the table is already warm for the dense "
+        "model, else measured. Either way timed after tieify.tune_allocator() unless the "
+        "recipe sets latency.allocator: system",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
     m = p.add_argument_group("model and budgets (override the recipe)")

@@ -4,7 +4,8 @@
   the fastest (cached on disk, like ``cudnn.benchmark``).
 - :func:`predict_latency` predicts a model's (or a plan's) forward latency from a per-layer
   lookup table measured on this machine plus the model's non-layer remainder.
-- :func:`measure_latency` measures it directly (median of interleaved rounds).
+- :func:`measure_latency` measures it directly (median of interleaved rounds);
+  :func:`is_warm` says whether a prediction would be table lookups only.
 - :func:`tune_allocator` stops glibc's allocator from unmapping freed activations, the page
   faults that otherwise slow (and scatter) CPU forward times; :func:`allocator_state` says
   which allocator serves the process.
@@ -15,7 +16,7 @@
 from ._allocator import AllocatorState, allocator_state, tune_allocator
 from ._cache import cache_dir
 from ._optimize import optimize
-from ._predict import latency_breakdown, measure_latency, predict_latency
+from ._predict import is_warm, latency_breakdown, measure_latency, predict_latency
 from ._table import LatencyTable
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "predict_latency",
     "measure_latency",
     "latency_breakdown",
+    "is_warm",
     "LatencyTable",
     "cache_dir",
     "tune_allocator",

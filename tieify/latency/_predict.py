@@ -8,7 +8,8 @@ predicted latency = remainder + Σ table[layer]
   overhead, and the difference between a layer timed alone and inside the model). Tying a
   layer never changes its output's shape, so every plan of one model shares one remainder: the
   first model seen with a given structure is measured end to end once
-  (:func:`measure_latency`, the same measurement ``--latency measured`` makes), and that time
+  (:func:`measure_latency`, a median over rounds spanning at least
+  :data:`CALIBRATION_SECONDS`), and that time
   minus the sum of its layers' table entries is cached under a key made of the model's
   non-layer structure (and layer output shapes), the input, the thread count, the torch
   version and the allocator state (:func:`tieify.tune_allocator`). Errors common to all
@@ -33,7 +34,7 @@ from ._optimize import input_signature, run_model
 from ._table import TABLE, LatencyTable, is_layer
 from ._timing import interleaved_medians, num_threads
 
-__all__ = ["predict_latency", "measure_latency", "latency_breakdown"]
+__all__ = ["predict_latency", "measure_latency", "latency_breakdown", "is_warm"]
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -89,6 +90,18 @@ def _capture(model: nn.Module, example_inputs: Any, layers: list[tuple[str, nn.M
     return ins, outs
 
 
+def _traced_layers(model: nn.Module, example_inputs: Any):
+    """The layers that ran on ``example_inputs`` (in eval mode), with their inputs and outputs."""
+    was_training = model.training
+    model.eval()
+    try:
+        layers = _layers(model)
+        ins, outs = _capture(model, example_inputs, layers)
+    finally:
+        model.train(was_training)
+    return [(n, m) for n, m in layers if n in ins], ins, outs
+
+
 def _remainder_key(model: nn.Module, outs: dict[str, Any], x: Any, threads: int) -> str:
     parts = []
     layer_names = set(outs)
@@ -104,7 +117,7 @@ def _remainder_key(model: nn.Module, outs: dict[str, Any], x: Any, threads: int)
     return json.dumps(
         {
             "remainder": digest,
-            "method": "calibrated",
+            "method": f"calibrated-{CALIBRATION_SECONDS:g}s",
             "input": sig,
             "threads": threads,
             "torch": torch.__version__,
@@ -134,9 +147,7 @@ def latency_breakdown(
         was_training = model.training
         model.eval()
         try:
-            layers = _layers(model)
-            ins, outs = _capture(model, example_inputs, layers)
-            layers = [(n, m) for n, m in layers if n in ins]
+            layers, ins, outs = _traced_layers(model, example_inputs)
             out: dict[str, float] = {}
             for name, layer in layers:
                 seconds = table.lookup(layer, ins[name], threads=n_threads, repeats=repeats)
@@ -149,7 +160,7 @@ def latency_breakdown(
             if not isinstance(rem, (int, float)):
                 # The first model seen with this structure calibrates the remainder: its
                 # measured total minus its layers' table entries.
-                total = measure_latency(model, example_inputs, repeats=repeats + 4)
+                total = _calibration_total(model, example_inputs, repeats)
                 if sum(out.values()) > total:
                     # The layers alone cannot take longer than the whole model: their entries
                     # were timed in other conditions (a heavier load). Time them again now.
@@ -157,13 +168,59 @@ def latency_breakdown(
                         out[name] = table.remeasure(
                             layer, ins[name], threads=n_threads, repeats=repeats
                         )
-                    total = measure_latency(model, example_inputs, repeats=repeats + 4)
+                    total = _calibration_total(model, example_inputs, repeats)
                 rem = max(0.0, total - sum(out.values()))
                 table.set_value(key, rem)
             out["<remainder>"] = float(rem)
             return out
         finally:
             model.train(was_training)
+
+
+def is_warm(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    threads: int | None = None,
+    table: LatencyTable | None = None,
+) -> bool:
+    """Whether :func:`predict_latency` can answer for ``model`` without timing anything.
+
+    True when the table holds every layer of ``model`` on these inputs and its remainder
+    (same thread count, torch version and allocator state), i.e. the model's structure was
+    predicted on this machine before. ``tieify search`` predicts latency by default only then
+    (``latency.mode: auto``). Runs one forward pass to find the layers' inputs.
+
+    Example:
+        >>> import torch
+        >>> from tieify.latency import LatencyTable, is_warm
+        >>> conv, x = torch.nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8)
+        >>> is_warm(conv, x, table=LatencyTable(persist=False))
+        False
+    """
+    table = TABLE if table is None else table
+    with num_threads(threads):
+        n_threads = torch.get_num_threads()
+        layers, ins, outs = _traced_layers(model, example_inputs)
+        for name, layer in layers:
+            if table.lookup(layer, ins[name], threads=n_threads, measure=False) is None:
+                return False
+        if layers == [("", model)]:
+            return True
+        key = _remainder_key(model, outs, _example_tensor(example_inputs), n_threads)
+        return isinstance(table.get_value(key), (int, float))
+
+
+#: The remainder's end-to-end measurement spans at least this long. It is cached for every
+#: later plan of the model, and a shared machine's speed moves by 20-30% over a second
+#: (benchmarks/README.md), so one short burst would bias all of them alike.
+CALIBRATION_SECONDS = 2.0
+
+
+def _calibration_total(model: nn.Module, example_inputs: Any, repeats: int) -> float:
+    return measure_latency(
+        model, example_inputs, repeats=repeats + 4, min_seconds=CALIBRATION_SECONDS
+    )
 
 
 def _resolve(model_or_plan: Any, model: nn.Module | None) -> nn.Module:
@@ -229,10 +286,15 @@ def predict_latency(
 
 
 def measure_latency(
-    model: nn.Module, example_inputs: Any, *, repeats: int = 7, threads: int | None = None
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    repeats: int = 7,
+    threads: int | None = None,
+    min_seconds: float = 0.0,
 ) -> float:
     """Measured forward latency in seconds: the median of ``repeats`` timed rounds (eval mode,
-    inference mode, after warm-up). What ``--latency measured`` uses.
+    inference mode, after warm-up), or of more rounds until they span ``min_seconds``.
 
     Example:
         >>> import torch
@@ -255,6 +317,7 @@ def measure_latency(
                 warmup=2,
                 target_s=0.02,
                 device=device,
+                min_seconds=min_seconds,
             )
     finally:
         model.train(was_training)

@@ -58,6 +58,7 @@ def interleaved_samples(
     warmup: int = 2,
     target_s: float = 0.02,
     device: torch.device | None = None,
+    min_seconds: float = 0.0,
 ) -> dict[str, list[float]]:
     """Seconds per call of each candidate, one sample per interleaved round (ABAB...).
 
@@ -67,15 +68,20 @@ def interleaved_samples(
         warmup: untimed calls of each candidate first (allocator, kernel selection).
         target_s: each timed sample runs a candidate about this long (several calls).
         device: a CUDA device to synchronize around each sample, or ``None``.
+        min_seconds: keep adding rounds (up to ``10 * repeats``) until the rounds span at
+            least this long, so that a median is not one short burst of a shared machine.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     iters = {name: calibrate_iters(fn, target_s, device) for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or (rounds < 10 * repeats and time.perf_counter() - start < min_seconds):
         for name, fn in fns.items():
             samples[name].append(time_once(fn, iters[name], device))
+        rounds += 1
     return samples
 
 
@@ -85,10 +91,11 @@ def interleaved_medians(
     warmup: int = 2,
     target_s: float = 0.02,
     device: torch.device | None = None,
+    min_seconds: float = 0.0,
 ) -> dict[str, float]:
     """Median seconds per call of each candidate over interleaved rounds (see
     :func:`interleaved_samples` for the arguments)."""
-    samples = interleaved_samples(fns, repeats, warmup, target_s, device)
+    samples = interleaved_samples(fns, repeats, warmup, target_s, device, min_seconds)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 

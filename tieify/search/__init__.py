@@ -187,7 +187,8 @@ def _print_start(r: Recipe, evaluator: Any, trials: int, out: Path, console: Any
     )
     console.print(
         f"dense baseline: accuracy {100 * b['accuracy']:.2f}% after the same fine-tuning, "
-        f"latency {b['latency_ms']:.3f} ms, {b['params']} params; output in {out}"
+        f"latency {b['latency_ms']:.3f} ms ({evaluator.latency_mode}), {b['params']} params; "
+        f"output in {out}"
     )
 
 

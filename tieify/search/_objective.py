@@ -10,7 +10,8 @@ Metrics of a trial (all plain JSON values, stored as Optuna user attributes):
   (weights transferred from the dense baseline) with the recipe's ``train`` settings;
 - ``latency_ms``: median milliseconds per forward pass at ``latency.batch_size`` with
   ``latency.threads`` threads, warm-up excluded (``measured``), or the latency model's
-  prediction (``predicted``);
+  prediction (``predicted``); ``auto`` resolves to one of them once per search
+  (:class:`~tieify.search._recipe.LatencyConfig`);
 - ``params`` (de-duplicated) and ``macs`` (per sample, fvcore's unit) from :func:`tieify.count`;
 - ``plan`` (replayable plan dict), ``assignment`` (per-layer factors), ``failed_reason`` for a
   trial that could not be built or diverged, ``pruned`` for a trial a pruner stopped.
@@ -202,6 +203,8 @@ class Evaluator:
         )
         with _threads(recipe.train.threads):
             self.dense = self._pretrained(model)
+            #: ``measured`` or ``predicted``: the recipe's mode with ``auto`` resolved.
+            self.latency_mode = self._latency_mode()
             self.baseline = self._baseline_metrics()
 
     # -- the contract with the engines ------------------------------------------------------
@@ -328,13 +331,45 @@ class Evaluator:
         )
         return result.accuracy
 
-    def _latency(self, model: nn.Module) -> float:
-        lat = self.recipe.latency
-        if lat.allocator == "tuned":
+    def _prepare_allocator(self) -> None:
+        if self.recipe.latency.allocator == "tuned":
             from ..latency import tune_allocator
 
             tune_allocator()
-        if lat.mode == "predicted":
+
+    def _latency_mode(self) -> str:
+        """The recipe's latency mode, ``auto`` resolved: the mode this search's baseline
+        recorded (so a resumed search and every Ray worker keep the driver's choice), else
+        ``predicted`` when the latency table is warm for the dense model, else ``measured``."""
+        lat = self.recipe.latency
+        if lat.mode != "auto":
+            return lat.mode
+        cached = self._cached_baseline()
+        if cached is not None and cached.get("latency_mode") in ("measured", "predicted"):
+            return str(cached["latency_mode"])
+        self._prepare_allocator()  # the table keys entries by the allocator state
+        try:
+            from ..latency import is_warm
+
+            warm = is_warm(self.dense, self.latency_input, threads=lat.threads)
+        except Exception as exc:  # a model the table cannot follow: measure it
+            logger.warning("latency table lookup failed (%s); latency will be measured", exc)
+            warm = False
+        mode = "predicted" if warm else "measured"
+        logger.info(
+            "latency.mode auto: %s (%s)",
+            mode,
+            "the latency table is warm for this model and input"
+            if warm
+            else "no latency table for this model and input on this machine yet; "
+            "--latency predicted fills it",
+        )
+        return mode
+
+    def _latency(self, model: nn.Module) -> float:
+        lat = self.recipe.latency
+        self._prepare_allocator()
+        if self.latency_mode == "predicted":
             predicted = _predicted_ms(model, self.latency_input, lat.threads)
             if predicted is not None:
                 return predicted
@@ -387,13 +422,31 @@ class Evaluator:
         tmp.replace(path)
         return model.eval()
 
+    def _baseline_path(self) -> Path:
+        return self.out_dir / "baseline" / f"baseline-{self._cache_key()}.json"
+
+    def _cached_baseline(self) -> dict[str, Any] | None:
+        """The baseline an earlier run of this search wrote (same model, data, training and
+        latency input), or None."""
+        path = self._baseline_path()
+        if not path.is_file() or self.evaluate_fn is not None:
+            return None
+        cached = json.loads(path.read_text())
+        if cached.get("latency_input") != list(self.latency_input.shape):
+            return None
+        return dict(cached)
+
     def _baseline_metrics(self) -> dict[str, Any]:
-        folder = self.out_dir / "baseline"
-        path = folder / f"baseline-{self._cache_key()}.json"
-        if path.is_file() and self.evaluate_fn is None:
-            cached = json.loads(path.read_text())
-            if cached.get("latency_input") == list(self.latency_input.shape):
-                return dict(cached)
+        path = self._baseline_path()
+        folder = path.parent
+        cached = self._cached_baseline()
+        if cached is not None:
+            if cached.get("latency_mode") != self.latency_mode:
+                # Same training, another latency mode: only the latency is redone.
+                cached["latency_ms"] = self._latency(self.dense)
+                cached["latency_mode"] = self.latency_mode
+                path.write_text(json.dumps(cached, indent=2))
+            return cached
         dense = copy.deepcopy(self.dense)
         try:
             acc = self._accuracy(dense, None)
@@ -409,6 +462,7 @@ class Evaluator:
             "macs": macs,
             "latency_ms": self._latency(self.dense),
             "latency_input": list(self.latency_input.shape),
+            "latency_mode": self.latency_mode,
         }
         if not all(math.isfinite(float(v)) for v in (acc, metrics["latency_ms"])):
             raise TieifyError(f"the dense baseline has non-finite metrics: {metrics}")

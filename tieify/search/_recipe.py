@@ -51,7 +51,7 @@ DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 OPTIMIZERS = ("sgd", "adamw")
 SAMPLERS = ("nsga2", "tpe")
 PRUNERS = ("median", "none")
-LATENCY_MODES = ("measured", "predicted")
+LATENCY_MODES = ("auto", "measured", "predicted")
 #: ``tuned``: tieify.tune_allocator() before timing (no page faults on large outputs).
 ALLOCATORS = ("tuned", "system")
 BUILTIN_SPACES = ("uniform", "per_stage", "per_layer", "roots")
@@ -105,12 +105,20 @@ class TrainConfig:
 class LatencyConfig:
     """How latency is obtained: measured median of forward passes, or predicted.
 
+    ``mode``: ``measured`` times every candidate; ``predicted`` asks
+    :func:`tieify.predict_latency` (a per-layer table cached on this machine: the first
+    candidates fill it); ``auto`` (the default) predicts when the table is already warm for
+    the dense model on this machine (:func:`tieify.latency.is_warm`: an earlier predicted
+    search or ``predict_latency`` call filled it) and measures otherwise. A search resolves
+    ``auto`` once and records the mode in its baseline (``latency_mode``), so every trial of
+    it, Ray workers included, uses the same one.
+
     ``allocator: tuned`` calls :func:`tieify.tune_allocator` in the process that times (a
     search trial's), so large activations do not page-fault on every forward; ``system``
     times under the allocator as the process has it.
     """
 
-    mode: str = "measured"
+    mode: str = "auto"
     batch_size: int = 1
     threads: int = 1
     repeats: int = 20

@@ -7,9 +7,14 @@ lazily; the first plans pay for the new layer configurations) and measure it (in
 rounds over all the plans of a model, medians). Reports the median absolute percentage error
 (MdAPE), the worst error, and how many table entries had to be measured.
 
+The "in-round calibration" error applies the same predictions with the remainder calibrated
+on the dense model's time measured in the plans' rounds: the table's own error, without the
+host's drift between the one-off calibration and the measurement.
+
 Usage::
 
-    python benchmarks/latency_model.py              # 2 × 12 plans at 96×96, ~4 minutes
+    python benchmarks/latency_model.py              # 2 × 12 plans at 96×96, ~1 minute
+    python benchmarks/latency_model.py --repeat 3   # three runs, each from an empty table
     python benchmarks/latency_model.py --quick      # 2 × 10 plans at 64×64
 """
 
@@ -125,11 +130,39 @@ def run_model(name: str, args, table: LatencyTable) -> list[dict]:
         p["ape"] = abs(p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]
         p["ape_best"] = abs(p["predicted_ms"] - p["measured_best_ms"]) / p["measured_best_ms"]
         del p["_module"]
+    # The same predictions with the remainder calibrated on the dense model's time measured in
+    # these rounds instead of once before them: what the error is without the host's drift
+    # between the calibration and the ground truth (the layer table's own error).
+    dense_row = plans[0]
+    for p in plans:
+        in_rounds = p["predicted_ms"] - dense_row["predicted_ms"] + dense_row["measured_ms"]
+        p["ape_in_rounds"] = abs(in_rounds - p["measured_ms"]) / p["measured_ms"]
     return plans
+
+
+def summarize(rows: list[dict], models: list[str]) -> dict:
+    """MdAPE etc. over the non-dense rows, overall and per model."""
+    plans = [r for r in rows if r["plan"] != "dense"]
+
+    def stats(rs: list[dict]) -> dict:
+        return {
+            "mdape": statistics.median(r["ape"] for r in rs),
+            "mdape_best": statistics.median(r["ape_best"] for r in rs),
+            "mdape_in_rounds": statistics.median(r["ape_in_rounds"] for r in rs),
+            "max_ape": max(r["ape"] for r in rs),
+            "n": len(rs),
+            "entries": sum(r["new_entries"] for r in rs),
+        }
+
+    out = stats(plans)
+    out["spread"] = statistics.median(r["spread"] for r in rows)
+    out["per_model"] = {m: stats([r for r in plans if r["model"] == m]) for m in models}
+    return out
 
 
 def markdown(res: dict) -> str:
     s = res["summary"]
+    reps = res["repetitions"]
     lines = [
         "# Latency model accuracy (predicted vs measured)",
         "",
@@ -139,8 +172,12 @@ def markdown(res: dict) -> str:
         f"{res['loadavg_start']}, at end {res['loadavg_end']}. Allocator: {res['allocator']}.",
         "",
         f"**Median absolute percentage error: {s['mdape'] * 100:.1f}%** over {s['n']} plans "
-        f"(max {s['max_ape'] * 100:.1f}%) against the median measured latency; "
-        f"{s['mdape_best'] * 100:.1f}% against the best-of-rounds measured latency.",
+        f"({len(reps)} repetition(s); max {s['max_ape'] * 100:.1f}%) against the median "
+        f"measured latency; {s['mdape_best'] * 100:.1f}% against the best-of-rounds measured "
+        "latency; "
+        f"{s['mdape_in_rounds'] * 100:.1f}% with the remainder calibrated on the dense model's "
+        "time measured in the same rounds as the plans (the table's own error, without the "
+        "host's drift between calibration and measurement).",
         "",
         f"The measured latency itself moves by a median {s['spread'] * 100:.1f}% between "
         f"rounds ((max − min) / median over the {res['rounds']} rounds of each plan): "
@@ -148,23 +185,42 @@ def markdown(res: dict) -> str:
         "",
         "The `dense` rows calibrated the remainder and are not counted in the error.",
         "",
-        "| model | MdAPE | MdAPE (best-of) | max APE | table entries measured |",
-        "|---|---:|---:|---:|---:|",
+    ]
+    if len(reps) > 1:
+        lines += [
+            "Each repetition starts from an empty table (every entry and the remainder measured "
+            "again), so the spread between repetitions is the host's, not the plans':",
+            "",
+            "| repetition | MdAPE | MdAPE (in-round calibration) | max APE | "
+            "load average at start |",
+            "|---:|---:|---:|---:|---|",
+        ]
+        for i, r in enumerate(reps):
+            lines.append(
+                f"| {i} | {r['mdape'] * 100:.1f}% | {r['mdape_in_rounds'] * 100:.1f}% | "
+                f"{r['max_ape'] * 100:.1f}% | {r['loadavg_start']} |"
+            )
+        lines.append("")
+    lines += [
+        "| model | MdAPE | MdAPE (best-of) | MdAPE (in-round calibration) | max APE | "
+        "table entries measured |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for m, v in s["per_model"].items():
         lines.append(
             f"| {m} | {v['mdape'] * 100:.1f}% | {v['mdape_best'] * 100:.1f}% | "
-            f"{v['max_ape'] * 100:.1f}% | {v['entries']} |"
+            f"{v['mdape_in_rounds'] * 100:.1f}% | {v['max_ape'] * 100:.1f}% | {v['entries']} |"
         )
     lines += [
         "",
-        "| model | plan | mean B | predicted ms | measured ms | best ms | APE |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| rep | model | plan | mean B | predicted ms | measured ms | best ms | APE |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         lines.append(
-            f"| {r['model']} | {r['plan']} | {r['mean_B']:.2f} | {r['predicted_ms']:.2f} | "
-            f"{r['measured_ms']:.2f} | {r['measured_best_ms']:.2f} | {r['ape'] * 100:.1f}% |"
+            f"| {r['rep']} | {r['model']} | {r['plan']} | {r['mean_B']:.2f} | "
+            f"{r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | {r['measured_best_ms']:.2f} | "
+            f"{r['ape'] * 100:.1f}% |"
         )
     return "\n".join(lines) + "\n"
 
@@ -177,10 +233,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--target-s", type=float, default=0.05)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="ignore the on-disk table")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the whole benchmark this many times, each from an empty table (implies "
+        "--fresh when above 1); the error is reported over all runs and per run",
+    )
     p.add_argument("--quick", action="store_true", help="10 plans per model at 64×64")
     p.add_argument("--out", type=Path, default=RESULTS)
     _allocator_flag.add_flag(p)
@@ -189,22 +251,18 @@ def main(argv=None) -> int:
         args.plans, args.size, args.rounds = 10, 64, 3
     torch.set_num_threads(args.threads)
     allocator = _allocator_flag.apply(args)
-    table = LatencyTable(persist=not args.fresh)
     load_start = os.getloadavg()
     start = time.time()
-    rows = []
-    for m in args.models:
-        rows += run_model(m, args, table)
-    apes = [r["ape"] for r in rows if r["plan"] != "dense"]
-    per_model = {}
-    for m in args.models:
-        mine = [r for r in rows if r["model"] == m and r["plan"] != "dense"]
-        per_model[m] = {
-            "mdape": statistics.median(r["ape"] for r in mine),
-            "mdape_best": statistics.median(r["ape_best"] for r in mine),
-            "max_ape": max(r["ape"] for r in mine),
-            "entries": sum(r["new_entries"] for r in mine),
-        }
+    rows: list[dict] = []
+    reps = []
+    for rep in range(args.repeat):
+        table = LatencyTable(persist=not (args.fresh or args.repeat > 1))
+        rep_load = [round(v, 2) for v in os.getloadavg()]
+        mine = []
+        for m in args.models:
+            mine += [{"rep": rep, **r} for r in run_model(m, args, table)]
+        reps.append({**summarize(mine, args.models), "loadavg_start": rep_load})
+        rows += mine
     res = {
         "benchmark": "latency_model",
         "plans_per_model": args.plans,
@@ -215,7 +273,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "layout": "channels_last" if args.channels_last else "contiguous",
         "machine": f"{platform.machine()} {os.cpu_count()} logical CPUs",
-        "cache": str(cache_dir()) if not args.fresh else "(in memory)",
+        "cache": "(in memory)" if args.fresh or args.repeat > 1 else str(cache_dir()),
         "note": "Measured = median over rounds of tieify.latency.measure_latency (rounds cycle "
         "through all plans of a model); the table entries were measured in the same session; "
         "the remainder was calibrated on the dense model, which is not among the plans.",
@@ -223,14 +281,8 @@ def main(argv=None) -> int:
         "loadavg_start": [round(v, 2) for v in load_start],
         "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         "allocator": allocator,
-        "summary": {
-            "mdape": statistics.median(apes),
-            "mdape_best": statistics.median(r["ape_best"] for r in rows if r["plan"] != "dense"),
-            "max_ape": max(apes),
-            "n": len(apes),
-            "spread": statistics.median(r["spread"] for r in rows),
-            "per_model": per_model,
-        },
+        "summary": summarize(rows, args.models),
+        "repetitions": reps,
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -133,5 +133,6 @@ def test_search_latency_tunes_the_allocator_as_the_recipe_says(monkeypatch, allo
     ev = Evaluator.__new__(Evaluator)  # only what _latency reads: no data, no training
     ev.recipe = recipe_from_dict({"latency": {"allocator": allocator, "repeats": 2}})
     ev.latency_input = torch.randn(1, 4)
+    ev.latency_mode = "measured"
     assert ev._latency(torch.nn.Linear(4, 2)) > 0
     assert len(seen) == calls

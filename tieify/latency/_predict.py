@@ -292,9 +292,11 @@ def measure_latency(
     repeats: int = 7,
     threads: int | None = None,
     min_seconds: float = 0.0,
+    warmup: int = 2,
 ) -> float:
     """Measured forward latency in seconds: the median of ``repeats`` timed rounds (eval mode,
-    inference mode, after warm-up), or of more rounds until they span ``min_seconds``.
+    inference mode, after ``warmup`` untimed calls), or of more rounds until they span
+    ``min_seconds``. Each round times enough back-to-back calls to last about 20 ms.
 
     Example:
         >>> import torch
@@ -314,7 +316,7 @@ def measure_latency(
             times = interleaved_medians(
                 {"model": lambda: run_model(model, x)},
                 repeats=repeats,
-                warmup=2,
+                warmup=warmup,
                 target_s=0.02,
                 device=device,
                 min_seconds=min_seconds,

@@ -29,15 +29,13 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import logging
 import math
-import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,7 @@ import torch
 from torch import nn
 
 from .._errors import ModelResolveError, TieifyError
+from ..latency._timing import num_threads
 from ._data import Data, load_data
 from ._recipe import Recipe
 from ._space import Space, apply_assignment, build_space
@@ -103,53 +102,22 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
     setattr(parent, attr, nn.Linear(m.in_features, num_classes, bias=m.bias is not None))
 
 
-@torch.no_grad()
 def measure_latency(
     model: nn.Module, x: torch.Tensor, *, threads: int = 1, repeats: int = 20, warmup: int = 3
 ) -> float:
-    """Median milliseconds per forward pass of ``model(x)`` (eval mode, no grad).
-
-    Each of the ``repeats`` samples times enough back-to-back calls to last about 5 ms; the
-    ``warmup`` calls before are not timed.
+    """Median milliseconds per forward pass of ``model(x)`` (eval mode, inference mode):
+    :func:`tieify.latency.measure_latency` in milliseconds, the measurement the latency
+    model's remainder is calibrated with, so ``measured`` and ``predicted`` agree on what
+    they estimate.
 
     Example:
         >>> import torch
         >>> measure_latency(torch.nn.Linear(4, 4), torch.randn(1, 4), repeats=3) > 0
         True
     """
-    was_training = model.training
-    model.eval()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for _ in range(warmup):
-            model(x)
-        start = time.perf_counter()
-        model(x)
-        once = max(time.perf_counter() - start, 1e-6)
-        iters = max(1, min(200, int(0.005 / once)))
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(iters):
-                model(x)
-            samples.append((time.perf_counter() - start) / iters)
-    finally:
-        torch.set_num_threads(before)
-        model.train(was_training)
-    return 1000.0 * statistics.median(samples)
+    from ..latency import measure_latency as seconds
 
-
-@contextlib.contextmanager
-def _threads(threads: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` for the block (``None``: unchanged)."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return 1000.0 * seconds(model, x, repeats=repeats, threads=threads, warmup=warmup)
 
 
 def _count(model: nn.Module, x: torch.Tensor) -> tuple[int, int | None]:
@@ -201,7 +169,7 @@ class Evaluator:
         self.space: Space = build_space(
             recipe.search.space, model, self.example, recipe.search.choices
         )
-        with _threads(recipe.train.threads):
+        with num_threads(recipe.train.threads):
             self.dense = self._pretrained(model)
             #: ``measured`` or ``predicted``: the recipe's mode with ``auto`` resolved.
             self.latency_mode = self._latency_mode()
@@ -270,7 +238,7 @@ class Evaluator:
             The metrics dict; ``failed_reason`` is set when the candidate could not be built
             or its training diverged, ``pruned`` when ``report`` stopped it.
         """
-        with _threads(self.recipe.train.threads):
+        with num_threads(self.recipe.train.threads):
             return self._evaluate(params, report, weights_path)
 
     def _evaluate(

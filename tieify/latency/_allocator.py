@@ -6,8 +6,8 @@ also hands the top of its heap back to the kernel once more than the trim thresh
 A CNN's activations are megabytes each, so with these defaults a forward pass can take a page
 fault on every 4 KiB page of a large output, on every call, and the fault count changes with
 the order of the allocations before it. ``benchmarks/allocator.py`` measures it: on a 2-core
-host a 1×1 convolution writing a 51 MB output took 35.3 ms with the defaults (12,545 page
-faults a call) and 13.0 ms once the allocator keeps its memory (none). The fault cost
+host a 1×1 convolution writing a 51 MB output took 36.4 ms with the defaults (12,545 page
+faults a call) and 13.2 ms once the allocator keeps its memory (none). The fault cost
 is the same for a dense and a tied layer, so it also hides the tied layer's speed-up, and it
 makes a layer timed alone disagree with the same layer inside a model.
 

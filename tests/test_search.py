@@ -232,7 +232,13 @@ def test_latency_mode_auto_predicts_once_the_table_is_warm(tmp_path: Path, monke
     assert warm.latency_mode == "predicted"
     expected = predict_latency(warm.dense, warm.latency_input, threads=threads)  # lookups only
     assert warm.baseline["latency_ms"] == round(1000.0 * expected, 5)
-    # The first search keeps the mode its baseline recorded (a resumed run, Ray workers).
+    # The first search keeps the mode its baseline recorded (a resumed run, Ray workers),
+    # and a baseline from before modes were recorded counts as measured.
+    assert Evaluator(r, tmp_path / "a", log=False).latency_mode == "measured"
+    (old_baseline,) = (tmp_path / "a" / "baseline").glob("baseline-*.json")
+    raw = json.loads(old_baseline.read_text())
+    del raw["latency_mode"]
+    old_baseline.write_text(json.dumps(raw))
     assert Evaluator(r, tmp_path / "a", log=False).latency_mode == "measured"
     # An explicit mode wins over the table.
     explicit = dataclasses.replace(r, latency=dataclasses.replace(r.latency, mode="measured"))

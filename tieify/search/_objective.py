@@ -313,8 +313,11 @@ class Evaluator:
         if lat.mode != "auto":
             return lat.mode
         cached = self._cached_baseline()
-        if cached is not None and cached.get("latency_mode") in ("measured", "predicted"):
-            return str(cached["latency_mode"])
+        if cached is not None:
+            # A baseline written before modes were recorded was measured (the old default):
+            # keep its trials comparable.
+            recorded = cached.get("latency_mode", "measured")
+            return recorded if recorded in ("measured", "predicted") else "measured"
         self._prepare_allocator()  # the table keys entries by the allocator state
         try:
             from ..latency import is_warm

@@ -212,8 +212,9 @@ def is_warm(
 
 
 #: The remainder's end-to-end measurement spans at least this long. It is cached for every
-#: later plan of the model, and a shared machine's speed moves by 20-30% over a second
-#: (benchmarks/README.md), so one short burst would bias all of them alike.
+#: later plan of the model, and a shared machine's speed moves within seconds (on the 2-core
+#: development host, MobileNetV3's half-second medians went from 12.9 to 17.1 ms within
+#: 1.5 s), so one short burst would bias all of them alike.
 CALIBRATION_SECONDS = 2.0
 
 
@@ -293,10 +294,12 @@ def measure_latency(
     threads: int | None = None,
     min_seconds: float = 0.0,
     warmup: int = 2,
+    sample_seconds: float = 0.02,
 ) -> float:
     """Measured forward latency in seconds: the median of ``repeats`` timed rounds (eval mode,
     inference mode, after ``warmup`` untimed calls), or of more rounds until they span
-    ``min_seconds``. Each round times enough back-to-back calls to last about 20 ms.
+    ``min_seconds``. Each round times enough back-to-back calls to last about
+    ``sample_seconds``.
 
     Example:
         >>> import torch
@@ -317,7 +320,7 @@ def measure_latency(
                 {"model": lambda: run_model(model, x)},
                 repeats=repeats,
                 warmup=warmup,
-                target_s=0.02,
+                target_s=sample_seconds,
                 device=device,
                 min_seconds=min_seconds,
             )

@@ -106,9 +106,9 @@ def measure_latency(
     model: nn.Module, x: torch.Tensor, *, threads: int = 1, repeats: int = 20, warmup: int = 3
 ) -> float:
     """Median milliseconds per forward pass of ``model(x)`` (eval mode, inference mode):
-    :func:`tieify.latency.measure_latency` in milliseconds, the measurement the latency
-    model's remainder is calibrated with, so ``measured`` and ``predicted`` agree on what
-    they estimate.
+    :func:`tieify.latency.measure_latency` in milliseconds (samples of about 5 ms), the
+    estimator the latency model's remainder is calibrated with, so ``measured`` and
+    ``predicted`` agree on what they estimate.
 
     Example:
         >>> import torch
@@ -117,7 +117,10 @@ def measure_latency(
     """
     from ..latency import measure_latency as seconds
 
-    return 1000.0 * seconds(model, x, repeats=repeats, threads=threads, warmup=warmup)
+    # 5 ms samples: a trial's latency is one of many in a search, and cheap to take.
+    return 1000.0 * seconds(
+        model, x, repeats=repeats, threads=threads, warmup=warmup, sample_seconds=0.005
+    )
 
 
 def _count(model: nn.Module, x: torch.Tensor) -> tuple[int, int | None]:

@@ -175,8 +175,9 @@ class Evaluator:
         with num_threads(recipe.train.threads):
             self.dense = self._pretrained(model)
             #: ``measured`` or ``predicted``: the recipe's mode with ``auto`` resolved.
-            self.latency_mode = self._latency_mode()
-            self.baseline = self._baseline_metrics()
+            cached = self._cached_baseline()  # read once: it decides both below
+            self.latency_mode = self._latency_mode(cached)
+            self.baseline = self._baseline_metrics(cached)
 
     # -- the contract with the engines ------------------------------------------------------
 
@@ -308,14 +309,13 @@ class Evaluator:
 
             tune_allocator()
 
-    def _latency_mode(self) -> str:
+    def _latency_mode(self, cached: dict[str, Any] | None) -> str:
         """The recipe's latency mode, ``auto`` resolved: the mode this search's baseline
         recorded (so a resumed search and every Ray worker keep the driver's choice), else
         ``predicted`` when the latency table is warm for the dense model, else ``measured``."""
         lat = self.recipe.latency
         if lat.mode != "auto":
             return lat.mode
-        cached = self._cached_baseline()
         if cached is not None:
             # A baseline written before modes were recorded was measured (the old default):
             # keep its trials comparable.
@@ -410,10 +410,11 @@ class Evaluator:
             return None
         return dict(cached)
 
-    def _baseline_metrics(self) -> dict[str, Any]:
+    def _baseline_metrics(self, cached: dict[str, Any] | None) -> dict[str, Any]:
+        """The dense baseline's metrics: ``cached`` (:meth:`_cached_baseline`) when there is
+        one, else fine-tuned, counted and timed now and written beside the weights."""
         path = self._baseline_path()
         folder = path.parent
-        cached = self._cached_baseline()
         if cached is not None:
             if cached.get("latency_mode") != self.latency_mode:
                 # Same training, another latency mode: only the latency is redone.

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -135,6 +134,8 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.rounds, args.samples = 1, 7
+    from tieify.latency._machine import describe_machine
+
     load_start = [round(v, 2) for v in os.getloadavg()]
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     for r in range(args.rounds):
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
         "samples": args.samples,
         "threads": args.threads,
         "torch": torch.__version__,
-        "machine": f"{platform.machine()} {os.cpu_count()} logical CPUs",
+        "machine": describe_machine(),
         "load_start": load_start,
         "load_end": [round(v, 2) for v in os.getloadavg()],
         "allocator": {m: runs[m][0]["allocator"] for m in MODES},

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _allocator_flag  # noqa: E402
 
+from tieify.latency._machine import describe_machine  # noqa: E402
 from tieify.latency._optimize import choose_path  # noqa: E402
 from tieify.latency._timing import calibrate_iters, time_once  # noqa: E402
 from tieify.nn import (
@@ -259,7 +259,7 @@ def main(argv=None):
         "rounds": args.rounds,
         "B": args.B,
         "torch": torch.__version__,
-        "machine": f"{platform.machine()} {os.cpu_count()} logical CPUs",
+        "machine": describe_machine(),
         "note": "The machine's cores are shared with other jobs: timings are noisy, candidates "
         "are interleaved (ABAB) and E is a median of per-round ratios. 'E ceiling' is the E of "
         "a layer that only reads its input once and allocates and writes its output (the "

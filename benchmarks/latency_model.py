@@ -13,7 +13,7 @@ host's drift between the one-off calibration and the measurement.
 
 Usage::
 
-    python benchmarks/latency_model.py              # 2 × 12 plans at 96×96, ~1 minute
+    python benchmarks/latency_model.py              # 2 × 20 plans at 96×96, ~2 minutes
     python benchmarks/latency_model.py --repeat 3   # three runs, each from an empty table
     python benchmarks/latency_model.py --quick      # 2 × 10 plans at 64×64
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -39,6 +38,7 @@ import _allocator_flag  # noqa: E402
 from models import divisible, is_depthwise, tie_convs  # noqa: E402
 
 from tieify.latency import LatencyTable, cache_dir, measure_latency, predict_latency  # noqa: E402
+from tieify.latency._machine import describe_machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -228,7 +228,7 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Latency model error on random plans.")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--plans", type=int, default=12)
+    p.add_argument("--plans", type=int, default=20)
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "torch": torch.__version__,
         "layout": "channels_last" if args.channels_last else "contiguous",
-        "machine": f"{platform.machine()} {os.cpu_count()} logical CPUs",
+        "machine": describe_machine(),
         "cache": "(in memory)" if args.fresh or args.repeat > 1 else str(cache_dir()),
         "note": "Measured = median over rounds of tieify.latency.measure_latency (rounds cycle "
         "through all plans of a model); the table entries were measured in the same session; "

@@ -11,13 +11,13 @@ Cases (torchvision models, random weights, eval mode):
 For each case and batch size (1 and 8) the dense and tied models run in interleaved rounds
 (medians) in three modes: ``eager`` (NCHW), ``channels_last`` (after ``tieify.optimize``)
 and ``compile`` (``torch.compile(dynamic=False)`` of the channels-last models, once per
-batch size; by default for the ResNet-50 cases only, since each CPU compile takes about a
-minute here). The MAC ratio counts
-convolution and linear multiply-adds (one fused multiply-add = 1 MAC), tied over dense.
+batch size, for every case; ``--compile-cases`` narrows that, since each CPU compile takes
+about a minute here). The MAC ratio counts convolution and linear multiply-adds (one fused
+multiply-add = 1 MAC), tied over dense.
 
 Usage::
 
-    python benchmarks/models.py                  # ~4-10 minutes on 2 cores
+    python benchmarks/models.py                  # ~20-30 minutes on 2 cores (20 compiles)
     python benchmarks/models.py --quick          # 128×128 inputs, no compile, ~3 minutes
     python benchmarks/models.py --compile-dynamic  # torch.compile(dynamic=True) instead
     python benchmarks/models.py --profile --batches 8   # conv vs other time, torch.profiler
@@ -30,7 +30,6 @@ import copy
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _allocator_flag  # noqa: E402
 
 import tieify  # noqa: E402
+from tieify.latency._machine import describe_machine  # noqa: E402
 from tieify.latency._timing import calibrate_iters, time_once  # noqa: E402
 from tieify.nn import TiedConv2d  # noqa: E402
 
@@ -288,7 +288,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--compile-cases",
         nargs="+",
-        default=["resnet50_3x3_B2", "resnet50_all_B4"],
+        default=CASES,
+        choices=CASES,
         help="cases also timed under torch.compile (a CPU compile takes ~1 min per model)",
     )
     p.add_argument(
@@ -336,7 +337,7 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "rounds": args.rounds,
         "torch": torch.__version__,
-        "machine": f"{platform.machine()} {os.cpu_count()} logical CPUs",
+        "machine": describe_machine(),
         "note": "Cores shared with other jobs: noisy; dense and tied interleaved per round.",
         "compile": "dynamic shapes" if args.compile_dynamic else "static shapes, per batch",
         "seconds": round(time.time() - start, 1),

@@ -28,7 +28,7 @@ import _allocator_flag  # noqa: E402
 from tieify.latency._timing import interleaved_samples  # noqa: E402
 from tieify.nn import TiedConv2d, _paths  # noqa: E402
 
-SHAPES = [  # (C_in, C_out, H)
+RESNET50_POINTWISE = [  # (C_in, C_out, H) of ResNet-50's bottleneck 1×1 convs
     (64, 256, 56),
     (256, 64, 56),
     (128, 512, 28),
@@ -37,6 +37,9 @@ SHAPES = [  # (C_in, C_out, H)
     (1024, 256, 14),
     (512, 2048, 7),
     (2048, 512, 7),
+]
+SHAPES = [
+    *RESNET50_POINTWISE,
     (64, 64, 56),
     (960, 240, 1),
     (240, 960, 1),

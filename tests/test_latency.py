@@ -102,7 +102,8 @@ def test_table_persists_on_disk_and_keys_are_specific(fake_timing, tmp_path):
     layer_keys = [k for k in keys if "op" in k]
     assert len(layer_keys) == 2 and len(keys) == 3  # 2 layers + 1 remainder
     k = layer_keys[0]
-    assert set(k) == {"op", "input", "threads", "torch", "allocator"}
+    assert set(k) == {"op", "input", "threads", "torch", "allocator", "machine"}
+    assert k["machine"] == tieify.latency._machine.machine_key("cpu")
     assert k["input"]["layout"] == "contiguous" and k["input"]["dtype"] == "float32"
     assert k["input"]["shape"][0] == 1  # the batch is part of the key
     # A new table object (a new process) reads the entries back: no timing.
@@ -202,7 +203,8 @@ def test_table_key_names_the_path_that_runs():
     def path(layer, x):
         return json.loads(_table.layer_key(layer, x))["op"]["path"]
 
-    assert path(layer, x) == "fold"
+    assert path(layer, x) == "native"  # a small NCHW input
+    assert path(layer, torch.randn(8, 16, 8, 8)) == "fold"  # a large one
     assert path(layer, xc) == "widen"
     assert path(layer, xc[0]) == "widen"  # an unbatched input is looked at as batched
     layer.path = "grouped"
@@ -230,6 +232,30 @@ def test_rounds_extend_to_min_seconds_and_stop_at_the_cap():
     # Each round sleeps 10 ms, so 0.1 s needs more than the 2 requested rounds.
     assert 2 < len(samples["s"]) <= 20
     assert sum(samples["s"]) >= 0.1 - 0.01 * 2
+
+
+def test_another_machine_measures_its_own_table_and_remainder(fake_timing, monkeypatch):
+    """A cache directory shared with another machine serves it none of this one's entries:
+    the machine (CPU model, instruction set, CPU count) is part of every key."""
+    from tieify.latency import _machine, is_warm
+
+    calls, layer_cost = fake_timing
+    x = torch.randn(2, 8, 6, 6)
+    dense = net()
+    attach_costs(dense, x, layer_cost)
+    latency_breakdown(dense, x, table=LatencyTable())
+    assert calls == {"layers": 2, "models": 1}
+    assert is_warm(dense, x, table=LatencyTable())  # this machine, read back from disk
+    here = _machine.machine_key()
+    monkeypatch.setattr(_machine, "_cpu_key", lambda: "Other CPU | x86_64 | AVX2 | 2 CPUs")
+    table = LatencyTable()
+    assert not is_warm(dense, x, table=table)
+    assert table.lookup(dense[0], x, measure=False) is None
+    latency_breakdown(dense, x, table=table)
+    assert calls == {"layers": 4, "models": 2}  # both layers and the remainder again
+    stored = json.loads((tieify.latency.cache_dir() / "latency.json").read_text())["entries"]
+    machines = {json.loads(k)["machine"] for k in stored}
+    assert machines == {here, "Other CPU | x86_64 | AVX2 | 2 CPUs"}
 
 
 def test_is_warm_only_after_the_model_was_predicted(fake_timing):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tieify
-from tieify.latency import _optimize
+from tieify.latency import _machine, _optimize
 from tieify.latency._cache import JsonCache, cache_dir
 from tieify.nn import TiedConv1d, TiedConv2d, TiedConv3d, _paths
 
@@ -141,6 +142,7 @@ def test_resnet_like_shapes(cin, cout, k, stride, B, layout, dtype):
     assert (fast in paths) == (k == 1 or layout == "channels_last")
     # widen: channels-last, and no stride along the innermost axis unless the kernel is 1 there
     assert ("widen" in paths) == (layout == "channels_last" and (k == 1 or stride == 1))
+    assert ("native" in paths) == (layout == "contiguous")  # NCHW, 2-D, one group
 
 
 def test_fast_paths_keep_channels_last_and_the_expected_choice():
@@ -153,8 +155,17 @@ def test_fast_paths_keep_channels_last_and_the_expected_choice():
     assert _paths.default_path(kk, x) == "widen"
     assert _paths.default_path(strided, x) == "lift"  # a stride along W would cross blocks
     assert _paths.default_path(even_same, x) == "lift"
-    assert _paths.default_path(pw, x.contiguous()) == "fold"
-    assert _paths.default_path(kk, x.contiguous()) == "fold"
+    # NCHW: pointwise layers run natively at any size, k×k layers only on small inputs.
+    big = torch.randn(8, 16, 6, 6)  # 4,608 elements > NATIVE_MAX_NUMEL
+    assert big.numel() > _paths.NATIVE_MAX_NUMEL >= x.numel()
+    assert _paths.default_path(pw, x.contiguous()) == "native"
+    assert _paths.default_path(pw, big) == "native"
+    assert _paths.default_path(kk, x.contiguous()) == "native"
+    assert _paths.default_path(kk, big) == "fold"
+    dilated = TiedConv2d(16, 32, 3, padding=2, dilation=2, B=4)
+    assert "native" not in _paths.applicable_paths(dilated, x.contiguous())
+    assert "native" not in _paths.applicable_paths(TiedConv2d(16, 32, 3, groups=2, B=4), big)
+    assert "native" not in _paths.applicable_paths(TiedConv1d(16, 32, 1, B=4), big[..., 0])
     for layer in (pw, kk, strided, even_same):
         y = layer(x)
         assert y.is_contiguous(memory_format=torch.channels_last)
@@ -182,7 +193,7 @@ def test_layout_detection_ignores_batch_and_unit_dims():
 
 def test_pinned_path_is_used_when_it_applies_and_falls_back_otherwise(monkeypatch):
     layer = TiedConv2d(16, 32, 3, padding=1, B=4)
-    x = torch.randn(1, 16, 5, 5)
+    x = torch.randn(1, 16, 20, 20)  # above NATIVE_MAX_NUMEL: the rule folds
     calls = []
     for name in ("fold", "grouped", "lift"):
         orig = _paths._FORWARD[name]
@@ -207,13 +218,16 @@ def test_path_choice_is_remembered_per_input_layout(monkeypatch):
     monkeypatch.setattr(
         _paths, "applicable_paths", lambda lay, t: (checks.append(1), orig(lay, t))[1]
     )
-    x = torch.randn(2, 16, 6, 6)
+    x = torch.randn(8, 16, 6, 6)
     xc = x.contiguous(memory_format=torch.channels_last)
     assert _paths.select_path(layer, x) == "fold"
     n = len(checks)
-    # The same per-sample layout (any batch size) is answered from the memo: no checks.
-    assert _paths.select_path(layer, torch.randn(5, 16, 6, 6)) == "fold"
+    # The same per-sample layout (any batch size as large) is answered from the memo.
+    assert _paths.select_path(layer, torch.randn(9, 16, 6, 6)) == "fold"
     assert len(checks) == n
+    # A batch small enough for the native kernel is another entry.
+    assert _paths.select_path(layer, torch.randn(1, 16, 6, 6)) == "native"
+    assert len(checks) == n + 1
     # Another layout, another path; pinning a path is seen at once (it is part of the key).
     assert _paths.select_path(layer, xc) == "widen"
     layer.path = "lift"
@@ -222,7 +236,7 @@ def test_path_choice_is_remembered_per_input_layout(monkeypatch):
     torch.testing.assert_close(layer(xc), _paths.fold_forward(layer, xc))
     # Bounded: many input sizes never grow the memo past its size.
     for h in range(3, 3 + 2 * _paths._MEMO_SIZE):
-        _paths.select_path(layer, torch.randn(1, 16, h, 4))
+        _paths.select_path(layer, torch.randn(1, 16, h, 4).contiguous(memory_format=CL[2]))
     assert len(layer._path_memo) <= _paths._MEMO_SIZE
 
 
@@ -305,6 +319,34 @@ def test_choice_cached_before_a_new_path_existed_is_timed_again(cache_tmp, monke
     monkeypatch.setattr(_optimize, "_timer", timer)
     tieify.optimize(torch.nn.Sequential(layer), x)
     assert timer.calls == 1 and layer.path == "widen"
+
+
+def test_choice_made_on_another_machine_is_timed_again(cache_tmp, monkeypatch):
+    """A cache directory shared between machines (NFS home, a cluster's nodes) must not pin
+    another CPU's winner: the machine is part of the key."""
+    layer = TiedConv2d(16, 32, 1, B=4)
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    timer = FakeTimer({"fold": 3.0, "gemm": 2.0, "grouped": 2.5, "widen": 1.0})
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    tieify.optimize(torch.nn.Sequential(layer), x)
+    assert timer.calls == 1 and layer.path == "widen"
+    tieify.optimize(torch.nn.Sequential(layer), x)
+    assert timer.calls == 1  # same machine: read from the cache
+    monkeypatch.setattr(_machine, "_cpu_key", lambda: "Other CPU | x86_64 | AVX2 | 2 CPUs")
+    timer.times = {"fold": 3.0, "gemm": 0.5, "grouped": 2.5, "widen": 1.0}
+    tieify.optimize(torch.nn.Sequential(layer), x)
+    assert timer.calls == 2 and layer.path == "gemm"  # timed there, its own winner
+    assert len(json.loads((cache_tmp / "paths.json").read_text())["entries"]) == 2
+
+
+def test_machine_key_names_the_instruction_set_and_cpus():
+    key = _machine.machine_key("cpu")
+    assert torch.backends.cpu.get_cpu_capability() in key
+    assert f"{_machine._usable_cpus()} CPUs" in key
+    assert 1 <= _machine._usable_cpus() <= (os.cpu_count() or 1)
+    assert _machine.machine_key(torch.device("cpu")) == key
+    if torch.cuda.is_available():
+        assert torch.cuda.get_device_name(0) in _machine.machine_key("cuda:0")
 
 
 def test_optimize_ties_are_broken_by_path_order(cache_tmp, monkeypatch):

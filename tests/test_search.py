@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,27 @@ def test_same_recipe_same_results(tmp_path: Path) -> None:
     db = torch.load(next((tmp_path / "b" / "baseline").glob("dense-*.pt")), weights_only=True)
     for k in da:
         torch.testing.assert_close(da[k], db[k], rtol=0, atol=0)
+
+
+def test_baseline_timed_on_another_machine_is_flagged(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A search resumed on another machine keeps its baseline and finished trials, and says
+    that their latencies were timed elsewhere."""
+    from tieify.latency import _machine
+
+    r = load_recipe(_write(tmp_path, tiny_recipe()), {})
+    first = Evaluator(r, tmp_path / "a", log=False)
+    assert first.baseline["machine"] == _machine.machine_key("cpu")
+    (saved,) = (tmp_path / "a" / "baseline").glob("baseline-*.json")
+    before = saved.read_text()
+    with caplog.at_level(logging.WARNING, logger="tieify.search"):
+        Evaluator(r, tmp_path / "a", log=False)  # same machine: silent
+    assert not [m for m in caplog.messages if "another machine" in m]
+    monkeypatch.setattr(_machine, "_cpu_key", lambda: "Other CPU | x86_64 | AVX2 | 2 CPUs")
+    with caplog.at_level(logging.WARNING, logger="tieify.search"):
+        resumed = Evaluator(r, tmp_path / "a", log=False)
+    (warning,) = [m for m in caplog.messages if "another machine" in m]
+    assert first.baseline["machine"] in warning and "Other CPU" in warning
+    assert resumed.baseline == first.baseline and saved.read_text() == before  # kept as is
 
 
 def test_latency_mode_auto_predicts_once_the_table_is_warm(tmp_path: Path, monkeypatch) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from ..nn import _paths
 from ..nn._conv import _TiedConvNd
 from ._cache import JsonCache
+from ._machine import machine_key
 from ._timing import interleaved_medians, num_threads
 
 __all__ = ["optimize", "path_key", "PATH_CACHE"]
@@ -64,7 +65,8 @@ def input_signature(x: torch.Tensor) -> dict[str, Any]:
 
 
 def path_key(layer: nn.Module, x: torch.Tensor, threads: int | None = None) -> str:
-    """The cache key of a (layer configuration, input, thread count) triple, a JSON string.
+    """The cache key of a (layer configuration, input, thread count) triple on this machine
+    (:func:`~tieify.latency._machine.machine_key`), a JSON string.
 
     The candidate paths are part of the key, so a choice made before a new path existed (an
     older tieify) is timed again rather than reused.
@@ -78,6 +80,7 @@ def path_key(layer: nn.Module, x: torch.Tensor, threads: int | None = None) -> s
         ),
         "threads": threads,
         "torch": torch.__version__,
+        "machine": machine_key(x.device),
     }
     return json.dumps(key, sort_keys=True)
 

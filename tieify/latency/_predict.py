@@ -12,7 +12,8 @@ predicted latency = remainder + Σ table[layer]
   :data:`CALIBRATION_SECONDS`), and that time
   minus the sum of its layers' table entries is cached under a key made of the model's
   non-layer structure (and layer output shapes), the input, the thread count, the torch
-  version and the allocator state (:func:`tieify.tune_allocator`). Errors common to all
+  version, the machine (:func:`~tieify.latency._machine.machine_key`) and the allocator
+  state (:func:`tieify.tune_allocator`). Errors common to all
   plans of a model (a layer timed alone vs inside the model) cancel in the differences
   between plans.
 
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from ._allocator import allocator_state
+from ._machine import machine_key
 from ._optimize import input_signature, run_model
 from ._table import TABLE, LatencyTable, is_layer
 from ._timing import interleaved_medians, num_threads
@@ -121,6 +123,7 @@ def _remainder_key(model: nn.Module, outs: dict[str, Any], x: Any, threads: int)
             "input": sig,
             "threads": threads,
             "torch": torch.__version__,
+            "machine": machine_key(x.device if isinstance(x, torch.Tensor) else "cpu"),
             "allocator": allocator_state().label,
         },
         sort_keys=True,

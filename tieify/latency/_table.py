@@ -3,7 +3,8 @@
 An entry is the fastest sampled forward time (seconds) of one layer configuration on one input,
 keyed by the layer's op and hyper-parameters (type, channels, kernel, stride, padding,
 dilation, groups, B, bias, forward path), the input's shape (batch included), dtype, memory
-layout and device, the thread count, the torch version and whether the allocator is tuned
+layout and device, the thread count, the torch version, the machine (CPU model, instruction
+set and CPU count; the GPU for CUDA inputs) and whether the allocator is tuned
 (:func:`tieify.tune_allocator`). Entries are measured lazily, the
 first time a key is asked for, and kept on disk (``latency.json`` in the tieify cache
 directory), so a search pays for each distinct layer once per machine.
@@ -22,6 +23,7 @@ from ..nn import TIED_TYPES, _paths
 from ..nn._conv import _TiedConvNd
 from ._allocator import allocator_state
 from ._cache import JsonCache
+from ._machine import machine_key
 from ._optimize import input_signature, layer_signature, like
 from ._timing import calibrate_iters, num_threads, time_once
 
@@ -60,6 +62,7 @@ def layer_key(layer: nn.Module, x: torch.Tensor, threads: int | None = None) -> 
         "input": input_signature(x),
         "threads": torch.get_num_threads() if threads is None else threads,
         "torch": torch.__version__,
+        "machine": machine_key(x.device),
         # Page faults on large outputs are part of a layer's time under a system allocator.
         "allocator": allocator_state().label,
     }

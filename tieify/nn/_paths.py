@@ -24,13 +24,23 @@ differ only in how the work is laid out for the kernels underneath:
   ``benchmarks/results/``, and for large pointwise ones.
 - ``"grouped"``: the compact dense form, a ``groups·B``-group convolution with the filter
   bank repeated B times (the repeat is part of the graph; parameters stay compact).
+- ``"native"``: the reference fold on a contiguous (NCHW) 2-D input, run by PyTorch's native
+  CPU convolution (``thnn_conv2d``: per sample, an im2col that 1×1 layers skip and one
+  single-threaded GEMM, the samples spread over the threads) instead of oneDNN, which is
+  what ``conv2d`` picks for any batch above 1. oneDNN reorders NCHW tensors to its blocked
+  layout and pays tens of µs per call before any arithmetic: on the folded (N·B)-sample
+  batch that is slower than the native kernel for every pointwise layer measured, and for
+  k×k layers on small inputs (``benchmarks/README.md``). Eager CPU only (the kernel has no
+  decomposition for ``torch.export``/ONNX, so traced graphs keep the other paths).
 
-Which path runs is decided from static properties only (layer attributes, dtype, device,
-shapes other than the batch, the strides of the non-batch dimensions), so ``torch.compile``
-(``fullgraph=True``) and ``torch.export`` with a dynamic batch see one branch. ``layer.path``
-is ``"auto"`` (the cheap rule in :func:`default_path`) or a pinned path name (set by
-:func:`tieify.optimize` after timing); a pinned path that does not apply to an input falls back
-to the rule.
+Which path runs is decided from static properties (layer attributes, dtype, device, shapes
+other than the batch, the strides of the non-batch dimensions), so ``torch.compile``
+(``fullgraph=True``) and ``torch.export`` with a dynamic batch see one branch. The one
+exception is eager-only: whether an NCHW k×k layer's input is small enough for ``native``
+(:data:`NATIVE_MAX_NUMEL`, batch included) — traced graphs never take ``native``.
+``layer.path`` is ``"auto"`` (the cheap rule in :func:`default_path`) or a pinned path name
+(set by :func:`tieify.optimize` after timing); a pinned path that does not apply to an input
+falls back to the rule.
 """
 
 from __future__ import annotations
@@ -40,13 +50,22 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils import _python_dispatch
 
 if TYPE_CHECKING:
     from ._conv import _TiedConvNd
 
-PATHS = ("fold", "gemm", "bmm", "lift", "grouped", "widen")
+PATHS = ("fold", "gemm", "bmm", "lift", "grouped", "widen", "native")
+
+#: Largest input (elements, batch included) on which an NCHW k×k layer takes ``native`` by
+#: default: above it oneDNN's per-call cost is paid off and its kernels win. 3×3 layers at
+#: B = 2 and 4 on 1 and 2 threads: native was faster in all 24 cases up to 4,096 elements,
+#: in 12 of 20 at 8,192 and in 14 of 52 at 16,384-32,768.
+NATIVE_MAX_NUMEL = 4096
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: PyTorch's native (non-oneDNN) CPU 2-D convolution, with autograd; see ``"native"`` above.
+_THNN_CONV2D: Callable[..., torch.Tensor] = torch._C._nn.thnn_conv2d  # type: ignore[attr-defined]
 
 
 # -- layout helpers (static: they never look at the batch size or the batch stride) --------
@@ -247,6 +266,37 @@ def widen_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     return channels_second(y)
 
 
+def _native_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
+    """2-D, one group, no dilation, zero padding expressible as numbers, a dense NCHW float
+    input on the CPU, and a plain eager call (no trace or dispatch mode, see the module doc)."""
+    return (
+        layer._ndim == 2
+        and layer.groups == 1
+        and all(d == 1 for d in layer.dilation)
+        and layer.padding_mode == "zeros"
+        and _widen_padding(layer) is not None
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64, torch.bfloat16)
+        and is_channels_first(x)
+        and type(x) in (torch.Tensor, torch.nn.Parameter)  # not a tracer's fake tensor
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        # nor under a dispatch mode (torch.utils.flop_counter, which tieify.count uses,
+        # miscounts this kernel)
+        and _python_dispatch._get_current_dispatch_mode() is None
+    )
+
+
+def native_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
+    """The fold on PyTorch's native CPU convolution (``thnn_conv2d``) instead of oneDNN."""
+    n, B = x.shape[0], layer.B
+    pad = _widen_padding(layer)
+    assert pad is not None  # guaranteed by _native_applies
+    xf = x.reshape(n * B, layer.in_channels // B, *x.shape[2:])
+    y = _THNN_CONV2D(xf, layer.weight, layer.kernel_size, layer.bias, layer.stride, pad)
+    return y.reshape(n, layer.out_channels, *y.shape[2:])
+
+
 def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     """The compact dense form: a ``groups·B``-group conv with the filter bank repeated B times."""
     B = layer.B
@@ -268,6 +318,7 @@ _FORWARD: dict[str, Callable[[_TiedConvNd, torch.Tensor], torch.Tensor]] = {
     "lift": lift_forward,
     "grouped": grouped_forward,
     "widen": widen_forward,
+    "native": native_forward,
 }
 
 
@@ -287,6 +338,8 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
         paths.append("lift")
     if _widen_applies(layer, x):
         paths.append("widen")
+    if _native_applies(layer, x):
+        paths.append("native")
     return tuple(p for p in PATHS if p in paths)
 
 
@@ -295,10 +348,12 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
 
     Pointwise layers on a channels-last input run as a GEMM (a matrix multiply has the least
     per-call overhead, which decides small and pooled inputs); k×k layers on a channels-last
-    input run widened on CPU where that applies, else lifted (1-D/2-D); everything else,
-    NCHW input included, folds (the batched GEMM is slower than the fold on CPU). Measured in
-    ``benchmarks/results/``; ``tieify.optimize`` times the candidates on the real input
-    instead (e.g. widen beats gemm for large pointwise convs at batch 8).
+    input run widened on CPU where that applies, else lifted (1-D/2-D). On an NCHW input
+    (eager, CPU, 2-D) pointwise layers run ``native``, and k×k layers too while the input has
+    at most :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the batched GEMM is
+    slower than the fold on CPU). Measured in ``benchmarks/``; ``tieify.optimize`` times the
+    candidates on the real input instead (e.g. widen beats gemm for some pointwise convs at
+    batch 8).
     """
     paths = applicable_paths(layer, x)
     if "gemm" in paths:
@@ -307,6 +362,8 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
         return "widen"
     if "lift" in paths:
         return "lift"
+    if "native" in paths and (_is_pointwise(layer) or x.numel() <= NATIVE_MAX_NUMEL):
+        return "native"
     return "fold"
 
 
@@ -317,15 +374,17 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     """The path ``layer`` runs on ``x``: its pinned ``path`` when that applies, else the rule.
 
     The answer depends only on the layer's hyper-parameters, its ``path`` and the input's
-    per-sample shape, strides, dtype and device, so eager calls remember it per layer (the
+    per-sample shape, strides, dtype and device, and whether the whole input is small enough
+    for ``native`` (:data:`NATIVE_MAX_NUMEL`), so eager calls remember it per layer (the
     checks cost ~10 µs a call in Python, as much as a small convolution's kernel). Inside
-    ``torch.compile``/``torch.export`` tracing the checks run every time (shapes may be
-    symbolic there, and the trace keeps only the chosen path).
+    ``torch.compile``/``torch.export``/``torch.jit.trace`` tracing the checks run every time
+    (shapes may be symbolic there, and the trace keeps only the chosen path).
     """
     path = getattr(layer, "path", "auto")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return _select(layer, x, path)
-    key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type)
+    small = x.numel() <= NATIVE_MAX_NUMEL
+    key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, small)
     memo = layer.__dict__.setdefault("_path_memo", {})
     hit = memo.get(key)
     if hit is None:

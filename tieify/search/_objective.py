@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .._errors import ModelResolveError, TieifyError
+from ..latency._machine import machine_key
 from ..latency._timing import num_threads
 from ._data import Data, load_data
 from ._recipe import Recipe
@@ -415,7 +416,19 @@ class Evaluator:
         one, else fine-tuned, counted and timed now and written beside the weights."""
         path = self._baseline_path()
         folder = path.parent
+        machine = machine_key(self.latency_input.device)
         if cached is not None:
+            timed_on = cached.get("machine")
+            if timed_on is not None and timed_on != machine:
+                logger.warning(
+                    "the dense baseline's latency in %s was timed on another machine (%s); this "
+                    "one is %s. Trials timed here are not comparable with it or with the "
+                    "trials timed there: run a search on one kind of machine, or start it "
+                    "in a new output folder to time everything here.",
+                    path,
+                    timed_on,
+                    machine,
+                )
             if cached.get("latency_mode") != self.latency_mode:
                 # Same training, another latency mode: only the latency is redone.
                 cached["latency_ms"] = self._latency(self.dense)
@@ -438,6 +451,7 @@ class Evaluator:
             "latency_ms": self._latency(self.dense),
             "latency_input": list(self.latency_input.shape),
             "latency_mode": self.latency_mode,
+            "machine": machine,
         }
         if not all(math.isfinite(float(v)) for v in (acc, metrics["latency_ms"])):
             raise TieifyError(f"the dense baseline has non-finite metrics: {metrics}")

@@ -1,0 +1,98 @@
+"""Which machine a measurement was taken on.
+
+Every on-disk measurement (latency table entries, model remainders, ``tieify.optimize`` path
+choices) is keyed by :func:`machine_key`, so a cache directory shared between machines (a
+home directory on NFS, a cluster whose nodes differ, a disk image booted on new hardware)
+never serves one machine's timings on another. Two hosts of the same CPU model, instruction
+set and CPU count share entries; that is the intent (their timings agree as far as this
+host's noise can tell).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+import torch
+
+__all__ = ["machine_key", "describe_machine"]
+
+
+def _cpu_model() -> str:
+    """The CPU's model: its name, and on Linux the family/model/stepping numbers and cache
+    size from ``/proc/cpuinfo`` (a virtual machine often reports only a generic name, and the
+    numbers still tell its hosts apart); elsewhere what ``platform`` knows."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block describes them all
+                field, _, value = line.partition(":")
+                fields[field.strip().lower()] = value.strip()
+    except OSError:
+        pass
+    name = fields.get("model name") or fields.get("hardware") or fields.get("cpu model")
+    if not name:
+        return platform.processor() or platform.machine() or "unknown CPU"
+    details = [
+        f"{label} {fields[field]}"
+        for label, field in (
+            ("family", "cpu family"),
+            ("model", "model"),
+            ("stepping", "stepping"),
+            ("cache", "cache size"),
+        )
+        if field in fields
+    ]
+    return f"{name} ({', '.join(details)})" if details else name
+
+
+def _usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_key() -> str:
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{_cpu_model()} | {platform.machine()} | {capability} | {_usable_cpus()} CPUs"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_key(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)} | sm_{major}{minor} | host {_cpu_key()}"
+
+
+def machine_key(device: torch.device | str = "cpu") -> str:
+    """A short description of the hardware that runs work on ``device``: CPU model,
+    architecture, the instruction set torch's CPU kernels use (e.g. ``AVX2``, ``AVX512``)
+    and the usable CPU count; for a CUDA device, the GPU's name and compute capability as
+    well (its host CPU still launches the kernels).
+
+    Example:
+        >>> from tieify.latency._machine import machine_key
+        >>> "CPUs" in machine_key("cpu")
+        True
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_key(index)
+    if device.type == "cpu":
+        return _cpu_key()
+    return f"{device.type} | host {_cpu_key()}"
+
+
+def describe_machine() -> str:
+    """The CPU this process runs on, for benchmark reports: model, architecture, instruction
+    set, usable/all logical CPUs."""
+    return (
+        f"{_cpu_model()}, {platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, "
+        f"{_usable_cpus()} of {os.cpu_count()} logical CPUs usable"
+    )

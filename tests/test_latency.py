@@ -17,7 +17,8 @@ from tieify.nn import TiedConv2d
 @pytest.fixture
 def fake_timing(tmp_path, monkeypatch):
     """Deterministic 'timings': a layer costs its multiply-adds in µs; a model's end-to-end
-    time is its layers' cost plus 100 µs."""
+    time is its layers' cost (times ``measure_latency.in_model``, 1 unless a test sets it)
+    plus 100 µs; a layer stubbed out for the non-layer calibration costs nothing."""
     monkeypatch.setenv("TIEIFY_CACHE_DIR", str(tmp_path))
     calls = {"layers": 0, "models": 0}
 
@@ -41,9 +42,11 @@ def fake_timing(tmp_path, monkeypatch):
         calls["models"] += 1
         total = 0.0
         for m in model.modules():
-            if _table.is_layer(m) and m is not model:
-                total += m._fake_cost  # set by the test from a hook pass
+            if _table.is_layer(m) and m is not model and "forward" not in m.__dict__:
+                total += m._fake_cost * fake_measure.in_model  # _fake_cost: set by the test
         return total + 100e-6
+
+    fake_measure.in_model = 1.0
 
     monkeypatch.setattr(_table, "time_module", fake_time_module)
     monkeypatch.setattr(_predict, "measure_latency", fake_measure)
@@ -81,14 +84,60 @@ def test_prediction_is_table_plus_remainder(fake_timing):
     assert parts["0"] == pytest.approx(mac0 * 1e-6)
     assert parts["3"] == pytest.approx(mac1 * 1e-6)
     assert parts["<remainder>"] == pytest.approx(100e-6)
-    assert calls == {"layers": 2, "models": 1}
+    assert calls == {"layers": 2, "models": 2}  # the whole model and its layers stubbed
     # A plan of the same model: only the new (tied) layers are timed, the remainder is reused.
     predicted = tieify.predict_latency(tied, x, table=table)
     assert predicted == pytest.approx((mac0 + mac1) / 2 * 1e-6 + 100e-6)
-    assert calls == {"layers": 4, "models": 1}
+    assert calls == {"layers": 4, "models": 2}
     # Warm table: nothing is measured again.
     assert tieify.predict_latency(tied, x, table=table) == pytest.approx(predicted)
-    assert calls == {"layers": 4, "models": 1}
+    assert calls == {"layers": 4, "models": 2}
+
+
+def test_layers_are_scaled_to_their_in_model_speed(fake_timing):
+    """Layers that run 1.5× slower inside the model than alone: the calibration finds the
+    scale from the stubbed run, and a plan's prediction sheds the overhead of the work it
+    removes (an additive remainder would keep the dense model's whole overhead)."""
+    calls, layer_cost = fake_timing
+    _predict.measure_latency.in_model = 1.5
+    x = torch.randn(2, 8, 6, 6)
+    dense, tied = net(), net(B=2)
+    attach_costs(dense, x, layer_cost)
+    attach_costs(tied, x, layer_cost)
+    mac0, mac1 = 2 * 16 * 36 * 8 * 9, 2 * 16 * 36 * 16
+    table = LatencyTable()
+    parts = latency_breakdown(dense, x, table=table)
+    assert parts["0"] == pytest.approx(1.5 * mac0 * 1e-6)
+    assert parts["3"] == pytest.approx(1.5 * mac1 * 1e-6)
+    assert parts["<remainder>"] == pytest.approx(100e-6)
+    predicted = tieify.predict_latency(tied, x, table=table)
+    measured = _predict.measure_latency(tied, x)
+    assert predicted == pytest.approx(1.5 * (mac0 + mac1) / 2 * 1e-6 + 100e-6)
+    assert predicted == pytest.approx(measured)
+    additive = (mac0 + mac1) / 2 * 1e-6 + 100e-6 + 0.5 * (mac0 + mac1) * 1e-6
+    assert additive > 1.3 * measured
+
+
+def test_a_model_that_cannot_be_stubbed_keeps_an_additive_remainder(fake_timing, monkeypatch):
+    calls, layer_cost = fake_timing
+    fake = _predict.measure_latency
+    fake.in_model = 1.5
+
+    def no_stubs(model, *args, **kwargs):
+        if any("forward" in m.__dict__ for m in model.modules()):
+            raise RuntimeError("this model reads its layers' outputs")
+        return fake(model, *args, **kwargs)
+
+    monkeypatch.setattr(_predict, "measure_latency", no_stubs)
+    x = torch.randn(2, 8, 6, 6)
+    dense = net()
+    attach_costs(dense, x, layer_cost)
+    parts = latency_breakdown(dense, x, table=LatencyTable())
+    mac0, mac1 = 2 * 16 * 36 * 8 * 9, 2 * 16 * 36 * 16
+    assert parts["0"] == pytest.approx(mac0 * 1e-6)  # scale 1
+    assert parts["<remainder>"] == pytest.approx(0.5 * (mac0 + mac1) * 1e-6 + 100e-6)
+    assert sum(parts.values()) == pytest.approx(fake(dense, x))
+    assert all("forward" not in m.__dict__ for m in dense.modules())  # the stubs are gone
 
 
 def test_table_persists_on_disk_and_keys_are_specific(fake_timing, tmp_path):
@@ -190,7 +239,7 @@ def test_stale_table_entries_are_timed_again(fake_timing):
     assert parts["0"] == pytest.approx(mac0 * 1e-6)
     assert parts["3"] == pytest.approx(mac1 * 1e-6)
     assert parts["<remainder>"] == pytest.approx(100e-6)
-    assert calls == {"layers": 2, "models": 2}
+    assert calls == {"layers": 2, "models": 3}  # whole model twice (before/after), stubbed once
 
 
 def test_table_key_names_the_path_that_runs():
@@ -244,7 +293,7 @@ def test_another_machine_measures_its_own_table_and_remainder(fake_timing, monke
     dense = net()
     attach_costs(dense, x, layer_cost)
     latency_breakdown(dense, x, table=LatencyTable())
-    assert calls == {"layers": 2, "models": 1}
+    assert calls == {"layers": 2, "models": 2}
     assert is_warm(dense, x, table=LatencyTable())  # this machine, read back from disk
     here = _machine.machine_key()
     monkeypatch.setattr(_machine, "_cpu_key", lambda: "Other CPU | x86_64 | AVX2 | 2 CPUs")
@@ -252,7 +301,7 @@ def test_another_machine_measures_its_own_table_and_remainder(fake_timing, monke
     assert not is_warm(dense, x, table=table)
     assert table.lookup(dense[0], x, measure=False) is None
     latency_breakdown(dense, x, table=table)
-    assert calls == {"layers": 4, "models": 2}  # both layers and the remainder again
+    assert calls == {"layers": 4, "models": 4}  # both layers and the remainder again
     stored = json.loads((tieify.latency.cache_dir() / "latency.json").read_text())["entries"]
     machines = {json.loads(k)["machine"] for k in stored}
     assert machines == {here, "Other CPU | x86_64 | AVX2 | 2 CPUs"}

@@ -181,6 +181,24 @@ def test_fast_paths_keep_channels_last_and_the_expected_choice():
     assert xw.data_ptr() == x.data_ptr() and xw.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_native_is_never_taken_under_a_dispatch_mode():
+    """An eager call remembers native for a small NCHW input; the same input under a
+    dispatch mode (torch's flop counter, which tieify.count uses and which cannot count
+    this kernel) must fold instead of reusing that choice."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = TiedConv2d(16, 32, 3, padding=1, B=4)
+    x = torch.randn(1, 16, 6, 6)
+    ref = layer(x)
+    assert _paths.select_path(layer, x) == "native"
+    counter = FlopCounterMode(display=False)
+    with counter:
+        assert _paths.select_path(layer, x) == "fold"
+        y = layer(x)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    assert counter.get_total_flops() == 2 * 32 * 36 * 4 * 9  # 2·O·HW·(C/B)·k², batch 1
+
+
 def test_layout_detection_ignores_batch_and_unit_dims():
     x = torch.randn(3, 8, 1, 1)
     assert _paths.is_channels_last(x) and _paths.is_channels_first(x)

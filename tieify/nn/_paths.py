@@ -377,11 +377,16 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     per-sample shape, strides, dtype and device, and whether the whole input is small enough
     for ``native`` (:data:`NATIVE_MAX_NUMEL`), so eager calls remember it per layer (the
     checks cost ~10 µs a call in Python, as much as a small convolution's kernel). Inside
-    ``torch.compile``/``torch.export``/``torch.jit.trace`` tracing the checks run every time
-    (shapes may be symbolic there, and the trace keeps only the chosen path).
+    ``torch.compile``/``torch.export``/``torch.jit.trace`` tracing and under a dispatch mode
+    the checks run every time (shapes may be symbolic there, the trace keeps only the chosen
+    path, and ``native`` is not taken there).
     """
     path = getattr(layer, "path", "auto")
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or _python_dispatch._get_current_dispatch_mode() is not None  # e.g. a flop counter
+    ):
         return _select(layer, x, path)
     small = x.numel() <= NATIVE_MAX_NUMEL
     key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, small)

@@ -17,7 +17,7 @@ multiply-add = 1 MAC), tied over dense.
 
 Usage::
 
-    python benchmarks/models.py                  # ~20-30 minutes on 2 cores (20 compiles)
+    python benchmarks/models.py                  # ~3-5 minutes here (20 compiles)
     python benchmarks/models.py --quick          # 128×128 inputs, no compile, ~3 minutes
     python benchmarks/models.py --compile-dynamic  # torch.compile(dynamic=True) instead
     python benchmarks/models.py --profile --batches 8   # conv vs other time, torch.profiler

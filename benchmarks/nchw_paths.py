@@ -12,7 +12,7 @@ prints time ratios (> 1: ``native`` is faster):
 
 Usage::
 
-    python benchmarks/nchw_paths.py                # ~3 minutes on 2 cores
+    python benchmarks/nchw_paths.py                # ~30 s here
     python benchmarks/nchw_paths.py --threads 1
 """
 

@@ -266,6 +266,17 @@ def widen_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     return channels_second(y)
 
 
+def _traced() -> bool:
+    """Inside ``torch.compile``/``torch.export``/``torch.jit.trace`` tracing, or under a
+    dispatch mode (``torch.utils.flop_counter``, which ``tieify.count`` uses and which cannot
+    count ``thnn_conv2d``): no ``native`` path, and no memo of an eager call's choice."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or _python_dispatch._get_current_dispatch_mode() is not None
+    )
+
+
 def _native_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
     """2-D, one group, no dilation, zero padding expressible as numbers, a dense NCHW float
     input on the CPU, and a plain eager call (no trace or dispatch mode, see the module doc)."""
@@ -279,11 +290,7 @@ def _native_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
         and x.dtype in (torch.float32, torch.float64, torch.bfloat16)
         and is_channels_first(x)
         and type(x) in (torch.Tensor, torch.nn.Parameter)  # not a tracer's fake tensor
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        # nor under a dispatch mode (torch.utils.flop_counter, which tieify.count uses,
-        # miscounts this kernel)
-        and _python_dispatch._get_current_dispatch_mode() is None
+        and not _traced()
     )
 
 
@@ -382,11 +389,7 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     path, and ``native`` is not taken there).
     """
     path = getattr(layer, "path", "auto")
-    if (
-        torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or _python_dispatch._get_current_dispatch_mode() is not None  # e.g. a flop counter
-    ):
+    if _traced():
         return _select(layer, x, path)
     small = x.numel() <= NATIVE_MAX_NUMEL
     key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, small)

@@ -11,13 +11,25 @@ interleaved run (ABAB rounds, medians of per-round ratios):
   tieify recommends), and on an NCHW input; the better of the two is the headline column.
 
 Dense time is the faster of NCHW and channels-last ``nn.Conv2d`` in the same round (a strict
-baseline). Batch 8, 2 threads by default. Writes ``results/kernels.json`` and
+baseline). Batch 8, 2 threads by default.
+
+Two ceilings bound E for *any* implementation on the machine at hand:
+
+- memory: a layer must at least read its input and allocate and write its output (timed as a
+  sum over the input plus a fill of the output, in the same rounds);
+- compute: the tied layer's multiply-adds (the dense layer's / B) at the machine's peak rate,
+  the highest float32 rate any kernel of the run reached (a 2048² sgemm, timed every round,
+  and every dense convolution). E_compute = peak rate / the dense layer's own rate: where the
+  dense convolution already runs at the peak, E = 1 asks the thin tied layer for the peak too.
+
+The roofline ceiling is the smaller of the two (its time is the larger), and
+``of roofline`` = E tieify / roofline ceiling. Writes ``results/kernels.json`` and
 ``results/kernels.md``.
 
 Usage::
 
-    python benchmarks/kernels.py            # ~3-5 minutes on 2 cores
-    python benchmarks/kernels.py --quick    # fewer rounds, ~1 minute
+    python benchmarks/kernels.py            # ~40 s on 2 cores
+    python benchmarks/kernels.py --quick    # fewer rounds, ~12 s
 """
 
 from __future__ import annotations
@@ -63,6 +75,8 @@ SHAPES = [
     (2048, 512, 7, 1),
 ]
 CL = torch.channels_last
+#: Side of the square sgemm timed as the machine's arithmetic peak (2·n³ flops per call).
+PEAK_GEMM_N = 2048
 
 
 def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
@@ -73,6 +87,7 @@ def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
     dense = torch.nn.Conv2d(ci, co, k, padding=pad, bias=False)
     dense_cl = torch.nn.Conv2d(ci, co, k, padding=pad, bias=False).to(memory_format=CL)
     out_numel = batch * co * h * h
+    ga, gb = torch.randn(PEAK_GEMM_N, PEAK_GEMM_N), torch.randn(PEAK_GEMM_N, PEAK_GEMM_N)
     fns = {
         "dense_nchw": lambda: dense(x),
         "dense_cl": lambda: dense_cl(xc),
@@ -80,6 +95,8 @@ def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
         # whole output; timed separately as a reduction over the input and a fill.
         "read_input": lambda: xc.sum(),
         "write_output": lambda: torch.empty(out_numel).fill_(1.0),
+        # The machine's arithmetic peak, in the same rounds (see the module docstring).
+        "peak_gemm": lambda: torch.mm(ga, gb),
     }
     paths = {}
     for B in Bs:
@@ -106,6 +123,17 @@ def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
                 samples[n].append(time_once(f, iters[n]))
     # Per-round ratios (the same round's dense time), then medians over rounds.
     dense_r = [min(a, b) for a, b in zip(samples["dense_nchw"], samples["dense_cl"], strict=True)]
+    flops = 2 * batch * h * h * ci * co * k * k  # the dense layer's; the tied one's is / B
+
+    def gflops(n_flops, times):
+        return statistics.median(n_flops / t for t in times) / 1e9
+
+    rates = {
+        "dense_gflops": gflops(flops, dense_r),
+        "dense_nchw_gflops": gflops(flops, samples["dense_nchw"]),
+        "dense_cl_gflops": gflops(flops, samples["dense_cl"]),
+        "peak_gemm_gflops": gflops(2 * PEAK_GEMM_N**3, samples["peak_gemm"]),
+    }
     rows = []
     for B in Bs:
 
@@ -126,6 +154,7 @@ def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
             "dense_ms": statistics.median(dense_r) * 1e3,
             "dense_nchw_ms": statistics.median(samples["dense_nchw"]) * 1e3,
             "dense_cl_ms": statistics.median(samples["dense_cl"]) * 1e3,
+            **rates,
             "E_fold": eff(f"fold|{B}"),
             "E_ceiling": statistics.median(
                 d / B / (r + w)
@@ -163,6 +192,23 @@ def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
     return rows
 
 
+def add_compute_ceiling(rows):
+    """Set each row's compute and roofline ceilings from the run's peak float32 rate.
+
+    The peak is the highest median rate of any kernel timed in the run (the sgemm of every
+    shape's rounds, every dense convolution in either layout): a rate this machine reached.
+    """
+    peak = max(
+        r[k] for r in rows for k in ("peak_gemm_gflops", "dense_nchw_gflops", "dense_cl_gflops")
+    )
+    for r in rows:
+        r["peak_gflops"] = peak
+        r["E_compute_ceiling"] = peak / r["dense_gflops"]
+        r["E_roofline"] = min(r["E_ceiling"], r["E_compute_ceiling"])
+        r["of_roofline"] = r["E_tieify"] / r["E_roofline"]
+    return peak
+
+
 def summarize(rows):
     out = {}
     for col in (
@@ -172,9 +218,13 @@ def summarize(rows):
         "E_tieify_cl",
         "E_tieify_nchw",
         "E_ceiling",
+        "E_compute_ceiling",
+        "E_roofline",
+        "of_roofline",
         "E_fold_best",
         "E_grouped_best",
         "E_tieify_best",
+        "dense_gflops",
     ):
         vals = [r[col] for r in rows]
         out[col] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
@@ -190,7 +240,10 @@ def markdown(res):
         "",
         f"E = (dense time / B) / tied time; batch {res['batch']}, {res['threads']} threads, "
         f"{res['rounds']} interleaved rounds, medians of per-round ratios. Machine: "
-        f"{res['machine']}, torch {res['torch']}. {res['note']} Load average (1/5/15 min) at start "
+        f"{res['machine']}, torch {res['torch']}. Peak float32 rate reached in the run: "
+        f"{res['peak_gflops']:.0f} GFLOP/s; the dense convolutions ran at "
+        f"{s['dense_gflops']['min']:.0f}-{s['dense_gflops']['max']:.0f} GFLOP/s (median "
+        f"{s['dense_gflops']['median']:.0f}). {res['note']} Load average (1/5/15 min) at start "
         f"{res['loadavg_start']}, at end {res['loadavg_end']}. Allocator: {res['allocator']}.",
         "",
         "| | median E | min E | max E |",
@@ -203,6 +256,9 @@ def markdown(res):
         ("E_tieify_cl", "tieify, channels_last"),
         ("E_tieify_nchw", "tieify, NCHW"),
         ("E_ceiling", "memory ceiling (time to read the input and write the output)"),
+        ("E_compute_ceiling", "compute ceiling (peak rate / the dense layer's rate)"),
+        ("E_roofline", "roofline ceiling (the smaller of the two)"),
+        ("of_roofline", "tieify E / roofline ceiling"),
         ("E_fold_best", "fold, best-of-rounds times"),
         ("E_grouped_best", "grouped, best-of-rounds times"),
         ("E_tieify_best", "tieify, best-of-rounds times"),
@@ -215,15 +271,17 @@ def markdown(res):
         "(shape, B) cases.",
         "",
         "| C_in | C_out | H | k | B | dense ms | E fold | E grouped | E tieify | E tieify CL "
-        "| E tieify NCHW | E ceiling | × vs fold | path CL | path NCHW |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| E tieify NCHW | E memory | E compute | of roofline | × vs fold | path CL "
+        "| path NCHW |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in res["rows"]:
         lines.append(
             f"| {r['C_in']} | {r['C_out']} | {r['H']} | {r['k']} | {r['B']} | "
             f"{r['dense_ms']:.2f} | {r['E_fold']:.2f} | {r['E_grouped']:.2f} | "
             f"**{r['E_tieify']:.2f}** | {r['E_tieify_cl']:.2f} | {r['E_tieify_nchw']:.2f} | "
-            f"{r['E_ceiling']:.2f} | {r['speedup_vs_fold']:.2f} | {r['path_cl']} | "
+            f"{r['E_ceiling']:.2f} | {r['E_compute_ceiling']:.2f} | {r['of_roofline']:.2f} | "
+            f"{r['speedup_vs_fold']:.2f} | {r['path_cl']} | "
             f"{r['path_nchw']} |"
         )
     return "\n".join(lines) + "\n"
@@ -261,16 +319,20 @@ def main(argv=None):
         "torch": torch.__version__,
         "machine": describe_machine(),
         "note": "The machine's cores are shared with other jobs: timings are noisy, candidates "
-        "are interleaved (ABAB) and E is a median of per-round ratios. 'E ceiling' is the E of "
+        "are interleaved (ABAB) and E is a median of per-round ratios. 'E memory' is the E of "
         "a layer that only reads its input once and allocates and writes its output (the "
         "memory floor of every path, timed as a sum over the input plus a fill of the "
-        "output): where it is below 1, no implementation can reach E = 1 on this machine.",
+        "output). 'E compute' is the peak rate over the dense layer's own rate: the E of a "
+        "tied layer running at the peak. 'of roofline' is E tieify over the smaller of the "
+        "two. Where either is below 1, no implementation can "
+        "reach E = 1 on this machine.",
         "seconds": round(time.time() - start, 1),
         "loadavg_start": [round(v, 2) for v in load_start],
         "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         "allocator": allocator,
         "rows": rows,
     }
+    res["peak_gflops"] = add_compute_ceiling(rows)
     res["summary"] = summarize(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(res, indent=1))

@@ -255,3 +255,39 @@ def test_unknown_preset_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2 and out == ""
     assert err.startswith("tieify report: error: --preset: unknown preset 'root-9'; known")
     assert err.count("\n") == 1
+
+
+def test_latency_measured_json(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tieify import _report
+
+    monkeypatch.setattr(_report, "MEASURE_SECONDS", 0.05)
+    argv = ("resnet18", "--B", "4", *SMALL, "--latency", "measured", "--threads", "1")
+    code, out, err = _run(
+        capsys, "report", *argv, "--channels-last", "--optimize", "--format", "json"
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    lat = data["latency"]
+    assert lat["mode"] == "measured" and lat["threads"] == 1 and lat["rounds"] >= 7
+    assert data["totals"]["latency"]["ratio"] == lat["ratio"] > 0
+    assert "channels-last" in data["title"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--threads", "2"], r"--threads only changes how latency is timed; add --latency"),
+        (["--channels-last", "--optimize"], r"--channels-last, --optimize only change how"),
+        (["--latency", "measured", "--threads", "0"], "--threads must be a positive int"),
+    ],
+)
+def test_latency_flag_errors(
+    capsys: pytest.CaptureFixture[str], flags: list[str], match: str
+) -> None:
+    import re
+
+    code, out, err = _run(capsys, "report", "resnet18", "--B", "4", *SMALL, *flags)
+    assert code == 2 and out == ""
+    assert re.search(match, err.strip()), err

@@ -323,3 +323,23 @@ def test_is_warm_only_after_the_model_was_predicted(fake_timing):
     assert not is_warm(dense, torch.randn(3, 8, 6, 6), table=table)  # another batch size
     assert not is_warm(tied, x, table=table)  # its tied layers have no entries yet
     assert is_warm(dense, x, table=LatencyTable()) is True  # read back from disk
+
+
+def test_every_module_keeps_its_own_training_flag(fake_timing):
+    """A training model with a frozen norm inside comes back exactly so from every timing
+    entry point (``model.train(flag)`` would set one flag on all of them)."""
+    calls, layer_cost = fake_timing
+    model = net(B=2)
+    model.train()
+    model[1].eval()
+    flags = [m.training for m in model.modules()]
+    x = torch.randn(1, 8, 6, 6)
+    attach_costs(model, x, layer_cost)
+    tieify.predict_latency(model, x)
+    assert [m.training for m in model.modules()] == flags
+    tieify.optimize(model, x)
+    assert [m.training for m in model.modules()] == flags
+    measure_latency(model, x, repeats=1, warmup=0)
+    assert [m.training for m in model.modules()] == flags
+    assert tieify.count(model, x).macs > 0
+    assert [m.training for m in model.modules()] == flags

@@ -350,3 +350,66 @@ def test_timm_tied_rows_cost_dense_over_B(name: str) -> None:
         if r.action == "leave":
             assert r.params_after == r.params_before, r.name
     assert rep.totals()["params_after"] == sum(p.numel() for p in tied_model.parameters())
+
+
+# -- latency -------------------------------------------------------------------------------
+
+
+def test_measured_latency_leaves_models_as_they_were(
+    models: tuple[Net, Net], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tieify import _report
+
+    monkeypatch.setattr(_report, "MEASURE_SECONDS", 0.05)
+    net, tied = copy.deepcopy(models)
+    net.train()
+    net.bn.eval()  # a frozen norm inside a training model: its own flag must come back
+    flags = {n: m.training for n, m in net.named_modules()}
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rep = report(net, tied, X, latency="measured", threads=1)
+    assert {n: m.training for n, m in net.named_modules()} == flags
+    for k, v in net.state_dict().items():  # no running-statistics update either
+        torch.testing.assert_close(v, before[k])
+    lat = rep.latency
+    assert lat is not None and lat.mode == "measured" and lat.threads == 1
+    assert lat.rounds is not None and lat.rounds >= 7
+    assert lat.before_ms > 0 and lat.after_ms > 0 and lat.ratio > 0
+    assert rep.totals()["latency"]["saved_pct"] == round(100 * (1 - lat.ratio), 2)
+    assert json.loads(rep.to_json())["latency"]["rounds"] == lat.rounds
+    assert "latency ms (measured)" in str(rep)
+    assert f"medians of {lat.rounds} interleaved rounds; 1 thread on" in str(rep)
+
+
+def test_predicted_latency_rendered_from_the_predictions(
+    models: tuple[Net, Net], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tieify.latency import _predict
+
+    net, tied = models
+    seen = []
+
+    def fake_predict(model: nn.Module, example_inputs: torch.Tensor, **kw: object) -> float:
+        seen.append((model, example_inputs))
+        return 2e-3 if model is net else 5e-4
+
+    monkeypatch.setattr(_predict, "predict_latency", fake_predict)
+    rep = report(net, tied, X, latency="predicted")
+    assert [m for m, _ in seen] == [net, tied] and all(x is X for _, x in seen)
+    assert rep.latency is not None
+    assert (rep.latency.before_ms, rep.latency.after_ms) == pytest.approx((2.0, 0.5))
+    assert rep.latency.ratio == pytest.approx(0.25) and rep.latency.rounds is None
+    assert rep.totals()["latency"]["saved_pct"] == 75.0
+    assert "| latency ms (predicted) | 2.000 | 0.500 | 75.0% |" in rep.to_markdown()
+    line = next(ln for ln in str(rep).splitlines() if ln.startswith("latency ms"))
+    assert line.split()[-3:] == ["2.000", "0.500", "75.0%"]
+    assert "predicted by tieify.predict_latency" in rep.to_markdown()
+    assert report(net, tied, X).latency is None
+    assert report(net, tied, X).totals()["latency"] is None
+
+
+def test_bad_latency_arguments(models: tuple[Net, Net]) -> None:
+    net, tied = models
+    with pytest.raises(ValueError, match="latency must be None, 'measured' or 'predicted'"):
+        report(net, tied, X, latency="fast")
+    with pytest.raises(ValueError, match="threads must be a positive int or None, but got 0"):
+        report(net, tied, X, latency="measured", threads=0)

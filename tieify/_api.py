@@ -10,6 +10,7 @@ from torch import nn
 
 from ._attention import detect_attention
 from ._errors import TieError
+from ._modes import eval_mode
 from ._plan import LayerPlan, Plan
 from ._spec import Match, Patterns, Spec, nearest
 from ._trace import Layer, discover, qualname
@@ -307,14 +308,8 @@ def plan(
 
 def _run(model: nn.Module, example_inputs: Any) -> Any:
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(*args)
-    finally:
-        for m, flag in modes:
-            m.training = flag
+    with eval_mode(model), torch.no_grad():
+        return model(*args)
 
 
 def _shapes(out: Any) -> Any:

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._modes import eval_mode
+
 __all__ = ["Counts", "count", "count_params", "params_by_module"]
 
 COUNTERS = ("auto", "fvcore", "flop_counter")
@@ -213,14 +215,8 @@ def _shapes(inputs: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
 @contextlib.contextmanager
 def _eval_no_grad(model: nn.Module) -> Iterator[None]:
     """Eval mode and no_grad for the count; restores every module's training flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 class _Capture(logging.Handler):

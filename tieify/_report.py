@@ -1,9 +1,12 @@
-"""``tieify.report``: what tying changed, layer by layer, in parameters and multiply-adds.
+"""``tieify.report``: what tying changed, layer by layer, in parameters and multiply-adds,
+and on request in latency.
 
 Units: **params** (stored scalars, shared storage counted once), **MACs (multiply-adds)**
 (one fused multiply-add = 1, fvcore's unit, for the whole batch of ``example_inputs``) and
 **FLOPs = 2·MACs**. Counting is :func:`tieify.count`'s (fvcore, falling back to
-``torch.utils.flop_counter``).
+``torch.utils.flop_counter``). Latency (``latency="measured"`` or ``"predicted"``) is the
+whole model's forward time on this machine, in milliseconds: measured side by side
+(interleaved rounds, medians) or predicted by :func:`tieify.predict_latency`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,7 +24,7 @@ from torch import nn
 from ._count import Counts, count
 from .nn import TIED_TYPES
 
-__all__ = ["Report", "ReportRow", "report"]
+__all__ = ["Report", "ReportLatency", "ReportRow", "report"]
 
 REPORT_VERSION = 1
 UNITS = {
@@ -38,6 +42,9 @@ _SHORT_KIND = {
     "functional_linear": "F.linear",
 }
 _ATTENTION_ORDER = ("SE", "GC", "CBAM")
+LATENCY_MODES = ("measured", "predicted")
+#: Measured latency: timed rounds (both models in each) spanning at least this long.
+MEASURE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,41 @@ class ReportRow:
         return f"{self.in_channels}→{self.out_channels}"
 
 
+@dataclass(frozen=True)
+class ReportLatency:
+    """Forward latency of the original and the tied model on this machine (milliseconds).
+
+    ``ratio`` is tied / original: for ``"measured"`` the median of per-round ratios (both
+    models timed in every round, so a burst of load hits both), for ``"predicted"`` the
+    quotient of the two predictions. ``rounds`` is the number of measured rounds (``None``
+    when predicted).
+    """
+
+    mode: str
+    before_ms: float
+    after_ms: float
+    ratio: float
+    threads: int
+    machine: str
+    rounds: int | None = None
+
+    @property
+    def saved_pct(self) -> float:
+        return round(100.0 * (1.0 - self.ratio), 2)
+
+    def describe(self) -> str:
+        how = (
+            f"measured side by side, medians of {self.rounds} interleaved rounds"
+            if self.mode == "measured"
+            else "predicted by tieify.predict_latency (per-layer table + calibrated remainder)"
+        )
+        return (
+            f"Latency: {how}; {self.threads} thread{'s' if self.threads != 1 else ''} on "
+            f"{self.machine}; tied / original "
+            f"{self.ratio:.3f}."
+        )
+
+
 def _pct(before: int | None, after: int | None) -> float | None:
     if not before or after is None:
         return None
@@ -126,6 +168,7 @@ class Report:
     from_plan: bool = True
     notes: tuple[str, ...] = field(default_factory=tuple)
     title: str = ""
+    latency: ReportLatency | None = None
 
     # -- totals ----------------------------------------------------------------------------
 
@@ -147,6 +190,16 @@ class Report:
             "macs_before": b.macs - listed["macs_before"],
             "macs_after": a.macs - listed["macs_after"],
         }
+        latency = None
+        if self.latency is not None:
+            lat = self.latency
+            latency = {
+                "mode": lat.mode,
+                "before_ms": lat.before_ms,
+                "after_ms": lat.after_ms,
+                "ratio": lat.ratio,
+                "saved_pct": lat.saved_pct,
+            }
         return {
             "params_before": b.params,
             "params_after": a.params,
@@ -161,6 +214,7 @@ class Report:
             "layers_left": sum(r.action == "leave" for r in rows),
             "attention": groups,
             "other": other,
+            "latency": latency,
         }
 
     @staticmethod
@@ -248,6 +302,16 @@ class Report:
                     _fmt_pct(g["macs_saved_pct"]),
                 ]
             )
+        if self.latency is not None:
+            lat = self.latency
+            lines.append(
+                [
+                    f"latency ms ({lat.mode})",
+                    f"{lat.before_ms:.3f}",
+                    f"{lat.after_ms:.3f}",
+                    _fmt_pct(lat.saved_pct),
+                ]
+            )
         return lines
 
     def _footer(self) -> list[str]:
@@ -264,6 +328,8 @@ class Report:
         ops = sorted(set(self.before.unsupported_ops) | set(self.after.unsupported_ops))
         if ops:
             lines.append("Not counted (ops no counter covers): " + ", ".join(ops) + ".")
+        if self.latency is not None:
+            lines.append(self.latency.describe())
         lines.extend(self.notes)
         lines.extend(n for n in self.before.notes + self.after.notes if n not in self.notes)
         return lines
@@ -339,6 +405,7 @@ class Report:
                 "after": dict(self.after.unsupported_ops),
             },
             "from_plan": self.from_plan,
+            "latency": None if self.latency is None else asdict(self.latency),
             "notes": list(self.notes) + list(self.before.notes) + list(self.after.notes),
         }
 
@@ -551,8 +618,11 @@ def report(
     plan: Any = None,
     counter: str = "auto",
     title: str = "",
+    latency: str | None = None,
+    threads: int | None = None,
 ) -> Report:
-    """Compare ``tied`` with ``model``: per-layer and total parameters and multiply-adds.
+    """Compare ``tied`` with ``model``: per-layer and total parameters and multiply-adds, and
+    on request the whole model's forward latency.
 
     Rows come from the plan that built ``tied`` (``tied.tieify_plan``, or ``plan=``): kind,
     action, B/G, attention branch and the reason a layer was left. Without a plan, every
@@ -566,6 +636,14 @@ def report(
         plan: a :class:`tieify.Plan` to use instead of ``tied.tieify_plan``.
         counter: ``"auto"``, ``"fvcore"`` or ``"flop_counter"`` (see :func:`tieify.count`).
         title: a heading for the rendered tables.
+        latency: ``None`` (counts only, the default: exact and quick), ``"measured"`` (both
+            models timed side by side on ``example_inputs``, in interleaved rounds spanning
+            at least :data:`MEASURE_SECONDS`; medians) or ``"predicted"``
+            (:func:`tieify.predict_latency`, which times only layer configurations its
+            on-disk table does not hold yet). Inference in eval mode; both models are left as
+            they were. Pass inputs (and models) in the memory layout, dtype and device to
+            time, and run :func:`tieify.optimize` on ``tied`` first to time its fastest paths.
+        threads: intra-op threads for the latency (default: the current setting).
 
     Returns:
         A :class:`Report`; print it, or call ``to_markdown()``, ``to_json()``, ``to_csv()``.
@@ -582,6 +660,15 @@ def report(
     for arg, value in (("model", model), ("tied", tied)):
         if not isinstance(value, nn.Module):
             raise TypeError(f"report(): `{arg}` must be an nn.Module, but got {type(value)}.")
+    if latency is not None and latency not in LATENCY_MODES:
+        raise ValueError(
+            f"report(): latency must be None, 'measured' or 'predicted', but got {latency!r}; "
+            "e.g. report(model, tied, x, latency='measured')."
+        )
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"report(): threads must be a positive int or None, but got {threads!r}.")
     if example_inputs is None:
         example_inputs = _example(model)
     before = count(model, example_inputs, counter=counter)
@@ -594,6 +681,7 @@ def report(
             before = count(model, example_inputs, counter="flop_counter")
         if after.counter != "flop_counter":
             after = count(tied, example_inputs, counter="flop_counter")
+    timed = None if latency is None else _latency(model, tied, example_inputs, latency, threads)
     plan = plan if plan is not None else getattr(tied, "tieify_plan", None)
     if plan is not None and hasattr(plan, "layers"):
         rows = _rows_from_plan(plan, model, tied, before, after)
@@ -609,4 +697,48 @@ def report(
         from_plan=from_plan,
         notes=tuple(notes),
         title=title,
+        latency=timed,
+    )
+
+
+def _device_of(example_inputs: Any) -> torch.device:
+    from .latency._predict import _example_tensor
+
+    t = _example_tensor(example_inputs)
+    return torch.device("cpu") if t is None else t.device
+
+
+def _latency(
+    model: nn.Module, tied: nn.Module, example_inputs: Any, mode: str, threads: int | None
+) -> ReportLatency:
+    """Both models' forward latency (see :func:`report`'s ``latency``)."""
+    from .latency import _predict
+    from .latency._machine import describe_machine
+    from .latency._timing import num_threads
+
+    with num_threads(threads):
+        n_threads = torch.get_num_threads()
+        rounds = None
+        if mode == "measured":
+            samples = _predict.measure_side_by_side(
+                {"before": model, "after": tied}, example_inputs, min_seconds=MEASURE_SECONDS
+            )
+            before = statistics.median(samples["before"])
+            after = statistics.median(samples["after"])
+            ratio = statistics.median(
+                a / b for a, b in zip(samples["after"], samples["before"], strict=True)
+            )
+            rounds = len(samples["before"])
+        else:
+            before = _predict.predict_latency(model, example_inputs)
+            after = _predict.predict_latency(tied, example_inputs)
+            ratio = after / before
+    return ReportLatency(
+        mode=mode,
+        before_ms=before * 1e3,
+        after_ms=after * 1e3,
+        ratio=ratio,
+        threads=n_threads,
+        machine=describe_machine(_device_of(example_inputs)),
+        rounds=rounds,
     )

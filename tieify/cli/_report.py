@@ -6,6 +6,7 @@ Examples::
     tieify report resnet50 --B "layer4.*=8,*=4" --format markdown -o report.md
     tieify report timm:seresnext26d_32x4d --B 4 --input-size 3,256,256 --format json
     tieify report mynet.py:make_net --groups 2 --input-size 3,32,32
+    tieify report resnet50 --B 4 --latency measured --channels-last --optimize --batch 8
 
 SPEC (``--B``, ``--groups``): an int; comma-separated ``pattern=value`` pairs over qualified
 module names (glob patterns; ``none`` leaves the layer); or a YAML/JSON file holding an int
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import SpecError
+from .._modes import eval_mode
 
 __all__ = ["add_parser", "parse_spec", "parse_input_size", "run"]
 
@@ -34,10 +36,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``tieify report`` on ``subparsers``."""
     p = subparsers.add_parser(
         "report",
-        help="tie a model and report parameters and multiply-adds per layer",
+        help="tie a model and report parameters and multiply-adds per layer (and latency)",
         description=(
             "Tie MODEL with the given B/groups and print per-layer and total parameters and "
-            "multiply-adds (MACs; FLOPs = 2·MACs), before and after."
+            "multiply-adds (MACs; FLOPs = 2·MACs), before and after; with --latency, the "
+            "whole model's forward latency on this machine too."
         ),
         epilog=(
             "MODEL: a torchvision name (resnet50), timm:NAME, package.module:factory or "
@@ -60,6 +63,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="auto",
         choices=("auto", "fvcore", "flop_counter"),
         help="MAC counter (auto: fvcore, torch.utils.flop_counter when its trace fails)",
+    )
+    p.add_argument(
+        "--latency",
+        choices=("measured", "predicted"),
+        help="also report forward latency (eval, inference): 'measured' times both models "
+        "side by side; 'predicted' uses tieify.predict_latency's on-disk table",
+    )
+    p.add_argument(
+        "--threads", metavar="N", help="intra-op threads for --latency (default: torch's)"
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="time both models and the input in channels-last memory format (--latency)",
+    )
+    p.add_argument(
+        "--optimize",
+        action="store_true",
+        help="run tieify.optimize on the tied model before timing it (--latency)",
     )
     p.add_argument("--format", default="table", choices=FORMATS, help="output format (table)")
     p.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE")
@@ -184,14 +206,14 @@ def parse_input_size(text: str) -> tuple[int, ...]:
     return size
 
 
-def _parse_batch(text: str) -> int:
+def _positive_int(text: str, flag: str) -> int:
     try:
-        batch = int(text)
+        value = int(text)
     except ValueError:
-        batch = 0
-    if batch < 1:
-        raise SpecError(f"--batch must be a positive int, but got {text!r}; e.g. --batch 1.")
-    return batch
+        value = 0
+    if value < 1:
+        raise SpecError(f"{flag} must be a positive int, but got {text!r}; e.g. {flag} 1.")
+    return value
 
 
 # -- running -------------------------------------------------------------------------------
@@ -218,10 +240,8 @@ def _probe(model: Any, x: Any, size: tuple[int, ...], given: bool) -> None:
     """Run the model once so that a wrong input size fails with one readable line."""
     import torch
 
-    training = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(x)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -231,9 +251,6 @@ def _probe(model: Any, x: Any, size: tuple[int, ...], given: bool) -> None:
             f"failed with {type(err).__name__}: {first[:300]}; give the size it expects with "
             "--input-size C,H,W."
         ) from None
-    finally:
-        for m, flag in training:
-            m.training = flag
 
 
 def _describe(args: argparse.Namespace) -> str:
@@ -266,7 +283,22 @@ def run(args: argparse.Namespace) -> int:
     groups = parse_spec(args.groups, "--groups")
     size_given = args.input_size is not None
     size = parse_input_size(args.input_size) if size_given else None
-    batch = _parse_batch(args.batch)
+    batch = _positive_int(args.batch, "--batch")
+    threads = None if args.threads is None else _positive_int(args.threads, "--threads")
+    timing_flags = [
+        flag
+        for flag, given in (
+            ("--threads", threads is not None),
+            ("--channels-last", args.channels_last),
+            ("--optimize", args.optimize),
+        )
+        if given
+    ]
+    if timing_flags and args.latency is None:
+        raise SpecError(
+            f"{', '.join(timing_flags)} only {'changes' if len(timing_flags) == 1 else 'change'} "
+            "how latency is timed; add --latency measured or --latency predicted."
+        )
     if B is None and groups is None and not args.preset:
         raise SpecError(
             "nothing to tie: give --B SPEC, --groups SPEC or --preset NAME; e.g. "
@@ -298,8 +330,24 @@ def run(args: argparse.Namespace) -> int:
 
         tied = tieify(model, example_inputs=x, **kwargs)
     shape = "×".join(str(v) for v in (batch, *size))
-    title = f"tieify report {args.model} {_describe(args)} (input {shape})"
-    rep = report(model, tied, x, counter=args.counter, title=title)
+    layout = ", channels-last" if args.channels_last else ""
+    title = f"tieify report {args.model} {_describe(args)} (input {shape}{layout})"
+    if args.channels_last:
+        if x.dim() != 4:
+            raise SpecError(
+                f"--channels-last needs a 4-D input (N,C,H,W), but the input is "
+                f"{x.dim()}-D ({shape}); drop --channels-last."
+            )
+        x = x.contiguous(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
+        tied = tied.to(memory_format=torch.channels_last)
+    if args.optimize:
+        from ..latency import optimize
+
+        optimize(tied, x, threads=threads)
+    rep = report(
+        model, tied, x, counter=args.counter, title=title, latency=args.latency, threads=threads
+    )
 
     to_terminal = args.output is None and args.format == "table" and sys.stdout.isatty()
     text = _render(rep, args.format, to_terminal)

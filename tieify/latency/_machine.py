@@ -89,10 +89,17 @@ def machine_key(device: torch.device | str = "cpu") -> str:
     return f"{device.type} | host {_cpu_key()}"
 
 
-def describe_machine() -> str:
-    """The CPU this process runs on, for benchmark reports: model, architecture, instruction
-    set, usable/all logical CPUs."""
-    return (
+def describe_machine(device: torch.device | str = "cpu") -> str:
+    """The hardware that runs work on ``device``, for reports: the CPU's model, architecture,
+    instruction set and usable/all logical CPUs; for a CUDA device the GPU's name first."""
+    cpu = (
         f"{_cpu_model()}, {platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, "
         f"{_usable_cpus()} of {os.cpu_count()} logical CPUs usable"
     )
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"{torch.cuda.get_device_name(index)} (host: {cpu})"
+    if device.type != "cpu":
+        return f"{device.type} (host: {cpu})"
+    return cpu

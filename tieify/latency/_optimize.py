@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._modes import eval_mode
 from ..nn import _paths
 from ..nn._conv import _TiedConvNd
 from ._cache import JsonCache
@@ -103,13 +104,10 @@ def _capture_inputs(
             seen[module] = x.detach()
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, types)]
-    was_training = model.training
-    model.eval()  # no running-statistics update from this look-only pass
-    try:
-        with torch.no_grad():
+    try:  # eval: no running-statistics update from this look-only pass
+        with eval_mode(model), torch.no_grad():
             run_model(model, example_inputs)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return seen

@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+import statistics
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from .._modes import eval_mode
 from ._allocator import allocator_state
 from ._machine import machine_key
 from ._optimize import input_signature, run_model
 from ._table import TABLE, LatencyTable, is_layer
-from ._timing import interleaved_medians, num_threads
+from ._timing import interleaved_samples, num_threads
 
 __all__ = ["predict_latency", "measure_latency", "latency_breakdown", "is_warm"]
 
@@ -93,13 +95,9 @@ def _capture(model: nn.Module, example_inputs: Any, layers: list[tuple[str, nn.M
 
 def _traced_layers(model: nn.Module, example_inputs: Any):
     """The layers that ran on ``example_inputs`` (in eval mode), with their inputs and outputs."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         layers = _layers(model)
         ins, outs = _capture(model, example_inputs, layers)
-    finally:
-        model.train(was_training)
     return [(n, m) for n, m in layers if n in ins], ins, outs
 
 
@@ -146,31 +144,26 @@ def latency_breakdown(
     table = TABLE if table is None else table
     if not isinstance(model, nn.Module):
         raise TypeError(f"latency_breakdown expects an nn.Module, but got {type(model).__name__}.")
-    with num_threads(threads):
+    with num_threads(threads), eval_mode(model):
         n_threads = torch.get_num_threads()
-        was_training = model.training
-        model.eval()
-        try:
-            layers, ins, outs = _traced_layers(model, example_inputs)
-            out: dict[str, float] = {}
-            for name, layer in layers:
-                seconds = table.lookup(layer, ins[name], threads=n_threads, repeats=repeats)
-                out[name] = float(seconds or 0.0)
-            if layers == [("", model)]:
-                out["<remainder>"] = 0.0
-                return out
-            key = _remainder_key(model, outs, _example_tensor(example_inputs), n_threads)
-            rem = table.get_value(key)
-            if not _is_remainder(rem):
-                rem = _calibrate(model, example_inputs, layers, ins, outs, out, table, repeats)
-                table.set_value(key, rem)
-            scale = float(rem["scale"])
-            for name in out:
-                out[name] *= scale
-            out["<remainder>"] = float(rem["nonlayer"])
+        layers, ins, outs = _traced_layers(model, example_inputs)
+        out: dict[str, float] = {}
+        for name, layer in layers:
+            seconds = table.lookup(layer, ins[name], threads=n_threads, repeats=repeats)
+            out[name] = float(seconds or 0.0)
+        if layers == [("", model)]:
+            out["<remainder>"] = 0.0
             return out
-        finally:
-            model.train(was_training)
+        key = _remainder_key(model, outs, _example_tensor(example_inputs), n_threads)
+        rem = table.get_value(key)
+        if not _is_remainder(rem):
+            rem = _calibrate(model, example_inputs, layers, ins, outs, out, table, repeats)
+            table.set_value(key, rem)
+        scale = float(rem["scale"])
+        for name in out:
+            out[name] *= scale
+        out["<remainder>"] = float(rem["nonlayer"])
+        return out
 
 
 def is_warm(
@@ -385,23 +378,47 @@ def measure_latency(
         >>> measure_latency(torch.nn.ReLU(), torch.randn(8)) > 0
         True
     """
-    was_training = model.training
-    model.eval()
+    samples = measure_side_by_side(
+        {"model": model},
+        example_inputs,
+        repeats=repeats,
+        threads=threads,
+        min_seconds=min_seconds,
+        warmup=warmup,
+        sample_seconds=sample_seconds,
+    )
+    return statistics.median(samples["model"])
+
+
+def measure_side_by_side(
+    models: dict[str, nn.Module],
+    example_inputs: Any,
+    *,
+    repeats: int = 7,
+    threads: int | None = None,
+    min_seconds: float = 0.0,
+    warmup: int = 2,
+    sample_seconds: float = 0.02,
+) -> dict[str, list[float]]:
+    """Seconds per forward of each model, one sample per interleaved round (A B A B ...), so
+    that a burst of load on a shared machine hits every model alike; arguments as in
+    :func:`measure_latency`. Each model is timed in eval and inference mode, and every one
+    of its modules gets its own training flag back."""
     x = example_inputs
     device = None
     t = _example_tensor(x)
     if t is not None and t.device.type == "cuda":
         device = t.device
-    try:
-        with num_threads(threads), torch.inference_mode():
-            times = interleaved_medians(
-                {"model": lambda: run_model(model, x)},
-                repeats=repeats,
-                warmup=warmup,
-                target_s=sample_seconds,
-                device=device,
-                min_seconds=min_seconds,
-            )
-    finally:
-        model.train(was_training)
-    return times["model"]
+
+    def call(m: nn.Module) -> Callable[[], Any]:
+        return lambda: run_model(m, x)
+
+    with eval_mode(*models.values()), num_threads(threads), torch.inference_mode():
+        return interleaved_samples(
+            {name: call(m) for name, m in models.items()},
+            repeats=repeats,
+            warmup=warmup,
+            target_s=sample_seconds,
+            device=device,
+            min_seconds=min_seconds,
+        )

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._modes import eval_mode
 from ._recipe import TrainConfig
 
 __all__ = ["fit", "accuracy", "Diverged", "Pruned", "FitResult"]
@@ -77,17 +78,13 @@ def accuracy(model: nn.Module, data: Dataset[Any], batch_size: int = 256) -> flo
         >>> accuracy(net, ds)
         1.0
     """
-    was_training = model.training
-    model.eval()
     device = _device(model)
     correct = total = 0
-    try:
+    with eval_mode(model):
         for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
             pred = model(x.to(device)).argmax(1)
             correct += int((pred == y.to(device)).sum())
             total += int(y.numel())
-    finally:
-        model.train(was_training)
     return correct / max(total, 1)
 
 

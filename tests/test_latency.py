@@ -16,9 +16,10 @@ from tieify.nn import TiedConv2d
 
 @pytest.fixture
 def fake_timing(tmp_path, monkeypatch):
-    """Deterministic 'timings': a layer costs its multiply-adds in µs; a model's end-to-end
-    time is its layers' cost (times ``measure_latency.in_model``, 1 unless a test sets it)
-    plus 100 µs; a layer stubbed out for the non-layer calibration costs nothing."""
+    """Deterministic 'timings': a layer costs its multiply-adds in µs on its own; inside a
+    model it costs that times ``measure_latency.in_model`` plus ``measure_latency.per_call``
+    seconds (1 and 0 unless a test sets them), a layer stubbed out for the calibration costs
+    nothing, and the rest of the model costs 100 µs."""
     monkeypatch.setenv("TIEIFY_CACHE_DIR", str(tmp_path))
     calls = {"layers": 0, "models": 0}
 
@@ -38,18 +39,38 @@ def fake_timing(tmp_path, monkeypatch):
         calls["layers"] += 1
         return layer_cost(module, x)
 
-    def fake_measure(model, example_inputs, *, repeats=7, threads=None, min_seconds=0.0):
+    def model_time(model: nn.Module, x: torch.Tensor) -> float:
+        total = [100e-6]
+
+        def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if "forward" not in m.__dict__:  # a stub costs nothing
+                total.append(layer_cost(m, args[0], out) * fake_measure.in_model)
+                total.append(fake_measure.per_call)
+
+        layers = [m for m in model.modules() if _table.is_layer(m) and m is not model]
+        hs = [m.register_forward_hook(hook) for m in layers]
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            for h in hs:
+                h.remove()
+        return sum(total)
+
+    def fake_measure(model, example_inputs, **kwargs):
         calls["models"] += 1
-        total = 0.0
-        for m in model.modules():
-            if _table.is_layer(m) and m is not model and "forward" not in m.__dict__:
-                total += m._fake_cost * fake_measure.in_model  # _fake_cost: set by the test
-        return total + 100e-6
+        return model_time(model, example_inputs)
+
+    def fake_side_by_side(models, example_inputs, **kwargs):
+        calls["models"] += len(models)
+        return {name: [model_time(m, example_inputs)] for name, m in models.items()}
 
     fake_measure.in_model = 1.0
+    fake_measure.per_call = 0.0
 
     monkeypatch.setattr(_table, "time_module", fake_time_module)
     monkeypatch.setattr(_predict, "measure_latency", fake_measure)
+    monkeypatch.setattr(_predict, "measure_side_by_side", fake_side_by_side)
     return calls, layer_cost
 
 
@@ -61,22 +82,10 @@ def net(B: int | None = None) -> nn.Module:
     return nn.Sequential(convs[0], nn.BatchNorm2d(16), nn.ReLU(), convs[1], nn.ReLU()).eval()
 
 
-def attach_costs(model: nn.Module, x: torch.Tensor, layer_cost) -> None:
-    def hook(m, args, out):
-        m._fake_cost = layer_cost(m, args[0], out)
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if _table.is_layer(m)]
-    with torch.no_grad():
-        model(x)
-    for h in hs:
-        h.remove()
-
-
 def test_prediction_is_table_plus_remainder(fake_timing):
     calls, layer_cost = fake_timing
     x = torch.randn(2, 8, 6, 6)
     dense, tied = net(), net(B=2)
-    attach_costs(dense, x, layer_cost)
     table = LatencyTable()
     parts = latency_breakdown(dense, x, table=table)
     # Hand-computed MACs: conv 3×3 8→16 on 2×6×6: 2·16·36·8·9; conv 1×1 16→16: 2·16·36·16.
@@ -102,8 +111,6 @@ def test_layers_are_scaled_to_their_in_model_speed(fake_timing):
     _predict.measure_latency.in_model = 1.5
     x = torch.randn(2, 8, 6, 6)
     dense, tied = net(), net(B=2)
-    attach_costs(dense, x, layer_cost)
-    attach_costs(tied, x, layer_cost)
     mac0, mac1 = 2 * 16 * 36 * 8 * 9, 2 * 16 * 36 * 16
     table = LatencyTable()
     parts = latency_breakdown(dense, x, table=table)
@@ -122,16 +129,16 @@ def test_a_model_that_cannot_be_stubbed_keeps_an_additive_remainder(fake_timing,
     calls, layer_cost = fake_timing
     fake = _predict.measure_latency
     fake.in_model = 1.5
+    side_by_side = _predict.measure_side_by_side
 
-    def no_stubs(model, *args, **kwargs):
-        if any("forward" in m.__dict__ for m in model.modules()):
+    def no_stubs(models, *args, **kwargs):
+        if any("forward" in m.__dict__ for model in models.values() for m in model.modules()):
             raise RuntimeError("this model reads its layers' outputs")
-        return fake(model, *args, **kwargs)
+        return side_by_side(models, *args, **kwargs)
 
-    monkeypatch.setattr(_predict, "measure_latency", no_stubs)
+    monkeypatch.setattr(_predict, "measure_side_by_side", no_stubs)
     x = torch.randn(2, 8, 6, 6)
     dense = net()
-    attach_costs(dense, x, layer_cost)
     parts = latency_breakdown(dense, x, table=LatencyTable())
     mac0, mac1 = 2 * 16 * 36 * 8 * 9, 2 * 16 * 36 * 16
     assert parts["0"] == pytest.approx(mac0 * 1e-6)  # scale 1
@@ -144,7 +151,6 @@ def test_table_persists_on_disk_and_keys_are_specific(fake_timing, tmp_path):
     calls, layer_cost = fake_timing
     x = torch.randn(1, 8, 6, 6)
     dense = net()
-    attach_costs(dense, x, layer_cost)
     tieify.predict_latency(dense, x, table=LatencyTable())
     data = json.loads((tmp_path / "latency.json").read_text())
     keys = [json.loads(k) for k in data["entries"]]
@@ -161,7 +167,6 @@ def test_table_persists_on_disk_and_keys_are_specific(fake_timing, tmp_path):
     assert calls == before
     # Another batch size is another key.
     x2 = torch.randn(3, 8, 6, 6)
-    attach_costs(dense, x2, layer_cost)
     tieify.predict_latency(dense, x2, table=LatencyTable())
     assert calls["layers"] == before["layers"] + 2
 
@@ -171,7 +176,6 @@ def test_corrupted_latency_cache_is_rebuilt(fake_timing, tmp_path):
     (tmp_path / "latency.json").write_text("\x00garbage")
     x = torch.randn(1, 8, 6, 6)
     dense = net()
-    attach_costs(dense, x, layer_cost)
     with pytest.warns(RuntimeWarning, match="corrupted"):
         tieify.predict_latency(dense, x, table=LatencyTable())
     assert json.loads((tmp_path / "latency.json").read_text())["version"] == 1
@@ -181,7 +185,6 @@ def test_model_is_left_as_it_was(fake_timing):
     _, layer_cost = fake_timing
     x = torch.randn(1, 8, 6, 6)
     model = net(B=2).train()
-    attach_costs(model, x, layer_cost)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tieify.predict_latency(model, x, table=LatencyTable(persist=False))
     assert model.training
@@ -201,11 +204,9 @@ def test_plan_with_apply_is_applied(fake_timing):
     class FakePlan:
         def apply(self, model):
             tied = net(B=2)
-            attach_costs(tied, x, layer_cost)
             return tied
 
     base = net()
-    attach_costs(base, x, layer_cost)
     table = LatencyTable(persist=False)
     direct = tieify.predict_latency(net_with_costs := FakePlan().apply(base), x, table=table)
     assert net_with_costs is not base
@@ -229,7 +230,6 @@ def test_stale_table_entries_are_timed_again(fake_timing):
     calls, layer_cost = fake_timing
     x = torch.randn(2, 8, 6, 6)
     dense = net()
-    attach_costs(dense, x, layer_cost)
     table = LatencyTable()
     for name, layer in (("0", dense[0]), ("3", dense[3])):
         inp = x if name == "0" else torch.randn(2, 16, 6, 6)
@@ -291,7 +291,6 @@ def test_another_machine_measures_its_own_table_and_remainder(fake_timing, monke
     calls, layer_cost = fake_timing
     x = torch.randn(2, 8, 6, 6)
     dense = net()
-    attach_costs(dense, x, layer_cost)
     latency_breakdown(dense, x, table=LatencyTable())
     assert calls == {"layers": 2, "models": 2}
     assert is_warm(dense, x, table=LatencyTable())  # this machine, read back from disk
@@ -313,7 +312,6 @@ def test_is_warm_only_after_the_model_was_predicted(fake_timing):
     calls, layer_cost = fake_timing
     x = torch.randn(2, 8, 6, 6)
     dense, tied = net(), net(B=2)
-    attach_costs(dense, x, layer_cost)
     table = LatencyTable()
     assert not is_warm(dense, x, table=table)
     assert calls == {"layers": 0, "models": 0}  # asking times nothing
@@ -334,7 +332,6 @@ def test_every_module_keeps_its_own_training_flag(fake_timing):
     model[1].eval()
     flags = [m.training for m in model.modules()]
     x = torch.randn(1, 8, 6, 6)
-    attach_costs(model, x, layer_cost)
     tieify.predict_latency(model, x)
     assert [m.training for m in model.modules()] == flags
     tieify.optimize(model, x)
@@ -343,3 +340,62 @@ def test_every_module_keeps_its_own_training_flag(fake_timing):
     assert [m.training for m in model.modules()] == flags
     assert tieify.count(model, x).macs > 0
     assert [m.training for m in model.modules()] == flags
+
+
+def deep_net() -> nn.Module:
+    """A stem, three middle convs tieify ties at B = 4 by default, and a last conv it leaves."""
+    torch.manual_seed(0)
+    chans = [(3, 8), (8, 32), (32, 32), (32, 32), (32, 8)]
+    layers: list[nn.Module] = []
+    for cin, cout in chans:
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+# Hand-computed MACs of deep_net at 1×3×6×6 (36 positions, 3×3 kernels), per conv.
+DEEP_MACS = [36 * 8 * 3 * 9, 36 * 32 * 8 * 9, 36 * 32 * 32 * 9, 36 * 32 * 32 * 9, 36 * 8 * 32 * 9]
+
+
+def test_two_point_calibration_recovers_a_per_call_cost(fake_timing):
+    """Inside the model each layer call costs 50 ms more than alone whatever its work, and
+    its work 1.2×: the line through the model and its variant tied at B = 4 recovers both, so
+    a plan's prediction is exact, where the stubbed one-point line (through the model with
+    its layers stubbed out) spreads the per-call cost over the work and under-predicts."""
+    calls, _ = fake_timing
+    fake = _predict.measure_latency
+    fake.in_model, fake.per_call = 1.2, 0.05
+    x = torch.randn(1, 3, 6, 6)
+    dense = deep_net()
+    table = LatencyTable()
+    parts = latency_breakdown(dense, x, table=table)
+    # The dense model's four layer configurations (its two 32→32 convs share one entry), then
+    # the variant's two new ones (8→32 and 32→32 at B = 4); model and variant timed side by
+    # side, and no stubbed run.
+    assert calls == {"layers": 6, "models": 2}
+    assert parts["<remainder>"] == pytest.approx(100e-6 + 5 * 0.05)
+    assert [parts[str(2 * i)] for i in range(5)] == pytest.approx(
+        [1.2 * m * 1e-6 for m in DEEP_MACS]
+    )
+    plan = tieify.tieify(dense, B=2)
+    predicted = tieify.predict_latency(plan, x, table=table)
+    plan_macs = [DEEP_MACS[0], *(m // 2 for m in DEEP_MACS[1:4]), DEEP_MACS[4]]
+    assert predicted == pytest.approx(100e-6 + 5 * 0.05 + 1.2 * sum(plan_macs) * 1e-6)
+    assert predicted == pytest.approx(fake(plan, x))
+    # The stubbed one-point line on the same dense time: 14% under.
+    dense_time = fake(dense, x)
+    stubbed_scale = (dense_time - 100e-6) / (sum(DEEP_MACS) * 1e-6)
+    stubbed = 100e-6 + stubbed_scale * sum(plan_macs) * 1e-6
+    assert stubbed < 0.9 * predicted
+
+
+def test_an_implausible_line_falls_back_to_the_stubbed_calibration(fake_timing):
+    """A line whose intercept would be negative (layer calls cheaper in the model than alone
+    by a fixed amount) is rejected; the stubbed run calibrates instead."""
+    calls, _ = fake_timing
+    fake = _predict.measure_latency
+    fake.in_model, fake.per_call = 1.5, -0.001
+    x = torch.randn(1, 3, 6, 6)
+    parts = latency_breakdown(deep_net(), x, table=LatencyTable())
+    assert calls == {"layers": 6, "models": 3}  # model and variant, then the stubbed model
+    assert parts["<remainder>"] == pytest.approx(100e-6)
+    assert sum(parts.values()) == pytest.approx(fake(deep_net(), x))

@@ -4,14 +4,17 @@ predicted latency = nonlayer + scale · Σ table[layer]
 
 - The table (:mod:`tieify.latency._table`) holds the fastest sampled forward time of every
   layer configuration (convolutions, linears, tied layers) on its own input.
-- The remainder is everything else, in two numbers. ``nonlayer``: norms, activations,
-  pooling, residual adds and Python overhead, timed end to end with every layer stubbed out
-  (returning its recorded output). ``scale``: how much slower the layers run inside the model
-  than alone (cold caches, idle threads), (whole model − nonlayer) / Σ its layers' entries.
-  Tying a layer never changes its output's shape, so every plan of one model shares one
-  remainder: the first model seen with a given structure is measured twice (each a
-  :func:`measure_latency` median over rounds spanning at least
-  :data:`CALIBRATION_SECONDS`), and the pair is cached under a key made of the model's
+- The remainder is everything else, in two numbers: ``scale``, how much slower the layers run
+  inside the model than alone (cold caches, idle threads), and ``nonlayer``, what the norms,
+  activations, pooling, residual adds and Python overhead cost, plus whatever each layer
+  call costs in the model that does not shrink with its work. Tying a layer never changes
+  its output's shape, so every plan of one model shares one remainder, calibrated on the
+  first model seen with a given structure (see :func:`_calibrate`): a line through two
+  models' measured times against their Σ table entries, that model and a thinner variant
+  of it (its dense layers tied at :data:`VARIANT_B`); where no such variant exists, the
+  model timed end to end and with every layer stubbed out. Each time is a
+  :func:`measure_latency`-style median over interleaved rounds spanning at least
+  :data:`CALIBRATION_SECONDS`. The pair is cached under a key made of the model's
   non-layer structure (and layer output shapes), the input, the thread count, the torch
   version, the machine (:func:`~tieify.latency._machine.machine_key`) and the allocator
   state (:func:`tieify.tune_allocator`).
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 from typing import Any, Callable
 
@@ -116,7 +120,7 @@ def _remainder_key(model: nn.Module, outs: dict[str, Any], x: Any, threads: int)
     return json.dumps(
         {
             "remainder": digest,
-            "method": f"scaled-{CALIBRATION_SECONDS:g}s",
+            "method": f"two-point-{CALIBRATION_SECONDS:g}s",
             "input": sig,
             "threads": threads,
             "torch": torch.__version__,
@@ -223,40 +227,103 @@ def _calibrate(
     table: LatencyTable,
     repeats: int,
 ) -> dict[str, float]:
-    """The first model seen with this structure calibrates its remainder, in two parts:
+    """The first model seen with this structure calibrates its remainder.
 
-    - ``nonlayer``: the model timed end to end with every layer replaced by a stub that
-      returns the layer's recorded output (what the norms, activations, pooling, adds and
-      Python overhead cost on their own);
-    - ``scale``: (the whole model's time − ``nonlayer``) / Σ the layers' table entries. A layer
-      inside the model runs slower than when timed alone (its weights and input are no longer
-      in cache, the threads have gone idle): on ResNet-50 at batch 1, 96×96, in-model layer
-      times were 1.3-1.9× their table entries. The prediction scales every layer's entry by
-      it, so a plan whose layers are cheaper also sheds that overhead, which an additive
-      remainder kept whole (benchmarks/latency_model.py).
+    The in-model time of the layers is not their table entries' sum: inside the model they
+    run slower (weights and inputs no longer in cache, threads gone idle: 1.3-1.9× their
+    entries on ResNet-50 at batch 1, 96×96), and part of that is a per-call cost that does
+    not shrink with the layer's work (at 224×224, ResNet-50 with every layer tied at B = 4
+    spent 1.15× its entries inside the model where the dense one spent 1.06×). So the
+    remainder is a line, time = ``nonlayer`` + ``scale`` · Σ entries, through two models of
+    this structure timed side by side:
 
-    Where the stubbed run fails (a model whose control flow reads a layer's output, a layer
-    called twice with different inputs) or the scale is out of :data:`SCALE_RANGE`, the
-    scale is 1 and ``nonlayer`` is the whole time minus the entries.
+    - two-point (preferred): ``model`` and a variant with its dense layers tied at
+      :data:`VARIANT_B` (built with :func:`tieify.tieify`), when the variant's layers do at
+      most :data:`MAX_VARIANT_MACS` of ``model``'s multiply-adds;
+    - stubbed: ``model`` and ``model`` with every layer replaced by a stub that returns the
+      layer's recorded output (Σ entries = 0), when there is no such variant (``model`` is
+      tied already, or tieify leaves it as it is), or the line's slope is out of
+      :data:`SCALE_RANGE` or its intercept negative;
+    - additive (scale 1, ``nonlayer`` = the whole time − the entries), where the stubbed run
+      fails (a model whose control flow reads a layer's output, a layer called twice with
+      different inputs) or its scale is out of :data:`SCALE_RANGE`.
     """
     n_threads = torch.get_num_threads()
-    total = _calibration_total(model, example_inputs, repeats)
-    if sum(out.values()) > total:
+    variant = _variant(model, example_inputs, layers, outs)
+    v_sum = 0.0
+    if variant is not None:
+        v_layers, v_ins, _ = _traced_layers(variant, example_inputs)
+        for name, layer in v_layers:
+            entry = table.lookup(layer, v_ins[name], threads=n_threads, repeats=repeats)
+            v_sum += float(entry or 0.0)
+    models = {"model": model} if variant is None else {"model": model, "variant": variant}
+    totals = _calibration_totals(models, example_inputs, repeats)
+    if sum(out.values()) > totals["model"]:
         # The layers alone cannot take longer than the whole model: their entries were
         # timed in other conditions (a heavier load). Time them again now.
         for name, layer in layers:
             out[name] = table.remeasure(layer, ins[name], threads=n_threads, repeats=repeats)
-        total = _calibration_total(model, example_inputs, repeats)
-    layer_sum = sum(out.values())
+        totals = _calibration_totals(models, example_inputs, repeats)
+    total, layer_sum = totals["model"], sum(out.values())
+    if variant is not None and layer_sum > v_sum:
+        line = _line(total, layer_sum, totals["variant"], v_sum)
+        if line is not None:
+            return line
     additive = {"nonlayer": max(0.0, total - layer_sum), "scale": 1.0}
     try:
         nonlayer = _stubbed_total(model, example_inputs, layers, outs, repeats)
     except Exception:  # noqa: BLE001 - any failure of the stubbed run: the additive form
         return additive
-    scale = (total - nonlayer) / layer_sum if layer_sum > 0 else 0.0
-    if not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
-        return additive
+    return _line(total, layer_sum, nonlayer, 0.0) or additive
+
+
+def _line(t1: float, e1: float, t0: float, e0: float) -> dict[str, float] | None:
+    """The remainder through (e1, t1) and (e0, t0), e1 > e0; ``None`` if implausible."""
+    if e1 <= e0:
+        return None
+    scale = (t1 - t0) / (e1 - e0)
+    nonlayer = t1 - scale * e1
+    if not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1] or nonlayer < 0:
+        return None
     return {"nonlayer": nonlayer, "scale": scale}
+
+
+#: The calibration's thinner variant: ``model`` with its dense layers tied at this B.
+VARIANT_B = 4
+#: The variant is used when its layers do at most this fraction of ``model``'s
+#: multiply-adds (else the two points are too close for a line).
+MAX_VARIANT_MACS = 0.7
+
+
+def _layer_macs(layer: nn.Module, out: Any) -> int:
+    """Multiply-adds of a conv/linear/tied layer, from its recorded output (0 if unknown)."""
+    if not isinstance(out, torch.Tensor):
+        return 0
+    per_output = getattr(layer, "in_features", None)
+    if per_output is None:
+        per_output = getattr(layer, "in_channels", 0) // max(1, getattr(layer, "groups", 1))
+        per_output *= math.prod(getattr(layer, "kernel_size", (1,)))
+    return out.numel() * per_output // max(1, getattr(layer, "B", 1))
+
+
+def _variant(
+    model: nn.Module,
+    example_inputs: Any,
+    layers: list[tuple[str, nn.Module]],
+    outs: dict[str, Any],
+) -> nn.Module | None:
+    """``model`` with its dense layers tied at :data:`VARIANT_B`, or ``None`` where that does
+    not remove enough work (see :data:`MAX_VARIANT_MACS`) or tieify cannot rewrite it."""
+    from .._api import tieify
+
+    try:
+        variant = tieify(model, B=VARIANT_B, example_inputs=example_inputs)
+    except Exception:  # noqa: BLE001 - no variant: the stubbed calibration instead
+        return None
+    by_name = dict(variant.named_modules())
+    macs = sum(_layer_macs(layer, outs[name]) for name, layer in layers)
+    v_macs = sum(_layer_macs(by_name.get(name, layer), outs[name]) for name, layer in layers)
+    return variant if macs > 0 and v_macs <= MAX_VARIANT_MACS * macs else None
 
 
 def _stubbed_total(
@@ -272,7 +339,7 @@ def _stubbed_total(
         for name, layer in layers:
             saved.append((layer, layer.__dict__.get("forward")))
             layer.forward = lambda *args, _out=outs[name], **kwargs: _out
-        return _calibration_total(model, example_inputs, repeats)
+        return _calibration_totals({"model": model}, example_inputs, repeats)["model"]
     finally:
         for layer, forward in saved:
             if forward is None:
@@ -288,10 +355,13 @@ def _stubbed_total(
 CALIBRATION_SECONDS = 2.0
 
 
-def _calibration_total(model: nn.Module, example_inputs: Any, repeats: int) -> float:
-    return measure_latency(
-        model, example_inputs, repeats=repeats + 4, min_seconds=CALIBRATION_SECONDS
+def _calibration_totals(
+    models: dict[str, nn.Module], example_inputs: Any, repeats: int
+) -> dict[str, float]:
+    samples = measure_side_by_side(
+        models, example_inputs, repeats=repeats + 4, min_seconds=CALIBRATION_SECONDS
     )
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def _resolve(model_or_plan: Any, model: nn.Module | None) -> nn.Module:

@@ -399,3 +399,21 @@ def test_an_implausible_line_falls_back_to_the_stubbed_calibration(fake_timing):
     assert calls == {"layers": 6, "models": 3}  # model and variant, then the stubbed model
     assert parts["<remainder>"] == pytest.approx(100e-6)
     assert sum(parts.values()) == pytest.approx(fake(deep_net(), x))
+
+
+def test_a_variant_that_does_not_run_falls_back_to_the_stubbed_calibration(
+    fake_timing, monkeypatch
+):
+    calls, _ = fake_timing
+    real = _predict._traced_layers
+
+    def variant_fails(model, example_inputs):
+        if any(isinstance(m, TiedConv2d) for m in model.modules()):
+            raise RuntimeError("the variant's forward failed")
+        return real(model, example_inputs)
+
+    monkeypatch.setattr(_predict, "_traced_layers", variant_fails)
+    x = torch.randn(1, 3, 6, 6)
+    parts = latency_breakdown(deep_net(), x, table=LatencyTable())
+    assert calls == {"layers": 4, "models": 2}  # the model alone, then the stubbed model
+    assert parts["<remainder>"] == pytest.approx(100e-6)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import statistics
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -252,10 +253,14 @@ def _calibrate(
     variant = _variant(model, example_inputs, layers, outs)
     v_sum = 0.0
     if variant is not None:
-        v_layers, v_ins, _ = _traced_layers(variant, example_inputs)
-        for name, layer in v_layers:
-            entry = table.lookup(layer, v_ins[name], threads=n_threads, repeats=repeats)
-            v_sum += float(entry or 0.0)
+        try:
+            v_layers, v_ins, _ = _traced_layers(variant, example_inputs)
+        except Exception:  # noqa: BLE001 - a variant that does not run: no two-point line
+            variant = None
+        else:
+            for name, layer in v_layers:
+                entry = table.lookup(layer, v_ins[name], threads=n_threads, repeats=repeats)
+                v_sum += float(entry or 0.0)
     models = {"model": model} if variant is None else {"model": model, "variant": variant}
     totals = _calibration_totals(models, example_inputs, repeats)
     if sum(out.values()) > totals["model"]:
@@ -317,7 +322,9 @@ def _variant(
     from .._api import tieify
 
     try:
-        variant = tieify(model, B=VARIANT_B, example_inputs=example_inputs)
+        with warnings.catch_warnings():  # the variant is internal: no advice for the user
+            warnings.simplefilter("ignore")
+            variant = tieify(model, B=VARIANT_B, example_inputs=example_inputs)
     except Exception:  # noqa: BLE001 - no variant: the stubbed calibration instead
         return None
     by_name = dict(variant.named_modules())

@@ -123,6 +123,10 @@ class ReportLatency:
     def saved_pct(self) -> float:
         return round(100.0 * (1.0 - self.ratio), 2)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, and ``saved_pct``."""
+        return {**asdict(self), "saved_pct": self.saved_pct}
+
     def describe(self) -> str:
         how = (
             f"measured side by side, medians of {self.rounds} interleaved rounds"
@@ -190,16 +194,6 @@ class Report:
             "macs_before": b.macs - listed["macs_before"],
             "macs_after": a.macs - listed["macs_after"],
         }
-        latency = None
-        if self.latency is not None:
-            lat = self.latency
-            latency = {
-                "mode": lat.mode,
-                "before_ms": lat.before_ms,
-                "after_ms": lat.after_ms,
-                "ratio": lat.ratio,
-                "saved_pct": lat.saved_pct,
-            }
         return {
             "params_before": b.params,
             "params_after": a.params,
@@ -214,7 +208,7 @@ class Report:
             "layers_left": sum(r.action == "leave" for r in rows),
             "attention": groups,
             "other": other,
-            "latency": latency,
+            "latency": None if self.latency is None else self.latency.to_dict(),
         }
 
     @staticmethod
@@ -405,7 +399,7 @@ class Report:
                 "after": dict(self.after.unsupported_ops),
             },
             "from_plan": self.from_plan,
-            "latency": None if self.latency is None else asdict(self.latency),
+            "latency": None if self.latency is None else self.latency.to_dict(),
             "notes": list(self.notes) + list(self.before.notes) + list(self.after.notes),
         }
 

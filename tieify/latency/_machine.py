@@ -69,6 +69,11 @@ def _cuda_key(index: int) -> str:
     return f"{torch.cuda.get_device_name(index)} | sm_{major}{minor} | host {_cpu_key()}"
 
 
+def _cuda_index(device: torch.device) -> int:
+    """The index of a CUDA device (``cuda`` alone: the current one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def machine_key(device: torch.device | str = "cpu") -> str:
     """A short description of the hardware that runs work on ``device``: CPU model,
     architecture, the instruction set torch's CPU kernels use (e.g. ``AVX2``, ``AVX512``)
@@ -82,8 +87,7 @@ def machine_key(device: torch.device | str = "cpu") -> str:
     """
     device = torch.device(device)
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return _cuda_key(index)
+        return _cuda_key(_cuda_index(device))
     if device.type == "cpu":
         return _cpu_key()
     return f"{device.type} | host {_cpu_key()}"
@@ -98,8 +102,7 @@ def describe_machine(device: torch.device | str = "cpu") -> str:
     )
     device = torch.device(device)
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"{torch.cuda.get_device_name(index)} (host: {cpu})"
+        return f"{torch.cuda.get_device_name(_cuda_index(device))} (host: {cpu})"
     if device.type != "cpu":
         return f"{device.type} (host: {cpu})"
     return cpu

@@ -270,7 +270,7 @@ def _calibrate(
             out[name] = table.remeasure(layer, ins[name], threads=n_threads, repeats=repeats)
         totals = _calibration_totals(models, example_inputs, repeats)
     total, layer_sum = totals["model"], sum(out.values())
-    if variant is not None and layer_sum > v_sum:
+    if variant is not None:
         line = _line(total, layer_sum, totals["variant"], v_sum)
         if line is not None:
             return line

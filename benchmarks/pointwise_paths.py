@@ -1,10 +1,11 @@
-"""Why the static rule keeps ``gemm`` for pointwise tied convs on channels-last input.
+"""gemm against widen for pointwise tied convs on channels-last input (the static rule).
 
 Times the ``gemm`` and ``widen`` paths side by side (interleaved rounds, medians) on
 ResNet-50's pointwise shapes, the 64→64 1×1 at 56×56 and MobileNetV3-Large's pooled SE
 layers, B ∈ {2, 4, 8}, at batch 1 and batch 8, and prints the gemm / widen time ratio
-(> 1: widen is faster). The rule cannot look at the batch size (exported models keep a
-dynamic batch), and the winner flips with it; ``tieify.optimize`` picks per input.
+(> 1: widen is faster). The winner depends on the CPU and the input's size: the static rule
+takes ``widen`` from ``WIDEN_POINTWISE_MIN_PIXELS`` pixels (batch × spatial size) on CPUs
+without AVX-512 and ``gemm`` otherwise; ``tieify.optimize`` picks per input.
 
 Usage::
 

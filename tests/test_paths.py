@@ -145,6 +145,50 @@ def test_resnet_like_shapes(cin, cout, k, stride, B, layout, dtype):
     assert ("native" in paths) == (layout == "contiguous")  # NCHW, 2-D, one group
 
 
+def test_grouped_repeat_is_kept_between_no_grad_calls_and_follows_the_weights():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    layer = TiedConv2d(8, 8, 3, padding=1, B=4, bias=True).eval()
+    layer.path = "grouped"
+    x = torch.randn(2, 8, 6, 6)
+
+    def check() -> torch.Tensor:
+        y = layer(x)
+        torch.testing.assert_close(y, _paths.fold_forward(layer, x), rtol=1e-5, atol=1e-5)
+        return y
+
+    with torch.no_grad():
+        check()
+        kept = _paths._REPEATED[layer][2][0]
+        check()
+        assert _paths._REPEATED[layer][2][0] is kept  # reused, not repeated again
+        layer.weight.mul_(2.0)  # in-place update: a new version
+        check()
+        assert _paths._REPEATED[layer][2][0] is not kept
+        layer.bias = torch.nn.Parameter(torch.randn(2))  # a new parameter
+        check()
+        layer.load_state_dict({"weight": torch.randn(2, 2, 3, 3), "bias": torch.randn(2)})
+        check()
+    layer.double()  # new storage and dtype
+    x = x.double()
+    with torch.inference_mode():
+        check()
+    # Pickling and deepcopy never carry the repeat (it lives beside the layer).
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone not in _paths._REPEATED
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), layer(x))
+    # While autograd records, the repeat is part of the graph: gradients reach the bank.
+    xg = x.clone().requires_grad_()
+    layer(xg).square().sum().backward()
+    ref = layer.weight.grad.clone()
+    layer.weight.grad = None
+    _paths.fold_forward(layer, xg).square().sum().backward()
+    torch.testing.assert_close(ref, layer.weight.grad)
+
+
 def test_fast_paths_keep_channels_last_and_the_expected_choice():
     x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
     pw = TiedConv2d(16, 32, 1, B=4)
@@ -179,6 +223,29 @@ def test_fast_paths_keep_channels_last_and_the_expected_choice():
     # so does widen: (N, H, W·B, C/B) channels-last over the same storage.
     xw = x.permute(0, 2, 3, 1).reshape(2, 6, 6 * 4, 4).permute(0, 3, 1, 2)
     assert xw.data_ptr() == x.data_ptr() and xw.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("avx512", [False, True])
+def test_large_pointwise_channels_last_inputs_widen_without_avx512(monkeypatch, avx512):
+    monkeypatch.setattr(_paths, "_cpu_has_avx512", lambda: avx512)
+    layer = TiedConv2d(16, 32, 1, B=4)
+    # 4,096 pixels: the threshold, reached by batch and spatial size together.
+    big = torch.randn(4, 16, 32, 32).contiguous(memory_format=torch.channels_last)
+    small = torch.randn(3, 16, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert big.shape[0] * 32 * 32 == _paths.WIDEN_POINTWISE_MIN_PIXELS
+    assert _paths.default_path(layer, small) == "gemm"
+    assert _paths.default_path(layer, big) == ("gemm" if avx512 else "widen")
+    # The memo tells the two inputs apart (same per-sample shape, different batch).
+    layer._path_memo = {}
+    for x, path in ((small, "gemm"), (big, "gemm" if avx512 else "widen"), (small, "gemm")):
+        assert _paths.select_path(layer, x) == path
+        torch.testing.assert_close(layer(x), _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
+    # A static-shape compile takes the same decision inside its trace.
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(big), layer(big), rtol=1e-4, atol=1e-4)
+    # NCHW inputs and k×k layers are not affected.
+    assert _paths.default_path(layer, big.contiguous()) == "native"
+    assert _paths.default_path(TiedConv2d(16, 32, 3, padding=1, B=4), big) == "widen"
 
 
 def test_native_is_never_taken_under_a_dispatch_mode():

@@ -23,7 +23,8 @@ differ only in how the work is laid out for the kernels underneath:
   convolution, no copy in or out: on CPU the fastest path for most k×k shapes in
   ``benchmarks/results/``, and for large pointwise ones.
 - ``"grouped"``: the compact dense form, a ``groups·B``-group convolution with the filter
-  bank repeated B times (the repeat is part of the graph; parameters stay compact).
+  bank repeated B times (part of the graph while autograd records and under tracing; kept
+  and reused between eager no-grad calls; parameters stay compact).
 - ``"native"``: the reference fold on a contiguous (NCHW) 2-D input, run by PyTorch's native
   CPU convolution (``thnn_conv2d``: per sample, an im2col that 1×1 layers skip and one
   single-threaded GEMM, the samples spread over the threads) instead of oneDNN, which is
@@ -46,10 +47,12 @@ falls back to the rule.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+import weakref
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils import _python_dispatch
 
 if TYPE_CHECKING:
@@ -62,6 +65,16 @@ PATHS = ("fold", "gemm", "bmm", "lift", "grouped", "widen", "native")
 #: B = 2 and 4 on 1 and 2 threads: native was faster in all 24 cases up to 4,096 elements,
 #: in 12 of 20 at 8,192 and in 14 of 52 at 16,384-32,768.
 NATIVE_MAX_NUMEL = 4096
+
+#: Fewest pixels (N · spatial size) at which a pointwise layer on a channels-last CPU input
+#: runs ``widen`` rather than ``gemm`` by default, on CPUs without AVX-512. Measured side by
+#: side (``benchmarks/pointwise_paths.py``: ResNet-50's pointwise shapes and the 64→64 1×1 at
+#: 56×56, B ∈ {2, 4, 8}, 2 threads) on an AVX2 EPYC, widen was 1.10-4.0× faster at batch 8
+#: on 28×28 and 56×56 maps (6,272 and 25,088 pixels); gemm was as fast or faster on 7×7 maps
+#: at batch 8, on 28×28 and smaller at batch 1, and 1.4-4.3× faster on pooled (1×1) SE inputs.
+#: An earlier AVX2 host agreed (widen up to 6.1× at batch 8). On an AVX-512 Xeon gemm was as
+#: fast or faster (widen / gemm time 0.87-1.3) at every size, so there it keeps gemm.
+WIDEN_POINTWISE_MIN_PIXELS = 4096
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 #: PyTorch's native (non-oneDNN) CPU 2-D convolution, with autograd; see ``"native"`` above.
@@ -304,11 +317,50 @@ def native_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(n, layer.out_channels, *y.shape[2:])
 
 
+def _repeated(layer: _TiedConvNd) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The filter bank (and bias) repeated B times along the output channels.
+
+    In an eager call that records no gradient for them (``torch.no_grad``/``inference_mode``
+    or frozen parameters), the repeat is kept for the layer and reused while its parameters
+    are the same tensors, with the same storage, at the same version (an in-place update,
+    ``load_state_dict``, ``.to()``, ``.half()`` or a new ``Parameter`` makes a new one). It
+    costs B times the bank's memory, what a ``G = B`` group conv's weights take, and saves a
+    copy per call. Under tracing, or while autograd records, the repeat is part of the graph.
+    The cache lives beside the layer (a weak-keyed map), never in its state, so pickling and
+    ``deepcopy`` do not carry it.
+    """
+    B, weight, bias = layer.B, layer.weight, layer.bias
+    params = (weight,) if bias is None else (weight, bias)
+    if _traced() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        return _repeat_bank(weight, bias, B)
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in params)
+    hit = _REPEATED.get(layer)
+    if hit is not None and hit[0] == key:
+        if all(r() is p for r, p in zip(hit[1], params, strict=True)):
+            return hit[2]
+    with torch.no_grad():
+        repeated = _repeat_bank(weight, bias, B)
+    _REPEATED[layer] = (key, tuple(weakref.ref(p) for p in params), repeated)
+    return repeated
+
+
+_REPEATED: weakref.WeakKeyDictionary[
+    nn.Module,
+    tuple[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], ...], tuple[torch.Tensor, Any]],
+] = weakref.WeakKeyDictionary()
+
+
+def _repeat_bank(
+    weight: torch.Tensor, bias: torch.Tensor | None, B: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return weight.repeat(B, *([1] * (weight.dim() - 1))), None if bias is None else bias.repeat(B)
+
+
 def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
-    """The compact dense form: a ``groups·B``-group conv with the filter bank repeated B times."""
+    """The compact dense form: a ``groups·B``-group conv with the filter bank repeated B times
+    (kept between eager no-grad calls, see :func:`_repeated`)."""
     B = layer.B
-    weight = layer.weight.repeat(B, *([1] * (layer.weight.dim() - 1)))
-    bias = None if layer.bias is None else layer.bias.repeat(B)
+    weight, bias = _repeated(layer)
     conv = _CONV_FN[layer._ndim]
     groups = layer.groups * B
     if layer.padding_mode != "zeros":
@@ -350,21 +402,38 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
     return tuple(p for p in PATHS if p in paths)
 
 
+_CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _cpu_has_avx512() -> bool:  # read once at import: torch.compile cannot trace the query
+    return _CPU_HAS_AVX512
+
+
+def _widen_pointwise(x: torch.Tensor) -> bool:
+    """Whether a pointwise layer's channels-last input is large enough for ``widen`` by
+    default (:data:`WIDEN_POINTWISE_MIN_PIXELS`): CPU without AVX-512, concrete sizes only
+    (a traced dynamic batch keeps ``gemm`` rather than guard on the batch size)."""
+    if x.device.type != "cpu" or _cpu_has_avx512():
+        return False
+    sizes = (x.shape[0], *x.shape[2:])
+    return all(type(s) is int for s in sizes) and math.prod(sizes) >= WIDEN_POINTWISE_MIN_PIXELS
+
+
 def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     """The cheap rule: the zero-copy path for the input's layout, else the reference fold.
 
     Pointwise layers on a channels-last input run as a GEMM (a matrix multiply has the least
-    per-call overhead, which decides small and pooled inputs); k×k layers on a channels-last
-    input run widened on CPU where that applies, else lifted (1-D/2-D). On an NCHW input
-    (eager, CPU, 2-D) pointwise layers run ``native``, and k×k layers too while the input has
-    at most :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the batched GEMM is
-    slower than the fold on CPU). Measured in ``benchmarks/``; ``tieify.optimize`` times the
-    candidates on the real input instead (e.g. widen beats gemm for some pointwise convs at
-    batch 8).
+    per-call overhead, which decides small and pooled inputs), or widened on a CPU without
+    AVX-512 once the input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers on a
+    channels-last input run widened on CPU where that applies, else lifted (1-D/2-D). On an
+    NCHW input (eager, CPU, 2-D) pointwise layers run ``native``, and k×k layers too while
+    the input has at most :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the
+    batched GEMM is slower than the fold on CPU). Measured in ``benchmarks/``;
+    ``tieify.optimize`` times the candidates on the real input instead.
     """
     paths = applicable_paths(layer, x)
     if "gemm" in paths:
-        return "gemm"
+        return "widen" if "widen" in paths and _widen_pointwise(x) else "gemm"
     if "widen" in paths and x.device.type == "cpu":
         return "widen"
     if "lift" in paths:
@@ -381,8 +450,9 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     """The path ``layer`` runs on ``x``: its pinned ``path`` when that applies, else the rule.
 
     The answer depends only on the layer's hyper-parameters, its ``path`` and the input's
-    per-sample shape, strides, dtype and device, and whether the whole input is small enough
-    for ``native`` (:data:`NATIVE_MAX_NUMEL`), so eager calls remember it per layer (the
+    per-sample shape, strides, dtype and device, whether the whole input is small enough for
+    ``native`` (:data:`NATIVE_MAX_NUMEL`) and whether it has enough pixels for a pointwise
+    ``widen`` (:data:`WIDEN_POINTWISE_MIN_PIXELS`), so eager calls remember it per layer (the
     checks cost ~10 µs a call in Python, as much as a small convolution's kernel). Inside
     ``torch.compile``/``torch.export``/``torch.jit.trace`` tracing and under a dispatch mode
     the checks run every time (shapes may be symbolic there, the trace keeps only the chosen
@@ -392,7 +462,8 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     if _traced():
         return _select(layer, x, path)
     small = x.numel() <= NATIVE_MAX_NUMEL
-    key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, small)
+    wide = x.shape[0] * math.prod(x.shape[2:]) >= WIDEN_POINTWISE_MIN_PIXELS
+    key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, small, wide)
     memo = layer.__dict__.setdefault("_path_memo", {})
     hit = memo.get(key)
     if hit is None:

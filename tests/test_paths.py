@@ -243,7 +243,9 @@ def test_large_pointwise_channels_last_inputs_widen_without_avx512(monkeypatch, 
     # A static-shape compile takes the same decision inside its trace.
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(big), layer(big), rtol=1e-4, atol=1e-4)
-    # NCHW inputs and k×k layers are not affected.
+    # Other dtypes (not measured), NCHW inputs and k×k layers are not affected.
+    assert _paths.default_path(layer.to(torch.bfloat16), big.to(torch.bfloat16)) == "gemm"
+    layer.float()
     assert _paths.default_path(layer, big.contiguous()) == "native"
     assert _paths.default_path(TiedConv2d(16, 32, 3, padding=1, B=4), big) == "widen"
 

@@ -411,9 +411,10 @@ def _cpu_has_avx512() -> bool:  # read once at import: torch.compile cannot trac
 
 def _widen_pointwise(x: torch.Tensor) -> bool:
     """Whether a pointwise layer's channels-last input is large enough for ``widen`` by
-    default (:data:`WIDEN_POINTWISE_MIN_PIXELS`): CPU without AVX-512, concrete sizes only
-    (a traced dynamic batch keeps ``gemm`` rather than guard on the batch size)."""
-    if x.device.type != "cpu" or _cpu_has_avx512():
+    default (:data:`WIDEN_POINTWISE_MIN_PIXELS`): float32 (what was measured) on a CPU
+    without AVX-512, concrete sizes only (a traced dynamic batch keeps ``gemm`` rather than
+    guard on the batch size)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or _cpu_has_avx512():
         return False
     sizes = (x.shape[0], *x.shape[2:])
     return all(type(s) is int for s in sizes) and math.prod(sizes) >= WIDEN_POINTWISE_MIN_PIXELS
@@ -424,7 +425,7 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
 
     Pointwise layers on a channels-last input run as a GEMM (a matrix multiply has the least
     per-call overhead, which decides small and pooled inputs), or widened on a CPU without
-    AVX-512 once the input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers on a
+    AVX-512 once a float32 input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers on a
     channels-last input run widened on CPU where that applies, else lifted (1-D/2-D). On an
     NCHW input (eager, CPU, 2-D) pointwise layers run ``native``, and k×k layers too while
     the input has at most :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the

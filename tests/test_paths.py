@@ -227,7 +227,7 @@ def test_fast_paths_keep_channels_last_and_the_expected_choice():
 
 @pytest.mark.parametrize("avx512", [False, True])
 def test_large_pointwise_channels_last_inputs_widen_without_avx512(monkeypatch, avx512):
-    monkeypatch.setattr(_paths, "_cpu_has_avx512", lambda: avx512)
+    monkeypatch.setattr(_paths, "_CPU_HAS_AVX512", avx512)
     layer = TiedConv2d(16, 32, 1, B=4)
     # 4,096 pixels: the threshold, reached by batch and spatial size together.
     big = torch.randn(4, 16, 32, 32).contiguous(memory_format=torch.channels_last)

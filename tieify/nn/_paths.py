@@ -346,7 +346,11 @@ def _repeated(layer: _TiedConvNd) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 _REPEATED: weakref.WeakKeyDictionary[
     nn.Module,
-    tuple[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], ...], tuple[torch.Tensor, Any]],
+    tuple[
+        tuple[Any, ...],
+        tuple[weakref.ref[torch.Tensor], ...],
+        tuple[torch.Tensor, torch.Tensor | None],
+    ],
 ] = weakref.WeakKeyDictionary()
 
 
@@ -402,22 +406,23 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
     return tuple(p for p in PATHS if p in paths)
 
 
+#: Read once at import: ``torch.compile`` cannot trace the query.
 _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-def _cpu_has_avx512() -> bool:  # read once at import: torch.compile cannot trace the query
-    return _CPU_HAS_AVX512
+def _many_pixels(x: torch.Tensor) -> bool:
+    """At least :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels (batch × spatial size) in ``x``."""
+    return x.shape[0] * math.prod(x.shape[2:]) >= WIDEN_POINTWISE_MIN_PIXELS
 
 
 def _widen_pointwise(x: torch.Tensor) -> bool:
     """Whether a pointwise layer's channels-last input is large enough for ``widen`` by
-    default (:data:`WIDEN_POINTWISE_MIN_PIXELS`): float32 (what was measured) on a CPU
-    without AVX-512, concrete sizes only (a traced dynamic batch keeps ``gemm`` rather than
-    guard on the batch size)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or _cpu_has_avx512():
+    default (:func:`_many_pixels`): float32 (what was measured) on a CPU without AVX-512,
+    concrete sizes only (a traced dynamic batch keeps ``gemm`` rather than guard on the
+    batch size)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or _CPU_HAS_AVX512:
         return False
-    sizes = (x.shape[0], *x.shape[2:])
-    return all(type(s) is int for s in sizes) and math.prod(sizes) >= WIDEN_POINTWISE_MIN_PIXELS
+    return all(type(s) is int for s in (x.shape[0], *x.shape[2:])) and _many_pixels(x)
 
 
 def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
@@ -463,8 +468,7 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     if _traced():
         return _select(layer, x, path)
     small = x.numel() <= NATIVE_MAX_NUMEL
-    wide = x.shape[0] * math.prod(x.shape[2:]) >= WIDEN_POINTWISE_MIN_PIXELS
-    key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, small, wide)
+    key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, small, _many_pixels(x))
     memo = layer.__dict__.setdefault("_path_memo", {})
     hit = memo.get(key)
     if hit is None:

@@ -186,6 +186,54 @@ def test_user_evaluate_fn_replaces_fine_tuning(tmp_path: Path) -> None:
     assert len(seen) >= 2  # the dense model and each distinct candidate
 
 
+def _error_under_ctrl_c() -> FileNotFoundError:
+    """What a library's cleanup raises when a Ctrl-C lands in it (seen from Optuna's
+    journal lock): its own error, with the KeyboardInterrupt as context."""
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise FileNotFoundError("study.journal.lock.rename") from None
+    except FileNotFoundError as exc:
+        return exc
+
+
+def test_interrupted_sees_a_ctrl_c_behind_a_cleanup_error() -> None:
+    from tieify.search._study import interrupted
+
+    err = _error_under_ctrl_c()
+    assert err.__context__.__class__ is KeyboardInterrupt
+    assert interrupted(err) and interrupted(KeyboardInterrupt())
+    assert not interrupted(FileNotFoundError("x")) and not interrupted(ValueError("x"))
+
+
+@pytest.mark.parametrize("error", ["ctrl_c", "cleanup_error_under_ctrl_c", "plain_error"])
+def test_ctrl_c_in_a_trial_stops_the_search_and_keeps_results(tmp_path: Path, error) -> None:
+    calls = []
+
+    def evaluate(model: torch.nn.Module) -> float:
+        calls.append(1)
+        if len(calls) == 3:  # the dense baseline, trial 0, then trial 1 is interrupted
+            if error == "ctrl_c":
+                raise KeyboardInterrupt
+            raise _error_under_ctrl_c() if error != "plain_error" else FileNotFoundError("x")
+        return 0.5
+
+    out = tmp_path / "o"
+    kwargs = {"out_dir": out, "trials": 3, "progress": False, "evaluate_fn": evaluate}
+    if error == "plain_error":  # an ordinary error fails that trial only
+        summary = search(_write(tmp_path, tiny_recipe()), **kwargs)
+        assert [r["state"] for r in _rows(out)] == ["COMPLETE", "FAIL", "COMPLETE"]
+        assert summary["trials"] == 3
+        return
+    with pytest.raises(KeyboardInterrupt):
+        search(_write(tmp_path, tiny_recipe()), **kwargs)
+    rows = _rows(out)  # written on the way out
+    assert [r["state"] for r in rows] == ["COMPLETE", "FAIL"]
+    assert rows[1]["failed_reason"].startswith("interrupted:")
+    assert (out / "pareto.json").is_file()
+
+
 def test_timeout_stops_before_the_next_trial(tmp_path: Path) -> None:
     summary = search(
         _write(tmp_path, tiny_recipe()),

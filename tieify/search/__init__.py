@@ -116,7 +116,7 @@ def search(
     seed = r.search.seed if seed is None else seed
 
     from ._results import print_front, write_results
-    from ._study import make_sampler, open_study, run_study
+    from ._study import interrupted, make_sampler, open_study, run_study
 
     if backend == "ray":
         try:
@@ -162,10 +162,14 @@ def search(
                 save_weights=r.search.save_weights,
                 progress=progress,
             )
-        except KeyboardInterrupt:  # keep what was found; --resume continues
+        except BaseException as exc:  # Ctrl-C: keep what was found; --resume continues
+            if not interrupted(exc):
+                raise
             write_results(study, r, out)
             logger.warning("interrupted: results so far written to %s; --resume continues", out)
-            raise
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise KeyboardInterrupt from exc
     summary = write_results(study, r, out)
     summary["out_dir"] = str(out)
     summary["wall_seconds"] = round(time.monotonic() - start, 2)

@@ -45,12 +45,31 @@ __all__ = [
     "counted_trials",
     "reusable_metrics",
     "INTERRUPTED",
+    "interrupted",
 ]
 
 logger = logging.getLogger("tieify.search")
 
 #: ``failed_reason`` of a trial that was running when the search process died.
 INTERRUPTED = "interrupted: the search process stopped while this trial ran; it was not finished"
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Ctrl-C, or an error raised while one was being handled.
+
+    A Ctrl-C that lands in a library's cleanup can surface as that cleanup's own error:
+    Optuna's journal-file lock, interrupted inside its release, retries the removal of a
+    file already gone and raises ``FileNotFoundError`` with the ``KeyboardInterrupt`` as its
+    context. Such an error is the user's interrupt, not a failure of the trial or the study.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__context__
+    return False
 
 
 def make_sampler(recipe: Recipe, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -310,10 +329,14 @@ def _evaluate(
         weights = Path(out_dir) / "trials" / f"{trial.number}.pt"
     try:
         return dict(evaluator.evaluate(params, report, weights_path=weights))
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not interrupted(exc):
+            if not isinstance(exc, Exception):  # SystemExit and the like pass through
+                raise
+            logger.debug("trial %d raised", trial.number, exc_info=True)
+            return {"failed_reason": f"error: {type(exc).__name__}: {exc}"}  # this trial only
         trial.set_user_attr("failed_reason", INTERRUPTED)
         trial.study.tell(trial, state=TrialState.FAIL)
-        raise
-    except Exception as exc:  # any other error fails this trial only
-        logger.debug("trial %d raised", trial.number, exc_info=True)
-        return {"failed_reason": f"error: {type(exc).__name__}: {exc}"}
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise KeyboardInterrupt from exc

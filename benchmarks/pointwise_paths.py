@@ -1,11 +1,11 @@
-"""gemm against widen for pointwise tied convs on channels-last input (the static rule).
+"""gemm, widen and kernel for pointwise tied convs on channels-last input (the static rule).
 
-Times the ``gemm`` and ``widen`` paths side by side (interleaved rounds, medians) on
-ResNet-50's pointwise shapes, the 64→64 1×1 at 56×56 and MobileNetV3-Large's pooled SE
-layers, B ∈ {2, 4, 8}, at batch 1 and batch 8, and prints the gemm / widen time ratio
-(> 1: widen is faster). The winner depends on the CPU and the input's size: the static rule
-takes ``widen`` from ``WIDEN_POINTWISE_MIN_PIXELS`` pixels (batch × spatial size) on CPUs
-without AVX-512 and ``gemm`` otherwise; ``tieify.optimize`` picks per input.
+Times the ``gemm``, ``widen`` and ``kernel`` paths side by side (interleaved rounds, medians)
+on ResNet-50's pointwise shapes, the 64→64 1×1 at 56×56 and MobileNetV3-Large's pooled SE
+layers, B ∈ {2, 4, 8}, at batch 1 and batch 8, and prints each path's time, the fastest and
+the static rule's choice (``tieify.nn._paths.default_path``); ``tieify.optimize`` picks per
+input instead. ``kernel`` is left out where tieify's kernel cannot be built (the table says
+why).
 
 Usage::
 
@@ -28,6 +28,7 @@ import _allocator_flag  # noqa: E402
 
 from tieify.latency._timing import interleaved_samples  # noqa: E402
 from tieify.nn import TiedConv2d, _paths  # noqa: E402
+from tieify.nn._kernel import kernel_available, kernel_status  # noqa: E402
 
 RESNET50_POINTWISE = [  # (C_in, C_out, H) of ResNet-50's bottleneck 1×1 convs
     (64, 256, 56),
@@ -56,23 +57,31 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"Allocator: {_allocator_flag.apply(args)}; {args.threads} threads.\n")
-    print("| batch | C_in | C_out | H | B=2 gemm/widen | B=4 gemm/widen | B=8 gemm/widen |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    paths = [p for p in ("gemm", "widen", "kernel") if p != "kernel" or kernel_available()]
+    if "kernel" not in paths:
+        print(f"tieify's kernel is not available: {kernel_status()}\n")
+    print(
+        "| batch | C_in | C_out | H | B | bank K×N | "
+        + " | ".join(f"{p} ms" for p in paths)
+        + " | fastest | rule |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(paths) + "---|---|")
     for batch in args.batches:
         for ci, co, h in SHAPES:
             x = torch.randn(batch, ci, h, h).contiguous(memory_format=torch.channels_last)
-            ratios = []
             for B in (2, 4, 8):
                 layer = TiedConv2d(ci, co, 1, B=B, bias=False)
-                fns = {
-                    p: (lambda p=p, m=layer, x=x: _paths.run_path(m, x, p))
-                    for p in ("gemm", "widen")
-                }
+                fns = {p: (lambda p=p, m=layer, x=x: _paths.run_path(m, x, p)) for p in paths}
                 with torch.inference_mode():
                     s = interleaved_samples(fns, repeats=args.rounds, target_s=0.01)
-                ratios.append(statistics.median(s["gemm"]) / statistics.median(s["widen"]))
-            cells = " | ".join(f"{r:.2f}" for r in ratios)
-            print(f"| {batch} | {ci} | {co} | {h} | {cells} |", flush=True)
+                ms = {p: statistics.median(s[p]) * 1e3 for p in paths}
+                cells = " | ".join(f"{ms[p]:.3f}" for p in paths)
+                rule = _paths.default_path(layer, x)
+                print(
+                    f"| {batch} | {ci} | {co} | {h} | {B} | {ci // B}×{co // B} | {cells} | "
+                    f"{min(ms, key=ms.__getitem__)} | {rule} |",
+                    flush=True,
+                )
     return 0
 
 

@@ -19,3 +19,16 @@ def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     import os
 
     os.environ["TIEIFY_CACHE_DIR"] = str(tmp_path_factory.mktemp("tieify-cache"))
+
+
+@pytest.fixture
+def no_kernel(monkeypatch: pytest.MonkeyPatch):
+    """tieify's compiled pointwise kernel switched off (``TIEIFY_KERNEL=0``) for one test,
+    so the other paths' rules can be tested on any machine."""
+    from tieify.nn import _kernel
+
+    monkeypatch.setenv("TIEIFY_KERNEL", "0")
+    _kernel.reset()
+    yield
+    monkeypatch.undo()
+    _kernel.reset()

@@ -161,12 +161,12 @@ def test_grouped_repeat_is_kept_between_no_grad_calls_and_follows_the_weights():
 
     with torch.no_grad():
         check()
-        kept = _paths._REPEATED[layer][2][0]
+        kept = _paths._FORMS[layer]["repeated"][2][0]
         check()
-        assert _paths._REPEATED[layer][2][0] is kept  # reused, not repeated again
+        assert _paths._FORMS[layer]["repeated"][2][0] is kept  # reused, not repeated again
         layer.weight.mul_(2.0)  # in-place update: a new version
         check()
-        assert _paths._REPEATED[layer][2][0] is not kept
+        assert _paths._FORMS[layer]["repeated"][2][0] is not kept
         layer.bias = torch.nn.Parameter(torch.randn(2))  # a new parameter
         check()
         layer.load_state_dict({"weight": torch.randn(2, 2, 3, 3), "bias": torch.randn(2)})
@@ -177,7 +177,7 @@ def test_grouped_repeat_is_kept_between_no_grad_calls_and_follows_the_weights():
         check()
     # Pickling and deepcopy never carry the repeat (it lives beside the layer).
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert clone not in _paths._REPEATED
+        assert clone not in _paths._FORMS
         with torch.no_grad():
             torch.testing.assert_close(clone(x), layer(x))
     # While autograd records, the repeat is part of the graph: gradients reach the bank.
@@ -214,7 +214,7 @@ def test_fast_paths_keep_channels_last_and_the_expected_choice():
         y = layer(x)
         assert y.is_contiguous(memory_format=torch.channels_last)
         for path in _paths.applicable_paths(layer, x):
-            if path in ("gemm", "lift", "widen"):
+            if path in ("gemm", "lift", "widen", "kernel"):
                 y = _paths.run_path(layer, x, path)
                 assert y.is_contiguous(memory_format=torch.channels_last), path
     # gemm reads the input in place: the matrix it multiplies is a view of x's storage.
@@ -226,7 +226,7 @@ def test_fast_paths_keep_channels_last_and_the_expected_choice():
 
 
 @pytest.mark.parametrize("avx512", [False, True])
-def test_large_pointwise_channels_last_inputs_widen_without_avx512(monkeypatch, avx512):
+def test_large_pointwise_channels_last_inputs_widen_without_avx512(monkeypatch, avx512, no_kernel):
     monkeypatch.setattr(_paths, "_CPU_HAS_AVX512", avx512)
     layer = TiedConv2d(16, 32, 1, B=4)
     # 4,096 pixels: the threshold, reached by batch and spatial size together.
@@ -373,7 +373,15 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
 
 def test_optimize_pins_fastest_and_caches(cache_tmp, monkeypatch):
     timer = FakeTimer(
-        {"fold": 3.0, "grouped": 2.0, "gemm": 5.0, "lift": 1.0, "bmm": 4.0, "widen": 6.0}
+        {
+            "fold": 3.0,
+            "grouped": 2.0,
+            "gemm": 5.0,
+            "lift": 1.0,
+            "bmm": 4.0,
+            "widen": 6.0,
+            "kernel": 7.0,
+        }
     )
     monkeypatch.setattr(_optimize, "_timer", timer)
     net = small_net().to(memory_format=torch.channels_last)
@@ -393,7 +401,7 @@ def test_optimize_pins_fastest_and_caches(cache_tmp, monkeypatch):
     assert [net2[0].path, net2[2].path] == ["grouped", "lift"]
 
 
-def test_choice_cached_before_a_new_path_existed_is_timed_again(cache_tmp, monkeypatch):
+def test_choice_cached_before_a_new_path_existed_is_timed_again(cache_tmp, monkeypatch, no_kernel):
     """A cache written when fewer paths existed (an older tieify) must not pin the old
     winner: the candidate set is part of the key."""
     layer = TiedConv2d(16, 32, 1, B=4)
@@ -408,7 +416,7 @@ def test_choice_cached_before_a_new_path_existed_is_timed_again(cache_tmp, monke
     assert timer.calls == 1 and layer.path == "widen"
 
 
-def test_choice_made_on_another_machine_is_timed_again(cache_tmp, monkeypatch):
+def test_choice_made_on_another_machine_is_timed_again(cache_tmp, monkeypatch, no_kernel):
     """A cache directory shared between machines (NFS home, a cluster's nodes) must not pin
     another CPU's winner: the machine is part of the key."""
     layer = TiedConv2d(16, 32, 1, B=4)

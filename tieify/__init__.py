@@ -41,6 +41,7 @@ _LAZY = {
     "optimize": "tieify.latency",
     "predict_latency": "tieify.latency",
     "tune_allocator": "tieify.latency",
+    "kernel_status": "tieify.nn._kernel",
     "search": "tieify.search",
 }
 

@@ -25,6 +25,11 @@ differ only in how the work is laid out for the kernels underneath:
 - ``"grouped"``: the compact dense form, a ``groups·B``-group convolution with the filter
   bank repeated B times (part of the graph while autograd records and under tracing; kept
   and reused between eager no-grad calls; parameters stay compact).
+- ``"kernel"``: 1×1 convolution on a channels-last float32 CPU input: the same matrix
+  product as ``gemm``, run by tieify's own compiled kernel (:mod:`tieify.nn._kernel`, built
+  on first use with the machine's C++ compiler), written for its shape (millions of rows,
+  a thin bank of 8-512 columns), on which BLAS libraries run far below their speed. Eager
+  only (no decomposition for tracing); offered only where the kernel could be built.
 - ``"native"``: the reference fold on a contiguous (NCHW) 2-D input, run by PyTorch's native
   CPU convolution (``thnn_conv2d``: per sample, an im2col that 1×1 layers skip and one
   single-threaded GEMM, the samples spread over the threads) instead of oneDNN, which is
@@ -53,12 +58,15 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils import _python_dispatch
+
+from . import _kernel
 
 if TYPE_CHECKING:
     from ._conv import _TiedConvNd
 
-PATHS = ("fold", "gemm", "bmm", "lift", "grouped", "widen", "native")
+PATHS = ("fold", "gemm", "bmm", "lift", "grouped", "widen", "native", "kernel")
 
 #: Largest input (elements, batch included) on which an NCHW k×k layer takes ``native`` by
 #: default: above it oneDNN's per-call cost is paid off and its kernels win. 3×3 layers at
@@ -75,6 +83,21 @@ NATIVE_MAX_NUMEL = 4096
 #: An earlier AVX2 host agreed (widen up to 6.1× at batch 8). On an AVX-512 Xeon gemm was as
 #: fast or faster (widen / gemm time 0.87-1.3) at every size, so there it keeps gemm.
 WIDEN_POINTWISE_MIN_PIXELS = 4096
+
+#: Fewest pixels (N · spatial size) at which a pointwise layer on a channels-last CPU input
+#: runs tieify's ``kernel`` by default (where it is built, on CPUs without AVX-512, and the
+#: bank has at most :data:`KERNEL_MAX_BANK` entries). Measured side by side
+#: (``benchmarks/pointwise_paths.py``: ResNet-50's pointwise shapes and the 64→64 1×1 at
+#: 56×56, B ∈ {2, 4, 8}, 2 threads, AVX2 EPYC), among the layers with such a bank the kernel
+#: was faster than gemm in 9 of 9 cases at 25,088 pixels (56×56, batch 8), 6 of 6 at 6,272,
+#: 7 of 9 at 3,136 and 4 of 4 at 1,568 (14×14, batch 8), and slower in 5 of 6 at 784 (28×28,
+#: batch 1). Against widen (the rule's choice from 4,096 pixels without the kernel) it was
+#: faster in 11 of 15 cases at 25,088 and 6,272 pixels, and at most 13% slower.
+KERNEL_MIN_PIXELS = 1024
+#: Largest thin bank (C_in/B · C_out/B entries) the ``kernel`` takes by default: its tiles
+#: read the whole bank for every six rows, and from 128×512 entries on (256 KiB) the BLAS
+#: paths were faster in the same benchmark.
+KERNEL_MAX_BANK = 32768
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 #: PyTorch's native (non-oneDNN) CPU 2-D convolution, with autograd; see ``"native"`` above.
@@ -317,54 +340,123 @@ def native_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(n, layer.out_channels, *y.shape[2:])
 
 
-def _repeated(layer: _TiedConvNd) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The filter bank (and bias) repeated B times along the output channels.
+def _kernel_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
+    """Pointwise, a channels-last float32 CPU input and bank, a plain eager call (as for
+    ``native``), and a kernel that could be built on this machine."""
+    params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
+    if not (
+        _is_pointwise(layer)
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
+        and is_channels_last(x)
+        and type(x) in (torch.Tensor, torch.nn.Parameter)
+        and not _traced()
+    ):
+        return False
+    if _kernel.kernel_available():
+        return True
+    _kernel.warn_unavailable()  # once per process, with the reason
+    return False
+
+
+class _PointwiseKernel(torch.autograd.Function):
+    """``a @ w.T + bias`` by the kernel; the backward is three ordinary matrix products."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        ctx.save_for_backward(a, w)
+        ctx.has_bias = bias is not None
+        out = a.new_empty(a.shape[0], w.shape[0])
+        return _kernel.pointwise(a, w.t().contiguous(), bias, out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        a, w = ctx.saved_tensors
+        need_a, need_w, need_b = ctx.needs_input_grad
+        grad_a = grad @ w if need_a else None
+        grad_w = grad.t() @ a if need_w else None
+        grad_b = grad.sum(0) if ctx.has_bias and need_b else None
+        return grad_a, grad_w, grad_b
+
+
+def kernel_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
+    """1×1 tied conv on a channels-last input by tieify's compiled kernel (see the module
+    doc): the ``gemm`` path's zero-copy ``(N·S·B, C/B)`` view, another matrix multiply."""
+    x = _subsample(layer, x)
+    B = layer.B
+    o, c = layer.out_channels // B, layer.in_channels // B
+    n, spatial = x.shape[0], x.shape[2:]
+    a = channels_inner(x).reshape(-1, c).contiguous()  # a view for dense channels-last input
+    weight, bias = layer.weight.reshape(o, c), layer.bias
+    params = (weight,) if bias is None else (weight, bias)
+    if torch.is_grad_enabled() and (a.requires_grad or any(p.requires_grad for p in params)):
+        y = _PointwiseKernel.apply(a, weight, bias)
+    else:
+        bank = _cached(layer, "transposed", _transpose_bank)[0]
+        y = _kernel.pointwise(a, bank, bias, a.new_empty(a.shape[0], o))
+    return channels_second(y.view(n, *spatial, layer.out_channels))
+
+
+def _cached(
+    layer: _TiedConvNd,
+    kind: str,
+    make: Callable[[torch.Tensor, torch.Tensor | None, int], _Bank],
+) -> _Bank:
+    """``make(weight, bias, B)``: a form of the filter bank (and bias) that a path runs on,
+    made from the layer's parameters (``"repeated"``: B times along the output channels, for
+    ``grouped``; ``"transposed"``: the dense (C_in/B, C_out/B) matrix, for ``kernel``).
 
     In an eager call that records no gradient for them (``torch.no_grad``/``inference_mode``
-    or frozen parameters), the repeat is kept for the layer and reused while its parameters
+    or frozen parameters), the form is kept for the layer and reused while its parameters
     are the same tensors, with the same storage, at the same version (an in-place update,
-    ``load_state_dict``, ``.to()``, ``.half()`` or a new ``Parameter`` makes a new one). It
-    costs B times the bank's memory, what a ``G = B`` group conv's weights take, and saves a
-    copy per call. Under tracing, or while autograd records, the repeat is part of the graph.
+    ``load_state_dict``, ``.to()``, ``.half()`` or a new ``Parameter`` makes a new one). The
+    repeat costs B times the bank's memory, what a ``G = B`` group conv's weights take, and
+    saves a copy per call. Under tracing, or while autograd records, it is part of the graph.
     The cache lives beside the layer (a weak-keyed map), never in its state, so pickling and
     ``deepcopy`` do not carry it.
     """
     B, weight, bias = layer.B, layer.weight, layer.bias
     params = (weight,) if bias is None else (weight, bias)
     if _traced() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-        return _repeat_bank(weight, bias, B)
+        return make(weight, bias, B)
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in params)
-    hit = _REPEATED.get(layer)
+    forms = _FORMS.get(layer)
+    if forms is None:
+        forms = _FORMS[layer] = {}
+    hit = forms.get(kind)
     if hit is not None and hit[0] == key:
         if all(r() is p for r, p in zip(hit[1], params, strict=True)):
             return hit[2]
     with torch.no_grad():
-        repeated = _repeat_bank(weight, bias, B)
-    _REPEATED[layer] = (key, tuple(weakref.ref(p) for p in params), repeated)
-    return repeated
+        form = make(weight, bias, B)
+    forms[kind] = (key, tuple(weakref.ref(p) for p in params), form)
+    return form
 
 
-_REPEATED: weakref.WeakKeyDictionary[
+_Bank = tuple[torch.Tensor, "torch.Tensor | None"]
+_FORMS: weakref.WeakKeyDictionary[
     nn.Module,
-    tuple[
-        tuple[Any, ...],
-        tuple[weakref.ref[torch.Tensor], ...],
-        tuple[torch.Tensor, torch.Tensor | None],
-    ],
+    dict[str, tuple[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], ...], _Bank]],
 ] = weakref.WeakKeyDictionary()
 
 
-def _repeat_bank(
-    weight: torch.Tensor, bias: torch.Tensor | None, B: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _repeat_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
     return weight.repeat(B, *([1] * (weight.dim() - 1))), None if bias is None else bias.repeat(B)
+
+
+def _transpose_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
+    return weight.reshape(weight.shape[0], -1).t().contiguous(), bias
 
 
 def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     """The compact dense form: a ``groups·B``-group conv with the filter bank repeated B times
-    (kept between eager no-grad calls, see :func:`_repeated`)."""
+    (kept between eager no-grad calls, see :func:`_cached`)."""
     B = layer.B
-    weight, bias = _repeated(layer)
+    weight, bias = _cached(layer, "repeated", _repeat_bank)
     conv = _CONV_FN[layer._ndim]
     groups = layer.groups * B
     if layer.padding_mode != "zeros":
@@ -382,6 +474,7 @@ _FORWARD: dict[str, Callable[[_TiedConvNd, torch.Tensor], torch.Tensor]] = {
     "grouped": grouped_forward,
     "widen": widen_forward,
     "native": native_forward,
+    "kernel": kernel_forward,
 }
 
 
@@ -403,6 +496,8 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
         paths.append("widen")
     if _native_applies(layer, x):
         paths.append("native")
+    if _kernel_applies(layer, x):
+        paths.append("kernel")
     return tuple(p for p in PATHS if p in paths)
 
 
@@ -410,9 +505,14 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
 _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
+def _pixels(x: torch.Tensor) -> int:
+    """Batch × spatial size of ``x``: how many rows a pointwise layer's matrix product has."""
+    return x.shape[0] * math.prod(x.shape[2:])
+
+
 def _many_pixels(x: torch.Tensor) -> bool:
     """At least :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels (batch × spatial size) in ``x``."""
-    return x.shape[0] * math.prod(x.shape[2:]) >= WIDEN_POINTWISE_MIN_PIXELS
+    return _pixels(x) >= WIDEN_POINTWISE_MIN_PIXELS
 
 
 def _widen_pointwise(x: torch.Tensor) -> bool:
@@ -425,12 +525,23 @@ def _widen_pointwise(x: torch.Tensor) -> bool:
     return all(type(s) is int for s in (x.shape[0], *x.shape[2:])) and _many_pixels(x)
 
 
+def _kernel_by_default(layer: _TiedConvNd, x: torch.Tensor) -> bool:
+    """Whether a pointwise layer whose input the ``kernel`` takes runs it by default: a CPU
+    without AVX-512 (the only kind measured), a bank of at most :data:`KERNEL_MAX_BANK`
+    entries and at least :data:`KERNEL_MIN_PIXELS` pixels (the eager call sees concrete
+    sizes: the kernel never runs under tracing)."""
+    bank = (layer.in_channels // layer.B) * (layer.out_channels // layer.B)
+    return not _CPU_HAS_AVX512 and bank <= KERNEL_MAX_BANK and _pixels(x) >= KERNEL_MIN_PIXELS
+
+
 def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     """The cheap rule: the zero-copy path for the input's layout, else the reference fold.
 
-    Pointwise layers on a channels-last input run as a GEMM (a matrix multiply has the least
-    per-call overhead, which decides small and pooled inputs), or widened on a CPU without
-    AVX-512 once a float32 input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers on a
+    Pointwise layers on a channels-last input run tieify's ``kernel`` on a CPU without
+    AVX-512 when it is built, the bank is small and the input large enough
+    (:func:`_kernel_by_default`); else as a GEMM (a matrix multiply has the least per-call
+    overhead, which decides small and pooled inputs), or widened on a CPU without AVX-512
+    once a float32 input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers on a
     channels-last input run widened on CPU where that applies, else lifted (1-D/2-D). On an
     NCHW input (eager, CPU, 2-D) pointwise layers run ``native``, and k×k layers too while
     the input has at most :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the
@@ -438,6 +549,8 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     ``tieify.optimize`` times the candidates on the real input instead.
     """
     paths = applicable_paths(layer, x)
+    if "kernel" in paths and _kernel_by_default(layer, x):
+        return "kernel"
     if "gemm" in paths:
         return "widen" if "widen" in paths and _widen_pointwise(x) else "gemm"
     if "widen" in paths and x.device.type == "cpu":
@@ -458,8 +571,9 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     The answer depends only on the layer's hyper-parameters, its ``path`` and the input's
     per-sample shape, strides, dtype and device, whether the whole input is small enough for
     ``native`` (:data:`NATIVE_MAX_NUMEL`) and whether it has enough pixels for a pointwise
-    ``widen`` (:data:`WIDEN_POINTWISE_MIN_PIXELS`), so eager calls remember it per layer (the
-    checks cost ~10 µs a call in Python, as much as a small convolution's kernel). Inside
+    ``widen`` or ``kernel`` (:data:`WIDEN_POINTWISE_MIN_PIXELS`, :data:`KERNEL_MIN_PIXELS`),
+    so eager calls remember it per layer (the checks cost ~10 µs a call in Python, as much as
+    a small convolution's kernel). Inside
     ``torch.compile``/``torch.export``/``torch.jit.trace`` tracing and under a dispatch mode
     the checks run every time (shapes may be symbolic there, the trace keeps only the chosen
     path, and ``native`` is not taken there).
@@ -468,7 +582,8 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     if _traced():
         return _select(layer, x, path)
     small = x.numel() <= NATIVE_MAX_NUMEL
-    key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, small, _many_pixels(x))
+    pixels = (_many_pixels(x), _pixels(x) >= KERNEL_MIN_PIXELS)
+    key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, small, pixels)
     memo = layer.__dict__.setdefault("_path_memo", {})
     hit = memo.get(key)
     if hit is None:

@@ -1,0 +1,240 @@
+"""tieify's compiled pointwise kernel: equality with the reference, the rule that takes it,
+its build cache, and what happens where it cannot be built."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import tieify
+from tieify.latency import _optimize
+from tieify.nn import TiedConv1d, TiedConv2d, TiedConv3d, _kernel, _paths
+
+CL = {1: None, 2: torch.channels_last, 3: torch.channels_last_3d}
+TIED = {1: TiedConv1d, 2: TiedConv2d, 3: TiedConv3d}
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch):
+    """The kernel's process state forgotten before and after the test (env restored)."""
+    _kernel.reset()
+    yield monkeypatch
+    monkeypatch.undo()
+    _kernel.reset()
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    fmt = CL[x.dim() - 2]
+    if fmt is None:
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.contiguous(memory_format=fmt)
+
+
+def reference_and_grads(layer, x, g_out):
+    x = x.detach().requires_grad_()
+    y = _paths.fold_forward(layer, x)
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    return y, torch.autograd.grad(y, [x, *params], g_out)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize(
+    "nd, cin, cout, B, stride, bias, batch, size",
+    [
+        (2, 64, 256, 8, 1, False, 2, 9),  # N = 32: two 16-column tiles
+        (2, 256, 64, 8, 1, True, 3, 7),  # N = 8: one 8-column tile; rows not a multiple of 6
+        (2, 24, 36, 4, 2, False, 2, 11),  # N = 9: an 8-column tile and a 1-column tail
+        (2, 12, 10, 2, 1, True, 1, 5),  # N = 5: the scalar tail only
+        (2, 8, 96, 1, 1, True, 1, 1),  # B = 1, one pixel: fewer rows than a tile
+        (2, 64, 128, 2, 1, True, 4, 32),  # a 2 MiB output: written with streaming stores
+        (1, 32, 48, 4, 1, True, 2, 13),
+        (3, 16, 32, 4, 1, False, 2, 5),
+    ],
+)
+def test_kernel_equals_the_reference_forward_and_backward(
+    nd, cin, cout, B, stride, bias, batch, size
+):
+    torch.manual_seed(0)
+    layer = TIED[nd](cin, cout, 1, stride=stride, B=B, bias=bias)
+    x = channels_last(torch.randn(batch, cin, *(size,) * nd))
+    if stride == 1 and nd == 2 and cout == 128:
+        assert batch * size * size * cout * 4 >= _kernel.STREAM_MIN_BYTES
+    assert "kernel" in _paths.applicable_paths(layer, x)
+    g_out = torch.randn_like(_paths.fold_forward(layer, x))
+    ref, ref_grads = reference_and_grads(layer, x, g_out)
+    with torch.no_grad():
+        y = _paths.run_path(layer, x, "kernel")
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    assert _paths.is_channels_last(y)  # the output is channels-last, like the input
+    xg = x.detach().requires_grad_()
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    grads = torch.autograd.grad(_paths.run_path(layer, xg, "kernel"), [xg, *params], g_out)
+    for g, r in zip(grads, ref_grads, strict=True):
+        scale = float(r.abs().max()) + 1.0
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_kernel_reads_the_input_in_place_and_keeps_a_transposed_bank(monkeypatch):
+    layer = TiedConv2d(64, 32, 1, B=4, bias=True).eval()
+    x = channels_last(torch.randn(2, 64, 8, 8))
+    seen = []
+    run = _kernel.pointwise
+    monkeypatch.setattr(_kernel, "pointwise", lambda a, *rest: seen.append(a) or run(a, *rest))
+    with torch.no_grad():
+        _paths.run_path(layer, x, "kernel")
+    assert seen[0].data_ptr() == x.data_ptr() and seen[0].shape == (2 * 8 * 8 * 4, 16)
+    monkeypatch.undo()
+    with torch.no_grad():
+        first = _paths.run_path(layer, x, "kernel")
+        bank = _paths._FORMS[layer]["transposed"][2][0]
+        assert bank.shape == (16, 8) and bank.is_contiguous()
+        torch.testing.assert_close(bank, layer.weight.reshape(8, 16).t())
+        _paths.run_path(layer, x, "kernel")
+        assert _paths._FORMS[layer]["transposed"][2][0] is bank  # reused
+        layer.weight.mul_(-1.0)  # a new version of the weights: a new bank
+        torch.testing.assert_close(
+            _paths.run_path(layer, x, "kernel"),
+            -first + 2 * layer.bias.repeat(4).reshape(1, -1, 1, 1),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+        assert _paths._FORMS[layer]["transposed"][2][0] is not bank
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_kernel_gives_the_same_result_on_one_and_on_two_threads():
+    layer = TiedConv2d(128, 64, 1, B=4, bias=False)
+    x = channels_last(torch.randn(4, 128, 20, 20))
+    before = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = _paths.run_path(layer, x, "kernel")
+            torch.set_num_threads(2)
+            two = _paths.run_path(layer, x, "kernel")
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(one, two, rtol=0, atol=0)  # rows split, same sums
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize("avx512", [False, True])
+def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch, avx512):
+    monkeypatch.setattr(_paths, "_CPU_HAS_AVX512", avx512)
+    layer = TiedConv2d(64, 64, 1, B=4)
+    # 1,024 pixels: the threshold, reached by batch and spatial size together.
+    big = channels_last(torch.randn(4, 64, 16, 16))
+    small = channels_last(torch.randn(3, 64, 16, 16))
+    assert 4 * 16 * 16 == _paths.KERNEL_MIN_PIXELS
+    assert _paths.default_path(layer, small) == "gemm"
+    assert _paths.default_path(layer, big) == ("gemm" if avx512 else "kernel")
+    # The per-layer memo tells the two batches apart.
+    layer._path_memo = {}
+    for x in (small, big, small):
+        expected = "kernel" if x is big and not avx512 else "gemm"
+        assert _paths.select_path(layer, x) == expected
+        torch.testing.assert_close(layer(x), _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
+    # A bank above KERNEL_MAX_BANK entries keeps the BLAS paths (widen: many pixels).
+    wide = TiedConv2d(512, 264, 1, B=2)
+    assert 256 * 132 > _paths.KERNEL_MAX_BANK
+    x = channels_last(torch.randn(1, 512, 64, 64))
+    assert "kernel" in _paths.applicable_paths(wide, x)
+    assert _paths.default_path(wide, x) == ("gemm" if avx512 else "widen")
+    # Not float32, not channels-last, or traced: the kernel does not apply.
+    assert "kernel" not in _paths.applicable_paths(layer.to(torch.bfloat16), big.bfloat16())
+    layer.float()
+    assert "kernel" not in _paths.applicable_paths(layer, big.contiguous())
+    assert "kernel" not in _paths.applicable_paths(TiedConv2d(64, 64, 3, padding=1, B=4), big)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(big), layer(big), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_optimize_times_the_kernel_among_the_candidates():
+    layer = TiedConv2d(64, 64, 1, B=8)
+    x = channels_last(torch.randn(1, 64, 16, 16))
+    assert "kernel" in _paths.applicable_paths(layer, x)
+    key = _optimize.path_key(layer, x)
+    choice = _optimize.choose_path(layer, x, repeats=1)
+    entry = _optimize.PATH_CACHE.get(key)
+    assert entry["path"] == choice and "kernel" in entry["seconds"]
+
+
+def test_switched_off_the_kernel_is_not_offered_and_nothing_warns(fresh):
+    fresh.setenv("TIEIFY_KERNEL", "0")
+    layer = TiedConv2d(64, 64, 1, B=4)
+    x = channels_last(torch.randn(2, 64, 32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "kernel" not in _paths.applicable_paths(layer, x)
+        torch.testing.assert_close(layer(x), _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
+    assert not _kernel.kernel_available()
+    assert tieify.kernel_status() == "disabled by TIEIFY_KERNEL=0"
+
+
+def test_without_a_compiler_the_layer_runs_and_one_warning_says_why(fresh):
+    fresh.setattr(_kernel.shutil, "which", lambda name: None)
+    layer = TiedConv2d(64, 64, 1, B=4)
+    x = channels_last(torch.randn(2, 64, 32, 32))
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+        y = layer(x)
+    torch.testing.assert_close(y, _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
+    assert "kernel" not in _paths.applicable_paths(layer, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process, not per layer or call
+        TiedConv2d(32, 64, 1, B=2)(channels_last(torch.randn(2, 32, 32, 32)))
+    assert "apt install g++" in _kernel.kernel_status()
+
+
+def test_a_compiler_that_fails_is_reported_with_its_error(fresh, tmp_path):
+    fake = tmp_path / "broken-c++"
+    fake.write_text("#!/bin/sh\necho 'fatal error: no space left' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    fresh.setenv("CXX", str(fake))
+    fresh.setenv("TIEIFY_CACHE_DIR", str(tmp_path / "cache"))
+    assert not _kernel.kernel_available()
+    status = _kernel.kernel_status()
+    assert "could not build _pointwise.cpp" in status and "no space left" in status
+    assert not list((tmp_path / "cache").rglob("*.so"))  # no half-written build is kept
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_the_build_is_cached_and_a_corrupted_build_is_rebuilt(fresh, tmp_path):
+    fresh.setenv("TIEIFY_CACHE_DIR", str(tmp_path))
+    build = _kernel.build_path(_kernel._compiler())
+    # A build cut short (a full disk, a killed copy) is rebuilt, with a warning. (A build
+    # this process has loaded is never written to: the loader maps the file.)
+    build.parent.mkdir(parents=True)
+    build.write_bytes(b"\x7fELF cut short")
+    with pytest.warns(RuntimeWarning, match="cannot be loaded.*rebuilding"):
+        assert _kernel.kernel_available()
+    assert "built with" in _kernel.kernel_status()
+    assert build.stat().st_size > 1000
+    _kernel.reset()  # a new process: the build is found, not compiled again
+    assert _kernel.kernel_status().startswith(f"available: {build} (cached build")
+    layer = TiedConv2d(16, 32, 1, B=2)
+    x = channels_last(torch.randn(2, 16, 8, 8))
+    torch.testing.assert_close(
+        _paths.run_path(layer, x, "kernel"), _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_an_unwritable_cache_builds_for_the_process(fresh, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    fresh.setenv("TIEIFY_CACHE_DIR", str(blocker / "cache"))  # cannot be created
+    assert _kernel.kernel_available()
+    assert "built with" in _kernel.kernel_status() and str(blocker) not in _kernel.kernel_status()
+
+
+def test_the_kernel_builds_wherever_a_compiler_is_found():
+    """Where this machine has a C++ compiler the kernel must build and load: the tests above
+    skip without it, and this one keeps a broken build from passing as 'no compiler'."""
+    if _kernel._compiler() is None:
+        pytest.skip(_kernel.kernel_status())
+    assert _kernel.kernel_available(), _kernel.kernel_status()
+    assert "OpenMP" in _kernel.kernel_status()

@@ -1,0 +1,273 @@
+"""tieify's compiled CPU kernel for pointwise tied layers (the ``"kernel"`` path).
+
+A pointwise tied conv on a channels-last input is one ``(N·S·B, C_in/B) @ (C_in/B,
+C_out/B)`` matrix product with a huge first and two small other dimensions, a shape on which
+BLAS libraries run at a fraction of their speed (``benchmarks/pointwise_paths.py``). The
+kernel in ``_pointwise.cpp`` is written for that shape (register tiles along the rows, the
+thin bank in L1, non-temporal stores for large outputs).
+
+It is built on first use with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++``,
+``clang++``) for the machine's own instruction set (``-march=native``, OpenMP where the
+compiler has it) in well under a second, and kept under the tieify cache directory
+(``kernels/``), keyed by the source, the compiler and the CPU's flags, so a home directory
+shared by different machines never loads one machine's build on another. Where no compiler
+works, or ``TIEIFY_KERNEL=0`` is set, the path is simply not offered: the other paths run,
+and :func:`kernel_status` (and one warning, the first time a layer could have used it) says
+why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["kernel_available", "kernel_status", "pointwise"]
+
+SOURCE = Path(__file__).with_name("_pointwise.cpp")
+ABI = 1
+#: Outputs of at least this many bytes are written with non-temporal stores: larger than the
+#: per-core L2 of the CPUs measured, so the next layer would read them from memory anyway.
+STREAM_MIN_BYTES = 1 << 20
+#: Flag sets tried in order; the first that compiles is kept.
+_FLAG_SETS = (
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-march=native"),
+    ("-O3", "-fopenmp"),
+    ("-O3",),
+)
+_COMMON = ("-std=c++17", "-shared", "-fPIC", "-Wno-unknown-pragmas")
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": ctypes.CDLL | None, "status": str
+
+
+def _disabled() -> bool:
+    return os.environ.get("TIEIFY_KERNEL", "1").strip().lower() in ("0", "off", "false", "no")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_flags() -> str:
+    """What ``-march=native`` compiles for: the CPU's feature flags where Linux lists them."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                field, _, value = line.partition(":")
+                if field.strip() in ("flags", "Features"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_key(compiler: str) -> str:
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    parts = [SOURCE.read_text(), shutil.which(compiler) or compiler, version, _cpu_flags()]
+    parts += [platform.machine(), platform.system(), repr(_FLAG_SETS), repr(_COMMON)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def _compile(compiler: str, target: Path) -> tuple[tuple[str, ...] | None, str]:
+    """Compile into ``target`` with the first flag set that works: (flags, "") or (None,
+    the last compiler error)."""
+    error = ""
+    for flags in _FLAG_SETS:
+        cmd = [compiler, *flags, *_COMMON, str(SOURCE), "-o", str(target)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        except (OSError, subprocess.SubprocessError) as err:
+            error = str(err)
+            continue
+        if done.returncode == 0:
+            return flags, ""
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        errors = [line for line in lines if "error" in line]
+        error = (errors or lines or [f"exit status {done.returncode}"])[0]
+    return None, error
+
+
+def _cache_dir() -> Path:
+    from ..latency._cache import cache_dir
+
+    return cache_dir() / "kernels"
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """Build (or find) and load the library: (library, status) or (None, why not). A cached
+    build that cannot be loaded or fails its self-test is rebuilt, with a warning."""
+    if _disabled():
+        return None, "disabled by TIEIFY_KERNEL=0"
+    compiler = _compiler()
+    if compiler is None:
+        return None, (
+            "no C++ compiler found ($CXX, c++, g++, clang++); install one (e.g. "
+            "`apt install g++`) to let pointwise tied layers use tieify's kernel"
+        )
+    path = build_path(compiler)
+    for attempt in range(2):
+        note = "cached build"
+        if not path.exists():
+            path, note = _build(compiler, path)
+            if note.startswith("error: "):
+                return None, f"{compiler} could not build {SOURCE.name}: {note[7:]}"
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as err:
+            if attempt == 0 and note == "cached build":  # e.g. a truncated file: rebuild it
+                warnings.warn(
+                    f"tieify: the cached kernel {path} cannot be loaded ({err}); rebuilding it.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                path.unlink(missing_ok=True)
+                continue
+            return None, f"cannot load {path} ({err})"
+        # Loaded: a rebuild under the same name would get this library back from the loader,
+        # so a build that fails here is reported (delete it to rebuild), not rebuilt.
+        error = _check(lib)
+        if error:
+            return None, f"{path} is unusable: {error}; delete it to rebuild"
+        threads = "OpenMP" if lib.tieify_kernel_features() & 1 else "no OpenMP: one thread"
+        return lib, f"available: {path} ({note}; {threads})"
+    raise AssertionError("unreachable")
+
+
+def build_path(compiler: str) -> Path:
+    """Where the build for ``compiler`` on this machine is cached."""
+    return _cache_dir() / f"pointwise-{_build_key(compiler)}.so"
+
+
+def _build(compiler: str, path: Path) -> tuple[Path, str]:
+    """Compile into ``path`` (atomically: a temporary file, then a rename), or into a
+    directory of this process's own where the cache is read-only: (path, how it was built)
+    or (path, "error: " + the compiler's error)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pointwise-", suffix=".so")
+    except OSError:
+        path = Path(tempfile.mkdtemp(prefix="tieify-kernel-")) / path.name
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pointwise-", suffix=".so")
+    os.close(fd)
+    flags, error = _compile(compiler, Path(tmp))
+    if flags is None:
+        Path(tmp).unlink(missing_ok=True)
+        return path, f"error: {error}"
+    os.replace(tmp, path)
+    return path, f"built with {compiler} {' '.join(flags)}"
+
+
+def _check(lib: ctypes.CDLL) -> str:
+    """Check a loaded build's ABI and a small product: "" or what is wrong."""
+    try:
+        abi = lib.tieify_kernel_abi()
+        fn = lib.tieify_pointwise
+    except AttributeError as err:
+        return str(err)
+    if abi != ABI:
+        return f"ABI {abi}, expected {ABI}"
+    fn.restype = None
+    fn.argtypes = [
+        *[ctypes.c_void_p] * 3,
+        *[ctypes.c_int64] * 3,
+        ctypes.c_void_p,
+        *[ctypes.c_int] * 2,
+    ]
+    if not _self_test(lib):
+        return "it computed a wrong result in its self-test"
+    return ""
+
+
+def _self_test(lib: ctypes.CDLL) -> bool:
+    """A small product against ``torch.mm`` (every tile size, a row and a column tail)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(29, 7, generator=gen)
+    bt = torch.randn(7, 27, generator=gen)
+    bias = torch.randn(27, generator=gen)
+    out = torch.empty(29, 27)
+    lib.tieify_pointwise(
+        a.data_ptr(), bt.data_ptr(), out.data_ptr(), 29, 7, 27, bias.data_ptr(), 1, 0
+    )
+    return bool(torch.allclose(out, torch.addmm(bias, a, bt), rtol=1e-4, atol=1e-4))
+
+
+def _library() -> ctypes.CDLL | None:
+    if "status" not in _state:
+        with _lock:
+            if "status" not in _state:
+                lib, status = _load()
+                _state["lib"], _state["status"] = lib, status
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def kernel_available() -> bool:
+    """Whether the ``"kernel"`` path can run in this process (builds it on first call)."""
+    return _library() is not None
+
+
+def kernel_status() -> str:
+    """Where the kernel's library is and how it was built, or why it is not available."""
+    _library()
+    return str(_state["status"])
+
+
+def warn_unavailable() -> None:
+    """Warn once per process that the kernel is missing (not when disabled on purpose)."""
+    if _state.get("warned") or _library() is not None or _disabled():
+        return
+    _state["warned"] = True
+    warnings.warn(
+        f"tieify: pointwise tied layers run without tieify's CPU kernel: "
+        f"{_state['status']}. Set TIEIFY_KERNEL=0 to silence this.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def reset() -> None:
+    """Forget the loaded library and its status (tests; after installing a compiler)."""
+    with _lock:
+        _state.clear()
+
+
+def pointwise(
+    a: torch.Tensor, bt: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
+    """``out = a @ bt + bias`` for dense row-major float32 CPU ``a`` (R, K), ``bt`` (K, N),
+    ``out`` (R, N); the caller checks :func:`kernel_available` and the layouts."""
+    lib = _library()
+    assert lib is not None
+    rows, k = a.shape
+    n = bt.shape[1]
+    stream = int(out.numel() * out.element_size() >= STREAM_MIN_BYTES)
+    lib.tieify_pointwise(
+        a.data_ptr(),
+        bt.data_ptr(),
+        out.data_ptr(),
+        rows,
+        k,
+        n,
+        None if bias is None else bias.data_ptr(),
+        torch.get_num_threads(),
+        stream,
+    )
+    return out

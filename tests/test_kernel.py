@@ -238,3 +238,18 @@ def test_the_kernel_builds_wherever_a_compiler_is_found():
         pytest.skip(_kernel.kernel_status())
     assert _kernel.kernel_available(), _kernel.kernel_status()
     assert "OpenMP" in _kernel.kernel_status()
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_the_kernel_refuses_tensors_it_would_read_past():
+    a, bt, out = torch.randn(10, 4), torch.randn(4, 8), torch.empty(10, 8)
+    torch.testing.assert_close(_kernel.pointwise(a, bt, None, out), a @ bt)
+    for bad in (
+        (a.t().contiguous().t(), bt, None, out),  # not row-major
+        (a, torch.randn(5, 8), None, out),  # K does not match
+        (a, bt, torch.randn(7), out),  # bias of the wrong length
+        (a.double(), bt, None, out),
+        (a, bt, None, torch.empty(10, 9)),
+    ):
+        with pytest.raises(ValueError, match="dense float32 CPU tensors"):
+            _kernel.pointwise(*bad)

@@ -258,7 +258,23 @@ def pointwise(
     assert lib is not None
     rows, k = a.shape
     n = bt.shape[1]
+    tensors = (a, bt, out) if bias is None else (a, bt, out, bias)
+    if (
+        bt.shape[0] != k
+        or out.shape != (rows, n)
+        or (bias is not None and bias.shape != (n,))
+        or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
+        or not (a.is_contiguous() and bt.is_contiguous() and out.is_contiguous())
+    ):  # the kernel reads raw memory: a wrong layout would read past the tensors
+        raise ValueError(
+            "tieify's pointwise kernel takes dense float32 CPU tensors a (R, K), bt (K, N), "
+            f"out (R, N) and bias (N,), but got a {tuple(a.shape)}, bt {tuple(bt.shape)}, "
+            f"out {tuple(out.shape)}, bias {None if bias is None else tuple(bias.shape)}, "
+            f"dtypes {[str(t.dtype) for t in tensors]}, contiguous "
+            f"{[t.is_contiguous() for t in tensors]}; make them so (.contiguous().float())."
+        )
     stream = int(out.numel() * out.element_size() >= STREAM_MIN_BYTES)
+    bias = None if bias is None else bias.contiguous()  # held here while the kernel runs
     lib.tieify_pointwise(
         a.data_ptr(),
         bt.data_ptr(),

@@ -41,9 +41,12 @@ differ only in how the work is laid out for the kernels underneath:
 
 Which path runs is decided from static properties (layer attributes, dtype, device, shapes
 other than the batch, the strides of the non-batch dimensions), so ``torch.compile``
-(``fullgraph=True``) and ``torch.export`` with a dynamic batch see one branch. The one
-exception is eager-only: whether an NCHW k×k layer's input is small enough for ``native``
-(:data:`NATIVE_MAX_NUMEL`, batch included) — traced graphs never take ``native``.
+(``fullgraph=True``) and ``torch.export`` with a dynamic batch see one branch. The
+exceptions count the batch too, where sizes are concrete: whether an NCHW k×k layer's input
+is small enough for ``native`` (:data:`NATIVE_MAX_NUMEL`) and whether a pointwise layer's
+input has enough pixels for ``kernel`` (:data:`KERNEL_MIN_PIXELS`) — traced graphs never
+take either — or for ``widen`` (:data:`WIDEN_POINTWISE_MIN_PIXELS`; a traced dynamic batch
+keeps ``gemm``).
 ``layer.path`` is ``"auto"`` (the cheap rule in :func:`default_path`) or a pinned path name
 (set by :func:`tieify.optimize` after timing); a pinned path that does not apply to an input
 falls back to the rule.

@@ -6,9 +6,10 @@
 // thin bank: 8-512) and R is huge, a shape BLAS libraries run far below their peak (their
 // kernels are built for large K and N). Each register tile holds MR rows × 8·NV columns of C,
 // a K-long loop broadcasts A and streams Bt from L1 (A prefetched ahead), and C is written
-// once. Large outputs
-// are written with non-temporal stores, which skip reading the output's cache lines from
-// memory before overwriting them (a third of the traffic of a write-bound layer).
+// once. Large outputs are written with non-temporal stores, which skip reading the
+// output's cache lines from memory before overwriting them (on the AVX2 EPYC measured:
+// stream / regular time 0.94-1.05 on ResNet-50's pointwise shapes on a quiet host; in one
+// earlier run under load, not side by side, 1.2-1.8x faster on the 56x56 and 28x28 layers).
 //
 // Built by tieify/nn/_kernel.py with the machine's C++ compiler (-O3 -march=native, OpenMP
 // where the compiler has it); GCC/Clang vector extensions, no intrinsics but the stream.

@@ -22,13 +22,19 @@ def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 @pytest.fixture
-def no_kernel(monkeypatch: pytest.MonkeyPatch):
-    """tieify's compiled pointwise kernel switched off (``TIEIFY_KERNEL=0``) for one test,
-    so the other paths' rules can be tested on any machine."""
+def fresh_kernel(monkeypatch: pytest.MonkeyPatch):
+    """tieify's compiled-kernel state forgotten before and after the test, with the test's
+    environment changes (the monkeypatch it yields) undone before the second reset."""
     from tieify.nn import _kernel
 
-    monkeypatch.setenv("TIEIFY_KERNEL", "0")
     _kernel.reset()
-    yield
+    yield monkeypatch
     monkeypatch.undo()
     _kernel.reset()
+
+
+@pytest.fixture
+def no_kernel(fresh_kernel: pytest.MonkeyPatch) -> None:
+    """tieify's compiled pointwise kernel switched off (``TIEIFY_KERNEL=0``) for one test,
+    so the other paths' rules can be tested on any machine."""
+    fresh_kernel.setenv("TIEIFY_KERNEL", "0")

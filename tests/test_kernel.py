@@ -7,36 +7,15 @@ import warnings
 
 import pytest
 import torch
+from _path_helpers import TIED, check_all_paths, to_layout
 
 import tieify
 from tieify.latency import _optimize
-from tieify.nn import TiedConv1d, TiedConv2d, TiedConv3d, _kernel, _paths
-
-CL = {1: None, 2: torch.channels_last, 3: torch.channels_last_3d}
-TIED = {1: TiedConv1d, 2: TiedConv2d, 3: TiedConv3d}
-
-
-@pytest.fixture
-def fresh(monkeypatch: pytest.MonkeyPatch):
-    """The kernel's process state forgotten before and after the test (env restored)."""
-    _kernel.reset()
-    yield monkeypatch
-    monkeypatch.undo()
-    _kernel.reset()
+from tieify.nn import TiedConv2d, _kernel, _paths
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
-    fmt = CL[x.dim() - 2]
-    if fmt is None:
-        return x.transpose(1, 2).contiguous().transpose(1, 2)
-    return x.contiguous(memory_format=fmt)
-
-
-def reference_and_grads(layer, x, g_out):
-    x = x.detach().requires_grad_()
-    y = _paths.fold_forward(layer, x)
-    params = [p for p in (layer.weight, layer.bias) if p is not None]
-    return y, torch.autograd.grad(y, [x, *params], g_out)
+    return to_layout(x, "channels_last")
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
@@ -61,19 +40,11 @@ def test_kernel_equals_the_reference_forward_and_backward(
     x = channels_last(torch.randn(batch, cin, *(size,) * nd))
     if stride == 1 and nd == 2 and cout == 128:
         assert batch * size * size * cout * 4 >= _kernel.STREAM_MIN_BYTES
-    assert "kernel" in _paths.applicable_paths(layer, x)
-    g_out = torch.randn_like(_paths.fold_forward(layer, x))
-    ref, ref_grads = reference_and_grads(layer, x, g_out)
-    with torch.no_grad():
+    assert "kernel" in check_all_paths(layer, x)  # forward and backward (autograd records)
+    with torch.no_grad():  # the other branch: the kept transposed bank, no autograd
         y = _paths.run_path(layer, x, "kernel")
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
     assert _paths.is_channels_last(y)  # the output is channels-last, like the input
-    xg = x.detach().requires_grad_()
-    params = [p for p in (layer.weight, layer.bias) if p is not None]
-    grads = torch.autograd.grad(_paths.run_path(layer, xg, "kernel"), [xg, *params], g_out)
-    for g, r in zip(grads, ref_grads, strict=True):
-        scale = float(r.abs().max()) + 1.0
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * scale)
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
@@ -163,8 +134,8 @@ def test_optimize_times_the_kernel_among_the_candidates():
     assert entry["path"] == choice and "kernel" in entry["seconds"]
 
 
-def test_switched_off_the_kernel_is_not_offered_and_nothing_warns(fresh):
-    fresh.setenv("TIEIFY_KERNEL", "0")
+def test_switched_off_the_kernel_is_not_offered_and_nothing_warns(fresh_kernel):
+    fresh_kernel.setenv("TIEIFY_KERNEL", "0")
     layer = TiedConv2d(64, 64, 1, B=4)
     x = channels_last(torch.randn(2, 64, 32, 32))
     with warnings.catch_warnings():
@@ -175,8 +146,8 @@ def test_switched_off_the_kernel_is_not_offered_and_nothing_warns(fresh):
     assert tieify.kernel_status() == "disabled by TIEIFY_KERNEL=0"
 
 
-def test_without_a_compiler_the_layer_runs_and_one_warning_says_why(fresh):
-    fresh.setattr(_kernel.shutil, "which", lambda name: None)
+def test_without_a_compiler_the_layer_runs_and_one_warning_says_why(fresh_kernel):
+    fresh_kernel.setattr(_kernel.shutil, "which", lambda name: None)
     layer = TiedConv2d(64, 64, 1, B=4)
     x = channels_last(torch.randn(2, 64, 32, 32))
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
@@ -189,12 +160,12 @@ def test_without_a_compiler_the_layer_runs_and_one_warning_says_why(fresh):
     assert "apt install g++" in _kernel.kernel_status()
 
 
-def test_a_compiler_that_fails_is_reported_with_its_error(fresh, tmp_path):
+def test_a_compiler_that_fails_is_reported_with_its_error(fresh_kernel, tmp_path):
     fake = tmp_path / "broken-c++"
     fake.write_text("#!/bin/sh\necho 'fatal error: no space left' >&2\nexit 1\n")
     fake.chmod(0o755)
-    fresh.setenv("CXX", str(fake))
-    fresh.setenv("TIEIFY_CACHE_DIR", str(tmp_path / "cache"))
+    fresh_kernel.setenv("CXX", str(fake))
+    fresh_kernel.setenv("TIEIFY_CACHE_DIR", str(tmp_path / "cache"))
     assert not _kernel.kernel_available()
     status = _kernel.kernel_status()
     assert "could not build _pointwise.cpp" in status and "no space left" in status
@@ -202,8 +173,8 @@ def test_a_compiler_that_fails_is_reported_with_its_error(fresh, tmp_path):
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
-def test_the_build_is_cached_and_a_corrupted_build_is_rebuilt(fresh, tmp_path):
-    fresh.setenv("TIEIFY_CACHE_DIR", str(tmp_path))
+def test_the_build_is_cached_and_a_corrupted_build_is_rebuilt(fresh_kernel, tmp_path):
+    fresh_kernel.setenv("TIEIFY_CACHE_DIR", str(tmp_path))
     build = _kernel.build_path(_kernel._compiler())
     # A build cut short (a full disk, a killed copy) is rebuilt, with a warning. (A build
     # this process has loaded is never written to: the loader maps the file.)
@@ -223,10 +194,10 @@ def test_the_build_is_cached_and_a_corrupted_build_is_rebuilt(fresh, tmp_path):
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
-def test_an_unwritable_cache_builds_for_the_process(fresh, tmp_path):
+def test_an_unwritable_cache_builds_for_the_process(fresh_kernel, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    fresh.setenv("TIEIFY_CACHE_DIR", str(blocker / "cache"))  # cannot be created
+    fresh_kernel.setenv("TIEIFY_CACHE_DIR", str(blocker / "cache"))  # cannot be created
     assert _kernel.kernel_available()
     assert "built with" in _kernel.kernel_status() and str(blocker) not in _kernel.kernel_status()
 

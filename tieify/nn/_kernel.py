@@ -114,7 +114,8 @@ def _cache_dir() -> Path:
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
     """Build (or find) and load the library: (library, status) or (None, why not). A cached
-    build that cannot be loaded or fails its self-test is rebuilt, with a warning."""
+    build that cannot be loaded is rebuilt, with a warning; one that loads but fails its
+    checks is reported, not rebuilt (see below)."""
     if _disabled():
         return None, "disabled by TIEIFY_KERNEL=0"
     compiler = _compiler()
@@ -198,7 +199,7 @@ def _check(lib: ctypes.CDLL) -> str:
 
 
 def _self_test(lib: ctypes.CDLL) -> bool:
-    """A small product against ``torch.mm`` (every tile size, a row and a column tail)."""
+    """A small product against ``torch.addmm`` (both tile widths, a row and a column tail)."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(29, 7, generator=gen)
     bt = torch.randn(7, 27, generator=gen)

@@ -316,6 +316,12 @@ def _traced() -> bool:
     )
 
 
+def _plain_eager(x: torch.Tensor) -> bool:
+    """A plain eager call: ``x`` is a real tensor (not a tracer's fake one) and no trace or
+    dispatch mode is active — what the eager-only paths, ``native`` and ``kernel``, need."""
+    return type(x) in (torch.Tensor, torch.nn.Parameter) and not _traced()
+
+
 def _native_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
     """2-D, one group, no dilation, zero padding expressible as numbers, a dense NCHW float
     input on the CPU, and a plain eager call (no trace or dispatch mode, see the module doc)."""
@@ -328,8 +334,7 @@ def _native_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64, torch.bfloat16)
         and is_channels_first(x)
-        and type(x) in (torch.Tensor, torch.nn.Parameter)  # not a tracer's fake tensor
-        and not _traced()
+        and _plain_eager(x)
     )
 
 
@@ -353,8 +358,7 @@ def _kernel_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
         and is_channels_last(x)
-        and type(x) in (torch.Tensor, torch.nn.Parameter)
-        and not _traced()
+        and _plain_eager(x)
     ):
         return False
     if _kernel.kernel_available():
@@ -585,7 +589,8 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     if _traced():
         return _select(layer, x, path)
     small = x.numel() <= NATIVE_MAX_NUMEL
-    pixels = (_many_pixels(x), _pixels(x) >= KERNEL_MIN_PIXELS)
+    n = _pixels(x)
+    pixels = (n >= WIDEN_POINTWISE_MIN_PIXELS, n >= KERNEL_MIN_PIXELS)
     key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, small, pixels)
     memo = layer.__dict__.setdefault("_path_memo", {})
     hit = memo.get(key)

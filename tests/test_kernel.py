@@ -119,8 +119,63 @@ def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch,
     layer.float()
     assert "kernel" not in _paths.applicable_paths(layer, big.contiguous())
     assert "kernel" not in _paths.applicable_paths(TiedConv2d(64, 64, 3, padding=1, B=4), big)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(big), layer(big), rtol=1e-4, atol=1e-4)
+
+
+def counting_kernel_calls(monkeypatch) -> list[int]:
+    """Patch the kernel's entry point to count its calls (the rows of each)."""
+    calls: list[int] = []
+    run = _kernel.pointwise
+    monkeypatch.setattr(
+        _kernel, "pointwise", lambda a, *rest: calls.append(a.shape[0]) or run(a, *rest)
+    )
+    return calls
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_calls_the_kernel_as_an_operator(monkeypatch, backend):
+    """A compiled graph runs the kernel (the tieify::pointwise operator, forward; the backward
+    is matrix products), with the same values and gradients as the reference fold."""
+    calls = counting_kernel_calls(monkeypatch)
+    torch.manual_seed(0)
+    layer = TiedConv2d(64, 128, 1, B=4, bias=True)
+    x = channels_last(torch.randn(4, 64, 16, 16)).requires_grad_()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)
+    y = compiled(x)
+    assert calls == [4 * 16 * 16 * 4]
+    grads = torch.autograd.grad(y.square().sum(), (x, layer.weight, layer.bias))
+    ref = _paths.fold_forward(layer, x)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    expected = torch.autograd.grad(ref.square().sum(), (x, layer.weight, layer.bias))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    assert _paths.is_channels_last(y)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_compiled_graphs_take_the_kernel_only_where_the_sizes_prove_the_rule(monkeypatch):
+    calls = counting_kernel_calls(monkeypatch)
+    layer = TiedConv2d(64, 64, 1, B=4).eval()
+    x = channels_last(torch.randn(4, 64, 16, 16))  # 1,024 pixels
+    with torch.no_grad():
+        # Dynamic sizes: the count is not known, so no guard on it, and the BLAS path.
+        dynamic = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=True)
+        for batch in (4, 2):
+            torch.testing.assert_close(dynamic(x[:batch]), layer(x[:batch]), rtol=1e-4, atol=1e-4)
+        assert calls == [4 * 256 * 4]  # the eager call at 1,024 pixels only
+        calls.clear()
+        # Pinned by optimize, the dynamic graph takes it too.
+        layer.path = "kernel"
+        torch._dynamo.reset()
+        dynamic = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=True)
+        torch.testing.assert_close(dynamic(x[:2]), _paths.fold_forward(layer, x[:2]))
+        assert calls == [2 * 256 * 4]
+        calls.clear()
+        # torch.export: a program that must run without tieify's build (and ONNX) never
+        # holds the operator, pinned or not.
+        program = torch.export.export(layer, (x,))
+        assert "tieify" not in str(program.graph) and not calls
+        torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())

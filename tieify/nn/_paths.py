@@ -28,8 +28,10 @@ differ only in how the work is laid out for the kernels underneath:
 - ``"kernel"``: 1×1 convolution on a channels-last float32 CPU input: the same matrix
   product as ``gemm``, run by tieify's own compiled kernel (:mod:`tieify.nn._kernel`, built
   on first use with the machine's C++ compiler), written for its shape (millions of rows,
-  a thin bank of 8-512 columns), on which BLAS libraries run far below their speed. Eager
-  only (no decomposition for tracing); offered only where the kernel could be built.
+  a thin bank of 8-512 columns), on which BLAS libraries run far below their speed. Offered
+  only where the kernel could be built; in eager calls and in ``torch.compile`` graphs (as
+  the ``tieify::pointwise`` operator), not in ``torch.export``/ONNX graphs, which must run
+  without it.
 - ``"native"``: the reference fold on a contiguous (NCHW) 2-D input, run by PyTorch's native
   CPU convolution (``thnn_conv2d``: per sample, an im2col that 1×1 layers skip and one
   single-threaded GEMM, the samples spread over the threads) instead of oneDNN, which is
@@ -44,9 +46,10 @@ other than the batch, the strides of the non-batch dimensions), so ``torch.compi
 (``fullgraph=True``) and ``torch.export`` with a dynamic batch see one branch. The
 exceptions count the batch too, where sizes are concrete: whether an NCHW k×k layer's input
 is small enough for ``native`` (:data:`NATIVE_MAX_NUMEL`) and whether a pointwise layer's
-input has enough pixels for ``kernel`` (:data:`KERNEL_MIN_PIXELS`) — traced graphs never
-take either — or for ``widen`` (:data:`WIDEN_POINTWISE_MIN_PIXELS`; a traced dynamic batch
-keeps ``gemm``).
+input has enough pixels for ``kernel`` or ``widen`` (:data:`KERNEL_MIN_PIXELS`,
+:data:`WIDEN_POINTWISE_MIN_PIXELS`; a graph traced with symbolic sizes keeps ``gemm`` unless
+the sizes prove the count, so it never guards on the batch). Traced graphs never take
+``native``, and only ``torch.compile`` ones take ``kernel``.
 ``layer.path`` is ``"auto"`` (the cheap rule in :func:`default_path`) or a pinned path name
 (set by :func:`tieify.optimize` after timing); a pinned path that does not apply to an input
 falls back to the rule.
@@ -61,7 +64,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _python_dispatch
 
 from . import _kernel
@@ -348,62 +351,87 @@ def native_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(n, layer.out_channels, *y.shape[2:])
 
 
+def _compiling() -> bool:
+    """Inside ``torch.compile``, not ``torch.export``: the graphs that may call tieify's kernel
+    as the ``tieify::pointwise`` operator. An exported program must run without it
+    (``torch.export.load``, ONNX)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
+@torch.compiler.assume_constant_result
+def _kernel_ready() -> bool:
+    """Whether the kernel is built (building it on first use), a constant to a compiled graph;
+    where it cannot be built, one warning per process says why."""
+    if _kernel.kernel_available():
+        return True
+    _kernel.warn_unavailable()
+    return False
+
+
 def _kernel_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
     """Pointwise, a channels-last float32 CPU input and bank, a plain eager call (as for
-    ``native``), and a kernel that could be built on this machine."""
+    ``native``) or a ``torch.compile`` graph (:func:`_compiling`), and a kernel that could be
+    built on this machine."""
     params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
-    if not (
+    return (
         _is_pointwise(layer)
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
         and is_channels_last(x)
-        and _plain_eager(x)
-    ):
-        return False
-    if _kernel.kernel_available():
-        return True
-    _kernel.warn_unavailable()  # once per process, with the reason
-    return False
+        and (_plain_eager(x) or _compiling())
+        and _kernel_ready()
+    )
 
 
-class _PointwiseKernel(torch.autograd.Function):
-    """``a @ w.T + bias`` by the kernel; the backward is three ordinary matrix products."""
+@torch.library.custom_op("tieify::pointwise", mutates_args=(), device_types="cpu")
+def pointwise_op(a: torch.Tensor, bt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``a @ bt + bias`` by tieify's kernel, as an operator: autograd (the backward is three
+    ordinary matrix products) and ``torch.compile`` (which calls it from the compiled graph
+    as an external kernel) see it like any ATen op. ``a`` (R, K), ``bt`` (K, N), ``bias``
+    (N,) or None, float32 on the CPU; the output is a new dense (R, N) tensor."""
+    a, bt = a.contiguous(), bt.contiguous()
+    return _kernel.pointwise(a, bt, bias, a.new_empty(a.shape[0], bt.shape[1]))
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        ctx.save_for_backward(a, w)
-        ctx.has_bias = bias is not None
-        out = a.new_empty(a.shape[0], w.shape[0])
-        return _kernel.pointwise(a, w.t().contiguous(), bias, out)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        a, w = ctx.saved_tensors
-        need_a, need_w, need_b = ctx.needs_input_grad
-        grad_a = grad @ w if need_a else None
-        grad_w = grad.t() @ a if need_w else None
-        grad_b = grad.sum(0) if ctx.has_bias and need_b else None
-        return grad_a, grad_w, grad_b
+@pointwise_op.register_fake
+def _pointwise_shape(a: torch.Tensor, bt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return a.new_empty(a.shape[0], bt.shape[1])
+
+
+def _pointwise_save(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    a, bt, bias = inputs
+    ctx.save_for_backward(a, bt)
+    ctx.has_bias = bias is not None
+
+
+def _pointwise_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    a, bt = ctx.saved_tensors
+    need_a, need_bt, need_bias = ctx.needs_input_grad
+    grad_a = grad @ bt.t() if need_a else None
+    grad_bt = a.t() @ grad if need_bt else None
+    grad_bias = grad.sum(0) if ctx.has_bias and need_bias else None
+    return grad_a, grad_bt, grad_bias
+
+
+pointwise_op.register_autograd(_pointwise_backward, setup_context=_pointwise_save)
 
 
 def kernel_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     """1×1 tied conv on a channels-last input by tieify's compiled kernel (see the module
-    doc): the ``gemm`` path's zero-copy ``(N·S·B, C/B)`` view, another matrix multiply."""
+    doc): the ``gemm`` path's zero-copy ``(N·S·B, C/B)`` view, another matrix multiply. An
+    eager call that records no gradient calls the kernel directly (the operator's dispatch
+    costs a few µs, as much as a small layer's product); the others go through the
+    ``tieify::pointwise`` operator."""
     x = _subsample(layer, x)
-    B = layer.B
-    o, c = layer.out_channels // B, layer.in_channels // B
+    o, c = layer.out_channels // layer.B, layer.in_channels // layer.B
     n, spatial = x.shape[0], x.shape[2:]
     a = channels_inner(x).reshape(-1, c).contiguous()  # a view for dense channels-last input
-    weight, bias = layer.weight.reshape(o, c), layer.bias
-    params = (weight,) if bias is None else (weight, bias)
-    if torch.is_grad_enabled() and (a.requires_grad or any(p.requires_grad for p in params)):
-        y = _PointwiseKernel.apply(a, weight, bias)
+    bank, bias = _cached(layer, "transposed", _transpose_bank)
+    params = (bank,) if bias is None else (bank, bias)
+    if _traced() or (torch.is_grad_enabled() and any(t.requires_grad for t in (a, *params))):
+        y = pointwise_op(a, bank, bias)
     else:
-        bank = _cached(layer, "transposed", _transpose_bank)[0]
         y = _kernel.pointwise(a, bank, bias, a.new_empty(a.shape[0], o))
     return channels_second(y.view(n, *spatial, layer.out_channels))
 
@@ -517,28 +545,33 @@ def _pixels(x: torch.Tensor) -> int:
     return x.shape[0] * math.prod(x.shape[2:])
 
 
-def _many_pixels(x: torch.Tensor) -> bool:
-    """At least :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels (batch × spatial size) in ``x``."""
-    return _pixels(x) >= WIDEN_POINTWISE_MIN_PIXELS
+def _at_least_pixels(x: torch.Tensor, n: int) -> bool:
+    """At least ``n`` pixels (batch × spatial size) in ``x``, for certain: a graph traced with
+    symbolic sizes (``torch.compile(dynamic=True)``, ``torch.export`` with a dynamic batch)
+    gets False where the sizes do not prove it, rather than a guard on the batch size, and so
+    does ``torch.jit.trace`` (ONNX's TorchScript exporter), whose sizes are tensors."""
+    if not all(isinstance(s, (int, torch.SymInt)) for s in (x.shape[0], *x.shape[2:])):
+        return False
+    return statically_known_true(_pixels(x) >= n)
 
 
 def _widen_pointwise(x: torch.Tensor) -> bool:
     """Whether a pointwise layer's channels-last input is large enough for ``widen`` by
-    default (:func:`_many_pixels`): float32 (what was measured) on a CPU without AVX-512,
-    concrete sizes only (a traced dynamic batch keeps ``gemm`` rather than guard on the
-    batch size)."""
+    default: float32 (what was measured) on a CPU without AVX-512 and at least
+    :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels (:func:`_at_least_pixels`)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or _CPU_HAS_AVX512:
         return False
-    return all(type(s) is int for s in (x.shape[0], *x.shape[2:])) and _many_pixels(x)
+    return _at_least_pixels(x, WIDEN_POINTWISE_MIN_PIXELS)
 
 
 def _kernel_by_default(layer: _TiedConvNd, x: torch.Tensor) -> bool:
     """Whether a pointwise layer whose input the ``kernel`` takes runs it by default: a CPU
     without AVX-512 (the only kind measured), a bank of at most :data:`KERNEL_MAX_BANK`
-    entries and at least :data:`KERNEL_MIN_PIXELS` pixels (the eager call sees concrete
-    sizes: the kernel never runs under tracing)."""
+    entries and at least :data:`KERNEL_MIN_PIXELS` pixels (:func:`_at_least_pixels`)."""
     bank = (layer.in_channels // layer.B) * (layer.out_channels // layer.B)
-    return not _CPU_HAS_AVX512 and bank <= KERNEL_MAX_BANK and _pixels(x) >= KERNEL_MIN_PIXELS
+    return (
+        not _CPU_HAS_AVX512 and bank <= KERNEL_MAX_BANK and _at_least_pixels(x, KERNEL_MIN_PIXELS)
+    )
 
 
 def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:

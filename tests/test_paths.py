@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import tieify
 from tieify.latency import _machine, _optimize
 from tieify.latency._cache import JsonCache, cache_dir
-from tieify.nn import TiedConv1d, TiedConv2d, _paths
+from tieify.nn import TiedConv1d, TiedConv2d, _kernel, _paths
 
 
 @st.composite
@@ -96,6 +96,25 @@ def test_resnet_like_shapes(cin, cout, k, stride, B, layout, dtype):
     # widen: channels-last, and no stride along the innermost axis unless the kernel is 1 there
     assert ("widen" in paths) == (layout == "channels_last" and (k == 1 or stride == 1))
     assert ("native" in paths) == (layout == "contiguous")  # NCHW, 2-D, one group
+
+
+@pytest.mark.parametrize("path", ["grouped", "kernel"])
+def test_a_layer_made_under_inference_mode_runs_and_sees_in_place_updates(path):
+    """Parameters created under inference_mode have no version counter: the paths that keep
+    a form of the bank (grouped's repeat, kernel's transpose) make it on every call instead."""
+    if path == "kernel" and not _kernel.kernel_available():
+        pytest.skip(_kernel.kernel_status())
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        layer = TiedConv2d(16, 32, 1, B=4, bias=True).eval()
+        x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+        assert layer.weight.is_inference() and path in _paths.applicable_paths(layer, x)
+        first = _paths.run_path(layer, x, path)
+        torch.testing.assert_close(first, _paths.fold_forward(layer, x), rtol=1e-5, atol=1e-5)
+        layer.weight.mul_(-1.0)  # in place, unversioned
+        flipped = _paths.run_path(layer, x, path)
+        bias = layer.bias.repeat(4).reshape(1, -1, 1, 1)
+        torch.testing.assert_close(flipped, -first + 2 * bias, rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_repeat_is_kept_between_no_grad_calls_and_follows_the_weights():

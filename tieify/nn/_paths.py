@@ -451,12 +451,18 @@ def _cached(
     ``load_state_dict``, ``.to()``, ``.half()`` or a new ``Parameter`` makes a new one). The
     repeat costs B times the bank's memory, what a ``G = B`` group conv's weights take, and
     saves a copy per call. Under tracing, or while autograd records, it is part of the graph.
+    Parameters created under ``torch.inference_mode`` have no version counter, so an in-place
+    update could not be seen: for them the form is made on every call.
     The cache lives beside the layer (a weak-keyed map), never in its state, so pickling and
     ``deepcopy`` do not carry it.
     """
     B, weight, bias = layer.B, layer.weight, layer.bias
     params = (weight,) if bias is None else (weight, bias)
-    if _traced() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+    if (
+        _traced()
+        or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        or any(p.is_inference() for p in params)  # made under inference_mode: no version
+    ):
         return make(weight, bias, B)
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in params)
     forms = _FORMS.get(layer)

@@ -222,6 +222,27 @@ def test_large_pointwise_channels_last_inputs_widen_without_avx512(monkeypatch, 
     assert _paths.default_path(TiedConv2d(16, 32, 3, padding=1, B=4), big) == "widen"
 
 
+def test_pooled_inputs_run_native_while_the_larger_side_is_small():
+    """A (N, C, 1, 1) input is channels-last and NCHW at once; up to NATIVE_MAX_NUMEL
+    elements on the larger side (input or output, batch included) the rule runs native."""
+    expand = TiedConv2d(120, 480, 1, B=4)  # larger side: the output, 480 per sample
+    x = torch.randn(8, 120, 1, 1)
+    assert _paths.is_channels_last(x) and {"gemm", "native"} <= set(
+        _paths.applicable_paths(expand, x)
+    )
+    assert 8 * 480 <= _paths.NATIVE_MAX_NUMEL < 9 * 480
+    expand._path_memo = {}
+    for batch, path in ((8, "native"), (9, "gemm"), (1, "native"), (9, "gemm")):
+        assert _paths.select_path(expand, x.new_zeros(batch, 120, 1, 1)) == path  # memo too
+    torch.testing.assert_close(expand(x), _paths.fold_forward(expand, x), rtol=1e-5, atol=1e-5)
+    # A channels-last input with spatial extent is not affected.
+    spatial = torch.randn(1, 120, 2, 2).contiguous(memory_format=torch.channels_last)
+    assert _paths.default_path(expand, spatial) in ("gemm", "kernel", "widen")
+    # Traced, native is not offered: the compiled graph keeps gemm.
+    compiled = torch.compile(expand, backend="aot_eager", fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x), expand(x), rtol=1e-4, atol=1e-4)
+
+
 def test_native_is_never_taken_under_a_dispatch_mode():
     """An eager call remembers native for a small NCHW input; the same input under a
     dispatch mode (torch's flop counter, which tieify.count uses and which cannot count

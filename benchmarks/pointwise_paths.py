@@ -4,7 +4,8 @@ Times the ``gemm``, ``widen`` and ``kernel`` paths side by side (interleaved rou
 on ResNet-50's pointwise shapes, the 64→64 1×1 at 56×56 and MobileNetV3-Large's pooled SE
 layers, B ∈ {2, 4, 8}, at batch 1 and batch 8, and prints each path's time, the fastest and
 the static rule's choice (``tieify.nn._paths.default_path``); ``tieify.optimize`` picks per
-input instead. ``kernel`` is left out where tieify's kernel cannot be built (the table says
+input instead. A pooled (N, C, 1, 1) input is NCHW too, so ``native`` is timed there ("–"
+elsewhere). ``kernel`` is left out where tieify's kernel cannot be built (the table says
 why).
 
 Usage::
@@ -57,7 +58,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"Allocator: {_allocator_flag.apply(args)}; {args.threads} threads.\n")
-    paths = [p for p in ("gemm", "widen", "kernel") if p != "kernel" or kernel_available()]
+    paths = [
+        p for p in ("gemm", "widen", "kernel", "native") if p != "kernel" or kernel_available()
+    ]
     if "kernel" not in paths:
         print(f"tieify's kernel is not available: {kernel_status()}\n")
     print(
@@ -71,11 +74,12 @@ def main(argv=None) -> int:
             x = torch.randn(batch, ci, h, h).contiguous(memory_format=torch.channels_last)
             for B in (2, 4, 8):
                 layer = TiedConv2d(ci, co, 1, B=B, bias=False)
-                fns = {p: (lambda p=p, m=layer, x=x: _paths.run_path(m, x, p)) for p in paths}
+                timed = [p for p in paths if p in _paths.applicable_paths(layer, x)]
+                fns = {p: (lambda p=p, m=layer, x=x: _paths.run_path(m, x, p)) for p in timed}
                 with torch.inference_mode():
                     s = interleaved_samples(fns, repeats=args.rounds, target_s=0.01)
-                ms = {p: statistics.median(s[p]) * 1e3 for p in paths}
-                cells = " | ".join(f"{ms[p]:.3f}" for p in paths)
+                ms = {p: statistics.median(s[p]) * 1e3 for p in timed}
+                cells = " | ".join(f"{ms[p]:.3f}" if p in ms else "–" for p in paths)
                 rule = _paths.default_path(layer, x)
                 print(
                     f"| {batch} | {ci} | {co} | {h} | {B} | {ci // B}×{co // B} | {cells} | "

@@ -3,6 +3,8 @@ a tied conv equals the reference fold, forward and backward."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from tieify.nn import TiedConv1d, TiedConv2d, TiedConv3d, _paths
@@ -34,6 +36,7 @@ def check_all_paths(layer, x: torch.Tensor) -> list[str]:
     paths = _paths.applicable_paths(layer, x)
     assert paths[0] == "fold" and "grouped" in paths
     tol = tolerances(x.dtype)
+    slack = _rounding_slack(layer, x, g_out)
     channels_last_in = _paths.is_channels_last(x) and not _paths.is_channels_first(x)
     for path in paths:
         y = _paths.run_path(layer, x, path)
@@ -42,15 +45,29 @@ def check_all_paths(layer, x: torch.Tensor) -> list[str]:
         assert not channels_last_in or _paths.is_channels_last(y), path
         torch.testing.assert_close(y, ref, **tol, msg=lambda m, p=path: f"{p}: {m}")
         grads = torch.autograd.grad(y, [x, *params], g_out)
-        for g, r in zip(grads, ref_grads, strict=True):
-            scale = float(r.detach().abs().max()) + 1.0
-            torch.testing.assert_close(
-                g.float(),
-                r.float(),
-                rtol=tol["rtol"],
-                atol=tol["atol"] * scale,
-                msg=lambda m, p=path: f"{p} backward: {m}",
-            )
+        for g, r, extra in zip(grads, ref_grads, slack, strict=True):
+            g, r = g.float(), r.float()
+            allowed = tol["atol"] * (float(r.abs().max()) + 1.0) + tol["rtol"] * r.abs() + extra
+            excess = float(((g - r).abs() - allowed).max())
+            assert excess <= 0, f"{path} backward: off by {excess:.3g} beyond the tolerance"
     # The layer itself (whatever it selects) equals the reference too.
     torch.testing.assert_close(layer(x), ref, **tol)
     return list(paths)
+
+
+def _rounding_slack(layer, x: torch.Tensor, g_out: torch.Tensor) -> list[torch.Tensor | float]:
+    """Extra tolerance per gradient element for a low-precision dtype. Each path rounds its
+    partial sums differently, so the error of a gradient grows with the magnitudes it adds
+    up, not with its value: a weight gradient of 0.53 summed from terms of total magnitude
+    201 came out 0.11 off in the bfloat16 reference fold (the gemm path was 0.001 off). The
+    magnitudes are the same gradients of |x|, |w| and |g_out| in float32; two bfloat16 units
+    in the last place (2^-7 each) of that magnitude are allowed. Float32 gets none."""
+    if x.dtype == torch.float32:
+        return [0.0] * (2 if layer.bias is None else 3)
+    mag = copy.deepcopy(layer).float()
+    with torch.no_grad():
+        mag.weight.abs_()
+    xa = x.detach().float().abs().requires_grad_()
+    params = [p for p in (mag.weight, mag.bias) if p is not None]
+    out = _paths.fold_forward(mag, xa)
+    return [2**-6 * m for m in torch.autograd.grad(out, [xa, *params], g_out.float().abs())]

@@ -631,12 +631,12 @@ _MEMO_SIZE = 64  # distinct (path, input layout) pairs remembered per layer
 def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     """The path ``layer`` runs on ``x``: its pinned ``path`` when that applies, else the rule.
 
-    The answer depends only on the layer's hyper-parameters, its ``path`` and the input's
-    per-sample shape, strides, dtype and device, whether the whole input is small enough for
-    ``native`` (:data:`NATIVE_MAX_NUMEL`) and whether it has enough pixels for a pointwise
-    ``widen`` or ``kernel`` (:data:`WIDEN_POINTWISE_MIN_PIXELS`, :data:`KERNEL_MIN_PIXELS`),
-    so eager calls remember it per layer (the checks cost ~10 µs a call in Python, as much as
-    a small convolution's kernel). Inside
+    The answer depends only on the layer's hyper-parameters, its ``path``, the input's
+    per-sample shape, strides, dtype and device, and on which side of the size thresholds of
+    ``native``, ``widen`` and ``kernel`` the whole input falls (:data:`NATIVE_MAX_NUMEL`,
+    :data:`WIDEN_POINTWISE_MIN_PIXELS`, :data:`KERNEL_MIN_PIXELS`, :func:`_small_pointwise`),
+    so eager calls remember it per layer (the checks cost ~50 µs a call in Python, more than
+    a small convolution's kernel; the memo's key, ~3 µs). Inside
     ``torch.compile``/``torch.export``/``torch.jit.trace`` tracing and under a dispatch mode
     the checks run every time (shapes may be symbolic there, the trace keeps only the chosen
     path, and ``native`` is not taken there).
@@ -644,10 +644,14 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     path = getattr(layer, "path", "auto")
     if _traced():
         return _select(layer, x, path)
-    small = x.numel() <= NATIVE_MAX_NUMEL
     n = _pixels(x)
-    pixels = (n >= WIDEN_POINTWISE_MIN_PIXELS, n >= KERNEL_MIN_PIXELS, _small_pointwise(layer, n))
-    key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, small, pixels)
+    sizes = (
+        x.numel() <= NATIVE_MAX_NUMEL,
+        n >= WIDEN_POINTWISE_MIN_PIXELS,
+        n >= KERNEL_MIN_PIXELS,
+        n * max(layer.in_channels, layer.out_channels) <= NATIVE_MAX_NUMEL,  # _small_pointwise
+    )
+    key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, sizes)
     memo = layer.__dict__.setdefault("_path_memo", {})
     hit = memo.get(key)
     if hit is None:

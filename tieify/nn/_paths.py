@@ -552,16 +552,16 @@ def _pixels(x: torch.Tensor) -> int:
 
 
 def _small_pointwise(layer: _TiedConvNd, pixels: int) -> bool:
-    """A pointwise layer whose larger side (input or output, batch included) has at most
-    :data:`NATIVE_MAX_NUMEL` elements: where an input is both channels-last and NCHW (pooled
-    to 1×1, as in squeeze-excitation), ``native`` has the least per-call cost. Measured side
-    by side on 1×1 inputs (SE shapes 72↔24, 120↔32, 480↔120, 960↔240 at B = 2 and 4, batch
-    1, 8 and 32: 48 cases, 2 threads, AVX2 EPYC, two runs): at batch 1 native was faster than
-    gemm in 16 and 14 of 16 cases (18-53 µs against 26-67); over all 48 the paths this rule
-    picks took 1,855 µs in all, gemm everywhere 2,107, the fastest path of each case 1,784."""
-    return _is_pointwise(layer) and pixels * max(layer.in_channels, layer.out_channels) <= (
-        NATIVE_MAX_NUMEL
-    )
+    """Whether a pointwise layer on ``pixels`` pixels (batch × spatial size) has at most
+    :data:`NATIVE_MAX_NUMEL` elements on its larger side (input or output): where an input
+    is both channels-last and NCHW (pooled to 1×1, as in squeeze-excitation), ``native`` has
+    the least per-call cost (the caller knows the layer is pointwise: ``gemm`` applies).
+    Measured side by side on 1×1 inputs (SE shapes 72↔24, 120↔32, 480↔120, 960↔240 at B = 2
+    and 4, batch 1, 8 and 32: 48 cases, 2 threads, AVX2 EPYC, two runs): at batch 1 native
+    was faster than gemm in 16 and 14 of 16 cases (18-53 µs against 26-67); over all 48 the
+    paths this rule picks took 1,855 µs in all, gemm everywhere 2,107, the fastest path of
+    each case 1,784."""
+    return pixels * max(layer.in_channels, layer.out_channels) <= NATIVE_MAX_NUMEL
 
 
 def _at_least_pixels(x: torch.Tensor, n: int) -> bool:
@@ -649,7 +649,7 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
         x.numel() <= NATIVE_MAX_NUMEL,
         n >= WIDEN_POINTWISE_MIN_PIXELS,
         n >= KERNEL_MIN_PIXELS,
-        n * max(layer.in_channels, layer.out_channels) <= NATIVE_MAX_NUMEL,  # _small_pointwise
+        _small_pointwise(layer, n),
     )
     key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, sizes)
     memo = layer.__dict__.setdefault("_path_memo", {})

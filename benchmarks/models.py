@@ -9,11 +9,14 @@ Cases (torchvision models, random weights, eval mode):
 - ``mobilenet_v3_large_TiedSE``: only the squeeze-and-excitation convs, at B = 8 (TiedSE).
 
 For each case and batch size (1 and 8) the dense and tied models run in interleaved rounds
-(medians) in three modes: ``eager`` (NCHW), ``channels_last`` (after ``tieify.optimize``)
-and ``compile`` (``torch.compile(dynamic=False)`` of the channels-last models, once per
-batch size, for every case; ``--compile-cases`` narrows that, since each CPU compile takes
-about a minute here). The MAC ratio counts convolution and linear multiply-adds (one fused
-multiply-add = 1 MAC), tied over dense.
+(medians) in four modes: ``eager`` (NCHW), ``channels_last`` (after ``tieify.optimize``),
+``fused`` (channels-last inference fusion, each model with its own tool: the dense one with
+torch.fx's conv-BN folding, the tied one with ``tieify.fuse``) and ``compile``
+(``torch.compile(dynamic=False)`` of the channels-last models, once per batch size, for
+every case; ``--compile-cases`` narrows that, since each CPU compile takes about a minute
+here). The row ``fused_vs_channels_last`` compares, from the same rounds, the fused tied
+model with the plain channels-last dense one. The MAC ratio counts convolution and linear
+multiply-adds (one fused multiply-add = 1 MAC), tied over dense.
 
 Usage::
 
@@ -38,6 +41,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse as fx_fuse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -145,6 +149,8 @@ def build_case(case: str) -> tuple[nn.Module, nn.Module]:
     return dense.eval(), tied.eval()
 
 
+MODES = ("eager", "channels_last", "fused")
+
 CASES = [
     "resnet50_3x3_B2",
     "resnet50_all_B4",
@@ -181,24 +187,38 @@ def run_case(case: str, args) -> list[dict]:
         xc = x.contiguous(memory_format=CL)
         with torch.inference_mode():
             tieify.optimize(tied_cl, xc)
-        modes = {
-            "eager": (lambda x=x: dense(x), lambda x=x: tied(x)),
-            "channels_last": (lambda m=dense_cl, x=xc: m(x), lambda m=tied_cl, x=xc: m(x)),
+        # Inference fusion, each side with its own tool: the dense model with torch.fx's
+        # conv-BN folding (BN into the conv weights), the tied model with tieify.fuse (BN,
+        # residual add and ReLU in the kernel's epilogue; the weights stay tied).
+        dense_fused = fx_fuse(dense_cl)
+        tied_fused = tieify.fuse(tied_cl)
+        fns = {
+            "eager|dense": lambda x=x: dense(x),
+            "eager|tied": lambda x=x: tied(x),
+            "channels_last|dense": lambda m=dense_cl, x=xc: m(x),
+            "channels_last|tied": lambda m=tied_cl, x=xc: m(x),
+            "fused|dense": lambda m=dense_fused, x=xc: m(x),
+            "fused|tied": lambda m=tied_fused, x=xc: m(x),
         }
+        # mode: (dense, tied) series; "fused_vs_channels_last" is the fused tied model against
+        # the plain channels-last dense one (the user's model as it is), same rounds.
+        pairs = {mode: (f"{mode}|dense", f"{mode}|tied") for mode in MODES}
+        pairs["fused_vs_channels_last"] = ("channels_last|dense", "fused|tied")
         if compile_case:
             # A static-shape compile per batch size, after tieify.optimize pinned the paths
             # for it (--compile-dynamic: one dynamic-shape compile per batch instead).
             torch._dynamo.reset()
             cd = torch.compile(dense_cl, dynamic=args.compile_dynamic)
             ct = torch.compile(tied_cl, dynamic=args.compile_dynamic)
-            modes["compile"] = (lambda m=cd, x=xc: m(x), lambda m=ct, x=xc: m(x))
-        fns = {}
-        for mode, (fd, ft) in modes.items():
-            fns[f"{mode}|dense"], fns[f"{mode}|tied"] = fd, ft
+            fns["compile|dense"], fns["compile|tied"] = (
+                lambda m=cd, x=xc: m(x),
+                lambda m=ct, x=xc: m(x),
+            )
+            pairs["compile"] = ("compile|dense", "compile|tied")
         with torch.inference_mode():
             samples = time_pair(fns, args.rounds, args.target_s)
-        for mode in modes:
-            d, t = samples[f"{mode}|dense"], samples[f"{mode}|tied"]
+        for mode, (dense_key, tied_key) in pairs.items():
+            d, t = samples[dense_key], samples[tied_key]
             ratio = statistics.median(b / a for a, b in zip(d, t, strict=True))
             rows.append(
                 {

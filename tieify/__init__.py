@@ -39,6 +39,7 @@ _LAZY = {
     "save": "tieify._io",
     "load": "tieify._io",
     "optimize": "tieify.latency",
+    "fuse": "tieify._fuse",
     "predict_latency": "tieify.latency",
     "tune_allocator": "tieify.latency",
     "kernel_status": "tieify.nn._kernel",

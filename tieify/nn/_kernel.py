@@ -34,7 +34,7 @@ import torch
 __all__ = ["kernel_available", "kernel_status", "pointwise"]
 
 SOURCE = Path(__file__).with_name("_pointwise.cpp")
-ABI = 1
+ABI = 2
 #: Outputs of at least this many bytes are written with non-temporal stores: larger than the
 #: per-core L2 of the CPUs measured, so the next layer would read them from memory anyway.
 STREAM_MIN_BYTES = 1 << 20
@@ -192,6 +192,10 @@ def _check(lib: ctypes.CDLL) -> str:
         *[ctypes.c_int64] * 3,
         ctypes.c_void_p,
         *[ctypes.c_int] * 2,
+        *[ctypes.c_void_p] * 2,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int,
     ]
     if not _self_test(lib):
         return "it computed a wrong result in its self-test"
@@ -199,16 +203,33 @@ def _check(lib: ctypes.CDLL) -> str:
 
 
 def _self_test(lib: ctypes.CDLL) -> bool:
-    """A small product against ``torch.addmm`` (both tile widths, a row and a column tail)."""
+    """Small products against ``torch.addmm`` (both tile widths, a row and a column tail),
+    without and with the epilogue (scale and shift of 3 blocks, residual, ReLU)."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(29, 7, generator=gen)
     bt = torch.randn(7, 27, generator=gen)
     bias = torch.randn(27, generator=gen)
-    out = torch.empty(29, 27)
+    scale, shift = torch.randn(3, 27, generator=gen), torch.randn(3, 27, generator=gen)
+    residual = torch.randn(29, 27, generator=gen)
+    plain = torch.empty(29, 27)
+    fused = torch.empty(29, 27)
+    ptr = lambda t: t.data_ptr()  # noqa: E731
+    lib.tieify_pointwise(ptr(a), ptr(bt), ptr(plain), 29, 7, 27, ptr(bias), 1, 0, *_NO_EPILOGUE)
     lib.tieify_pointwise(
-        a.data_ptr(), bt.data_ptr(), out.data_ptr(), 29, 7, 27, bias.data_ptr(), 1, 0
+        ptr(a), ptr(bt), ptr(fused), 29, 7, 27, ptr(bias), 1, 0,
+        ptr(scale), ptr(shift), 3, ptr(residual), 1,
+    )  # fmt: skip
+    expected = torch.addmm(bias, a, bt)
+    rows = torch.arange(29) % 3
+    expected_fused = torch.relu(expected * scale[rows] + shift[rows] + residual)
+    return bool(
+        torch.allclose(plain, expected, rtol=1e-4, atol=1e-4)
+        and torch.allclose(fused, expected_fused, rtol=1e-4, atol=1e-4)
     )
-    return bool(torch.allclose(out, torch.addmm(bias, a, bt), rtol=1e-4, atol=1e-4))
+
+
+#: The epilogue arguments that ask for none.
+_NO_EPILOGUE = (None, None, 0, None, 0)
 
 
 def _library() -> ctypes.CDLL | None:
@@ -251,31 +272,53 @@ def reset() -> None:
 
 
 def pointwise(
-    a: torch.Tensor, bt: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
 ) -> torch.Tensor:
     """``out = a @ bt + bias`` for dense row-major float32 CPU ``a`` (R, K), ``bt`` (K, N),
-    ``out`` (R, N); the caller checks :func:`kernel_available` and the layouts."""
+    ``out`` (R, N); the caller checks :func:`kernel_available` and the layouts.
+
+    The epilogue, where given: ``out = out * scale[b] + shift[b]`` with ``b = row % blocks``
+    for ``scale`` and ``shift`` of shape (blocks, N) (both or neither), then ``out +=
+    residual`` (R, N), then ``out = relu(out)``: a batch norm, a residual add and a ReLU
+    applied while the product is in registers."""
     lib = _library()
     assert lib is not None
     rows, k = a.shape
     n = bt.shape[1]
-    tensors = (a, bt, out) if bias is None else (a, bt, out, bias)
+    blocks = 0 if scale is None else scale.shape[0]
+    bias = None if bias is None else bias.contiguous()  # held here while the kernel runs
+    given = {"bias": bias, "scale": scale, "shift": shift, "residual": residual}
+    tensors = (a, bt, out, *(t for t in given.values() if t is not None))
     if (
         bt.shape[0] != k
         or out.shape != (rows, n)
         or (bias is not None and bias.shape != (n,))
+        or (scale is None) != (shift is None)
+        or any(t is not None and t.shape != (blocks, n) for t in (scale, shift))
+        or (blocks > 0 and rows % blocks != 0)
+        or (residual is not None and (residual.shape != (rows, n) or _overlaps(residual, out)))
         or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
-        or not (a.is_contiguous() and bt.is_contiguous() and out.is_contiguous())
+        or not all(t.is_contiguous() for t in tensors)
     ):  # the kernel reads raw memory: a wrong layout would read past the tensors
+        shapes = {name: None if t is None else tuple(t.shape) for name, t in given.items()}
         raise ValueError(
             "tieify's pointwise kernel takes dense float32 CPU tensors a (R, K), bt (K, N), "
-            f"out (R, N) and bias (N,), but got a {tuple(a.shape)}, bt {tuple(bt.shape)}, "
-            f"out {tuple(out.shape)}, bias {None if bias is None else tuple(bias.shape)}, "
-            f"dtypes {[str(t.dtype) for t in tensors]}, contiguous "
+            "out (R, N), bias (N,), scale and shift (blocks, N) with R a multiple of blocks, "
+            f"and residual (R, N) apart from out, but got a {tuple(a.shape)}, bt "
+            f"{tuple(bt.shape)}, out {tuple(out.shape)}, {shapes}, dtypes "
+            f"{[str(t.dtype) for t in tensors]}, contiguous "
             f"{[t.is_contiguous() for t in tensors]}; make them so (.contiguous().float())."
         )
     stream = int(out.numel() * out.element_size() >= STREAM_MIN_BYTES)
-    bias = None if bias is None else bias.contiguous()  # held here while the kernel runs
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     lib.tieify_pointwise(
         a.data_ptr(),
         bt.data_ptr(),
@@ -283,8 +326,19 @@ def pointwise(
         rows,
         k,
         n,
-        None if bias is None else bias.data_ptr(),
+        ptr(bias),
         torch.get_num_threads(),
         stream,
+        ptr(scale),
+        ptr(shift),
+        blocks,
+        ptr(residual),
+        int(relu),
     )
     return out
+
+
+def _overlaps(t: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether two dense tensors share memory."""
+    a0, b0 = t.data_ptr(), u.data_ptr()
+    return a0 < b0 + u.numel() * u.element_size() and b0 < a0 + t.numel() * t.element_size()

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -458,30 +458,43 @@ def _cached(
     """
     B, weight, bias = layer.B, layer.weight, layer.bias
     params = (weight,) if bias is None else (weight, bias)
+    return kept(layer, kind, params, lambda: make(weight, bias, B))
+
+
+_Form = TypeVar("_Form")
+
+
+def kept(
+    owner: nn.Module, kind: Any, tensors: tuple[torch.Tensor, ...], make: Callable[[], _Form]
+) -> _Form:
+    """``make()``, a value computed from ``tensors`` (parameters or buffers of ``owner``),
+    kept for ``owner`` under ``kind`` and reused while ``tensors`` are the same tensors, with
+    the same storage, at the same version (see :func:`_cached`), in eager calls that record no
+    gradient for them; made on every call otherwise."""
     if (
         _traced()
-        or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-        or any(p.is_inference() for p in params)  # made under inference_mode: no version
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        or any(t.is_inference() for t in tensors)  # made under inference_mode: no version
     ):
-        return make(weight, bias, B)
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in params)
-    forms = _FORMS.get(layer)
+        return make()
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+    forms = _FORMS.get(owner)
     if forms is None:
-        forms = _FORMS[layer] = {}
+        forms = _FORMS[owner] = {}
     hit = forms.get(kind)
     if hit is not None and hit[0] == key:
-        if all(r() is p for r, p in zip(hit[1], params, strict=True)):
-            return hit[2]
+        if all(r() is t for r, t in zip(hit[1], tensors, strict=True)):
+            return hit[2]  # type: ignore[no-any-return]
     with torch.no_grad():
-        form = make(weight, bias, B)
-    forms[kind] = (key, tuple(weakref.ref(p) for p in params), form)
+        form = make()
+    forms[kind] = (key, tuple(weakref.ref(t) for t in tensors), form)
     return form
 
 
 _Bank = tuple[torch.Tensor, "torch.Tensor | None"]
 _FORMS: weakref.WeakKeyDictionary[
     nn.Module,
-    dict[str, tuple[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], ...], _Bank]],
+    dict[Any, tuple[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], ...], Any]],
 ] = weakref.WeakKeyDictionary()
 
 

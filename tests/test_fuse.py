@@ -1,0 +1,353 @@
+"""tieify.fuse and the kernel's epilogue: a pointwise tied conv with the batch norm, residual
+add and ReLU after it, equal to the separate modules wherever it runs fused, and the
+separate modules everywhere else."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from _path_helpers import to_layout
+from torch import nn
+
+import tieify
+from tieify.nn import TiedConv2d, _fused, _kernel, _paths
+
+needs_kernel = pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    return to_layout(x, "channels_last")
+
+
+def random_stats(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Batch norms with running statistics and affine parameters far from the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                m.running_mean.normal_(0, 0.5, generator=gen)
+                m.running_var.uniform_(0.3, 3.0, generator=gen)
+                if m.weight is not None:
+                    m.weight.uniform_(-1.5, 1.5, generator=gen)
+                    m.bias.normal_(0, 0.5, generator=gen)
+    return model
+
+
+def epilogue_calls(monkeypatch) -> list[dict]:
+    """Patch the kernel's entry point to record the epilogue of each call."""
+    calls: list[dict] = []
+    run = _kernel.pointwise
+
+    def spy(a, bt, bias, out, **kw):
+        calls.append({k: v is not None if k != "relu" else v for k, v in kw.items()})
+        return run(a, bt, bias, out, **kw)
+
+    monkeypatch.setattr(_kernel, "pointwise", spy)
+    return calls
+
+
+def separate(x, conv, bn, residual=None, relu=False):
+    y = bn(_paths.fold_forward(conv, x))
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+# -- the kernel's epilogue ----------------------------------------------------------------
+
+
+@needs_kernel
+def test_the_epilogue_applies_scale_shift_residual_and_relu_per_block():
+    gen = torch.Generator().manual_seed(0)
+    for rows, k, n, blocks in ((60, 7, 27, 4), (36, 16, 32, 3), (13, 5, 8, 1)):
+        a, bt = torch.randn(rows, k, generator=gen), torch.randn(k, n, generator=gen)
+        bias = torch.randn(n, generator=gen)
+        scale, shift = torch.randn(blocks, n, generator=gen), torch.randn(blocks, n, generator=gen)
+        residual = torch.randn(rows, n, generator=gen)
+        residual[0, 0] = float("nan")  # a NaN goes through the ReLU, as torch.relu keeps it
+        block = torch.arange(rows) % blocks
+        y = a @ bt + bias
+        for kw, expected in (
+            ({"scale": scale, "shift": shift}, y * scale[block] + shift[block]),
+            ({"residual": residual}, y + residual),
+            ({"relu": True}, torch.relu(y)),
+            (
+                {"scale": scale, "shift": shift, "residual": residual, "relu": True},
+                torch.relu(y * scale[block] + shift[block] + residual),
+            ),
+        ):
+            out = _kernel.pointwise(a, bt, bias, torch.empty(rows, n), **kw)
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+@needs_kernel
+def test_the_epilogue_refuses_arguments_it_would_misread():
+    a, bt, out = torch.randn(12, 4), torch.randn(4, 8), torch.empty(12, 8)
+    scale = torch.ones(3, 8)
+    for kw in (
+        {"scale": scale},  # a scale without a shift
+        {"scale": torch.ones(5, 8), "shift": torch.ones(5, 8)},  # 12 rows, 5 blocks
+        {"scale": torch.ones(3, 7), "shift": torch.ones(3, 7)},
+        {"residual": torch.randn(12, 9)},
+        {"residual": out},  # written while read
+        {"residual": torch.randn(8, 12).t()},  # not row-major
+    ):
+        with pytest.raises(ValueError, match="dense float32 CPU tensors"):
+            _kernel.pointwise(a, bt, None, out, **kw)
+
+
+# -- conv_bn_act ----------------------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "cin, cout, B, stride, bias, size",
+    [
+        (64, 256, 4, 1, False, 12),  # 16-column tiles
+        (256, 64, 8, 1, True, 9),  # 8-column tiles; rows not a multiple of 6
+        (24, 36, 4, 2, True, 11),  # strided (a downsample), a column tail
+        (64, 128, 2, 1, False, 32),  # a 2 MiB output: streaming stores
+    ],
+)
+@pytest.mark.parametrize("residual, relu", [(False, False), (False, True), (True, True)])
+def test_conv_bn_act_runs_fused_and_equals_the_separate_modules(
+    monkeypatch, cin, cout, B, stride, bias, size, residual, relu
+):
+    torch.manual_seed(0)
+    conv = TiedConv2d(cin, cout, 1, stride=stride, B=B, bias=bias)
+    bn = random_stats(nn.BatchNorm2d(cout)).eval()
+    conv.path = "kernel"
+    x = channels_last(torch.randn(2, cin, size, size))
+    out_size = (size - 1) // stride + 1
+    res = channels_last(torch.randn(2, cout, out_size, out_size)) if residual else None
+    calls = epilogue_calls(monkeypatch)
+    with torch.no_grad():
+        y = _fused.conv_bn_act(x, conv, bn, res, relu)
+        expected = separate(x, conv, bn, res, relu)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    assert _paths.is_channels_last(y)
+    assert calls == [{"scale": True, "shift": True, "residual": residual, "relu": relu}]
+
+
+@needs_kernel
+def test_conv_bn_act_keeps_the_affine_until_the_batch_norm_changes(monkeypatch):
+    conv, bn = TiedConv2d(32, 32, 1, B=4), random_stats(nn.BatchNorm2d(32)).eval()
+    conv.path = "kernel"
+    x = channels_last(torch.randn(1, 32, 8, 8))
+    with torch.no_grad():
+        _fused.conv_bn_act(x, conv, bn)
+        kept = _paths._FORMS[bn][("affine", id(conv), bn.eps)][2]
+        _fused.conv_bn_act(x, conv, bn)
+        assert _paths._FORMS[bn][("affine", id(conv), bn.eps)][2] is kept
+        bn.running_var.mul_(4.0)  # an in-place update (as training makes): a new affine
+        torch.testing.assert_close(
+            _fused.conv_bn_act(x, conv, bn), separate(x, conv, bn), rtol=1e-4, atol=1e-4
+        )
+        assert _paths._FORMS[bn][("affine", id(conv), bn.eps)][2] is not kept
+
+
+@needs_kernel
+def test_conv_bn_act_runs_the_modules_where_it_cannot_fuse(monkeypatch):
+    torch.manual_seed(0)
+    conv, bn = TiedConv2d(32, 64, 1, B=4), random_stats(nn.BatchNorm2d(64)).eval()
+    conv.path = "kernel"
+    x = channels_last(torch.randn(2, 32, 8, 8))
+    res = channels_last(torch.randn(2, 64, 8, 8))
+    calls = epilogue_calls(monkeypatch)
+    cases = {
+        "NCHW input": (x.contiguous(), res),
+        "NCHW residual": (x, res.contiguous()),
+        "broadcast residual": (x, torch.randn(64, 1, 1)),
+    }
+    for name, (xi, ri) in cases.items():
+        with torch.no_grad():
+            y = _fused.conv_bn_act(xi, conv, bn, ri, True)
+            torch.testing.assert_close(y, separate(xi, conv, bn, ri, True), msg=name)
+    assert not any(c.get("scale") for c in calls)
+    # Autograd records: the modules run, and the gradients are the separate modules'.
+    xg = x.clone().requires_grad_()
+    y = _fused.conv_bn_act(xg, conv, bn, res, True)
+    grads = torch.autograd.grad(y.sum(), [xg, conv.weight, bn.weight])
+    ref = separate(xg, conv, bn, res, True)
+    ref_grads = torch.autograd.grad(ref.sum(), [xg, conv.weight, bn.weight])
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    # Training mode: batch statistics, and the running statistics are updated as unfused.
+    bn_train, bn_ref = copy.deepcopy(bn).train(), copy.deepcopy(bn).train()
+    with torch.no_grad():
+        y = _fused.conv_bn_act(x, conv, bn_train, res, True)
+        torch.testing.assert_close(y, separate(x, conv, bn_ref, res, True))
+    torch.testing.assert_close(bn_train.running_mean, bn_ref.running_mean)
+    assert not any(c.get("scale") for c in calls)
+
+
+# -- tieify.fuse ----------------------------------------------------------------------------
+
+
+def tied_resnet50() -> nn.Module:
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet50(num_classes=10)
+    tied = tieify.tieify(dense, B=4)
+    for m in tied.modules():
+        if isinstance(m, TiedConv2d) and _paths._is_pointwise(m):
+            m.path = "kernel"  # at any size (the rule takes it from 1,024 pixels)
+    return random_stats(tied).eval().to(memory_format=torch.channels_last)
+
+
+@needs_kernel
+def test_fuse_a_tied_resnet50_equals_it_and_keeps_its_state(monkeypatch):
+    tied = tied_resnet50()
+    before = {k: v.clone() for k, v in tied.state_dict().items()}
+    fused = tieify.fuse(tied)
+    # Every pointwise tied conv is fused: the bottlenecks' first and last convs with their
+    # batch norms, ReLUs and (the last) the residual add; the downsample convs with theirs.
+    assert len(fused.fused) == 16 + 16 + 4
+    assert fused.fused["layer1.0.conv1"] == "layer1.0.bn1 + relu"
+    assert fused.fused["layer1.0.conv3"] == "layer1.0.bn3 + add + relu"
+    assert fused.fused["layer1.0.downsample.0"] == "layer1.0.downsample.1"
+    assert fused.fused["layer2.1.conv3"] == "layer2.1.bn3 + add + relu"
+    assert "layer1.0.conv2" not in fused.fused  # 3x3 convs are left alone
+    # The same parameters, buffers and keys; the original model is untouched.
+    assert list(fused.state_dict()) == list(before)
+    for k, v in fused.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert type(tied) is torchvision.models.ResNet
+    x = channels_last(torch.randn(2, 3, 64, 64))
+    calls = epilogue_calls(monkeypatch)
+    with torch.no_grad():
+        y = fused(x)
+        assert len(calls) == 36 and all(c["scale"] for c in calls)
+        assert sum(c["residual"] for c in calls) == 16
+        torch.testing.assert_close(y, tied(x), rtol=1e-4, atol=1e-4)
+    # As a fused model trains (the modules, one after the other), so does its copy.
+    fused.train()
+    tied_train = copy.deepcopy(tied).train()
+    xg = x.clone().requires_grad_()
+    out, ref = fused(xg), tied_train(xg)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    g = torch.autograd.grad(out.sum(), xg)[0]
+    torch.testing.assert_close(g, torch.autograd.grad(ref.sum(), xg)[0], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_fuse_inplace_shares_the_modules():
+    tied = tied_resnet50()
+    fused = tieify.fuse(tied, inplace=True)
+    for name in ("layer1.0.conv1", "layer1.0.bn1", "fc"):
+        assert fused.get_submodule(name) is tied.get_submodule(name)
+    assert tieify.fuse(tied).get_submodule("fc") is not tied.fc  # a deep copy by default
+
+
+class _Blocks(nn.Module):
+    """Adds written both ways, an in-place add into the residual (which is used later), a
+    functional ReLU, a conv output used twice, and a batch norm without statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = TiedConv2d(16, 16, 1, B=4), nn.BatchNorm2d(16)
+        self.c2, self.b2 = TiedConv2d(16, 16, 1, B=4), nn.BatchNorm2d(16)
+        self.c3, self.b3 = TiedConv2d(16, 16, 1, B=2), nn.BatchNorm2d(16)
+        self.c4, self.b4 = TiedConv2d(16, 16, 1, B=2), nn.BatchNorm2d(16)
+        self.c5, self.b5 = TiedConv2d(16, 16, 1, B=2), nn.BatchNorm2d(16, track_running_stats=False)
+        self.c6, self.b6 = TiedConv2d(16, 16, 3, padding=1, B=2), nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.relu(x + self.b1(self.c1(x)))  # other + value, functional relu
+        r = y * 2
+        r.add_(self.b2(self.c2(y)))  # in place into r, which is used again below
+        z = self.b3(self.c3(r)).relu_()  # method relu
+        w = self.c4(z)
+        w2 = self.b4(w) + w  # the conv's output has two users: not fused
+        v = self.b5(self.c5(w2))  # batch statistics even in eval: not fused
+        return self.b6(self.c6(v)) + r  # 3x3: not fused
+
+
+@needs_kernel
+def test_fuse_recognises_the_patterns_and_leaves_what_it_must(monkeypatch):
+    torch.manual_seed(0)
+    model = random_stats(_Blocks()).eval().to(memory_format=torch.channels_last)
+    for m in model.modules():
+        if isinstance(m, TiedConv2d) and _paths._is_pointwise(m):
+            m.path = "kernel"
+    fused = tieify.fuse(model)
+    assert fused.fused == {"c1": "b1 + add + relu", "c2": "b2", "c3": "b3 + relu"}
+    x = channels_last(torch.randn(2, 16, 6, 6))
+    with torch.no_grad():
+        expected = model(x)
+        calls = epilogue_calls(monkeypatch)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 3 + 2  # fused: c1, c2, c3; c4 and c5 plain kernel calls
+    assert [c.get("scale", False) for c in calls[:3]] == [True] * 3
+
+
+def test_fuse_refuses_a_training_model_and_what_is_not_a_model():
+    model = nn.Sequential(TiedConv2d(8, 8, 1, B=2), nn.BatchNorm2d(8))
+    with pytest.raises(ValueError, match=r"training mode.*model\.eval\(\)"):
+        tieify.fuse(model)
+    with pytest.raises(TypeError, match="expects an nn.Module"):
+        tieify.fuse("resnet50")  # type: ignore[arg-type]
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = TiedConv2d(8, 8, 1, B=2), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent: torch.fx cannot trace it
+            return self.bn(self.conv(x))
+        return x
+
+
+def test_fuse_warns_and_returns_a_model_that_does_not_trace_unchanged():
+    model = _Branchy().eval()
+    with pytest.warns(RuntimeWarning, match="does not trace with torch.fx.*nothing was fused"):
+        out = tieify.fuse(model)
+    assert type(out) is _Branchy and out is not model
+    x = torch.rand(1, 8, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x))
+
+
+@needs_kernel
+def test_a_fused_model_counts_compiles_and_exports_as_the_unfused_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(TiedConv2d(16, 32, 1, B=4), nn.BatchNorm2d(32), nn.ReLU())
+    model = random_stats(model).eval().to(memory_format=torch.channels_last)
+    model[0].path = "kernel"
+    fused = tieify.fuse(model)
+    assert fused.fused == {"0": "1 + relu"}
+    x = channels_last(torch.randn(2, 16, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert tieify.count(fused, x).macs == tieify.count(model, x).macs
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(fused, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+        exported = torch.export.export(fused, (x,))
+        torch.testing.assert_close(exported.module()(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_conv_bn_act_takes_the_kernel_where_the_plain_layer_runs_gemm(monkeypatch):
+    """Where the rule (or tieify.optimize) runs the plain layer as a GEMM, the fused call
+    still runs the kernel with its epilogue while the bank is small; a large bank keeps the
+    GEMM and the separate modules."""
+    torch.manual_seed(0)
+    calls = epilogue_calls(monkeypatch)
+    for cin, cout, B, fused in ((64, 96, 4, True), (512, 264, 2, False)):
+        conv, bn = TiedConv2d(cin, cout, 1, B=B), random_stats(nn.BatchNorm2d(cout)).eval()
+        conv.path = "gemm"
+        x = channels_last(torch.randn(1, cin, 5, 5))
+        calls.clear()
+        with torch.no_grad():
+            y = _fused.conv_bn_act(x, conv, bn, None, True)
+            torch.testing.assert_close(y, separate(x, conv, bn, None, True), rtol=1e-4, atol=1e-4)
+        assert len(calls) == int(fused), (cin, cout)
+        assert (cin // B) * (cout // B) > _paths.KERNEL_MAX_BANK or fused

@@ -1,0 +1,188 @@
+"""``tieify.fuse``: run a tied model's pointwise convolutions with the batch norm, residual add
+and ReLU that follow them, for inference (see :mod:`tieify.nn._fused`)."""
+
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ._trace import trace
+from .nn._fused import conv_bn_act, fusable
+
+__all__ = ["fuse"]
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+_RELUS = {F.relu, torch.relu, torch.relu_}
+
+
+@dataclass
+class _Chain:
+    """conv → bn (→ add residual) (→ relu) in the graph."""
+
+    conv: fx.Node
+    bn: fx.Node
+    add: fx.Node | None = None
+    residual: fx.Node | None = None
+    relu: fx.Node | None = None
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return [n for n in (self.conv, self.bn, self.add, self.relu) if n is not None]
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _module(gm: nn.Module, node: fx.Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(str(node.target))
+
+
+def _residual_of(node: fx.Node, value: fx.Node) -> fx.Node | None:
+    """The other operand when ``node`` is ``value + other`` (or ``other + value``; ``value +=
+    other`` only with ``value`` first, since the in-place add writes into its first operand)
+    with ``other`` a graph value; else None."""
+    if node.kwargs or len(node.args) != 2:
+        return None
+    is_add = (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_")
+    )
+    if not is_add:
+        return None
+    first, second = node.args
+    in_place = node.target in (operator.iadd, "add_")
+    if first is value and isinstance(second, fx.Node) and second is not value:
+        return second
+    if second is value and isinstance(first, fx.Node) and not in_place:
+        return first
+    return None
+
+
+def _is_relu(gm: nn.Module, node: fx.Node, value: fx.Node) -> bool:
+    if not node.args or node.args[0] is not value or len(node.args) > 1:
+        return False
+    if node.op == "call_module":
+        return type(_module(gm, node)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELUS and set(node.kwargs) <= {"inplace"}
+    return node.op == "call_method" and node.target in ("relu", "relu_") and not node.kwargs
+
+
+def _chains(gm: fx.GraphModule) -> list[_Chain]:
+    """The fusable chains, in graph order. An add of two such chains' outputs (a bottleneck's
+    last conv and its downsample) goes to the first one; the other keeps conv → bn."""
+    found: list[_Chain] = []
+    claimed: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        conv = _module(gm, node)
+        bn_node = _only_user(node)
+        if conv is None or bn_node is None or len(node.args) != 1 or node.kwargs:
+            continue
+        bn = _module(gm, bn_node)
+        if bn is None or bn_node.args != (node,) or bn_node.kwargs or not fusable(conv, bn):
+            continue
+        chain = _Chain(node, bn_node)
+        tail = bn_node
+        user = _only_user(tail)
+        if (
+            user is not None
+            and user not in claimed
+            and (residual := _residual_of(user, tail)) is not None
+        ):
+            chain.add, chain.residual = user, residual
+            tail = user
+            user = _only_user(tail)
+        if user is not None and _is_relu(gm, user, tail):
+            chain.relu = user
+        found.append(chain)
+        claimed.update(chain.nodes)
+    return found
+
+
+def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Fuse, for inference, each pointwise tied conv with the batch norm after it (and the
+    residual add and the ReLU after that, where the graph has them).
+
+    The model is traced with torch.fx (as :func:`tieify.tieify` traces it); every
+    ``TiedConv → BatchNorm (→ x + residual) (→ ReLU)`` chain whose intermediate values have no
+    other use becomes one call of :func:`tieify.nn._fused.conv_bn_act`. Where the conv runs
+    tieify's CPU kernel (channels-last float32 input, see :func:`tieify.kernel_status`), the
+    batch norm's per-channel affine (from its running statistics), the add and the ReLU are
+    applied in the kernel's epilogue, saving three memory-bound passes over the output. The
+    weights are not changed and stay tied (the affine differs per block, so it is applied
+    after the shared bank, never folded into it); parameters, buffers and ``state_dict`` keys
+    stay as they were. A fused model in training mode, recording gradients, under tracing or
+    ``torch.compile``, or on inputs the kernel does not take, runs the modules one after the
+    other, exactly as before.
+
+    Args:
+        model: a tied model in eval mode (``model.eval()``); dense layers are left alone.
+        inplace: fuse ``model``'s own modules (the returned graph module shares them) instead
+            of a deep copy.
+
+    Returns:
+        A ``torch.fx.GraphModule`` whose ``fused`` attribute lists the fused chains (conv
+        name → what was fused). A model that does not trace is returned unchanged (a copy
+        unless ``inplace``), with a warning that says why.
+
+    Example:
+        >>> import torch, torchvision, tieify
+        >>> tied = tieify.tieify(torchvision.models.resnet18(), B=2).eval()
+        >>> fused = tieify.fuse(tied)
+        >>> len(fused.fused)  # every 1x1 tied conv: the downsample convs of layers 2-4
+        3
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"tieify.fuse expects an nn.Module, but got {type(model).__name__}; pass the tied "
+            "model to fuse for inference."
+        )
+    if model.training:
+        raise ValueError(
+            "tieify.fuse applies batch norms' running statistics, for inference, but the model "
+            "is in training mode (model.training is True); call model.eval() first, and keep "
+            "the unfused model for training."
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+    graph, why = trace(model)
+    if graph is None:
+        warnings.warn(
+            f"tieify.fuse: {type(model).__name__} does not trace with torch.fx ({why}); "
+            "nothing was fused, the model runs as it is.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return model
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    fused: dict[str, str] = {}
+    for chain in _chains(gm):
+        last = chain.nodes[-1]
+        # Read the residual now: an earlier chain's fused call may have replaced it.
+        residual = None if chain.add is None else _residual_of(chain.add, chain.bn)
+        with gm.graph.inserting_before(last):
+            conv = gm.graph.get_attr(str(chain.conv.target))
+            bn = gm.graph.get_attr(str(chain.bn.target))
+            node = gm.graph.call_function(
+                conv_bn_act,
+                (chain.conv.args[0], conv, bn),
+                {"residual": residual, "relu": chain.relu is not None},
+            )
+        last.replace_all_uses_with(node)
+        for old in reversed(chain.nodes):
+            gm.graph.erase_node(old)
+        what = [str(chain.bn.target)]
+        what += ["add"] * (chain.add is not None) + ["relu"] * (chain.relu is not None)
+        fused[str(chain.conv.target)] = " + ".join(what)
+    gm.graph.lint()
+    gm.recompile()
+    gm.__dict__["fused"] = fused  # a plain attribute (not a module, parameter or buffer)
+    return gm

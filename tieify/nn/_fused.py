@@ -1,0 +1,143 @@
+"""A pointwise tied convolution with the batch norm, residual add and ReLU that follow it.
+
+``conv_bn_act(x, conv, bn, residual, relu)`` computes ``relu(bn(conv(x)) + residual)`` (the
+add and the ReLU where asked). Where ``conv`` runs tieify's kernel on ``x`` and the call is
+plain eager inference (``bn`` in eval mode, no gradient recorded), it is one kernel call whose
+epilogue applies the batch norm's per-channel affine, the add and the ReLU while the product
+is in registers: three fewer passes over the output. The bank stays shared (the affine is
+applied after it, per channel, never folded into the weights) and the modules are not
+changed. Everywhere else (training, autograd, other paths, tracing, ``torch.compile``) it
+runs the modules one after the other, exactly as the unfused model.
+
+:func:`tieify.fuse` rewrites a model's graph to call it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _kernel, _paths
+from ._conv import _TiedConvNd
+
+__all__ = ["conv_bn_act", "fusable"]
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def fusable(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether ``conv`` → ``bn`` can run fused (for some inputs): a pointwise tied conv with
+    B > 1 and a plain batch norm over its output channels that keeps running statistics."""
+    if not (isinstance(conv, _TiedConvNd) and isinstance(bn, _BATCH_NORMS)):
+        return False
+    return (
+        conv.B > 1
+        and _paths._is_pointwise(conv)
+        and type(bn) in _BATCH_NORMS  # not a subclass with a forward of its own
+        and bn.num_features == conv.out_channels
+        and bn.track_running_stats
+    )
+
+
+def conv_bn_act(
+    x: torch.Tensor,
+    conv: nn.Module,
+    bn: nn.Module,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+) -> torch.Tensor:
+    """``relu(bn(conv(x)) + residual)``, fused where it can be (see the module doc)."""
+    if _fuses(x, conv, bn, residual):
+        assert isinstance(conv, _TiedConvNd) and isinstance(bn, nn.modules.batchnorm._NormBase)
+        return _fused(x, conv, bn, residual, relu)
+    y = bn(conv(x))  # a new tensor: the add and the ReLU may write into it, as unfused code does
+    if residual is not None:
+        same = isinstance(residual, torch.Tensor) and residual.shape == y.shape
+        y = y.add_(residual) if same and residual.dtype == y.dtype else y + residual
+    return y.relu_() if relu else y
+
+
+def _fuses(x: torch.Tensor, conv: nn.Module, bn: nn.Module, residual: torch.Tensor | None) -> bool:
+    """Whether this call runs fused; the cheap tests first (a fallback call pays for them)."""
+    if bn.training or not isinstance(conv, _TiedConvNd) or not _paths._plain_eager(x):
+        return False
+    if x.dim() != conv._ndim + 2 or x.shape[1] != conv.in_channels or conv.B == 1:
+        return False
+    if not (_fused_path(conv, x) and fusable(conv, bn)):
+        return False
+    if torch.is_grad_enabled():
+        tensors = [x, *conv.parameters(), *bn.parameters()]
+        if any(t.requires_grad for t in (*tensors, *([] if residual is None else [residual]))):
+            return False
+    if residual is not None:
+        if not (isinstance(residual, torch.Tensor) and residual.dtype == torch.float32):
+            return False
+        # The output's shape (a strided conv subsamples), channels-last like the output.
+        out_shape = (x.shape[0], conv.out_channels, *_paths._subsample(conv, x).shape[2:])
+        if tuple(residual.shape) != out_shape or not _paths.is_channels_last(residual):
+            return False
+    return bn.running_var is not None
+
+
+def _fused_path(conv: _TiedConvNd, x: torch.Tensor) -> bool:
+    """Whether the fused kernel runs ``conv`` on ``x``: where the layer runs ``kernel``, and
+    where it runs ``gemm`` (the rule's or ``tieify.optimize``'s choice for the plain layer on
+    smaller inputs) but the kernel applies and the bank is small (:data:`KERNEL_MAX_BANK`):
+    the epilogue saves more than the product loses there."""
+    path = _paths.select_path(conv, x)
+    if path != "gemm":
+        return path == "kernel"
+    # applicable_paths costs ~50 us: remembered per input layout (what it depends on here).
+    key = (x.shape[1:], x.stride()[1:], x.dtype, x.device.type)
+    memo = conv.__dict__.setdefault("_fused_memo", {})
+    hit = memo.get(key)
+    if hit is None:
+        bank = (conv.in_channels // conv.B) * (conv.out_channels // conv.B)
+        hit = bank <= _paths.KERNEL_MAX_BANK and "kernel" in _paths.applicable_paths(conv, x)
+        if len(memo) >= 64:
+            memo.clear()
+        memo[key] = hit
+    return hit
+
+
+def _affine(conv: _TiedConvNd, bn: nn.modules.batchnorm._NormBase) -> tuple[torch.Tensor, ...]:
+    """The batch norm's scale and shift per output channel, shaped (B, C_out/B), with the
+    conv's (shared) bias folded into the shift."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.float()
+    shift = -bn.running_mean.float() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.float()
+    if conv.bias is not None:
+        shift = shift + scale * conv.bias.float().repeat(conv.B)
+    o = conv.out_channels // conv.B
+    return scale.reshape(conv.B, o).contiguous(), shift.reshape(conv.B, o).contiguous()
+
+
+def _fused(
+    x: torch.Tensor,
+    conv: _TiedConvNd,
+    bn: nn.modules.batchnorm._NormBase,
+    residual: torch.Tensor | None,
+    relu: bool,
+) -> torch.Tensor:
+    x = _paths._subsample(conv, x)
+    o, c = conv.out_channels // conv.B, conv.in_channels // conv.B
+    n, spatial = x.shape[0], x.shape[2:]
+    a = _paths.channels_inner(x).reshape(-1, c).contiguous()  # a view for channels-last input
+    bank, _ = _paths._cached(conv, "transposed", _paths._transpose_bank)
+    stats = [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
+    if conv.bias is not None:
+        stats.append(conv.bias)
+    scale, shift = _paths.kept(
+        bn, ("affine", id(conv), bn.eps), tuple(stats), lambda: _affine(conv, bn)
+    )
+    res = None
+    if residual is not None:
+        res = _paths.channels_inner(residual).reshape(-1, o).contiguous()
+    y = _kernel.pointwise(
+        a, bank, None, a.new_empty(a.shape[0], o), scale=scale, shift=shift, residual=res, relu=relu
+    )
+    return _paths.channels_second(y.view(n, *spatial, conv.out_channels))

@@ -191,7 +191,7 @@ def run_case(case: str, args) -> list[dict]:
         # conv-BN folding (BN into the conv weights), the tied model with tieify.fuse (BN,
         # residual add and ReLU in the kernel's epilogue; the weights stay tied).
         dense_fused = fx_fuse(dense_cl)
-        tied_fused = tieify.fuse(tied_cl)
+        tied_fused = tieify.fuse(tied_cl, xc)
         fns = {
             "eager|dense": lambda x=x: dense(x),
             "eager|tied": lambda x=x: tied(x),

@@ -307,7 +307,7 @@ def test_fuse_warns_and_returns_a_model_that_does_not_trace_unchanged():
     model = _Branchy().eval()
     with pytest.warns(RuntimeWarning, match="does not trace with torch.fx.*nothing was fused"):
         out = tieify.fuse(model)
-    assert type(out) is _Branchy and out is not model
+    assert type(out) is _Branchy and out is not model and out.fused == {}
     x = torch.rand(1, 8, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(out(x), model(x))
@@ -335,19 +335,76 @@ def test_a_fused_model_counts_compiles_and_exports_as_the_unfused_one():
 
 
 @needs_kernel
-def test_conv_bn_act_takes_the_kernel_where_the_plain_layer_runs_gemm(monkeypatch):
-    """Where the rule (or tieify.optimize) runs the plain layer as a GEMM, the fused call
-    still runs the kernel with its epilogue while the bank is small; a large bank keeps the
-    GEMM and the separate modules."""
+def test_conv_bn_act_runs_the_modules_where_the_layer_runs_another_path(monkeypatch):
+    """Fused only where the layer runs the kernel (by the rule or pinned): a layer pinned to
+    gemm, or on an input too small for the rule's kernel, runs the separate modules."""
     torch.manual_seed(0)
     calls = epilogue_calls(monkeypatch)
-    for cin, cout, B, fused in ((64, 96, 4, True), (512, 264, 2, False)):
-        conv, bn = TiedConv2d(cin, cout, 1, B=B), random_stats(nn.BatchNorm2d(cout)).eval()
-        conv.path = "gemm"
-        x = channels_last(torch.randn(1, cin, 5, 5))
+    conv, bn = TiedConv2d(64, 96, 1, B=4), random_stats(nn.BatchNorm2d(96)).eval()
+    small = channels_last(torch.randn(1, 64, 5, 5))  # 25 pixels: the rule takes gemm
+    big = channels_last(torch.randn(2, 64, 32, 32))  # 2,048 pixels: the rule takes kernel
+    for path, x, fused in (("gemm", big, False), ("auto", small, False), ("auto", big, True)):
+        conv.path = path
         calls.clear()
         with torch.no_grad():
             y = _fused.conv_bn_act(x, conv, bn, None, True)
             torch.testing.assert_close(y, separate(x, conv, bn, None, True), rtol=1e-4, atol=1e-4)
-        assert len(calls) == int(fused), (cin, cout)
-        assert (cin // B) * (cout // B) > _paths.KERNEL_MAX_BANK or fused
+        # The kernel runs only fused here (the other two run gemm and the modules).
+        assert [c.get("scale", False) for c in calls] == [True] * fused, (path, x.shape)
+
+
+def test_add_into_writes_into_its_first_operand_only_where_that_is_the_same_sum():
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    expected = a + b
+    with torch.no_grad():
+        out = _fused.add_into(a, b)
+    assert out is a
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for x, y in (
+        (torch.randn(3, 4), torch.randn(2, 3, 4)),  # the sum broadcasts beyond a
+        (torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64)),  # and changes its dtype
+    ):
+        before = x.clone()
+        out = _fused.add_into(x, y)
+        assert out is not x
+        torch.testing.assert_close(out, before + y)
+        torch.testing.assert_close(x, before, rtol=0, atol=0)
+    leaf = torch.randn(3, requires_grad=True)
+    a = leaf * 2  # autograd records: out of place
+    assert _fused.add_into(a, torch.ones(3)) is not a
+
+
+def test_fuse_restores_the_in_place_residual_adds_that_tracing_loses():
+    """ResNet-50 with only its 3×3 convs tied: nothing to fuse (no pointwise tied conv), but
+    every `out += identity` becomes an in-place add again, with the same output."""
+    torch.manual_seed(0)
+    tied = tieify.tieify(
+        torchvision.models.resnet50(num_classes=10),
+        B=lambda name, m: 2 if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) else None,
+    )
+    tied = random_stats(tied).eval().to(memory_format=torch.channels_last)
+    fused = tieify.fuse(tied)
+    assert fused.fused == {}
+    adds = [n for n in fused.graph.nodes if n.target is _fused.add_into]
+    assert len(adds) == 16 and all(n.args[0].target.endswith(("bn3", "bn2")) for n in adds)
+    x = channels_last(torch.randn(2, 3, 64, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), tied(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_fuse_with_example_inputs_keeps_only_the_chains_that_run_the_kernel(monkeypatch):
+    torch.manual_seed(0)
+    model = _Blocks().eval().to(memory_format=torch.channels_last)
+    random_stats(model)
+    model.c2.path = "kernel"  # the others: the rule, which takes gemm on this small input
+    x = channels_last(torch.randn(1, 16, 6, 6))
+    fused = tieify.fuse(model, x)
+    assert fused.fused == {"c2": "b2"}
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+    # None runs the kernel: the model as it is (a copy), no graph module.
+    model.c2.path = "auto"
+    plain = tieify.fuse(model, x)
+    assert type(plain) is _Blocks and plain is not model and plain.fused == {}
+    assert not hasattr(model, "fused") or model.__dict__.get("fused") is None

@@ -1,7 +1,8 @@
 """A pointwise tied convolution with the batch norm, residual add and ReLU that follow it.
 
 ``conv_bn_act(x, conv, bn, residual, relu)`` computes ``relu(bn(conv(x)) + residual)`` (the
-add and the ReLU where asked). Where ``conv`` runs tieify's kernel on ``x`` and the call is
+add and the ReLU where asked). Where ``conv`` runs tieify's kernel on ``x`` (the ``kernel``
+path, by the rule or pinned by :func:`tieify.optimize`) and the call is
 plain eager inference (``bn`` in eval mode, no gradient recorded), it is one kernel call whose
 epilogue applies the batch norm's per-channel affine, the add and the ReLU while the product
 is in registers: three fewer passes over the output. The bank stays shared (the affine is
@@ -20,7 +21,7 @@ from torch import nn
 from . import _kernel, _paths
 from ._conv import _TiedConvNd
 
-__all__ = ["conv_bn_act", "fusable"]
+__all__ = ["add_into", "conv_bn_act", "fusable"]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -63,7 +64,7 @@ def _fuses(x: torch.Tensor, conv: nn.Module, bn: nn.Module, residual: torch.Tens
         return False
     if x.dim() != conv._ndim + 2 or x.shape[1] != conv.in_channels or conv.B == 1:
         return False
-    if not (_fused_path(conv, x) and fusable(conv, bn)):
+    if _paths.select_path(conv, x) != "kernel" or not fusable(conv, bn):
         return False
     if torch.is_grad_enabled():
         tensors = [x, *conv.parameters(), *bn.parameters()]
@@ -79,25 +80,23 @@ def _fuses(x: torch.Tensor, conv: nn.Module, bn: nn.Module, residual: torch.Tens
     return bn.running_var is not None
 
 
-def _fused_path(conv: _TiedConvNd, x: torch.Tensor) -> bool:
-    """Whether the fused kernel runs ``conv`` on ``x``: where the layer runs ``kernel``, and
-    where it runs ``gemm`` (the rule's or ``tieify.optimize``'s choice for the plain layer on
-    smaller inputs) but the kernel applies and the bank is small (:data:`KERNEL_MAX_BANK`):
-    the epilogue saves more than the product loses there."""
-    path = _paths.select_path(conv, x)
-    if path != "gemm":
-        return path == "kernel"
-    # applicable_paths costs ~50 us: remembered per input layout (what it depends on here).
-    key = (x.shape[1:], x.stride()[1:], x.dtype, x.device.type)
-    memo = conv.__dict__.setdefault("_fused_memo", {})
-    hit = memo.get(key)
-    if hit is None:
-        bank = (conv.in_channels // conv.B) * (conv.out_channels // conv.B)
-        hit = bank <= _paths.KERNEL_MAX_BANK and "kernel" in _paths.applicable_paths(conv, x)
-        if len(memo) >= 64:
-            memo.clear()
-        memo[key] = hit
-    return hit
+def add_into(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b``, written into ``a`` where that gives the same tensor: the in-place add of code
+    like ``out = self.bn(...); out += identity``, which a torch.fx trace records as ``out +
+    identity`` (a new tensor, one more allocation and pass over memory per residual block).
+    :func:`tieify.fuse` calls it only where ``a`` is a batch norm's output that nothing else
+    uses; it still adds out of place where autograd records, where the sum would broadcast
+    beyond ``a`` or change its dtype, and under tracing."""
+    if (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and _paths._plain_eager(a)
+        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+        and a.dtype == torch.result_type(a, b)
+        and a.shape == torch.broadcast_shapes(a.shape, b.shape)
+    ):
+        return a.add_(b)
+    return a + b
 
 
 def _affine(conv: _TiedConvNd, bn: nn.modules.batchnorm._NormBase) -> tuple[torch.Tensor, ...]:

@@ -4,7 +4,9 @@ A pointwise tied conv on a channels-last input is one ``(N·S·B, C_in/B) @ (C_i
 C_out/B)`` matrix product with a huge first and two small other dimensions, a shape on which
 BLAS libraries run at a fraction of their speed (``benchmarks/pointwise_paths.py``). The
 kernel in ``_pointwise.cpp`` is written for that shape (register tiles along the rows, the
-thin bank in L1, non-temporal stores for large outputs).
+thin bank in L1, non-temporal stores for large outputs), with an optional epilogue that
+applies a following batch norm's per-channel affine, a residual add and a ReLU before the
+store (:func:`tieify.fuse`).
 
 It is built on first use with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++``,
 ``clang++``) for the machine's own instruction set (``-march=native``, OpenMP where the

@@ -408,3 +408,17 @@ def test_fuse_with_example_inputs_keeps_only_the_chains_that_run_the_kernel(monk
     plain = tieify.fuse(model, x)
     assert type(plain) is _Blocks and plain is not model and plain.fused == {}
     assert not hasattr(model, "fused") or model.__dict__.get("fused") is None
+
+
+@needs_kernel
+def test_a_fused_model_saves_as_its_plan_and_weights(tmp_path):
+    """tieify.save keeps the plan and the state (unchanged by fusing); tieify.load rebuilds
+    the tied model, which equals the fused one (fuse it again for the epilogue)."""
+    tied = tied_resnet50()
+    fused = tieify.fuse(tied)
+    tieify.save(fused, tmp_path / "fused.pt")
+    loaded = tieify.load(torchvision.models.resnet50(num_classes=10), tmp_path / "fused.pt")
+    loaded = loaded.eval().to(memory_format=torch.channels_last)
+    x = channels_last(torch.randn(1, 3, 64, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), fused(x), rtol=1e-4, atol=1e-4)

@@ -147,7 +147,8 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False)
     mode, recording gradients, under tracing or ``torch.compile``, or on inputs its convs do
     not run the kernel on, runs the modules one after the other, exactly as before. Residual
     adds into a batch norm's output stay in place (:func:`tieify.nn._fused.add_into`; a trace
-    records them as adds into new tensors).
+    records them as adds into new tensors). :func:`tieify.save` stores a fused model as its
+    plan and weights; :func:`tieify.load` rebuilds the tied model, to fuse again.
 
     Give ``example_inputs`` (as in production, after :func:`tieify.optimize`) to fuse only the
     chains whose conv runs the kernel on them: the others would only pay a check per call,
@@ -228,6 +229,8 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False)
     gm.graph.lint()
     gm.recompile()
     gm.__dict__["fused"] = fused  # a plain attribute (not a module, parameter or buffer)
+    if hasattr(model, "tieify_plan"):  # tieify.save stores the plan and the (same) weights
+        gm.__dict__["tieify_plan"] = model.tieify_plan
     return gm
 
 

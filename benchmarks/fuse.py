@@ -1,0 +1,175 @@
+"""What ``tieify.fuse`` saves: tied layers and models, plain and fused, side by side.
+
+- Layers: a pointwise tied conv on a channels-last input (ResNet-50's 1×1 shapes at B = 4,
+  batch 8) followed by its batch norm, a residual add and a ReLU, run as separate modules
+  and as one fused call (``tieify.nn._fused.conv_bn_act``); the conv alone for scale.
+- Models: the channels-last tied model after ``tieify.optimize`` and the same model after
+  ``tieify.fuse(model, x)``, in interleaved rounds (medians of per-round ratios).
+
+Usage::
+
+    python benchmarks/fuse.py                      # ~3 minutes here
+    python benchmarks/fuse.py --cases resnet50_all_B4 --batches 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _allocator_flag  # noqa: E402
+from models import CL, build_case, time_pair  # noqa: E402
+
+import tieify  # noqa: E402
+from tieify.latency._machine import describe_machine  # noqa: E402
+from tieify.nn import TiedConv2d, _fused  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LAYERS = [(64, 256, 56), (256, 64, 56), (128, 512, 28), (512, 128, 28), (256, 1024, 14)]
+CASES = ["resnet50_all_B4", "resnext50_B2", "mobilenet_v3_large_B2"]
+
+
+def layer_rows(args) -> list[dict]:
+    rows = []
+    for cin, cout, size in LAYERS:
+        torch.manual_seed(0)
+        conv = TiedConv2d(cin, cout, 1, B=4, bias=False).eval()
+        conv.path = "kernel"
+        bn = nn.BatchNorm2d(cout).eval()
+        x = torch.randn(8, cin, size, size).contiguous(memory_format=CL)
+        res = torch.randn(8, cout, size, size).contiguous(memory_format=CL)
+        fns = {
+            "conv": lambda c=conv, x=x: c(x),
+            "separate": lambda c=conv, b=bn, x=x, r=res: torch.relu_(b(c(x)) + r),
+            "fused": lambda c=conv, b=bn, x=x, r=res: _fused.conv_bn_act(x, c, b, r, True),
+        }
+        with torch.inference_mode():
+            samples = time_pair(fns, args.rounds, args.target_s)
+        ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+        ratio = statistics.median(
+            f / s for s, f in zip(samples["separate"], samples["fused"], strict=True)
+        )
+        rows.append({"layer": f"{cin}→{cout} {size}×{size}", **ms, "fused_over_separate": ratio})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def model_rows(args) -> list[dict]:
+    rows = []
+    for case in args.cases:
+        _, tied = build_case(case)
+        tied = tied.to(memory_format=CL)
+        for batch in args.batches:
+            x = torch.randn(batch, 3, args.size, args.size).contiguous(memory_format=CL)
+            plain = copy.deepcopy(tied)
+            with torch.inference_mode():
+                tieify.optimize(plain, x)
+            fused = tieify.fuse(plain, x)
+            fns = {"plain": lambda m=plain, x=x: m(x), "fused": lambda m=fused, x=x: m(x)}
+            with torch.inference_mode():
+                samples = time_pair(fns, args.rounds, args.target_s)
+            ratio = statistics.median(
+                f / p for p, f in zip(samples["plain"], samples["fused"], strict=True)
+            )
+            rows.append(
+                {
+                    "case": case,
+                    "batch": batch,
+                    "chains": len(getattr(fused, "fused", {})),
+                    "plain_ms": statistics.median(samples["plain"]) * 1e3,
+                    "fused_ms": statistics.median(samples["fused"]) * 1e3,
+                    "fused_over_plain": ratio,
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def markdown(res: dict) -> str:
+    lines = [
+        "# tieify.fuse: plain against fused",
+        "",
+        f"{res['threads']} threads, {res['rounds']} interleaved rounds, medians (ratios: "
+        f"medians of per-round ratios); torch {res['torch']}, {res['machine']}. Load average "
+        f"at start {res['loadavg_start']}, at end {res['loadavg_end']}.",
+        "",
+        "Layers (batch 8, channels-last, B = 4): the pointwise tied conv alone, with its batch "
+        "norm, residual add and ReLU as separate modules, and fused.",
+        "",
+        "| layer | conv ms | separate ms | fused ms | fused / separate |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in res["layers"]:
+        lines.append(
+            f"| {r['layer']} | {r['conv']:.2f} | {r['separate']:.2f} | {r['fused']:.2f} | "
+            f"{r['fused_over_separate']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Models ({res['size']}×{res['size']}, channels-last, after `tieify.optimize`): the "
+        "tied model and the same after `tieify.fuse(model, x)`.",
+        "",
+        "| case | batch | fused chains | plain ms | fused ms | fused / plain |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["models"]:
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['chains']} | {r['plain_ms']:.1f} | "
+            f"{r['fused_ms']:.1f} | {r['fused_over_plain']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="tieify.fuse: plain against fused.")
+    p.add_argument("--cases", nargs="+", default=CASES)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--target-s", type=float, default=0.2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    _allocator_flag.add_flag(p)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    allocator = _allocator_flag.apply(args)
+    if not tieify.kernel_status().startswith("available"):
+        print(f"tieify's kernel is not available: {tieify.kernel_status()}", file=sys.stderr)
+        return 1
+    load_start = os.getloadavg()
+    start = time.time()
+    res = {
+        "benchmark": "fuse",
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "size": args.size,
+        "torch": torch.__version__,
+        "machine": describe_machine(),
+        "allocator": allocator,
+        "layers": layer_rows(args),
+        "models": model_rows(args),
+    }
+    res["seconds"] = round(time.time() - start, 1)
+    res["loadavg_start"] = [round(v, 2) for v in load_start]
+    res["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fuse.json").write_text(json.dumps(res, indent=1))
+    (args.out / "fuse.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

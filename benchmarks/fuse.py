@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _allocator_flag  # noqa: E402
+from _results import write_results  # noqa: E402
 from models import CL, build_case, time_pair  # noqa: E402
 
 import tieify  # noqa: E402
@@ -164,10 +164,7 @@ def main(argv=None) -> int:
     res["seconds"] = round(time.time() - start, 1)
     res["loadavg_start"] = [round(v, 2) for v in load_start]
     res["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fuse.json").write_text(json.dumps(res, indent=1))
-    (args.out / "fuse.md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(args.out, "fuse", res, markdown(res))
     return 0
 
 

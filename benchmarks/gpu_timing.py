@@ -16,7 +16,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -24,6 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import write_results  # noqa: E402
 
 from tieify.latency._timing import interleaved_medians  # noqa: E402
 from tieify.nn import (
@@ -194,11 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.repeats, args.max_factor, args.target_s = 3, 8, 0.01
     res = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if gpu else "cpu"
-    (args.out / f"gpu_timing_{tag}.json").write_text(json.dumps(res, indent=1))
-    (args.out / f"gpu_timing_{tag}.md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(args.out, f"gpu_timing_{tag}", res, markdown(res))
     return 0
 
 

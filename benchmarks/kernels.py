@@ -35,7 +35,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -48,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _allocator_flag  # noqa: E402
+from _results import write_results  # noqa: E402
 
 from tieify.latency._machine import describe_machine  # noqa: E402
 from tieify.latency._optimize import choose_path  # noqa: E402
@@ -334,10 +334,7 @@ def main(argv=None):
     }
     res["peak_gflops"] = add_compute_ceiling(rows)
     res["summary"] = summarize(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
-    (args.out / "kernels.md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(args.out, "kernels", res, markdown(res))
     return 0
 
 

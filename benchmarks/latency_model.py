@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _allocator_flag  # noqa: E402
+from _results import write_results  # noqa: E402
 from models import divisible, is_depthwise, tie_convs  # noqa: E402
 
 from tieify.latency import (  # noqa: E402
@@ -318,11 +318,8 @@ def main(argv=None) -> int:
         "repetitions": reps,
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    (args.out / f"latency_model{suffix}.json").write_text(json.dumps(res, indent=1))
-    (args.out / f"latency_model{suffix}.md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(args.out, f"latency_model{suffix}", res, markdown(res))
     return 0
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import statistics
@@ -47,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _allocator_flag  # noqa: E402
+from _results import write_results  # noqa: E402
 
 import tieify  # noqa: E402
 from tieify.latency._machine import describe_machine  # noqa: E402
@@ -366,11 +366,8 @@ def main(argv=None) -> int:
         "allocator": allocator,
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    (args.out / f"models{suffix}.json").write_text(json.dumps(res, indent=1))
-    (args.out / f"models{suffix}.md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(args.out, f"models{suffix}", res, markdown(res))
     return 0
 
 

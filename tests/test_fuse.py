@@ -240,6 +240,13 @@ def test_fuse_inplace_shares_the_modules():
     for name in ("layer1.0.conv1", "layer1.0.bn1", "fc"):
         assert fused.get_submodule(name) is tied.get_submodule(name)
     assert tieify.fuse(tied).get_submodule("fc") is not tied.fc  # a deep copy by default
+    # The generated forward reaches submodules through the instance dicts of the graph
+    # module and of its own containers; the model's modules get no such entries.
+    assert fused.__dict__["layer1"] is fused._modules["layer1"]
+    assert type(fused.layer1) is nn.Module and "0" in fused.layer1.__dict__
+    assert "0" not in tied.layer1.__dict__ and "conv1" not in tied.layer1[0].__dict__
+    fused.fc = nn.Identity()  # assigning a child replaces the entry too
+    assert "fc" not in fused.__dict__ and type(fused.fc) is nn.Identity
 
 
 class _Blocks(nn.Module):
@@ -422,3 +429,23 @@ def test_a_fused_model_saves_as_its_plan_and_weights(tmp_path):
     x = channels_last(torch.randn(1, 3, 64, 64))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), fused(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_a_fused_model_deep_copies_and_pickles_fused(monkeypatch, tmp_path):
+    tied = tied_resnet50()
+    fused = tieify.fuse(tied)
+    x = channels_last(torch.randn(1, 3, 64, 64))
+    with torch.no_grad():
+        expected = fused(x)
+    copied = copy.deepcopy(fused)
+    torch.save(fused, tmp_path / "whole.pt")
+    loaded = torch.load(tmp_path / "whole.pt", weights_only=False)
+    for other in (copied, loaded):
+        assert other.fused == fused.fused and other.tieify_plan is not None
+        assert list(other.state_dict()) == list(fused.state_dict())
+        calls = epilogue_calls(monkeypatch)
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), expected, rtol=1e-4, atol=1e-4)
+        assert len(calls) == 36 and all(c["scale"] for c in calls)  # still fused
+        monkeypatch.undo()

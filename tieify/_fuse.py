@@ -32,7 +32,6 @@ class _Chain:
     conv: fx.Node
     bn: fx.Node
     add: fx.Node | None = None
-    residual: fx.Node | None = None
     relu: fx.Node | None = None
 
     @property
@@ -96,12 +95,8 @@ def _chains(gm: fx.GraphModule) -> list[_Chain]:
         chain = _Chain(node, bn_node)
         tail = bn_node
         user = _only_user(tail)
-        if (
-            user is not None
-            and user not in claimed
-            and (residual := _residual_of(user, tail)) is not None
-        ):
-            chain.add, chain.residual = user, residual
+        if user is not None and user not in claimed and _residual_of(user, tail) is not None:
+            chain.add = user
             tail = user
             user = _only_user(tail)
         if user is not None and _is_relu(gm, user, tail):

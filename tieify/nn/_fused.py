@@ -122,11 +122,9 @@ def _fused(
     residual: torch.Tensor | None,
     relu: bool,
 ) -> torch.Tensor:
-    x = _paths._subsample(conv, x)
-    o, c = conv.out_channels // conv.B, conv.in_channels // conv.B
-    n, spatial = x.shape[0], x.shape[2:]
-    a = _paths.channels_inner(x).reshape(-1, c).contiguous()  # a view for channels-last input
+    a, unfold = _paths.kernel_rows(conv, x)
     bank, _ = _paths._cached(conv, "transposed", _paths._transpose_bank)
+    o = bank.shape[1]
     stats = [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
     if conv.bias is not None:
         stats.append(conv.bias)
@@ -139,4 +137,4 @@ def _fused(
     y = _kernel.pointwise(
         a, bank, None, a.new_empty(a.shape[0], o), scale=scale, shift=shift, residual=res, relu=relu
     )
-    return _paths.channels_second(y.view(n, *spatial, conv.out_channels))
+    return unfold(y)

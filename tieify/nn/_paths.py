@@ -423,17 +423,26 @@ def kernel_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     eager call that records no gradient calls the kernel directly (the operator's dispatch
     costs a few µs, as much as a small layer's product); the others go through the
     ``tieify::pointwise`` operator."""
-    x = _subsample(layer, x)
-    o, c = layer.out_channels // layer.B, layer.in_channels // layer.B
-    n, spatial = x.shape[0], x.shape[2:]
-    a = channels_inner(x).reshape(-1, c).contiguous()  # a view for dense channels-last input
+    a, unfold = kernel_rows(layer, x)
     bank, bias = _cached(layer, "transposed", _transpose_bank)
     params = (bank,) if bias is None else (bank, bias)
     if _traced() or (torch.is_grad_enabled() and any(t.requires_grad for t in (a, *params))):
         y = pointwise_op(a, bank, bias)
     else:
-        y = _kernel.pointwise(a, bank, bias, a.new_empty(a.shape[0], o))
-    return channels_second(y.view(n, *spatial, layer.out_channels))
+        y = _kernel.pointwise(a, bank, bias, a.new_empty(a.shape[0], bank.shape[1]))
+    return unfold(y)
+
+
+def kernel_rows(
+    layer: _TiedConvNd, x: torch.Tensor
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """A pointwise layer's input as the kernel reads it, the ``(N·S·B, C_in/B)`` rows of
+    ``x`` (subsampled by the stride; a view for dense channels-last input), and the function
+    that lays the kernel's ``(N·S·B, C_out/B)`` result out as the channels-last output."""
+    x = _subsample(layer, x)
+    n, spatial = x.shape[0], x.shape[2:]
+    a = channels_inner(x).reshape(-1, layer.in_channels // layer.B).contiguous()
+    return a, lambda y: channels_second(y.view(n, *spatial, layer.out_channels))
 
 
 def _cached(

@@ -1,8 +1,9 @@
 """What ``tieify.fuse`` saves: tied layers and models, plain and fused, side by side.
 
-- Layers: a pointwise tied conv on a channels-last input (ResNet-50's 1×1 shapes at B = 4,
-  batch 8) followed by its batch norm, a residual add and a ReLU, run as separate modules
-  and as one fused call (``tieify.nn._fused.conv_bn_act``); the conv alone for scale.
+- Layers: a tied conv on a channels-last input (ResNet-50's 1×1 shapes and its two largest
+  3×3 ones at B = 4, batch 8) followed by its batch norm, a residual add (the 1×1 ones) and a
+  ReLU, run as separate modules and as one fused call (``tieify.nn._fused.conv_bn_act``);
+  the conv alone for scale.
 - Models: the channels-last tied model after ``tieify.optimize`` and the same model after
   ``tieify.fuse(model, x)``, in interleaved rounds (medians of per-round ratios).
 
@@ -37,22 +38,37 @@ from tieify.latency._machine import describe_machine  # noqa: E402
 from tieify.nn import TiedConv2d, _fused  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LAYERS = [(64, 256, 56), (256, 64, 56), (128, 512, 28), (512, 128, 28), (256, 1024, 14)]
-CASES = ["resnet50_all_B4", "resnext50_B2", "mobilenet_v3_large_B2"]
+#: (C_in, C_out, size, kernel): the 1×1 layers with a residual add, the 3×3 ones without (as
+#: in a bottleneck).
+LAYERS = [
+    (64, 256, 56, 1),
+    (256, 64, 56, 1),
+    (128, 512, 28, 1),
+    (512, 128, 28, 1),
+    (256, 1024, 14, 1),
+    (64, 64, 56, 3),
+    (128, 128, 28, 3),
+]
+CASES = ["resnet50_all_B4", "resnet50_3x3_B2", "resnext50_B2", "mobilenet_v3_large_B2"]
+
+
+def _separate(conv: nn.Module, bn: nn.Module, x: torch.Tensor, res: torch.Tensor | None):
+    y = bn(conv(x))
+    return torch.relu_(y if res is None else y + res)
 
 
 def layer_rows(args) -> list[dict]:
     rows = []
-    for cin, cout, size in LAYERS:
+    for cin, cout, size, k in LAYERS:
         torch.manual_seed(0)
-        conv = TiedConv2d(cin, cout, 1, B=4, bias=False).eval()
+        conv = TiedConv2d(cin, cout, k, padding=k // 2, B=4, bias=False).eval()
         conv.path = "kernel"
         bn = nn.BatchNorm2d(cout).eval()
         x = torch.randn(8, cin, size, size).contiguous(memory_format=CL)
-        res = torch.randn(8, cout, size, size).contiguous(memory_format=CL)
+        res = torch.randn(8, cout, size, size).contiguous(memory_format=CL) if k == 1 else None
         fns = {
             "conv": lambda c=conv, x=x: c(x),
-            "separate": lambda c=conv, b=bn, x=x, r=res: torch.relu_(b(c(x)) + r),
+            "separate": lambda c=conv, b=bn, x=x, r=res: _separate(c, b, x, r),
             "fused": lambda c=conv, b=bn, x=x, r=res: _fused.conv_bn_act(x, c, b, r, True),
         }
         with torch.inference_mode():
@@ -61,7 +77,8 @@ def layer_rows(args) -> list[dict]:
         ratio = statistics.median(
             f / s for s, f in zip(samples["separate"], samples["fused"], strict=True)
         )
-        rows.append({"layer": f"{cin}→{cout} {size}×{size}", **ms, "fused_over_separate": ratio})
+        name = f"{cin}→{cout} {k}×{k} {size}×{size}" + (" + add" if res is not None else "")
+        rows.append({"layer": name, **ms, "fused_over_separate": ratio})
         print(rows[-1], flush=True)
     return rows
 
@@ -105,8 +122,8 @@ def markdown(res: dict) -> str:
         f"medians of per-round ratios); torch {res['torch']}, {res['machine']}. Load average "
         f"at start {res['loadavg_start']}, at end {res['loadavg_end']}.",
         "",
-        "Layers (batch 8, channels-last, B = 4): the pointwise tied conv alone, with its batch "
-        "norm, residual add and ReLU as separate modules, and fused.",
+        "Layers (batch 8, channels-last, B = 4, tieify's kernel): the tied conv alone, with its "
+        "batch norm, residual add (where named) and ReLU as separate modules, and fused.",
         "",
         "| layer | conv ms | separate ms | fused ms | fused / separate |",
         "|---|---:|---:|---:|---:|",

@@ -49,8 +49,8 @@ SHAPES = [
 ]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse(argv, doc: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--rounds", type=int, default=7)
@@ -58,9 +58,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"Allocator: {_allocator_flag.apply(args)}; {args.threads} threads.\n")
-    paths = [
-        p for p in ("gemm", "widen", "kernel", "native") if p != "kernel" or kernel_available()
-    ]
+    return args
+
+
+def table(args, shapes, candidates, make) -> None:
+    """Print the Markdown table: for every batch, shape (C_in, C_out, H) and B ∈ {2, 4, 8},
+    the time of each candidate path that applies to ``make(C_in, C_out, B)`` on a
+    channels-last input, the fastest and the rule's choice."""
+    paths = [p for p in candidates if p != "kernel" or kernel_available()]
     if "kernel" not in paths:
         print(f"tieify's kernel is not available: {kernel_status()}\n")
     print(
@@ -70,10 +75,10 @@ def main(argv=None) -> int:
     )
     print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(paths) + "---|---|")
     for batch in args.batches:
-        for ci, co, h in SHAPES:
+        for ci, co, h in shapes:
             x = torch.randn(batch, ci, h, h).contiguous(memory_format=torch.channels_last)
             for B in (2, 4, 8):
-                layer = TiedConv2d(ci, co, 1, B=B, bias=False)
+                layer = make(ci, co, B)
                 timed = [p for p in paths if p in _paths.applicable_paths(layer, x)]
                 fns = {p: (lambda p=p, m=layer, x=x: _paths.run_path(m, x, p)) for p in timed}
                 with torch.inference_mode():
@@ -86,6 +91,16 @@ def main(argv=None) -> int:
                     f"{min(ms, key=ms.__getitem__)} | {rule} |",
                     flush=True,
                 )
+
+
+def main(argv=None) -> int:
+    args = parse(argv, __doc__)
+    table(
+        args,
+        SHAPES,
+        ("gemm", "widen", "kernel", "native"),
+        lambda ci, co, B: TiedConv2d(ci, co, 1, B=B, bias=False),
+    )
     return 0
 
 

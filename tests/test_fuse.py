@@ -12,6 +12,7 @@ import torch
 import torchvision
 from _path_helpers import to_layout
 from torch import nn
+from torchvision.models.resnet import Bottleneck
 
 import tieify
 from tieify.nn import TiedConv2d, _fused, _kernel, _paths
@@ -38,15 +39,23 @@ def random_stats(model: nn.Module, seed: int = 1) -> nn.Module:
 
 
 def epilogue_calls(monkeypatch) -> list[dict]:
-    """Patch the kernel's entry point to record the epilogue of each call."""
+    """Patch the kernel's entry points to record the epilogue of each call (and ``conv`` for
+    the convolution's)."""
     calls: list[dict] = []
-    run = _kernel.pointwise
 
-    def spy(a, bt, bias, out, **kw):
-        calls.append({k: v is not None if k != "relu" else v for k, v in kw.items()})
-        return run(a, bt, bias, out, **kw)
+    def spying(name):
+        run = getattr(_kernel, name)
 
-    monkeypatch.setattr(_kernel, "pointwise", spy)
+        def spy(a, bt, bias, out, **kw):
+            epilogue = {k: kw[k] for k in ("scale", "shift", "residual", "relu") if k in kw}
+            seen = {k: v is not None if k != "relu" else v for k, v in epilogue.items()}
+            calls.append({**seen, "conv": True} if name == "conv2d" else seen)
+            return run(a, bt, bias, out, **kw)
+
+        monkeypatch.setattr(_kernel, name, spy)
+
+    spying("pointwise")
+    spying("conv2d")
     return calls
 
 
@@ -201,16 +210,21 @@ def tied_resnet50() -> nn.Module:
 @needs_kernel
 def test_fuse_a_tied_resnet50_equals_it_and_keeps_its_state(monkeypatch):
     tied = tied_resnet50()
+    # The rule takes the conv kernel for 3×3 outputs 28 wide or more; this small input's
+    # are narrower, so pin it (the pointwise layers take it by the rule).
+    for block in (m for m in tied.modules() if isinstance(m, Bottleneck)):
+        block.conv2.path = "kernel"
     before = {k: v.clone() for k, v in tied.state_dict().items()}
     fused = tieify.fuse(tied)
-    # Every pointwise tied conv is fused: the bottlenecks' first and last convs with their
-    # batch norms, ReLUs and (the last) the residual add; the downsample convs with theirs.
-    assert len(fused.fused) == 16 + 16 + 4
+    # Every tied conv is fused: the bottlenecks' convs with their batch norms, ReLUs and (the
+    # last) the residual add; the downsample convs with theirs.
+    assert len(fused.fused) == 16 + 16 + 16 + 4
     assert fused.fused["layer1.0.conv1"] == "layer1.0.bn1 + relu"
+    assert fused.fused["layer1.0.conv2"] == "layer1.0.bn2 + relu"
+    assert fused.fused["layer2.0.conv2"] == "layer2.0.bn2 + relu"  # 3×3, stride 2
     assert fused.fused["layer1.0.conv3"] == "layer1.0.bn3 + add + relu"
     assert fused.fused["layer1.0.downsample.0"] == "layer1.0.downsample.1"
     assert fused.fused["layer2.1.conv3"] == "layer2.1.bn3 + add + relu"
-    assert "layer1.0.conv2" not in fused.fused  # 3x3 convs are left alone
     # The same parameters, buffers and keys; the original model is untouched.
     assert list(fused.state_dict()) == list(before)
     for k, v in fused.state_dict().items():
@@ -220,8 +234,8 @@ def test_fuse_a_tied_resnet50_equals_it_and_keeps_its_state(monkeypatch):
     calls = epilogue_calls(monkeypatch)
     with torch.no_grad():
         y = fused(x)
-        assert len(calls) == 36 and all(c["scale"] for c in calls)
-        assert sum(c["residual"] for c in calls) == 16
+        assert len(calls) == 52 and all(c["scale"] for c in calls)
+        assert sum(c["residual"] for c in calls) == 16 and sum("conv" in c for c in calls) == 16
         torch.testing.assert_close(y, tied(x), rtol=1e-4, atol=1e-4)
     # As a fused model trains (the modules, one after the other), so does its copy.
     fused.train()
@@ -270,7 +284,7 @@ class _Blocks(nn.Module):
         w = self.c4(z)
         w2 = self.b4(w) + w  # the conv's output has two users: not fused
         v = self.b5(self.c5(w2))  # batch statistics even in eval: not fused
-        return self.b6(self.c6(v)) + r  # 3x3: not fused
+        return self.b6(self.c6(v)) + r  # 3×3: fused by the conv kernel
 
 
 @needs_kernel
@@ -278,17 +292,25 @@ def test_fuse_recognises_the_patterns_and_leaves_what_it_must(monkeypatch):
     torch.manual_seed(0)
     model = random_stats(_Blocks()).eval().to(memory_format=torch.channels_last)
     for m in model.modules():
-        if isinstance(m, TiedConv2d) and _paths._is_pointwise(m):
+        if isinstance(m, TiedConv2d):
             m.path = "kernel"
     fused = tieify.fuse(model)
-    assert fused.fused == {"c1": "b1 + add + relu", "c2": "b2", "c3": "b3 + relu"}
+    expected_chains = {"c1": "b1 + add + relu", "c2": "b2", "c3": "b3 + relu", "c6": "b6 + add"}
+    assert fused.fused == expected_chains
     x = channels_last(torch.randn(2, 16, 6, 6))
     with torch.no_grad():
         expected = model(x)
         calls = epilogue_calls(monkeypatch)
         torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
-    assert len(calls) == 3 + 2  # fused: c1, c2, c3; c4 and c5 plain kernel calls
-    assert [c.get("scale", False) for c in calls[:3]] == [True] * 3
+    assert len(calls) == 4 + 2  # fused: c1, c2, c3, c6; c4 and c5 plain kernel calls
+    assert [c.get("scale", False) for c in calls] == [True] * 3 + [False] * 2 + [True]
+    assert calls[-1] == {
+        "scale": True,
+        "shift": True,
+        "residual": True,
+        "relu": False,
+        "conv": True,
+    }
 
 
 def test_fuse_refuses_a_training_model_and_what_is_not_a_model():
@@ -382,8 +404,9 @@ def test_add_into_writes_into_its_first_operand_only_where_that_is_the_same_sum(
 
 
 def test_fuse_restores_the_in_place_residual_adds_that_tracing_loses():
-    """ResNet-50 with only its 3×3 convs tied: nothing to fuse (no pointwise tied conv), but
-    every `out += identity` becomes an in-place add again, with the same output."""
+    """ResNet-50 with only its 3×3 convs tied: those are fused with their batch norms and
+    ReLUs, and every `out += identity` (after a dense conv's batch norm) becomes an in-place
+    add again, with the same output."""
     torch.manual_seed(0)
     tied = tieify.tieify(
         torchvision.models.resnet50(num_classes=10),
@@ -391,7 +414,8 @@ def test_fuse_restores_the_in_place_residual_adds_that_tracing_loses():
     )
     tied = random_stats(tied).eval().to(memory_format=torch.channels_last)
     fused = tieify.fuse(tied)
-    assert fused.fused == {}
+    blocks = [name for name, m in tied.named_modules() if isinstance(m, Bottleneck)]
+    assert fused.fused == {f"{b}.conv2": f"{b}.bn2 + relu" for b in blocks}
     adds = [n for n in fused.graph.nodes if n.target is _fused.add_into]
     assert len(adds) == 16 and all(n.args[0].target.endswith(("bn3", "bn2")) for n in adds)
     x = channels_last(torch.randn(2, 3, 64, 64))
@@ -449,3 +473,45 @@ def test_a_fused_model_deep_copies_and_pickles_fused(monkeypatch, tmp_path):
             torch.testing.assert_close(other(x), expected, rtol=1e-4, atol=1e-4)
         assert len(calls) == 36 and all(c["scale"] for c in calls)  # still fused
         monkeypatch.undo()
+
+
+@needs_kernel
+def test_fuse_with_example_inputs_times_chains_whose_conv_could_run_the_kernel(
+    monkeypatch, tmp_path
+):
+    """A 3×3 conv pinned to widen (as tieify.optimize may pin it, faster alone): the chain is
+    timed fused against as it runs, fused where that wins (the copy's conv then pinned to the
+    kernel), and the choice is cached."""
+    from tieify.latency import _optimize
+    from tieify.latency._cache import JsonCache
+
+    monkeypatch.setenv("TIEIFY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_optimize, "PATH_CACHE", JsonCache("paths.json"))
+    calls = []
+
+    def timer(fns, **kwargs):
+        calls.append(sorted(fns))
+        for fn in fns.values():  # both must run
+            fn()
+        return dict(faster)
+
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    torch.manual_seed(0)
+    model = nn.Sequential(TiedConv2d(16, 16, 3, padding=1, B=2), nn.BatchNorm2d(16), nn.ReLU())
+    model = random_stats(model).eval().to(memory_format=torch.channels_last)
+    model[0].path = "widen"
+    x = channels_last(torch.randn(2, 16, 6, 6))
+    faster = {"fused": 1.0, "separate": 2.0}
+    fused = tieify.fuse(model, x)
+    assert calls == [["fused", "separate"]]
+    assert fused.fused == {"0": "1 + relu"} and fused.get_submodule("0").path == "kernel"
+    assert model[0].path == "widen"  # the user's model is not changed
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+    tieify.fuse(model, x)
+    assert len(calls) == 1  # cached
+    # Where the chain as it runs is faster, it is left alone (and so is the model).
+    monkeypatch.setattr(_optimize, "PATH_CACHE", JsonCache("other.json"))
+    faster = {"fused": 2.0, "separate": 1.0}
+    out = tieify.fuse(model, x)
+    assert len(calls) == 2 and out.fused == {} and out[0].path == "widen"

@@ -1,5 +1,6 @@
-"""tieify's compiled pointwise kernel: equality with the reference, the rule that takes it,
-its build cache, and what happens where it cannot be built."""
+"""tieify's compiled kernel (pointwise products and k×k convolutions): equality with the
+reference, the rule that takes it, its build cache, and what happens where it cannot be
+built."""
 
 from __future__ import annotations
 
@@ -118,7 +119,120 @@ def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch,
     assert "kernel" not in _paths.applicable_paths(layer.to(torch.bfloat16), big.bfloat16())
     layer.float()
     assert "kernel" not in _paths.applicable_paths(layer, big.contiguous())
-    assert "kernel" not in _paths.applicable_paths(TiedConv2d(64, 64, 3, padding=1, B=4), big)
+    grouped = TiedConv2d(64, 64, 3, padding=1, groups=2, B=4)
+    assert "kernel" not in _paths.applicable_paths(grouped, big)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize("avx512", [False, True])
+def test_the_rule_takes_the_conv_kernel_for_outputs_at_least_28_wide(monkeypatch, avx512):
+    monkeypatch.setattr(_paths, "_CPU_HAS_AVX512", avx512)
+    assert _paths.KERNEL_CONV_MIN_WIDTH == 28
+    layer = TiedConv2d(16, 16, 3, padding=1, B=4)
+    strided = TiedConv2d(16, 16, 3, stride=2, padding=1, B=4)
+    for x, width in [(torch.randn(1, 16, 5, 28), 28), (torch.randn(2, 16, 5, 27), 27)]:
+        x = channels_last(x)
+        assert _paths.output_size(layer, x)[-1] == width
+        kernel = width >= 28 and not avx512
+        assert _paths.default_path(layer, x) == ("kernel" if kernel else "widen")
+        # Stride 2 halves the width: lift (widen cannot stride across blocks) below 28.
+        assert _paths.default_path(strided, x) == "lift"
+    x = channels_last(torch.randn(1, 16, 3, 56))
+    assert _paths.default_path(strided, x) == ("lift" if avx512 else "kernel")
+    # 'same' padding that is asymmetric (an even kernel) is not the kernel's.
+    even = TiedConv2d(16, 16, 2, padding="same", B=4)
+    assert "kernel" not in _paths.applicable_paths(even, x)
+    assert "kernel" in _paths.applicable_paths(TiedConv2d(16, 16, 3, padding="same", B=4), x)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize(
+    "cin, cout, B, k, stride, padding, dilation, bias, batch, size",
+    [
+        (32, 32, 4, 3, 1, 1, 1, True, 2, (5, 23)),  # N = 8, 3 wide: pixel tiles of 10, overlap
+        (16, 8, 2, 3, 1, 1, 1, False, 1, (4, 7)),  # N = 4 < 8: pixel tiles of 4, a padded bank
+        (16, 16, 2, 3, 1, 0, 1, True, 2, (6, 5)),  # 3 wide outputs: single-pixel tiles
+        (24, 72, 2, 3, 1, 1, 1, True, 2, (7, 9)),  # N = 36: 16 + 16 + a 4-column tail; overlap
+        (64, 64, 4, 3, 2, 1, 1, False, 2, (9, 12)),  # stride 2: two phases, row tiles
+        (12, 30, 3, 5, 3, 2, 1, True, 1, (11, 13)),  # 5×5, stride 3, N = 10
+        (16, 32, 2, 3, 1, 2, 2, True, 2, (8, 10)),  # dilation 2, N = 16
+        (8, 16, 2, (1, 3), 1, (0, 1), 1, False, 2, (4, 6)),  # 1×3, padding only along W
+        (32, 32, 4, (3, 1), 1, (1, 0), 1, True, 1, (5, 30)),  # 3×1: N = 8, not 3 wide
+        (64, 64, 8, 3, 1, 1, 1, False, 4, (40, 40)),  # a 1.6 MiB output: streaming stores
+    ],
+)
+def test_conv_kernel_equals_the_reference_forward_and_backward(
+    cin, cout, B, k, stride, padding, dilation, bias, batch, size
+):
+    torch.manual_seed(0)
+    layer = TiedConv2d(
+        cin, cout, k, stride=stride, padding=padding, dilation=dilation, B=B, bias=bias
+    )
+    x = channels_last(torch.randn(batch, cin, *size))
+    if size == (40, 40):
+        assert batch * 40 * 40 * cout * 4 >= _kernel.STREAM_MIN_BYTES
+    assert "kernel" in check_all_paths(layer, x)  # forward and backward (the operator)
+    with torch.no_grad():  # the direct call, with the kept tap bank
+        y = _paths.run_path(layer, x, "kernel")
+    torch.testing.assert_close(y, _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
+    assert _paths.is_channels_last(y)
+    bank = _paths._FORMS[layer]["taps"][2][0]
+    kh, kw = layer.kernel_size
+    assert bank.shape == (kh * kw * (cin // B), cout // B)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_conv_kernel_epilogue_and_threads():
+    """The conv's epilogue (per-block scale and shift, residual, ReLU) against the separate
+    operators, on both tile kinds, and the same sums on one and on two threads."""
+    torch.manual_seed(0)
+    for cin, cout, B, stride in [(32, 32, 4, 1), (32, 48, 2, 2)]:
+        layer = TiedConv2d(cin, cout, 3, stride=stride, padding=1, B=B, bias=True)
+        x = channels_last(torch.randn(2, cin, 12, 21))
+        o = cout // B
+        scale, shift = torch.randn(B, o), torch.randn(B, o)
+        with torch.no_grad():
+            y = _paths.fold_forward(layer, x)
+        residual = channels_last(torch.randn_like(y))
+        expected = torch.relu(
+            y * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1) + residual
+        )
+        bank = _paths._tap_bank(layer.weight.detach(), None, B)[0]
+        outs = []
+        before = torch.get_num_threads()
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                outs.append(
+                    _paths._run_conv_kernel(
+                        x, bank, layer.bias.detach(), B, layer.kernel_size, layer.stride,
+                        layer.padding, layer.dilation, scale=scale, shift=shift,
+                        residual=_paths.channels_inner(residual).contiguous(), relu=True,
+                    )
+                )  # fmt: skip
+        finally:
+            torch.set_num_threads(before)
+        torch.testing.assert_close(outs[0], expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
+def test_conv_kernel_refuses_operands_it_would_read_past():
+    if not _kernel.kernel_available():
+        pytest.skip(_kernel.kernel_status())
+    x = torch.randn(1, 5, 5, 8)
+    bank = torch.randn(9 * 4, 4)
+    geometry = {"blocks": 2, "kernel_size": (3, 3), "stride": (1, 1), "padding": (1, 1)}
+    geometry["dilation"] = (1, 1)
+    ok = _kernel.conv2d(x, bank, None, torch.empty(1, 5, 5, 8), **geometry)
+    assert ok.shape == (1, 5, 5, 8)
+    with pytest.raises(ValueError, match=r"out \(n, ho, wo, blocks·N\).*out \(1, 4, 5, 8\)"):
+        _kernel.conv2d(x, bank, None, torch.empty(1, 4, 5, 8), **geometry)
+    with pytest.raises(ValueError, match=r"bt \(9 \* 4|bt \(36, 3\)"):
+        _kernel.conv2d(x, bank[:, :3], None, torch.empty(1, 5, 5, 8), **geometry)
+    with pytest.raises(ValueError, match="dense: False"):
+        _kernel.conv2d(x.transpose(1, 2), bank, None, torch.empty(1, 5, 5, 8), **geometry)
+    with pytest.raises(ValueError, match="dtypes"):
+        _kernel.conv2d(x, bank.double(), None, torch.empty(1, 5, 5, 8), **geometry)
 
 
 def counting_kernel_calls(monkeypatch) -> list[int]:
@@ -223,7 +337,7 @@ def test_a_compiler_that_fails_is_reported_with_its_error(fresh_kernel, tmp_path
     fresh_kernel.setenv("TIEIFY_CACHE_DIR", str(tmp_path / "cache"))
     assert not _kernel.kernel_available()
     status = _kernel.kernel_status()
-    assert "could not build _pointwise.cpp" in status and "no space left" in status
+    assert "could not build _kernel.cpp" in status and "no space left" in status
     assert not list((tmp_path / "cache").rglob("*.so"))  # no half-written build is kept
 
 

@@ -38,8 +38,8 @@ def test_recipes_and_search_spaces_are_package_data():
 def test_the_kernel_source_is_package_data():
     """The pointwise kernel is compiled from its source on the user's machine, so the source
     must be in the installed package (and match the repository's)."""
-    shipped = resources.files("tieify.nn").joinpath("_pointwise.cpp")
-    assert shipped.read_text() == (ROOT / "tieify" / "nn" / "_pointwise.cpp").read_text()
+    shipped = resources.files("tieify.nn").joinpath("_kernel.cpp")
+    assert shipped.read_text() == (ROOT / "tieify" / "nn" / "_kernel.cpp").read_text()
 
 
 def test_import_is_cheap():

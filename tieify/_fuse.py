@@ -1,5 +1,5 @@
-"""``tieify.fuse``: run a tied model's pointwise convolutions with the batch norm, residual add
-and ReLU that follow them, for inference (see :mod:`tieify.nn._fused`)."""
+"""``tieify.fuse``: run a tied model's convolutions with the batch norm, residual add and ReLU
+that follow them, for inference (see :mod:`tieify.nn._fused`)."""
 
 from __future__ import annotations
 
@@ -128,8 +128,9 @@ def _restore_in_place_adds(gm: fx.GraphModule) -> None:
 
 
 def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False) -> nn.Module:
-    """Fuse, for inference, each pointwise tied conv with the batch norm after it (and the
-    residual add and the ReLU after that, where the graph has them).
+    """Fuse, for inference, each tied conv that tieify's kernel computes (pointwise, or 2-D
+    with one group and zero padding) with the batch norm after it (and the residual add and
+    the ReLU after that, where the graph has them).
 
     The model is traced with torch.fx (as :func:`tieify.tieify` traces it); every
     ``TiedConv → BatchNorm (→ x + residual) (→ ReLU)`` chain whose intermediate values have no
@@ -147,9 +148,14 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False)
     plan and weights; :func:`tieify.load` rebuilds the tied model, to fuse again.
 
     Give ``example_inputs`` (as in production, after :func:`tieify.optimize`) to fuse only the
-    chains whose conv runs the kernel on them: the others would only pay a check per call,
-    and where none is left the model is returned as it is, without the graph module's
-    per-node Python cost.
+    chains that run fused on them: those whose conv runs the kernel there, and those whose
+    conv could, timed fused against the chain as it runs (a conv :func:`tieify.optimize`
+    pinned to another path, faster alone, may be slower than the kernel with the batch norm
+    and ReLU in its epilogue; where the fused call wins, the conv's ``path`` becomes
+    ``"kernel"`` in the returned model). The timing is done once per layer configuration and
+    input, and cached with :func:`tieify.optimize`'s choices. The other chains would only pay
+    a check per call, and where none is left the model is returned as it is, without the
+    graph module's per-node Python cost.
 
     Args:
         model: a tied model in eval mode (``model.eval()``); dense layers are left alone.
@@ -168,8 +174,10 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False)
         >>> import torch, torchvision, tieify
         >>> tied = tieify.tieify(torchvision.models.resnet18(), B=2).eval()
         >>> fused = tieify.fuse(tied)
-        >>> len(fused.fused)  # every 1x1 tied conv: the downsample convs of layers 2-4
-        3
+        >>> len(fused.fused)  # 16 3x3 convs and 3 downsample 1x1 ones (the stem is not tied)
+        19
+        >>> fused.fused["layer1.0.conv2"]
+        'layer1.0.bn2 + add + relu'
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -199,7 +207,7 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False)
         from .latency._optimize import _capture_inputs
 
         seen = _capture_inputs(model, example_inputs, (_TiedConvNd,))
-        chains = [c for c in chains if _runs_kernel(gm, c.conv, seen)]
+        chains = [c for c in chains if _fuses_faster(gm, c, seen)]
         if not chains:
             return _unfused(model)
     fused: dict[str, str] = {}
@@ -267,13 +275,56 @@ def _direct_attributes(gm: fx.GraphModule) -> None:
                     module.__dict__[name] = child
 
 
-def _runs_kernel(gm: fx.GraphModule, node: fx.Node, seen: dict[nn.Module, torch.Tensor]) -> bool:
-    """Whether the conv of ``node`` ran the kernel on the example input it saw."""
-    conv = gm.get_submodule(str(node.target))
+def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch.Tensor]) -> bool:
+    """Whether ``chain`` is worth fusing on the example input its conv saw: the conv runs the
+    kernel on it, or could, and the fused call is faster than the chain as it runs (its
+    conv on the path it takes, then the separate modules). In the second case the conv's
+    ``path`` is pinned to ``"kernel"``. The choice is timed once per (layer configuration,
+    input, threads, torch version) and cached with :func:`tieify.optimize`'s."""
+    conv = gm.get_submodule(str(chain.conv.target))
     x = seen.get(conv)
-    return (
-        isinstance(conv, _TiedConvNd) and x is not None and _paths.select_path(conv, x) == "kernel"
-    )
+    if not isinstance(conv, _TiedConvNd) or x is None:
+        return False
+    if _paths.select_path(conv, x) == "kernel":
+        return True
+    if "kernel" not in _paths.applicable_paths(conv, x):
+        return False
+    from .latency._optimize import PATH_CACHE, _timer, like, path_key
+
+    key = f"fuse|{path_key(conv, x)}|{chain.add is not None}|{chain.relu is not None}"
+    hit = PATH_CACHE.get(key)
+    if isinstance(hit, dict) and isinstance(hit.get("fuse"), bool):
+        faster = bool(hit["fuse"])
+    else:
+        bn = gm.get_submodule(str(chain.bn.target))
+        xx = like(x)
+        with torch.inference_mode():
+            y = conv(xx)
+        r = None if chain.add is None else torch.randn_like(y)
+        relu = chain.relu is not None
+        fns = {
+            "separate": lambda: conv_bn_act(xx, conv, bn, r, relu),
+            "fused": lambda: _fused_call(xx, conv, bn, r, relu),
+        }
+        with torch.inference_mode():
+            times = _timer(fns, repeats=5, warmup=1, target_s=0.005, device=None)
+        faster = times["fused"] < times["separate"]
+        PATH_CACHE.set(key, {"fuse": faster, "seconds": times})
+    if faster:
+        conv.path = "kernel"
+    return faster
+
+
+def _fused_call(
+    x: torch.Tensor, conv: _TiedConvNd, bn: nn.Module, r: torch.Tensor | None, relu: bool
+) -> torch.Tensor:
+    """The chain's fused call, with the conv on the kernel for it (its path restored)."""
+    path = conv.path
+    conv.path = "kernel"
+    try:
+        return conv_bn_act(x, conv, bn, r, relu)
+    finally:
+        conv.path = path
 
 
 def _unfused(model: nn.Module) -> nn.Module:

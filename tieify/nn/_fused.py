@@ -1,4 +1,4 @@
-"""A pointwise tied convolution with the batch norm, residual add and ReLU that follow it.
+"""A tied convolution with the batch norm, residual add and ReLU that follow it.
 
 ``conv_bn_act(x, conv, bn, residual, relu)`` computes ``relu(bn(conv(x)) + residual)`` (the
 add and the ReLU where asked). Where ``conv`` runs tieify's kernel on ``x`` (the ``kernel``
@@ -27,13 +27,14 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def fusable(conv: nn.Module, bn: nn.Module) -> bool:
-    """Whether ``conv`` → ``bn`` can run fused (for some inputs): a pointwise tied conv with
-    B > 1 and a plain batch norm over its output channels that keeps running statistics."""
+    """Whether ``conv`` → ``bn`` can run fused (for some inputs): a tied conv with B > 1 that
+    tieify's kernel computes (pointwise, or 2-D with one group and zero padding) and a plain
+    batch norm over its output channels that keeps running statistics."""
     if not (isinstance(conv, _TiedConvNd) and isinstance(bn, _BATCH_NORMS)):
         return False
     return (
         conv.B > 1
-        and _paths._is_pointwise(conv)
+        and (_paths._is_pointwise(conv) or _paths._kernel_conv(conv))
         and type(bn) in _BATCH_NORMS  # not a subclass with a forward of its own
         and bn.num_features == conv.out_channels
         and bn.track_running_stats
@@ -73,8 +74,8 @@ def _fuses(x: torch.Tensor, conv: nn.Module, bn: nn.Module, residual: torch.Tens
     if residual is not None:
         if not (isinstance(residual, torch.Tensor) and residual.dtype == torch.float32):
             return False
-        # The output's shape (a strided conv subsamples), channels-last like the output.
-        out_shape = (x.shape[0], conv.out_channels, *_paths._subsample(conv, x).shape[2:])
+        # The output's shape, channels-last like the output.
+        out_shape = (x.shape[0], conv.out_channels, *_paths.output_size(conv, x))
         if tuple(residual.shape) != out_shape or not _paths.is_channels_last(residual):
             return False
     return bn.running_var is not None
@@ -122,18 +123,23 @@ def _fused(
     residual: torch.Tensor | None,
     relu: bool,
 ) -> torch.Tensor:
-    a, unfold = _paths.kernel_rows(conv, x)
-    bank, _ = _paths._cached(conv, "transposed", _paths._transpose_bank)
-    o = bank.shape[1]
     stats = [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
     if conv.bias is not None:
         stats.append(conv.bias)
     scale, shift = _paths.kept(
         bn, ("affine", id(conv), bn.eps), tuple(stats), lambda: _affine(conv, bn)
     )
-    res = None
-    if residual is not None:
-        res = _paths.channels_inner(residual).reshape(-1, o).contiguous()
+    res = None if residual is None else _paths.channels_inner(residual).contiguous()
+    if not _paths._is_pointwise(conv):  # the conv's bias is in the shift: none given here
+        epilogue = {"scale": scale, "shift": shift, "residual": res, "relu": relu}
+        pad = _paths._widen_padding(conv)
+        geometry = (conv.kernel_size, conv.stride, pad, conv.dilation)
+        bank, _ = _paths._cached(conv, "taps", _paths._tap_bank)
+        return _paths._run_conv_kernel(x, bank, None, conv.B, *geometry, **epilogue)
+    a, unfold = _paths.kernel_rows(conv, x)
+    bank, _ = _paths._cached(conv, "transposed", _paths._transpose_bank)
+    o = bank.shape[1]
+    res = None if res is None else res.view(-1, o)
     y = _kernel.pointwise(
         a, bank, None, a.new_empty(a.shape[0], o), scale=scale, shift=shift, residual=res, relu=relu
     )

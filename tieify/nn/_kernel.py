@@ -1,18 +1,21 @@
-"""tieify's compiled CPU kernel for pointwise tied layers (the ``"kernel"`` path).
+"""tieify's compiled CPU kernel for tied layers (the ``"kernel"`` path).
 
 A pointwise tied conv on a channels-last input is one ``(N·S·B, C_in/B) @ (C_in/B,
 C_out/B)`` matrix product with a huge first and two small other dimensions, a shape on which
 BLAS libraries run at a fraction of their speed (``benchmarks/pointwise_paths.py``). The
-kernel in ``_pointwise.cpp`` is written for that shape (register tiles along the rows, the
-thin bank in L1, non-temporal stores for large outputs), with an optional epilogue that
-applies a following batch norm's per-channel affine, a residual add and a ReLU before the
-store (:func:`tieify.fuse`).
+kernel in ``_kernel.cpp`` is written for that shape (register tiles along the rows, the
+thin bank in L1, non-temporal stores for large outputs). A k×k (2-D) tied conv is the same
+product with one stretch of rows per filter tap, read from a zero-padded copy of the input
+rows under the filter (:func:`conv2d`). Both take an optional epilogue that applies a
+following batch norm's per-channel affine, a residual add and a ReLU before the store
+(:func:`tieify.fuse`).
 
 It is built on first use with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++``,
 ``clang++``) for the machine's own instruction set (``-march=native``, OpenMP where the
-compiler has it) in well under a second, and kept under the tieify cache directory
-(``kernels/``), keyed by the source, the compiler and the CPU's flags, so a home directory
-shared by different machines never loads one machine's build on another. Where no compiler
+compiler has it), once (about 20 s on the 2-core machine measured), and kept under the
+tieify cache directory (``kernels/``), keyed by the source, the compiler and the CPU's
+flags, so a home directory shared by different machines never loads one machine's build on
+another. Where no compiler
 works, or ``TIEIFY_KERNEL=0`` is set, the path is simply not offered: the other paths run,
 and :func:`kernel_status` (and one warning, the first time a layer could have used it) says
 why.
@@ -30,13 +33,14 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["kernel_available", "kernel_status", "pointwise"]
+__all__ = ["conv2d", "kernel_available", "kernel_status", "pointwise"]
 
-SOURCE = Path(__file__).with_name("_pointwise.cpp")
-ABI = 2
+SOURCE = Path(__file__).with_name("_kernel.cpp")
+ABI = 3
 #: Outputs of at least this many bytes are written with non-temporal stores: larger than the
 #: per-core L2 of the CPUs measured, so the next layer would read them from memory anyway.
 STREAM_MIN_BYTES = 1 << 20
@@ -157,7 +161,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 def build_path(compiler: str) -> Path:
     """Where the build for ``compiler`` on this machine is cached."""
-    return _cache_dir() / f"pointwise-{_build_key(compiler)}.so"
+    return _cache_dir() / f"kernel-{_build_key(compiler)}.so"
 
 
 def _build(compiler: str, path: Path) -> tuple[Path, str]:
@@ -166,10 +170,10 @@ def _build(compiler: str, path: Path) -> tuple[Path, str]:
     or (path, "error: " + the compiler's error)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pointwise-", suffix=".so")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernel-", suffix=".so")
     except OSError:
         path = Path(tempfile.mkdtemp(prefix="tieify-kernel-")) / path.name
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pointwise-", suffix=".so")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernel-", suffix=".so")
     os.close(fd)
     flags, error = _compile(compiler, Path(tmp))
     if flags is None:
@@ -188,16 +192,14 @@ def _check(lib: ctypes.CDLL) -> str:
         return str(err)
     if abi != ABI:
         return f"ABI {abi}, expected {ABI}"
+    conv = lib.tieify_conv
+    conv.restype = None
+    conv.argtypes = [*[ctypes.c_void_p] * 4, ctypes.c_int64, *_EPILOGUE_TYPES]
     fn.restype = None
     fn.argtypes = [
         *[ctypes.c_void_p] * 3,
         *[ctypes.c_int64] * 3,
-        ctypes.c_void_p,
-        *[ctypes.c_int] * 2,
-        *[ctypes.c_void_p] * 2,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_int,
+        *_EPILOGUE_TYPES,
     ]
     if not _self_test(lib):
         return "it computed a wrong result in its self-test"
@@ -227,8 +229,46 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     return bool(
         torch.allclose(plain, expected, rtol=1e-4, atol=1e-4)
         and torch.allclose(fused, expected_fused, rtol=1e-4, atol=1e-4)
+        and _conv_self_test(lib, gen, stride=1, n_out=5)  # the pixel tiles (N <= 8, 3 wide)
+        and _conv_self_test(lib, gen, stride=2, n_out=9)  # the row tiles, phases, a padded bank
     )
 
+
+def _conv_self_test(lib: ctypes.CDLL, gen: torch.Generator, *, stride: int, n_out: int) -> bool:
+    """A 3×3 tied conv of 2 blocks of 3 channels (padding 1) on a 5×11 input, with a bias and
+    the whole epilogue, against the reference fold."""
+    B, k, (n, h, w) = 2, 3, (2, 5, 11)
+    x = torch.randn(n, B * k, h, w, generator=gen)
+    weight = torch.randn(n_out, k, 3, 3, generator=gen)
+    bias = torch.randn(n_out, generator=gen)
+    scale, shift = torch.randn(B, n_out, generator=gen), torch.randn(B, n_out, generator=gen)
+    y = torch.nn.functional.conv2d(x.reshape(n * B, k, h, w), weight, bias, stride, 1)
+    ho, wo = y.shape[2:]
+    y = y.reshape(n, B, n_out, ho, wo) * scale[:, :, None, None] + shift[:, :, None, None]
+    residual = torch.randn(n, ho, wo, B * n_out, generator=gen)
+    expected = torch.relu(y.reshape(n, B * n_out, ho, wo).permute(0, 2, 3, 1) + residual)
+    geometry = torch.tensor([n, h, w, B, k, 3, 3, stride, stride, 1, 1, 1, 1, ho, wo])
+    bt = weight.permute(2, 3, 1, 0).reshape(9 * k, n_out).contiguous()
+    got = torch.empty(n, ho, wo, B * n_out)
+    x = x.permute(0, 2, 3, 1).contiguous()
+    ptr = lambda t: t.data_ptr()  # noqa: E731
+    lib.tieify_conv(
+        ptr(x), ptr(geometry), ptr(bt), ptr(got), n_out,
+        ptr(bias), 2, 0, ptr(scale), ptr(shift), B, ptr(residual), 1,
+    )  # fmt: skip
+    return torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+#: The arguments both entry points end with: bias, threads, stream, scale, shift, blocks,
+#: residual, relu.
+_EPILOGUE_TYPES: tuple[Any, ...] = (
+    ctypes.c_void_p,
+    *[ctypes.c_int] * 2,
+    *[ctypes.c_void_p] * 2,
+    ctypes.c_int64,
+    ctypes.c_void_p,
+    ctypes.c_int,
+)
 
 #: The epilogue arguments that ask for none.
 _NO_EPILOGUE = (None, None, 0, None, 0)
@@ -293,15 +333,101 @@ def pointwise(
     applied while the product is in registers."""
     lib = _library()
     assert lib is not None
-    rows, k = a.shape
-    n = bt.shape[1]
-    blocks = 0 if scale is None else scale.shape[0]
     bias = None if bias is None else bias.contiguous()  # held here while the kernel runs
+    epilogue = _operands("pointwise", a, bt, 1, bias, out, scale, shift, residual, relu)
+    lib.tieify_pointwise(
+        a.data_ptr(), bt.data_ptr(), out.data_ptr(), a.shape[0], a.shape[1], bt.shape[1],
+        *epilogue,
+    )  # fmt: skip
+    return out
+
+
+def conv2d(
+    x: torch.Tensor,
+    bt: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    blocks: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+) -> torch.Tensor:
+    """The k×k tied convolution with zero padding: ``x`` (n, h, w, blocks·K) and ``out``
+    (n, ho, wo, blocks·N) dense float32 CPU (the channels-inner views of channels-last
+    tensors), ``bt`` (kh·kw·K, N) the bank with its taps outermost
+    (``weight.permute(2, 3, 1, 0).reshape(-1, N)``), ``bias`` (N,). Block ``b`` of every
+    output pixel is the bank applied to block ``b`` of the input pixels under the filter. The
+    epilogue as in :func:`pointwise`, ``residual`` laid out like ``out``."""
+    lib = _library()
+    assert lib is not None
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    n, h, w, channels = x.shape if x.dim() == 4 else (0, 0, 0, 0)
+    k = channels // blocks if blocks > 0 else 0
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1 if sh > 0 else 0
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1 if sw > 0 else 0
+    n_out = bt.shape[1] if bt.dim() == 2 else 0
+    sizes = (kh, kw, sh, sw, dh, dw)
+    if (
+        x.dim() != 4
+        or min((blocks, k, ho, wo, *sizes)) < 1
+        or min(ph, pw) < 0
+        or channels != blocks * k
+        or bt.shape != (kh * kw * k, n_out)
+        or out.shape != (n, ho, wo, blocks * n_out)
+        or (residual is not None and residual.shape != out.shape)
+        or not (x.is_contiguous() and out.is_contiguous())
+    ):
+        raise ValueError(
+            "tieify's convolution kernel takes dense x (n, h, w, blocks·K), bt (kh·kw·K, N) "
+            "and dense out (n, ho, wo, blocks·N) for the given kernel size, stride, padding and "
+            f"dilation, but got x {tuple(x.shape)}, bt {tuple(bt.shape)}, out "
+            f"{tuple(out.shape)} with blocks={blocks}, kernel_size={kernel_size}, "
+            f"stride={stride}, padding={padding}, dilation={dilation} (output {ho}×{wo}), "
+            f"dense: {x.is_contiguous()}, {out.is_contiguous()}."
+        )
+    rows = (x.view(-1, k), out.view(-1, n_out))
+    res = None if residual is None else residual.reshape(-1, n_out)
+    bias = None if bias is None else bias.contiguous()  # held here while the kernel runs
+    epilogue = _operands(
+        "convolution", rows[0], bt, kh * kw, bias, rows[1], scale, shift, res, relu
+    )
+    geometry = torch.tensor([n, h, w, blocks, k, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo])
+    lib.tieify_conv(x.data_ptr(), geometry.data_ptr(), bt.data_ptr(), out.data_ptr(), n_out,
+                    *epilogue)  # fmt: skip
+    return out
+
+
+def _operands(
+    kind: str,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    taps: int,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    relu: bool,
+) -> tuple[Any, ...]:
+    """Check the operands as rows ``a`` (R, K) (any number of rows, for a convolution),
+    ``bt`` (taps·K, N), ``out`` (R, N) and the
+    epilogue's, and return the arguments both entry points end with (bias, threads, stream,
+    scale, shift, blocks, residual, relu). The kernel reads raw memory: a wrong layout would
+    read past the tensors, so anything else is refused."""
+    k, rows, n = a.shape[1], out.shape[0], bt.shape[1]
+    blocks = 0 if scale is None else scale.shape[0]
     given = {"bias": bias, "scale": scale, "shift": shift, "residual": residual}
     tensors = (a, bt, out, *(t for t in given.values() if t is not None))
     if (
-        bt.shape[0] != k
+        bt.shape[0] != taps * k
         or out.shape != (rows, n)
+        or (kind == "pointwise" and a.shape[0] != rows)
         or (bias is not None and bias.shape != (n,))
         or (scale is None) != (shift is None)
         or any(t is not None and t.shape != (blocks, n) for t in (scale, shift))
@@ -309,10 +435,10 @@ def pointwise(
         or (residual is not None and (residual.shape != (rows, n) or _overlaps(residual, out)))
         or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
         or not all(t.is_contiguous() for t in tensors)
-    ):  # the kernel reads raw memory: a wrong layout would read past the tensors
+    ):
         shapes = {name: None if t is None else tuple(t.shape) for name, t in given.items()}
         raise ValueError(
-            "tieify's pointwise kernel takes dense float32 CPU tensors a (R, K), bt (K, N), "
+            f"tieify's {kind} kernel takes dense float32 CPU tensors a (R, K), bt (K, N), "
             "out (R, N), bias (N,), scale and shift (blocks, N) with R a multiple of blocks, "
             f"and residual (R, N) apart from out, but got a {tuple(a.shape)}, bt "
             f"{tuple(bt.shape)}, out {tuple(out.shape)}, {shapes}, dtypes "
@@ -321,23 +447,8 @@ def pointwise(
         )
     stream = int(out.numel() * out.element_size() >= STREAM_MIN_BYTES)
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    lib.tieify_pointwise(
-        a.data_ptr(),
-        bt.data_ptr(),
-        out.data_ptr(),
-        rows,
-        k,
-        n,
-        ptr(bias),
-        torch.get_num_threads(),
-        stream,
-        ptr(scale),
-        ptr(shift),
-        blocks,
-        ptr(residual),
-        int(relu),
-    )
-    return out
+    threads = torch.get_num_threads()
+    return (ptr(bias), threads, stream, ptr(scale), ptr(shift), blocks, ptr(residual), int(relu))
 
 
 def _overlaps(t: torch.Tensor, u: torch.Tensor) -> bool:

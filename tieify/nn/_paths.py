@@ -28,9 +28,12 @@ differ only in how the work is laid out for the kernels underneath:
 - ``"kernel"``: 1×1 convolution on a channels-last float32 CPU input: the same matrix
   product as ``gemm``, run by tieify's own compiled kernel (:mod:`tieify.nn._kernel`, built
   on first use with the machine's C++ compiler), written for its shape (millions of rows,
-  a thin bank of 8-512 columns), on which BLAS libraries run far below their speed. Offered
-  only where the kernel could be built; in eager calls and in ``torch.compile`` graphs (as
-  the ``tieify::pointwise`` operator), not in ``torch.export``/ONNX graphs, which must run
+  a thin bank of 8-512 columns), on which BLAS libraries run far below their speed; and 2-D
+  k×k convolution (one group, zero padding, any stride and dilation) on such an input, the
+  same product with one stretch of input rows per filter tap, read in place of an im2col
+  from a zero-padded copy of the rows under the filter. Offered only where the kernel could
+  be built; in eager calls and in ``torch.compile`` graphs (as the ``tieify::pointwise`` and
+  ``tieify::conv2d`` operators), not in ``torch.export``/ONNX graphs, which must run
   without it.
 - ``"native"``: the reference fold on a contiguous (NCHW) 2-D input, run by PyTorch's native
   CPU convolution (``thnn_conv2d``: per sample, an im2col that 1×1 layers skip and one
@@ -104,6 +107,16 @@ KERNEL_MIN_PIXELS = 1024
 #: read the whole bank for every six rows, and from 128×512 entries on (256 KiB) the BLAS
 #: paths were faster in the same benchmark.
 KERNEL_MAX_BANK = 32768
+
+#: Narrowest output (its last spatial size) on which a 2-D k×k layer on a channels-last CPU
+#: input runs tieify's ``kernel`` by default (where it is built, on CPUs without AVX-512);
+#: narrower ones run ``widen``. Measured side by side (ResNet-50's four 3×3 shapes, B ∈ {2,
+#: 4, 8}, 2 threads, AVX2 EPYC): kernel / widen time 0.85-0.98 at batch 1 and 0.95-1.07 at
+#: batch 8 on 56- and 28-wide maps; 0.99-1.04 and 1.05-1.11 on 14-wide ones, and 0.82-1.11
+#: and 1.21-1.34 on 7-wide ones (where a row of the output fills its register tiles badly).
+#: Beside the speed, the kernel applies a following batch norm, residual add and ReLU in its
+#: epilogue (:func:`tieify.fuse`), 15-29% faster than widen and the separate operators there.
+KERNEL_CONV_MIN_WIDTH = 28
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 #: PyTorch's native (non-oneDNN) CPU 2-D convolution, with autograd; see ``"native"`` above.
@@ -368,13 +381,25 @@ def _kernel_ready() -> bool:
     return False
 
 
+def _kernel_conv(layer: _TiedConvNd) -> bool:
+    """A layer tieify's convolution kernel computes: 2-D, one group, zero padding given as
+    numbers per side (or 'same' where it is symmetric)."""
+    return (
+        layer._ndim == 2
+        and layer.groups == 1
+        and layer.padding_mode == "zeros"
+        and _widen_padding(layer) is not None
+    )
+
+
 def _kernel_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
-    """Pointwise, a channels-last float32 CPU input and bank, a plain eager call (as for
-    ``native``) or a ``torch.compile`` graph (:func:`_compiling`), and a kernel that could be
-    built on this machine."""
+    """Pointwise or a 2-D convolution the kernel computes (:func:`_kernel_conv`), a
+    channels-last float32 CPU input and bank, a plain eager call (as for ``native``) or a
+    ``torch.compile`` graph (:func:`_compiling`), and a kernel that could be built on this
+    machine."""
     params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
     return (
-        _is_pointwise(layer)
+        (_is_pointwise(layer) or _kernel_conv(layer))
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
@@ -417,12 +442,132 @@ def _pointwise_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | No
 pointwise_op.register_autograd(_pointwise_backward, setup_context=_pointwise_save)
 
 
+@torch.library.custom_op("tieify::conv2d", mutates_args=(), device_types="cpu")
+def conv2d_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    blocks: int,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> torch.Tensor:
+    """The 2-D tied conv of ``x`` (N, C, H, W) by tieify's kernel, as an operator (see
+    :func:`pointwise_op`); the output is channels-last, as the input is."""
+    bank = _tap_bank(weight, None, blocks)[0]
+    return _run_conv_kernel(x, bank, bias, blocks, weight.shape[2:], stride, padding, dilation)
+
+
+def _conv_output(
+    x: torch.Tensor,
+    out_channels: int,
+    kernel_size: Any,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+) -> torch.Tensor:
+    """An empty channels-last output of the conv of ``x``, shaped (N, O, Ho, Wo)."""
+    size = [
+        (x.shape[2 + d] + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) // stride[d] + 1
+        for d in range(2)
+    ]
+    return x.new_empty(x.shape[0], *size, out_channels).permute(0, 3, 1, 2)
+
+
+@conv2d_op.register_fake
+def _conv2d_shape(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    blocks: int,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> torch.Tensor:
+    o = weight.shape[0] * blocks
+    return _conv_output(x, o, weight.shape[2:], stride, padding, dilation)
+
+
+def _conv2d_save(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, weight, bias, blocks, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conv = (bias is not None, blocks, stride, padding, dilation)
+
+
+def _conv2d_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The reference's gradients: the fold's convolution backward."""
+    x, weight = ctx.saved_tensors
+    has_bias, B, stride, padding, dilation = ctx.conv
+    n, o = x.shape[0], weight.shape[0]
+    xf = x.reshape(n * B, x.shape[1] // B, *x.shape[2:])
+    gf = grad.reshape(n * B, o, *grad.shape[2:])
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        gf, xf, weight, [o] if has_bias else None, stride, padding, dilation, False, [0, 0], 1,
+        mask,
+    )  # fmt: skip
+    gx = None if gx is None else gx.reshape(x.shape)
+    return gx, gw, gb, None, None, None, None
+
+
+conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_save)
+
+
+def _run_conv_kernel(
+    x: torch.Tensor,
+    bank: torch.Tensor,
+    bias: torch.Tensor | None,
+    blocks: int,
+    kernel_size: Any,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    **epilogue: Any,
+) -> torch.Tensor:
+    """The kernel's conv of the channels-last ``x`` (N, C, H, W) with the tap bank: a new
+    channels-last (N, O, Ho, Wo) output."""
+    out = _conv_output(x, bank.shape[1] * blocks, kernel_size, stride, padding, dilation)
+    _kernel.conv2d(
+        channels_inner(x).contiguous(),  # a view of a channels-last input
+        bank,
+        bias,
+        channels_inner(out),
+        blocks=blocks,
+        kernel_size=tuple(kernel_size),
+        stride=tuple(stride),
+        padding=tuple(padding),
+        dilation=tuple(dilation),
+        **epilogue,
+    )
+    return out
+
+
+def kernel_conv_forward(layer: _TiedConvNd, x: torch.Tensor, **epilogue: Any) -> torch.Tensor:
+    """A 2-D k×k tied conv on a channels-last input by tieify's kernel (:func:`_kernel_conv`
+    layers): eager calls that record no gradient call it directly with the kept tap bank
+    (and, from :func:`tieify.nn._fused.conv_bn_act`, an epilogue); the others go through the
+    ``tieify::conv2d`` operator."""
+    pad = _widen_padding(layer)
+    assert pad is not None  # guaranteed by _kernel_conv
+    params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
+    if _traced() or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))):
+        assert not epilogue
+        args = (list(layer.stride), list(pad), list(layer.dilation))
+        return conv2d_op(x, layer.weight, layer.bias, layer.B, *args)
+    bank, bias = _cached(layer, "taps", _tap_bank)
+    geometry = (layer.kernel_size, layer.stride, pad, layer.dilation)
+    return _run_conv_kernel(x, bank, bias, layer.B, *geometry, **epilogue)
+
+
 def kernel_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
-    """1×1 tied conv on a channels-last input by tieify's compiled kernel (see the module
-    doc): the ``gemm`` path's zero-copy ``(N·S·B, C/B)`` view, another matrix multiply. An
-    eager call that records no gradient calls the kernel directly (the operator's dispatch
-    costs a few µs, as much as a small layer's product); the others go through the
-    ``tieify::pointwise`` operator."""
+    """A tied conv on a channels-last input by tieify's compiled kernel (see the module doc).
+    A pointwise layer is the ``gemm`` path's zero-copy ``(N·S·B, C/B)`` view, another matrix
+    multiply; others are convolutions (:func:`kernel_conv_forward`). An eager call that
+    records no gradient calls the kernel directly (the operator's dispatch costs a few µs, as
+    much as a small layer's product); the others go through the ``tieify::pointwise``
+    operator."""
+    if not _is_pointwise(layer):
+        return kernel_conv_forward(layer, x)
     a, unfold = kernel_rows(layer, x)
     bank, bias = _cached(layer, "transposed", _transpose_bank)
     params = (bank,) if bias is None else (bank, bias)
@@ -513,6 +658,11 @@ def _repeat_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Ba
 
 def _transpose_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
     return weight.reshape(weight.shape[0], -1).t().contiguous(), bias
+
+
+def _tap_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
+    """The bank as the convolution kernel reads it: (kh·kw·C/B, O/B), taps outermost."""
+    return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous(), bias
 
 
 def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
@@ -615,9 +765,34 @@ def _kernel_by_default(layer: _TiedConvNd, x: torch.Tensor) -> bool:
     )
 
 
+def output_size(layer: _TiedConvNd, x: torch.Tensor) -> tuple[int, ...]:
+    """The spatial size of ``layer``'s output on ``x`` (numeric padding; 'same' keeps it,
+    'valid' is none)."""
+    if layer.padding == "same":
+        return tuple(x.shape[2:])
+    pad = _widen_padding(layer)
+    assert pad is not None  # None only for an asymmetric 'same'
+    return tuple(
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip(
+            x.shape[2:], pad, layer.dilation, layer.kernel_size, layer.stride, strict=True
+        )
+    )
+
+
+def _kernel_conv_by_default(layer: _TiedConvNd, x: torch.Tensor) -> bool:
+    """Whether a k×k layer whose input the ``kernel`` takes runs it by default: a CPU without
+    AVX-512 (the only kind measured) and an output at least :data:`KERNEL_CONV_MIN_WIDTH`
+    wide (a static test: the batch does not enter)."""
+    width = output_size(layer, x)[-1]
+    return not _CPU_HAS_AVX512 and statically_known_true(width >= KERNEL_CONV_MIN_WIDTH)
+
+
 def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     """The cheap rule: the zero-copy path for the input's layout, else the reference fold.
 
+    k×k layers on a channels-last input run tieify's ``kernel`` where it applies and the
+    output is at least :data:`KERNEL_CONV_MIN_WIDTH` wide (:func:`_kernel_conv_by_default`).
     Pointwise layers on an input that is channels-last and NCHW at once (pooled to 1×1) run
     ``native`` while the layer's larger side is small (:func:`_small_pointwise`). Pointwise
     layers on a channels-last input run tieify's ``kernel`` on a CPU without
@@ -638,6 +813,8 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
         return "kernel"
     if "gemm" in paths:
         return "widen" if "widen" in paths and _widen_pointwise(x) else "gemm"
+    if "kernel" in paths and _kernel_conv_by_default(layer, x):
+        return "kernel"
     if "widen" in paths and x.device.type == "cpu":
         return "widen"
     if "lift" in paths:

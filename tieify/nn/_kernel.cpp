@@ -1,0 +1,529 @@
+// tieify's CPU kernel for tied layers on channels-last float32 inputs: the pointwise product
+// C = A · Bt (+ bias) and the k×k (2-D) convolution with the shared bank, each with an
+// optional epilogue for inference: C = act(C · scale[b] + shift[b] (+ residual)), b the block.
+//
+// Pointwise: A is the (R, K) row-major matrix of every block of every pixel (R = N·H·W·B rows
+// of K = C_in/B channels: a channels-last input, as is), Bt the (K, N) row-major transposed
+// filter bank, C the (R, N) row-major output (channels-last again). K and N are small (the
+// thin bank: 8-512) and R is huge, a shape BLAS libraries run far below their peak (their
+// kernels are built for large K and N). Each register tile holds MR rows × 8·NV columns of C,
+// a K-long loop broadcasts A and streams Bt from L1 (A prefetched ahead), and C is written
+// once. Where N is not a multiple of 8 (MobileNet's 12 or 20 channels a block), the bank is
+// copied with its columns padded to one, and the last tile stores only its real columns.
+//
+// k×k: the same tiles with one stretch of rows per filter tap, read from a zero-padded copy
+// of the input rows under the filter (see run_conv), and, for thin banks of 3-wide filters,
+// tiles of pixels that reuse each input value for the three taps of its filter row
+// (pixel_tile). Rows of C are (output pixel, block) pairs, so C is again channels-last.
+//
+// The epilogue applies a following batch norm's per-channel affine (which differs per block,
+// so it cannot be folded into the shared bank), a residual add and a ReLU while the tile is
+// still in registers, saving the three memory-bound passes over the output that the separate
+// operators make. Large outputs are written with non-temporal stores, which skip reading the
+// output's cache lines from memory before overwriting them (on the AVX2 EPYC measured:
+// stream / regular time 0.94-1.05 on ResNet-50's pointwise shapes on a quiet host; in one
+// earlier run under load, not side by side, 1.2-1.8x faster on the 56x56 and 28x28 layers).
+//
+// Built by tieify/nn/_kernel.py with the machine's C++ compiler (-O3 -march=native, OpenMP
+// where the compiler has it); GCC/Clang vector extensions, no intrinsics but the stream.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+
+// Rows are read PREFETCH_TILES tiles ahead of the arithmetic: the hardware prefetcher alone
+// left the kernel at half its speed on inputs larger than the cache (one 6-row tile reads 6
+// rows at once, a stride it does not follow far enough ahead). 4 was the best of 1, 2, 4, 8
+// on ResNet-50's pointwise shapes at batch 8 (AVX2 EPYC): 1.1-1.8x faster than none.
+constexpr int PREFETCH_TILES = 4;
+
+inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// The first `n` (< 8) floats at p, zeros after them: never reads past them.
+inline v8 load_part(const float* p, int n) {
+  v8 v = {};
+  std::memcpy(&v, p, sizeof(float) * n);
+  return v;
+}
+
+template <bool STREAM>
+inline void store8(float* p, v8 v) {
+#if defined(__AVX__)
+  if (STREAM) {
+    _mm256_stream_ps(p, (__m256)v);
+    return;
+  }
+#endif
+  std::memcpy(p, &v, sizeof v);
+}
+
+// The operands: Bt with ldb columns (N rounded up to 8 where N is not a multiple of it), bias
+// (ldb) or null, and the epilogue: per-block scale and shift ((blocks, ldb) row-major, both or
+// neither), a residual (R, N) laid out like C, and a ReLU. Row r of C is block r % blocks.
+struct Operands {
+  const float* bt;
+  int64_t ldb;
+  const float* bias;
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  int64_t blocks = 1;
+  const float* residual = nullptr;
+  bool relu = false;
+};
+
+// The epilogue's steps, as template flags.
+constexpr int SCALE = 1, RESIDUAL = 2, RELU = 4;
+
+// A tile's end: the epilogue where EPI, then the store of acc[i] to c + i·ldc (width columns,
+// from n0). Row i of the tile is row row0 + i·step of C (its residual row), of block
+// (b0 + i·step) % blocks: step 1 for a tile of consecutive rows, blocks for a tile of
+// consecutive pixels of one block.
+template <int MR, int NV, bool STREAM, int EPI>
+inline void finish(v8 (&acc)[MR][NV], const Operands& op, float* __restrict c, int64_t ldc,
+                   int64_t row0, int64_t b0, int64_t step, int64_t n0, int width) {
+  const bool part = width < 8 * NV;
+  if (EPI) {
+    const int64_t N = step == 1 ? ldc : ldc / step;  // the residual's row length, like C's
+    int64_t block = b0;
+    for (int i = 0; i < MR; ++i) {
+      if (EPI & SCALE) {
+        const int64_t at = block * op.ldb + n0;
+        for (int j = 0; j < NV; ++j)
+          acc[i][j] = acc[i][j] * load8(op.scale + at + 8 * j) + load8(op.shift + at + 8 * j);
+        if (step == 1) block = block + 1 == op.blocks ? 0 : block + 1;
+      }
+      if (EPI & RESIDUAL) {
+        const float* res = op.residual + (row0 + i * step) * N + n0;
+        for (int j = 0; j < NV; ++j) acc[i][j] += part ? load_part(res, width) : load8(res + 8 * j);
+      }
+      if (EPI & RELU)  // NaN stays NaN, as torch.relu keeps it
+        for (int j = 0; j < NV; ++j) acc[i][j] = acc[i][j] < v8{} ? v8{} : acc[i][j];
+    }
+  }
+  if (part) {
+    for (int i = 0; i < MR; ++i) std::memcpy(c + i * ldc, &acc[i][0], sizeof(float) * width);
+    return;
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) store8<STREAM>(c + i * ldc + 8 * j, acc[i][j]);
+}
+
+// The rows a tile reads: `taps` row pointers (one per tap of a k×k filter, one for a pointwise
+// product), each the tile's first row in a matrix of row stride `lda`, read K floats a row. Tap
+// t is multiplied by rows [t·K, (t+1)·K) of Bt.
+struct Rows {
+  const float* const* taps;
+  int ntaps;
+  int64_t K;
+  int64_t lda;
+};
+
+// C[0:MR, n0:n0+width] = Σ_t A_t[0:MR, :] · Bt_t[:, n0:n0+width] (+ bias), then the epilogue
+// when EPI. width is 8·NV but for the last tile of a padded bank (then NV = 1, width < 8, and
+// only `width` columns of C and of the residual are touched). row0: the tile's first row of C,
+// b0 its block (row0 % blocks, computed once per row block: a division costs as much as a row
+// of a thin bank's arithmetic). PREFETCH: the rows stream from memory (the pointwise product);
+// a k×k filter reads them from a copy in cache.
+template <int MR, int NV, bool STREAM, int EPI, bool PREFETCH>
+inline void tile(const Rows& a, const Operands& op, float* __restrict c, int64_t ldc,
+                 int64_t row0, int64_t b0, int64_t n0, int width) {
+  const int64_t ldb = op.ldb, K = a.K, lda = a.lda, lda4 = 4 * a.lda;
+  v8 acc[MR][NV];
+  for (int j = 0; j < NV; ++j) {
+    const v8 b0 = op.bias ? load8(op.bias + n0 + 8 * j) : v8{};
+    for (int i = 0; i < MR; ++i) acc[i][j] = b0;
+  }
+  for (int t = 0; t < a.ntaps; ++t) {
+    const float* __restrict at = a.taps[t];
+    const float* __restrict bt = op.bt + t * K * ldb + n0;
+    const float* __restrict at1 = at + lda;
+    const float* __restrict at2 = at + 2 * lda;
+    const float* __restrict at3 = at + 3 * lda;
+    for (int64_t k = 0; k < K; ++k) {
+      if (PREFETCH && (k & 15) == 0)  // each row's next cache line, PREFETCH_TILES tiles ahead
+        for (int i = 0; i < MR; ++i) __builtin_prefetch(at + (PREFETCH_TILES * MR + i) * lda + k);
+      v8 b[NV];
+      for (int j = 0; j < NV; ++j) b[j] = load8(bt + k * ldb + 8 * j);
+#pragma GCC unroll 16  // the accumulators live in registers only when these loops are unrolled
+      for (int i = 0; i < MR; ++i) {
+        // Rows i, i + 4, i + 8 from one of four pointers and two strides (4 and 8 rows), which
+        // x86 addressing adds for free: twelve row offsets would not fit in its registers
+        // (spilled, reloaded on every step, they cost a third of the speed).
+        const float* row = i % 4 == 0 ? at : i % 4 == 1 ? at1 : i % 4 == 2 ? at2 : at3;
+        const float s = row[(i / 4) * lda4 + k];
+        const v8 av = {s, s, s, s, s, s, s, s};
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) acc[i][j] += av * b[j];
+      }
+    }
+  }
+  finish<MR, NV, STREAM, EPI>(acc, op, c, ldc, row0, b0, 1, n0, width);
+}
+
+// All N columns of MR rows of C (c: their first row, row0 its index): tiles of 16, then 8,
+// then the padded last one; MR = 12 only where N <= 8 (one column of registers: twelve
+// accumulators, where six would leave the two FMA units waiting on each other's results).
+template <int MR, bool STREAM, int EPI, bool PREFETCH>
+inline void row_block(const Rows& a, const Operands& op, float* c, int64_t N, int64_t row0) {
+  const int64_t b0 = (EPI & SCALE) && op.blocks > 1 ? row0 % op.blocks : 0;
+  int64_t n0 = 0;
+  if constexpr (MR <= 6)
+    for (; n0 + 16 <= N; n0 += 16)
+      tile<MR, 2, STREAM, EPI, PREFETCH>(a, op, c + n0, N, row0, b0, n0, 16);
+  for (; n0 + 8 <= N; n0 += 8)
+    tile<MR, 1, STREAM, EPI, PREFETCH>(a, op, c + n0, N, row0, b0, n0, 8);
+  if (n0 < N)
+    tile<MR, 1, false, EPI, PREFETCH>(a, op, c + n0, N, row0, b0, n0, static_cast<int>(N - n0));
+}
+
+// Output pixels x0 .. x0 + P - 1 of one block in one image row, for a filter 3 wide with
+// stride and dilation 1 along the row and N <= 8 (one vector of columns): each input value is
+// broadcast once and multiplied by the three taps of its filter row into the three outputs it
+// reaches (P + 2 broadcasts for 3·P multiply-adds, where a tile of rows spends one a
+// multiply-add: the loads, not the arithmetic, were its limit). lines: the kh padded input
+// rows; a: the offset in them of pixel x0 of the block; pixel: floats per pixel (blocks·K).
+template <int P, bool STREAM, int EPI>
+inline void pixel_tile(const float* const* lines, int64_t kh, int64_t offset, int64_t K,
+                       int64_t pixel, const Operands& op, float* __restrict c, int64_t ldc,
+                       int64_t row0, int64_t block, int width) {
+  const int64_t ldb = op.ldb;
+  v8 acc[P][1];
+  const v8 bias = op.bias ? load8(op.bias) : v8{};
+  for (int q = 0; q < P; ++q) acc[q][0] = bias;
+  for (int64_t i = 0; i < kh; ++i) {
+    const float* __restrict a0 = lines[i] + offset;
+    const float* __restrict a1 = a0 + pixel;
+    const float* __restrict a2 = a0 + 2 * pixel;
+    const float* __restrict a3 = a0 + 3 * pixel;
+    const int64_t p4 = 4 * pixel;
+    const float* __restrict bt = op.bt + 3 * i * K * ldb;
+    for (int64_t k = 0; k < K; ++k) {
+      const v8 w0 = load8(bt + k * ldb), w1 = load8(bt + (K + k) * ldb);
+      const v8 w2 = load8(bt + (2 * K + k) * ldb);
+#pragma GCC unroll 16
+      for (int p = 0; p < P + 2; ++p) {
+        const float* pix = p % 4 == 0 ? a0 : p % 4 == 1 ? a1 : p % 4 == 2 ? a2 : a3;
+        const float s = pix[(p / 4) * p4 + k];  // the four-pointer addressing of tile()
+        const v8 v = {s, s, s, s, s, s, s, s};
+        if (p < P) acc[p][0] += v * w0;
+        if (p >= 1 && p - 1 < P) acc[p - 1][0] += v * w1;
+        if (p >= 2) acc[p - 2][0] += v * w2;
+      }
+    }
+  }
+  finish<P, 1, STREAM, EPI>(acc, op, c, ldc, row0, block, op.blocks, 0, width);
+}
+
+// The pointwise product: C (R×N) = A (R×K) · Bt.
+template <int MR, bool STREAM, int EPI>
+void run(const float* A, float* C, int64_t R, int64_t K, int64_t N, const Operands& op,
+         int threads) {
+  const int64_t blocks = R / MR;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < blocks; ++t) {
+      const float* at = A + t * MR * K;
+      row_block<MR, STREAM, EPI, true>(Rows{&at, 1, K, K}, op, C + t * MR * N, N, t * MR);
+    }
+#if defined(__AVX__)
+    if (STREAM) _mm_sfence();  // streamed stores visible before the threads join
+#endif
+  }
+  for (int64_t r = blocks * MR; r < R; ++r) {
+    const float* at = A + r * K;
+    row_block<1, false, EPI, false>(Rows{&at, 1, K, K}, op, C + r * N, N, r);
+  }
+}
+
+// f(x) for tile starts x covering [0, n) with tiles of h (h <= n): 0, h, 2h, ..., then one that
+// ends at n, overlapping the one before (recomputing a few rows costs less than running
+// narrower tiles, whose accumulators wait on each other).
+template <class F>
+inline void cover(int64_t n, int64_t h, F&& f) {
+  int64_t x = 0;
+  for (; x + h <= n; x += h) f(x);
+  if (x < n) f(n - h);
+}
+
+// A k×k (2-D) convolution of a channels-last input X (n, h, w, blocks·K) with the shared bank,
+// into the channels-last output C (n, ho, wo, blocks·N): the same tiles, with one tap per filter
+// position. Rows of C are (output pixel, block) pairs; within one output image row, row
+// x·blocks + b reads, for tap (i, j), the input pixel (y·sh - ph + i·dh, x·sw - pw + j·dw),
+// block b. Each thread copies the input image rows it needs into a small buffer (each row
+// once, kept while it is needed), zero-padded at both ends and split into sw phases (columns
+// ≡ φ mod sw): in it the rows of a tap are again a matrix of row stride K, for every stride,
+// and the padding needs no test. A tap whose input row is padding reads a row of zeros.
+struct Conv {
+  int64_t n, h, w, blocks, K;  // the input: (n, h, w, blocks·K)
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+  int64_t ho, wo;
+};
+
+class InputRows {
+ public:
+  explicit InputRows(const Conv& cv, const float* X)
+      : cv_(cv), X_(X), slots_((cv.kh - 1) * cv.dh + 1) {
+    const int64_t cols = (cv.wo - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;  // padded columns read
+    phase_cols_ = (cols + cv.sw - 1) / cv.sw;
+    pixel_ = cv.blocks * cv.K;
+    row_ = cv.sw * phase_cols_ * pixel_;
+    buf_.assign(slots_ * row_, 0.f);
+    zeros_.assign(row_, 0.f);
+    tag_.assign(slots_, -1);
+  }
+  // Input row iy of image img, padded and split into phases (zeros outside the image).
+  const float* row(int64_t img, int64_t iy) {
+    if (iy < 0 || iy >= cv_.h) return zeros_.data();
+    const int64_t tag = img * cv_.h + iy;
+    const int64_t slot = iy % slots_;
+    float* dst = &buf_[slot * row_];
+    if (tag_[slot] != tag) {
+      tag_[slot] = tag;
+      const float* src = X_ + tag * cv_.w * pixel_;
+      if (cv_.sw == 1) {  // one phase: zeros, the row, zeros
+        const int64_t lo = std::min(cv_.pw, phase_cols_);
+        const int64_t hi = std::max(lo, std::min(phase_cols_, cv_.pw + cv_.w));
+        std::memset(dst, 0, sizeof(float) * lo * pixel_);
+        std::memcpy(dst + lo * pixel_, src + (lo - cv_.pw) * pixel_,
+                    sizeof(float) * (hi - lo) * pixel_);
+        std::memset(dst + hi * pixel_, 0, sizeof(float) * (phase_cols_ - hi) * pixel_);
+        return dst;
+      }
+      for (int64_t p = 0; p < cv_.sw; ++p) {
+        float* ph = dst + p * phase_cols_ * pixel_;
+        for (int64_t q = 0; q < phase_cols_; ++q) {
+          const int64_t ix = q * cv_.sw + p - cv_.pw;
+          if (ix >= 0 && ix < cv_.w)
+            std::memcpy(ph + q * pixel_, src + ix * pixel_, sizeof(float) * pixel_);
+          else
+            std::memset(ph + q * pixel_, 0, sizeof(float) * pixel_);
+        }
+      }
+    }
+    return dst;
+  }
+  // Where tap column j starts in a padded row: its phase, then its first pixel in it.
+  int64_t column(int64_t j) const {
+    const int64_t at = j * cv_.dw;
+    return (at % cv_.sw) * phase_cols_ * pixel_ + (at / cv_.sw) * pixel_;
+  }
+
+ private:
+  const Conv& cv_;
+  const float* X_;
+  int64_t slots_, phase_cols_ = 0, pixel_ = 0, row_ = 0;
+  std::vector<float> buf_, zeros_;
+  std::vector<int64_t> tag_;
+};
+
+template <int MR, bool STREAM, int EPI>
+void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operands& op,
+              int threads) {
+  const int64_t image_rows = cv.n * cv.ho, rows = cv.wo * cv.blocks, T = cv.kh * cv.kw;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    InputRows input(cv, X);
+    std::vector<const float*> line(cv.kh), taps(T);
+    std::vector<int64_t> column(cv.kw);
+    for (int64_t j = 0; j < cv.kw; ++j) column[j] = input.column(j);
+    const int64_t pixel = cv.blocks * cv.K, ldc = cv.blocks * N;
+    const bool pixels = N <= 8 && cv.kw == 3 && cv.sw == 1 && cv.dw == 1;
+#pragma omp for schedule(static)
+    for (int64_t yr = 0; yr < image_rows; ++yr) {
+      const int64_t img = yr / cv.ho, y = yr % cv.ho;
+      for (int64_t i = 0; i < cv.kh; ++i) line[i] = input.row(img, y * cv.sh - cv.ph + i * cv.dh);
+      const int64_t first = yr * rows;  // this image row's first row of C
+      if (pixels) {
+        for (int64_t b = 0; b < cv.blocks; ++b) {
+          const auto pixels_from = [&](auto p, int64_t x) {  // pixel_tile<p> on pixels from x
+            constexpr int P = decltype(p)::value;
+            const int64_t row = first + x * cv.blocks + b;
+            const int64_t off = x * pixel + b * cv.K;
+            if (STREAM && N == 8 && P > 1)
+              pixel_tile<P, true, EPI>(line.data(), cv.kh, off, cv.K, pixel, op, C + row * N, ldc,
+                                       row, b, static_cast<int>(N));
+            else
+              pixel_tile<P, false, EPI>(line.data(), cv.kh, off, cv.K, pixel, op, C + row * N,
+                                        ldc, row, b, static_cast<int>(N));
+          };
+          if (cv.wo >= 10)
+            cover(cv.wo, 10, [&](int64_t x) { pixels_from(std::integral_constant<int, 10>{}, x); });
+          else if (cv.wo >= 4)
+            cover(cv.wo, 4, [&](int64_t x) { pixels_from(std::integral_constant<int, 4>{}, x); });
+          else
+            cover(cv.wo, 1, [&](int64_t x) { pixels_from(std::integral_constant<int, 1>{}, x); });
+        }
+        continue;
+      }
+      // Rows of the image row, one panel of columns at a time (the panel's part of the bank
+      // is read by every tile: for a large bank, one panel stays in cache where all would not).
+      const auto rows_from = [&](auto mr, int64_t r, auto nv, bool stream, int64_t n0, int width) {
+        constexpr int H = decltype(mr)::value, NV = decltype(nv)::value;
+        for (int64_t i = 0; i < cv.kh; ++i)
+          for (int64_t j = 0; j < cv.kw; ++j) taps[i * cv.kw + j] = line[i] + column[j] + r * cv.K;
+        const Rows a{taps.data(), static_cast<int>(T), cv.K, cv.K};
+        const int64_t row = first + r, b0 = (EPI & SCALE) ? r % cv.blocks : 0;
+        if (STREAM && stream)
+          tile<H, NV, true, EPI, false>(a, op, C + row * N + n0, N, row, b0, n0, width);
+        else
+          tile<H, NV, false, EPI, false>(a, op, C + row * N + n0, N, row, b0, n0, width);
+      };
+      const auto panel = [&](auto nv, bool stream, int64_t n0, int width) {
+        if (rows >= MR)
+          cover(rows, MR, [&](int64_t r) {
+            rows_from(std::integral_constant<int, MR>{}, r, nv, stream, n0, width);
+          });
+        else
+          cover(rows, 1, [&](int64_t r) {
+            rows_from(std::integral_constant<int, 1>{}, r, nv, stream, n0, width);
+          });
+      };
+      int64_t n0 = 0;
+      if constexpr (MR <= 6)
+        for (; n0 + 16 <= N; n0 += 16) panel(std::integral_constant<int, 2>{}, true, n0, 16);
+      for (; n0 + 8 <= N; n0 += 8) panel(std::integral_constant<int, 1>{}, true, n0, 8);
+      if (n0 < N) panel(std::integral_constant<int, 1>{}, false, n0, static_cast<int>(N - n0));
+    }
+#if defined(__AVX__)
+    if (STREAM) _mm_sfence();
+#endif
+  }
+}
+
+// Either product, with the epilogue's flags and the tile height fixed at compile time (the
+// flags known there keep the tile's accumulators in registers; with run-time tests the ReLU
+// alone cost 1.8x on a K = 8 bank). conv: null for the pointwise product.
+template <bool STREAM, int EPI>
+void with_height(const Conv* conv, const float* A, float* C, int64_t R, int64_t K, int64_t N,
+                 const Operands& op, int threads) {
+  if (conv)  // thin banks of a 3-wide filter run pixel tiles; the rest is rarer: one height
+    run_conv<6, STREAM, EPI>(*conv, A, C, N, op, threads);
+  else if (N <= 8)
+    run<12, STREAM, EPI>(A, C, R, K, N, op, threads);
+  else
+    run<6, STREAM, EPI>(A, C, R, K, N, op, threads);
+}
+
+template <bool STREAM>
+void dispatch(const Conv* conv, const float* A, float* C, int64_t R, int64_t K, int64_t N,
+              const Operands& op, int threads) {
+  const int flags = (op.scale ? SCALE : 0) | (op.residual ? RESIDUAL : 0) | (op.relu ? RELU : 0);
+  switch (flags) {
+#define TIEIFY_CASE(F) \
+  case F: return with_height<STREAM, F>(conv, A, C, R, K, N, op, threads);
+    TIEIFY_CASE(0)
+    TIEIFY_CASE(SCALE)
+    TIEIFY_CASE(SCALE | RESIDUAL)
+    TIEIFY_CASE(SCALE | RELU)
+    TIEIFY_CASE(SCALE | RESIDUAL | RELU)
+#undef TIEIFY_CASE
+    default: break;  // a residual or ReLU without the affine: product() gave them one
+  }
+}
+
+// `rows` rows of `n` columns copied into rows of `ld` columns, zeros after them (or null).
+const float* padded(const float* src, int64_t rows, int64_t n, int64_t ld,
+                    std::vector<float>& buf) {
+  if (!src) return nullptr;
+  buf.assign(rows * ld, 0.f);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(&buf[r * ld], src + r * n, sizeof(float) * n);
+  return buf.data();
+}
+
+// The operands made ready (a bank, bias and affine padded to whole tiles where N is not a
+// multiple of 8) and the product run. K: the rows of Bt.
+void product(const Conv* conv, const float* A, const float* Bt, float* C, int64_t R, int64_t K,
+             int64_t N, const float* bias, int threads, int stream, const float* scale,
+             const float* shift, int64_t blocks, const float* residual, int relu) {
+  const bool affine = scale && shift && blocks > 0;
+  Operands op;
+  op.ldb = (N + 7) / 8 * 8;
+  std::vector<float> bt_pad, bias_pad, scale_pad, shift_pad;
+  if (op.ldb == N) {
+    op.bt = Bt;
+    op.bias = bias;
+    op.scale = affine ? scale : nullptr;
+    op.shift = affine ? shift : nullptr;
+  } else {  // tiles read 8 columns: give them a padded copy of the (small) operands
+    op.bt = padded(Bt, K, N, op.ldb, bt_pad);
+    op.bias = padded(bias, 1, N, op.ldb, bias_pad);
+    op.scale = affine ? padded(scale, blocks, N, op.ldb, scale_pad) : nullptr;
+    op.shift = affine ? padded(shift, blocks, N, op.ldb, shift_pad) : nullptr;
+  }
+  op.blocks = affine ? blocks : 1;
+  std::vector<float> unit;
+  if (!affine && (residual || relu)) {  // an identity affine: four instantiations fewer
+    unit.assign(2 * op.ldb, 0.f);
+    std::fill(unit.begin(), unit.begin() + op.ldb, 1.f);
+    op.scale = unit.data();
+    op.shift = unit.data() + op.ldb;
+  }
+  op.residual = residual;
+  op.relu = relu != 0;
+  const bool aligned = (reinterpret_cast<uintptr_t>(C) % 32 == 0) && (N % 8 == 0);
+  if (stream && aligned)
+    dispatch<true>(conv, A, C, R, K, N, op, threads);
+  else
+    dispatch<false>(conv, A, C, R, K, N, op, threads);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Bumped whenever the signature or the contract of tieify_pointwise or tieify_conv changes.
+int tieify_kernel_abi(void) { return 3; }
+
+// Whether the build has OpenMP (threads > 1 run in parallel) and non-temporal stores.
+int tieify_kernel_features(void) {
+  int f = 0;
+#if defined(_OPENMP)
+  f |= 1;
+#endif
+#if defined(__AVX__)
+  f |= 2;
+#endif
+  return f;
+}
+
+// C (R×N) = A (R×K) · Bt (K×N) + bias (N, or null); all row-major, dense, float32.
+// Then, where given: C = C · scale[b] + shift[b] with b = row % blocks (scale and shift
+// (blocks×N), both or neither), C += residual (R×N, may not alias C), C = max(C, 0) if relu.
+// stream != 0 asks for non-temporal stores (used where C is 32-byte aligned and N % 8 == 0).
+void tieify_pointwise(const float* A, const float* Bt, float* C, int64_t R, int64_t K,
+                      int64_t N, const float* bias, int threads, int stream, const float* scale,
+                      const float* shift, int64_t blocks, const float* residual, int relu) {
+  product(nullptr, A, Bt, C, R, K, N, bias, threads, stream, scale, shift, blocks, residual,
+          relu);
+}
+
+// The k×k tied convolution: X (n, h, w, blocks·K) channels-last, geometry = {n, h, w, blocks,
+// K, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo}, Bt (kh·kw·K × N): the bank with its taps
+// outermost (weight.permute(2, 3, 1, 0)), C (n, ho, wo, blocks·N) channels-last, that is
+// R = n·ho·wo·blocks rows of N; bias and the epilogue as for tieify_pointwise.
+void tieify_conv(const float* X, const int64_t* geometry, const float* Bt, float* C,
+                 int64_t N, const float* bias, int threads, int stream, const float* scale,
+                 const float* shift, int64_t blocks, const float* residual, int relu) {
+  const int64_t* g = geometry;
+  const Conv cv{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12],
+                g[13], g[14]};
+  const int64_t R = cv.n * cv.ho * cv.wo * cv.blocks;
+  product(&cv, X, Bt, C, R, cv.kh * cv.kw * cv.K, N, bias, threads, stream, scale, shift,
+          blocks, residual, relu);
+}
+
+}  // extern "C"

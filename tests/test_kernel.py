@@ -125,7 +125,9 @@ def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch,
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 @pytest.mark.parametrize("avx512", [False, True])
-def test_the_rule_takes_the_conv_kernel_for_outputs_at_least_28_wide(monkeypatch, avx512):
+def test_the_fused_rule_takes_the_conv_kernel_for_outputs_at_least_28_wide(monkeypatch, avx512):
+    """Unfused, k×k layers keep widen (or lift); for a chain tieify.fuse fused, the rule takes
+    the kernel where the output is at least 28 wide."""
     monkeypatch.setattr(_paths, "_CPU_HAS_AVX512", avx512)
     assert _paths.KERNEL_CONV_MIN_WIDTH == 28
     layer = TiedConv2d(16, 16, 3, padding=1, B=4)
@@ -134,11 +136,22 @@ def test_the_rule_takes_the_conv_kernel_for_outputs_at_least_28_wide(monkeypatch
         x = channels_last(x)
         assert _paths.output_size(layer, x)[-1] == width
         kernel = width >= 28 and not avx512
-        assert _paths.default_path(layer, x) == ("kernel" if kernel else "widen")
+        assert _paths.default_path(layer, x) == "widen"
+        assert _paths.default_path(layer, x, fused=True) == ("kernel" if kernel else "widen")
+        assert _paths.select_path(layer, x, fused=True) == ("kernel" if kernel else "widen")
+        assert _paths.select_path(layer, x) == "widen"  # the memo keeps the two apart
         # Stride 2 halves the width: lift (widen cannot stride across blocks) below 28.
-        assert _paths.default_path(strided, x) == "lift"
+        assert _paths.default_path(strided, x, fused=True) == "lift"
     x = channels_last(torch.randn(1, 16, 3, 56))
-    assert _paths.default_path(strided, x) == ("lift" if avx512 else "kernel")
+    assert _paths.default_path(strided, x, fused=True) == ("lift" if avx512 else "kernel")
+    # A pinned path is kept, fused or not.
+    layer.path = "widen"
+    assert _paths.select_path(layer, x, fused=True) == "widen"
+    layer.path = "auto"
+    # Many pixels (the pointwise rule's count) do not decide a k×k layer: its width does.
+    many = channels_last(torch.randn(8, 16, 14, 14))
+    assert _paths._pixels(many) >= _paths.KERNEL_MIN_PIXELS
+    assert _paths.default_path(layer, many, fused=True) == "widen"
     # 'same' padding that is asymmetric (an even kernel) is not the kernel's.
     even = TiedConv2d(16, 16, 2, padding="same", B=4)
     assert "kernel" not in _paths.applicable_paths(even, x)
@@ -245,6 +258,19 @@ def counting_kernel_calls(monkeypatch) -> list[int]:
     return calls
 
 
+def check_against_the_fold(layer, x, y) -> torch.Tensor:
+    """``y`` (computed from ``x`` by ``layer``, with autograd) and its gradients equal the
+    reference fold's; ``y`` is channels-last. Returns the fold's output."""
+    grads = torch.autograd.grad(y.square().sum(), (x, layer.weight, layer.bias))
+    ref = _paths.fold_forward(layer, x)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    expected = torch.autograd.grad(ref.square().sum(), (x, layer.weight, layer.bias))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    assert _paths.is_channels_last(y)
+    return ref
+
+
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_calls_the_kernel_as_an_operator(monkeypatch, backend):
@@ -257,17 +283,43 @@ def test_torch_compile_calls_the_kernel_as_an_operator(monkeypatch, backend):
     compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)
     y = compiled(x)
     assert calls == [4 * 16 * 16 * 4]
-    grads = torch.autograd.grad(y.square().sum(), (x, layer.weight, layer.bias))
-    ref = _paths.fold_forward(layer, x)
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
-    expected = torch.autograd.grad(ref.square().sum(), (x, layer.weight, layer.bias))
-    for got, want in zip(grads, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
-    assert _paths.is_channels_last(y)
+    check_against_the_fold(layer, x, y)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_calls_the_conv_kernel_as_an_operator(monkeypatch, backend):
+    """A 3×3 layer pinned to the kernel: the compiled graph runs it (the tieify::conv2d
+    operator; the backward is the fold's), with the reference's values and gradients, also
+    with a dynamic batch."""
+    calls: list[tuple[int, ...]] = []
+    run = _kernel.conv2d
+    monkeypatch.setattr(
+        _kernel,
+        "conv2d",
+        lambda x, *rest, **kw: calls.append(tuple(x.shape)) or run(x, *rest, **kw),
+    )
+    torch.manual_seed(0)
+    torch._dynamo.reset()  # fresh code caches: other tests compiled the same forward
+    layer = TiedConv2d(16, 32, 3, padding=1, B=4, bias=True)
+    layer.path = "kernel"
+    x = channels_last(torch.randn(2, 16, 5, 28)).requires_grad_()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)
+    y = compiled(x)
+    assert calls == [(2, 5, 28, 16)]
+    ref = check_against_the_fold(layer, x, y)
+    calls.clear()
+    with torch.no_grad():
+        dynamic = torch.compile(layer, backend=backend, fullgraph=True, dynamic=True)
+        for batch in (2, 1):
+            torch.testing.assert_close(dynamic(x[:batch]), ref[:batch], rtol=1e-4, atol=1e-4)
+    assert calls == [(2, 5, 28, 16), (1, 5, 28, 16)]
+    torch._dynamo.reset()
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 def test_compiled_graphs_take_the_kernel_only_where_the_sizes_prove_the_rule(monkeypatch):
+    torch._dynamo.reset()
     calls = counting_kernel_calls(monkeypatch)
     layer = TiedConv2d(64, 64, 1, B=4).eval()
     x = channels_last(torch.randn(4, 64, 16, 16))  # 1,024 pixels

@@ -275,18 +275,34 @@ def _direct_attributes(gm: fx.GraphModule) -> None:
                     module.__dict__[name] = child
 
 
+#: A chain whose conv the rule does not run on the kernel is fused where the fused call took
+#: less than this fraction of the chain's time as it runs. Timed alone, a layer's bank stays
+#: in cache between calls, which favours the kernel (it reads the bank once per tile, where
+#: oneDNN packs it): ResNet-50 with 3×3 convs at B = 2, batch 1, all 16 chains fused on a
+#: plain "faster" ran 1.06× slower than unfused (``benchmarks/fuse.py``, 2026-12-01).
+FUSED_MARGIN = 0.95
+
+
 def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch.Tensor]) -> bool:
     """Whether ``chain`` is worth fusing on the example input its conv saw: the conv runs the
-    kernel on it, or could, and the fused call is faster than the chain as it runs (its
-    conv on the path it takes, then the separate modules). In the second case the conv's
-    ``path`` is pinned to ``"kernel"``. The choice is timed once per (layer configuration,
-    input, threads, torch version) and cached with :func:`tieify.optimize`'s."""
+    kernel on it (by the fused rule, :func:`tieify.nn._paths.default_path`, or pinned), or
+    it is a k×k conv that could, with a bank of at most
+    :data:`tieify.nn._paths.KERNEL_MAX_BANK` entries, and the fused call is faster than the
+    chain as it runs (its conv on the path it takes, then the separate modules) by
+    :data:`FUSED_MARGIN`. In the second case the conv's ``path`` is pinned to ``"kernel"``.
+    The choice is timed once per (layer configuration, input, threads, torch version) and
+    cached with :func:`tieify.optimize`'s. Pointwise chains are not timed: timed alone, the
+    small ones that the rule leaves on gemm (MobileNetV3-Large at batch 1: 11 chains) were
+    faster fused, and the model 1.08× slower (``benchmarks/fuse.py``, 2026-12-01)."""
     conv = gm.get_submodule(str(chain.conv.target))
     x = seen.get(conv)
     if not isinstance(conv, _TiedConvNd) or x is None:
         return False
-    if _paths.select_path(conv, x) == "kernel":
+    if _paths.select_path(conv, x, fused=True) == "kernel":
         return True
+    bank = conv.weight.numel()  # C_out/B · C_in/B · taps entries
+    if _paths._is_pointwise(conv) or bank > _paths.KERNEL_MAX_BANK:
+        return False  # pointwise: the rule's thresholds are measured in whole models
     if "kernel" not in _paths.applicable_paths(conv, x):
         return False
     from .latency._optimize import PATH_CACHE, _timer, like, path_key
@@ -308,7 +324,7 @@ def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch
         }
         with torch.inference_mode():
             times = _timer(fns, repeats=5, warmup=1, target_s=0.005, device=None)
-        faster = times["fused"] < times["separate"]
+        faster = times["fused"] < FUSED_MARGIN * times["separate"]
         PATH_CACHE.set(key, {"fuse": faster, "seconds": times})
     if faster:
         conv.path = "kernel"

@@ -2,7 +2,8 @@
 
 ``conv_bn_act(x, conv, bn, residual, relu)`` computes ``relu(bn(conv(x)) + residual)`` (the
 add and the ReLU where asked). Where ``conv`` runs tieify's kernel on ``x`` (the ``kernel``
-path, by the rule or pinned by :func:`tieify.optimize`) and the call is
+path, pinned by :func:`tieify.optimize` or by the rule for a fused layer:
+:func:`tieify.nn._paths.default_path` with ``fused=True``) and the call is
 plain eager inference (``bn`` in eval mode, no gradient recorded), it is one kernel call whose
 epilogue applies the batch norm's per-channel affine, the add and the ReLU while the product
 is in registers: three fewer passes over the output. The bank stays shared (the affine is
@@ -65,7 +66,7 @@ def _fuses(x: torch.Tensor, conv: nn.Module, bn: nn.Module, residual: torch.Tens
         return False
     if x.dim() != conv._ndim + 2 or x.shape[1] != conv.in_channels or conv.B == 1:
         return False
-    if _paths.select_path(conv, x) != "kernel" or not fusable(conv, bn):
+    if _paths.select_path(conv, x, fused=True) != "kernel" or not fusable(conv, bn):
         return False
     if torch.is_grad_enabled():
         tensors = [x, *conv.parameters(), *bn.parameters()]

@@ -109,13 +109,15 @@ KERNEL_MIN_PIXELS = 1024
 KERNEL_MAX_BANK = 32768
 
 #: Narrowest output (its last spatial size) on which a 2-D k×k layer on a channels-last CPU
-#: input runs tieify's ``kernel`` by default (where it is built, on CPUs without AVX-512);
-#: narrower ones run ``widen``. Measured side by side (ResNet-50's four 3×3 shapes, B ∈ {2,
-#: 4, 8}, 2 threads, AVX2 EPYC): kernel / widen time 0.85-0.98 at batch 1 and 0.95-1.07 at
-#: batch 8 on 56- and 28-wide maps; 0.99-1.04 and 1.05-1.11 on 14-wide ones, and 0.82-1.11
-#: and 1.21-1.34 on 7-wide ones (where a row of the output fills its register tiles badly).
-#: Beside the speed, the kernel applies a following batch norm, residual add and ReLU in its
-#: epilogue (:func:`tieify.fuse`), 15-29% faster than widen and the separate operators there.
+#: input, followed by a batch norm that :func:`tieify.fuse` fused, runs tieify's ``kernel``
+#: by default, the batch norm, add and ReLU in its epilogue (where it is built, on CPUs
+#: without AVX-512); narrower ones, and unfused layers, run ``widen``. Measured side by side
+#: (``benchmarks/conv_paths.py`` and ``fuse.py``, ResNet-50's 3×3 shapes, 2 threads, AVX2
+#: EPYC): unfused, kernel / widen time was 0.66-0.97 at batch 1 on 56- and 28-wide maps but
+#: 0.90-1.25 at batch 8 (1.18-1.28 on 7-wide ones, where a row of the output fills its
+#: register tiles badly); fused, the kernel with the batch norm and ReLU in its epilogue
+#: took 0.80-0.82 and 0.84-0.86 of widen and the separate modules in two runs (64→64 at
+#: 56×56, 128→128 at 28×28, B = 4, batch 8).
 KERNEL_CONV_MIN_WIDTH = 28
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -788,11 +790,9 @@ def _kernel_conv_by_default(layer: _TiedConvNd, x: torch.Tensor) -> bool:
     return not _CPU_HAS_AVX512 and statically_known_true(width >= KERNEL_CONV_MIN_WIDTH)
 
 
-def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
+def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> str:
     """The cheap rule: the zero-copy path for the input's layout, else the reference fold.
 
-    k×k layers on a channels-last input run tieify's ``kernel`` where it applies and the
-    output is at least :data:`KERNEL_CONV_MIN_WIDTH` wide (:func:`_kernel_conv_by_default`).
     Pointwise layers on an input that is channels-last and NCHW at once (pooled to 1×1) run
     ``native`` while the layer's larger side is small (:func:`_small_pointwise`). Pointwise
     layers on a channels-last input run tieify's ``kernel`` on a CPU without
@@ -800,7 +800,10 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     (:func:`_kernel_by_default`); else as a GEMM (a matrix multiply has the least per-call
     overhead, which decides small and pooled inputs), or widened on a CPU without AVX-512
     once a float32 input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers on a
-    channels-last input run widened on CPU where that applies, else lifted (1-D/2-D). On an
+    channels-last input run widened on CPU where that applies, else lifted (1-D/2-D); with
+    ``fused`` (a layer whose batch norm, add and ReLU :func:`tieify.fuse` would apply in the
+    kernel's epilogue) they run tieify's ``kernel`` where it applies and the output is at
+    least :data:`KERNEL_CONV_MIN_WIDTH` wide (:func:`_kernel_conv_by_default`). On an
     NCHW input (eager, CPU, 2-D) pointwise layers run ``native``, and k×k layers too while
     the input has at most :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the
     batched GEMM is slower than the fold on CPU). Measured in ``benchmarks/``;
@@ -809,17 +812,18 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     paths = applicable_paths(layer, x)
     if "native" in paths and "gemm" in paths and _small_pointwise(layer, _pixels(x)):
         return "native"  # an input both layouts describe (pooled, 1×1): least overhead
-    if "kernel" in paths and _kernel_by_default(layer, x):
+    pointwise = _is_pointwise(layer)
+    if "kernel" in paths and pointwise and _kernel_by_default(layer, x):
         return "kernel"
     if "gemm" in paths:
         return "widen" if "widen" in paths and _widen_pointwise(x) else "gemm"
-    if "kernel" in paths and _kernel_conv_by_default(layer, x):
+    if fused and "kernel" in paths and not pointwise and _kernel_conv_by_default(layer, x):
         return "kernel"
     if "widen" in paths and x.device.type == "cpu":
         return "widen"
     if "lift" in paths:
         return "lift"
-    if "native" in paths and (_is_pointwise(layer) or x.numel() <= NATIVE_MAX_NUMEL):
+    if "native" in paths and (pointwise or x.numel() <= NATIVE_MAX_NUMEL):
         return "native"
     return "fold"
 
@@ -827,8 +831,9 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
 _MEMO_SIZE = 64  # distinct (path, input layout) pairs remembered per layer
 
 
-def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
-    """The path ``layer`` runs on ``x``: its pinned ``path`` when that applies, else the rule.
+def select_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> str:
+    """The path ``layer`` runs on ``x``: its pinned ``path`` when that applies, else the rule
+    (:func:`default_path`; ``fused`` for a layer whose epilogue :func:`tieify.fuse` fuses).
 
     The answer depends only on the layer's hyper-parameters, its ``path``, the input's
     per-sample shape, strides, dtype and device, and on which side of the size thresholds of
@@ -842,7 +847,7 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
     """
     path = getattr(layer, "path", "auto")
     if _traced():
-        return _select(layer, x, path)
+        return _select(layer, x, path, fused)
     n = _pixels(x)
     sizes = (
         x.numel() <= NATIVE_MAX_NUMEL,
@@ -850,18 +855,18 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor) -> str:
         n >= KERNEL_MIN_PIXELS,
         _small_pointwise(layer, n),
     )
-    key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, sizes)
+    key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, sizes, fused)
     memo = layer.__dict__.setdefault("_path_memo", {})
     hit = memo.get(key)
     if hit is None:
-        hit = _select(layer, x, path)
+        hit = _select(layer, x, path, fused)
         if len(memo) >= _MEMO_SIZE:
             memo.clear()
         memo[key] = hit
     return hit
 
 
-def _select(layer: _TiedConvNd, x: torch.Tensor, path: str) -> str:
+def _select(layer: _TiedConvNd, x: torch.Tensor, path: str, fused: bool = False) -> str:
     if path != "auto" and path not in _FORWARD:
         raise ValueError(
             f"{type(layer).__name__}.path must be 'auto' or one of {PATHS}, but got {path!r}; "
@@ -869,7 +874,7 @@ def _select(layer: _TiedConvNd, x: torch.Tensor, path: str) -> str:
         )
     if path != "auto" and path in applicable_paths(layer, x):
         return path
-    return default_path(layer, x)
+    return default_path(layer, x, fused)
 
 
 def run_path(layer: _TiedConvNd, x: torch.Tensor, path: str) -> torch.Tensor:

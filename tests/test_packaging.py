@@ -36,7 +36,7 @@ def test_recipes_and_search_spaces_are_package_data():
 
 
 def test_the_kernel_source_is_package_data():
-    """The pointwise kernel is compiled from its source on the user's machine, so the source
+    """The kernel is compiled from its source on the user's machine, so the source
     must be in the installed package (and match the repository's)."""
     shipped = resources.files("tieify.nn").joinpath("_kernel.cpp")
     assert shipped.read_text() == (ROOT / "tieify" / "nn" / "_kernel.cpp").read_text()

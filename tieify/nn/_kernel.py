@@ -128,7 +128,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if compiler is None:
         return None, (
             "no C++ compiler found ($CXX, c++, g++, clang++); install one (e.g. "
-            "`apt install g++`) to let pointwise tied layers use tieify's kernel"
+            "`apt install g++`) to let tied layers use tieify's kernel"
         )
     path = build_path(compiler)
     for attempt in range(2):
@@ -300,7 +300,7 @@ def warn_unavailable() -> None:
         return
     _state["warned"] = True
     warnings.warn(
-        f"tieify: pointwise tied layers run without tieify's CPU kernel: "
+        f"tieify: tied layers run without tieify's CPU kernel: "
         f"{_state['status']}. Set TIEIFY_KERNEL=0 to silence this.",
         RuntimeWarning,
         stacklevel=4,

@@ -11,14 +11,25 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Latency tables and path choices go to a cache of the test session's own, so the
-    user's ``~/.cache/tieify`` neither changes a test's outcome (``latency.mode: auto``
-    looks at it) nor is written by the tests."""
+def pytest_configure(config: pytest.Config) -> None:
+    """Latency tables, path choices and the kernel's build go to a cache of the test
+    session's own, so the user's ``~/.cache/tieify`` neither changes a test's outcome
+    (``latency.mode: auto`` looks at it) nor is written by the tests. Set before collection:
+    the kernel tests' ``skipif(not kernel_available())`` builds the kernel while collecting,
+    and the session then finds that build instead of compiling it a second time."""
     import os
+    import tempfile
 
-    os.environ["TIEIFY_CACHE_DIR"] = str(tmp_path_factory.mktemp("tieify-cache"))
+    os.environ["TIEIFY_CACHE_DIR"] = tempfile.mkdtemp(prefix="tieify-test-cache-")
+    config._tieify_cache_dir = os.environ["TIEIFY_CACHE_DIR"]  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    path = getattr(config, "_tieify_cache_dir", None)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -133,10 +133,7 @@ def _fused(
     res = None if residual is None else _paths.channels_inner(residual).contiguous()
     if not _paths._is_pointwise(conv):  # the conv's bias is in the shift: none given here
         epilogue = {"scale": scale, "shift": shift, "residual": res, "relu": relu}
-        pad = _paths._widen_padding(conv)
-        geometry = (conv.kernel_size, conv.stride, pad, conv.dilation)
-        bank, _ = _paths._cached(conv, "taps", _paths._tap_bank)
-        return _paths._run_conv_kernel(x, bank, None, conv.B, *geometry, **epilogue)
+        return _paths.kernel_conv_call(conv, x, None, **epilogue)
     a, unfold = _paths.kernel_rows(conv, x)
     bank, _ = _paths._cached(conv, "transposed", _paths._transpose_bank)
     o = bank.shape[1]

@@ -122,13 +122,12 @@ inline void finish(v8 (&acc)[MR][NV], const Operands& op, float* __restrict c, i
 }
 
 // The rows a tile reads: `taps` row pointers (one per tap of a k×k filter, one for a pointwise
-// product), each the tile's first row in a matrix of row stride `lda`, read K floats a row. Tap
-// t is multiplied by rows [t·K, (t+1)·K) of Bt.
+// product), each the tile's first row in a dense matrix of K floats a row (the input's blocks,
+// or the padded copy's). Tap t is multiplied by rows [t·K, (t+1)·K) of Bt.
 struct Rows {
   const float* const* taps;
   int ntaps;
   int64_t K;
-  int64_t lda;
 };
 
 // C[0:MR, n0:n0+width] = Σ_t A_t[0:MR, :] · Bt_t[:, n0:n0+width] (+ bias), then the epilogue
@@ -140,7 +139,7 @@ struct Rows {
 template <int MR, int NV, bool STREAM, int EPI, bool PREFETCH>
 inline void tile(const Rows& a, const Operands& op, float* __restrict c, int64_t ldc,
                  int64_t row0, int64_t b0, int64_t n0, int width) {
-  const int64_t ldb = op.ldb, K = a.K, lda = a.lda, lda4 = 4 * a.lda;
+  const int64_t ldb = op.ldb, K = a.K, K4 = 4 * a.K;
   v8 acc[MR][NV];
   for (int j = 0; j < NV; ++j) {
     const v8 b0 = op.bias ? load8(op.bias + n0 + 8 * j) : v8{};
@@ -149,12 +148,12 @@ inline void tile(const Rows& a, const Operands& op, float* __restrict c, int64_t
   for (int t = 0; t < a.ntaps; ++t) {
     const float* __restrict at = a.taps[t];
     const float* __restrict bt = op.bt + t * K * ldb + n0;
-    const float* __restrict at1 = at + lda;
-    const float* __restrict at2 = at + 2 * lda;
-    const float* __restrict at3 = at + 3 * lda;
+    const float* __restrict at1 = at + K;
+    const float* __restrict at2 = at + 2 * K;
+    const float* __restrict at3 = at + 3 * K;
     for (int64_t k = 0; k < K; ++k) {
       if (PREFETCH && (k & 15) == 0)  // each row's next cache line, PREFETCH_TILES tiles ahead
-        for (int i = 0; i < MR; ++i) __builtin_prefetch(at + (PREFETCH_TILES * MR + i) * lda + k);
+        for (int i = 0; i < MR; ++i) __builtin_prefetch(at + (PREFETCH_TILES * MR + i) * K + k);
       v8 b[NV];
       for (int j = 0; j < NV; ++j) b[j] = load8(bt + k * ldb + 8 * j);
 #pragma GCC unroll 16  // the accumulators live in registers only when these loops are unrolled
@@ -163,7 +162,7 @@ inline void tile(const Rows& a, const Operands& op, float* __restrict c, int64_t
         // x86 addressing adds for free: twelve row offsets would not fit in its registers
         // (spilled, reloaded on every step, they cost a third of the speed).
         const float* row = i % 4 == 0 ? at : i % 4 == 1 ? at1 : i % 4 == 2 ? at2 : at3;
-        const float s = row[(i / 4) * lda4 + k];
+        const float s = row[(i / 4) * K4 + k];
         const v8 av = {s, s, s, s, s, s, s, s};
 #pragma GCC unroll 4
         for (int j = 0; j < NV; ++j) acc[i][j] += av * b[j];
@@ -237,7 +236,7 @@ void run(const float* A, float* C, int64_t R, int64_t K, int64_t N, const Operan
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < blocks; ++t) {
       const float* at = A + t * MR * K;
-      row_block<MR, STREAM, EPI, true>(Rows{&at, 1, K, K}, op, C + t * MR * N, N, t * MR);
+      row_block<MR, STREAM, EPI, true>(Rows{&at, 1, K}, op, C + t * MR * N, N, t * MR);
     }
 #if defined(__AVX__)
     if (STREAM) _mm_sfence();  // streamed stores visible before the threads join
@@ -245,7 +244,7 @@ void run(const float* A, float* C, int64_t R, int64_t K, int64_t N, const Operan
   }
   for (int64_t r = blocks * MR; r < R; ++r) {
     const float* at = A + r * K;
-    row_block<1, false, EPI, false>(Rows{&at, 1, K, K}, op, C + r * N, N, r);
+    row_block<1, false, EPI, false>(Rows{&at, 1, K}, op, C + r * N, N, r);
   }
 }
 
@@ -375,7 +374,7 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
         constexpr int H = decltype(mr)::value, NV = decltype(nv)::value;
         for (int64_t i = 0; i < cv.kh; ++i)
           for (int64_t j = 0; j < cv.kw; ++j) taps[i * cv.kw + j] = line[i] + column[j] + r * cv.K;
-        const Rows a{taps.data(), static_cast<int>(T), cv.K, cv.K};
+        const Rows a{taps.data(), static_cast<int>(T), cv.K};
         const int64_t row = first + r, b0 = (EPI & SCALE) ? r % cv.blocks : 0;
         if (STREAM && stream)
           tile<H, NV, true, EPI, false>(a, op, C + row * N + n0, N, row, b0, n0, width);

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["conv2d", "kernel_available", "kernel_status", "pointwise"]
+__all__ = ["conv2d", "conv_size", "kernel_available", "kernel_status", "pointwise"]
 
 SOURCE = Path(__file__).with_name("_kernel.cpp")
 ABI = 3
@@ -369,8 +369,8 @@ def conv2d(
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     n, h, w, channels = x.shape if x.dim() == 4 else (0, 0, 0, 0)
     k = channels // blocks if blocks > 0 else 0
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1 if sh > 0 else 0
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1 if sw > 0 else 0
+    ho = conv_size(h, kh, sh, ph, dh) if sh > 0 else 0
+    wo = conv_size(w, kw, sw, pw, dw) if sw > 0 else 0
     n_out = bt.shape[1] if bt.dim() == 2 else 0
     sizes = (kh, kw, sh, sw, dh, dw)
     if (
@@ -401,6 +401,11 @@ def conv2d(
     lib.tieify_conv(x.data_ptr(), geometry.data_ptr(), bt.data_ptr(), out.data_ptr(), n_out,
                     *epilogue)  # fmt: skip
     return out
+
+
+def conv_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """A convolution's output size along one dimension (padding on both sides)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _operands(

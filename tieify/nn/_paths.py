@@ -470,7 +470,7 @@ def _conv_output(
 ) -> torch.Tensor:
     """An empty channels-last output of the conv of ``x``, shaped (N, O, Ho, Wo)."""
     size = [
-        (x.shape[2 + d] + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) // stride[d] + 1
+        _kernel.conv_size(x.shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d])
         for d in range(2)
     ]
     return x.new_empty(x.shape[0], *size, out_channels).permute(0, 3, 1, 2)
@@ -544,19 +544,28 @@ def _run_conv_kernel(
     return out
 
 
-def kernel_conv_forward(layer: _TiedConvNd, x: torch.Tensor, **epilogue: Any) -> torch.Tensor:
+def kernel_conv_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     """A 2-D k×k tied conv on a channels-last input by tieify's kernel (:func:`_kernel_conv`
-    layers): eager calls that record no gradient call it directly with the kept tap bank
-    (and, from :func:`tieify.nn._fused.conv_bn_act`, an epilogue); the others go through the
-    ``tieify::conv2d`` operator."""
-    pad = _widen_padding(layer)
-    assert pad is not None  # guaranteed by _kernel_conv
+    layers): eager calls that record no gradient call it directly
+    (:func:`kernel_conv_call`); the others go through the ``tieify::conv2d`` operator."""
     params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
     if _traced() or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))):
-        assert not epilogue
+        pad = _widen_padding(layer)
+        assert pad is not None  # guaranteed by _kernel_conv
         args = (list(layer.stride), list(pad), list(layer.dilation))
         return conv2d_op(x, layer.weight, layer.bias, layer.B, *args)
-    bank, bias = _cached(layer, "taps", _tap_bank)
+    return kernel_conv_call(layer, x, layer.bias)
+
+
+def kernel_conv_call(
+    layer: _TiedConvNd, x: torch.Tensor, bias: torch.Tensor | None, **epilogue: Any
+) -> torch.Tensor:
+    """The kernel's conv of ``x`` by ``layer`` with its kept tap bank, in an eager call that
+    records no gradient: ``bias`` the layer's, or None where the epilogue's shift holds it
+    (:func:`tieify.nn._fused.conv_bn_act`, which gives the epilogue)."""
+    pad = _widen_padding(layer)
+    assert pad is not None  # guaranteed by _kernel_conv
+    bank, _ = _cached(layer, "taps", _tap_bank)
     geometry = (layer.kernel_size, layer.stride, pad, layer.dilation)
     return _run_conv_kernel(x, bank, bias, layer.B, *geometry, **epilogue)
 
@@ -775,9 +784,9 @@ def output_size(layer: _TiedConvNd, x: torch.Tensor) -> tuple[int, ...]:
     pad = _widen_padding(layer)
     assert pad is not None  # None only for an asymmetric 'same'
     return tuple(
-        (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, p, d, k, s in zip(
-            x.shape[2:], pad, layer.dilation, layer.kernel_size, layer.stride, strict=True
+        _kernel.conv_size(size, k, s, p, d)
+        for size, k, s, p, d in zip(
+            x.shape[2:], layer.kernel_size, layer.stride, pad, layer.dilation, strict=True
         )
     )
 

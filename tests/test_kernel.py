@@ -61,11 +61,11 @@ def test_kernel_reads_the_input_in_place_and_keeps_a_transposed_bank(monkeypatch
     monkeypatch.undo()
     with torch.no_grad():
         first = _paths.run_path(layer, x, "kernel")
-        bank = _paths._FORMS[layer]["transposed"][2][0]
-        assert bank.shape == (16, 8) and bank.is_contiguous()
-        torch.testing.assert_close(bank, layer.weight.reshape(8, 16).t())
+        bank = _paths._FORMS[layer]["packed"][2][0]
+        assert bank.shape == (16 * 8,) and bank.is_contiguous()  # one panel of 8: (16, 8) rows
+        torch.testing.assert_close(bank, layer.weight.reshape(8, 16).t().reshape(-1))
         _paths.run_path(layer, x, "kernel")
-        assert _paths._FORMS[layer]["transposed"][2][0] is bank  # reused
+        assert _paths._FORMS[layer]["packed"][2][0] is bank  # reused
         layer.weight.mul_(-1.0)  # a new version of the weights: a new bank
         torch.testing.assert_close(
             _paths.run_path(layer, x, "kernel"),
@@ -73,7 +73,7 @@ def test_kernel_reads_the_input_in_place_and_keeps_a_transposed_bank(monkeypatch
             rtol=1e-4,
             atol=1e-4,
         )
-        assert _paths._FORMS[layer]["transposed"][2][0] is not bank
+        assert _paths._FORMS[layer]["packed"][2][0] is not bank
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
@@ -110,8 +110,8 @@ def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch,
         assert _paths.select_path(layer, x) == expected
         torch.testing.assert_close(layer(x), _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
     # A bank above KERNEL_MAX_BANK entries keeps the BLAS paths (widen: many pixels).
-    wide = TiedConv2d(512, 264, 1, B=2)
-    assert 256 * 132 > _paths.KERNEL_MAX_BANK
+    wide = TiedConv2d(512, 528, 1, B=2)
+    assert 256 * 264 > _paths.KERNEL_MAX_BANK >= 128 * 512
     x = channels_last(torch.randn(1, 512, 64, 64))
     assert "kernel" in _paths.applicable_paths(wide, x)
     assert _paths.default_path(wide, x) == ("gemm" if avx512 else "widen")
@@ -191,7 +191,7 @@ def test_conv_kernel_equals_the_reference_forward_and_backward(
     assert _paths.is_channels_last(y)
     bank = _paths._FORMS[layer]["taps"][2][0]
     kh, kw = layer.kernel_size
-    assert bank.shape == (kh * kw * (cin // B), cout // B)
+    assert bank.shape == (kh * kw * (cin // B) * -(-(cout // B) // 8) * 8,)  # packed
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
@@ -218,7 +218,7 @@ def test_conv_kernel_epilogue_and_threads():
                 torch.set_num_threads(threads)
                 outs.append(
                     _paths._run_conv_kernel(
-                        x, bank, layer.bias.detach(), B, layer.kernel_size, layer.stride,
+                        x, bank, layer.bias.detach(), cout, B, layer.kernel_size, layer.stride,
                         layer.padding, layer.dilation, scale=scale, shift=shift,
                         residual=_paths.channels_inner(residual).contiguous(), relu=True,
                     )
@@ -240,7 +240,7 @@ def test_conv_kernel_refuses_operands_it_would_read_past():
     assert ok.shape == (1, 5, 5, 8)
     with pytest.raises(ValueError, match=r"out \(n, ho, wo, blocks·N\).*out \(1, 4, 5, 8\)"):
         _kernel.conv2d(x, bank, None, torch.empty(1, 4, 5, 8), **geometry)
-    with pytest.raises(ValueError, match=r"bt \(9 \* 4|bt \(36, 3\)"):
+    with pytest.raises(ValueError, match=r"bank bt as \(9·K, N\) = \(36, 4\).*got \(36, 3\)"):
         _kernel.conv2d(x, bank[:, :3], None, torch.empty(1, 5, 5, 8), **geometry)
     with pytest.raises(ValueError, match="dense: False"):
         _kernel.conv2d(x.transpose(1, 2), bank, None, torch.empty(1, 5, 5, 8), **geometry)
@@ -438,10 +438,35 @@ def test_the_kernel_refuses_tensors_it_would_read_past():
     torch.testing.assert_close(_kernel.pointwise(a, bt, None, out), a @ bt)
     for bad in (
         (a.t().contiguous().t(), bt, None, out),  # not row-major
-        (a, torch.randn(5, 8), None, out),  # K does not match
         (a, bt, torch.randn(7), out),  # bias of the wrong length
         (a.double(), bt, None, out),
-        (a, bt, None, torch.empty(10, 9)),
     ):
         with pytest.raises(ValueError, match="dense float32 CPU tensors"):
             _kernel.pointwise(*bad)
+    for bad in (
+        (a, torch.randn(5, 8), None, out),  # K does not match
+        (a, bt, None, torch.empty(10, 9)),  # N does not match
+        (a, _kernel.pack(bt)[:-1], None, out),  # a packed bank one entry short
+    ):
+        with pytest.raises(ValueError, match=r"takes the bank bt as \(1·K, N\)"):
+            _kernel.pointwise(*bad)
+
+
+def test_pack_lays_the_bank_out_in_the_panels_the_tiles_read():
+    """Panels of 16 columns while 16 remain, then of 8, the last zero-padded; each panel's
+    rows in order, one panel after the other."""
+    k = 3
+    for n, widths in ((40, (16, 16, 8)), (24, (16, 8)), (12, (8, 8)), (5, (8,)), (32, (16, 16))):
+        bt = torch.arange(k * n, dtype=torch.float32).reshape(k, n)
+        padded = torch.nn.functional.pad(bt, (0, sum(widths) - n))
+        expected, n0 = [], 0
+        for width in widths:
+            expected += [padded[row, n0 : n0 + width] for row in range(k)]
+            n0 += width
+        packed = _kernel.pack(bt)
+        torch.testing.assert_close(packed, torch.cat(expected), rtol=0, atol=0)
+        torch.testing.assert_close(_kernel.pack(bt.t().contiguous().t()), packed)  # any strides
+    # Differentiable: its gradient is the unpacked, unpadded gradient.
+    bt = torch.randn(4, 12, requires_grad=True)
+    _kernel.pack(bt).sum().backward()
+    torch.testing.assert_close(bt.grad, torch.ones(4, 12))

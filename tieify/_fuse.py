@@ -281,15 +281,19 @@ def _direct_attributes(gm: fx.GraphModule) -> None:
 #: oneDNN packs it): ResNet-50 with 3×3 convs at B = 2, batch 1, all 16 chains fused on a
 #: plain "faster" ran 1.06× slower than unfused (``benchmarks/fuse.py``, 2026-12-01).
 FUSED_MARGIN = 0.95
+#: Largest bank (entries, all taps) of a k×k chain that :func:`fuse` times: the models
+#: measured with the margin above (``benchmarks/fuse.py``, 2026-12-01) lost on in-model
+#: chains with larger banks what the chains won alone.
+FUSED_MAX_BANK = 32768
 
 
 def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch.Tensor]) -> bool:
     """Whether ``chain`` is worth fusing on the example input its conv saw: the conv runs the
     kernel on it (by the fused rule, :func:`tieify.nn._paths.default_path`, or pinned), or
-    it is a k×k conv that could, with a bank of at most
-    :data:`tieify.nn._paths.KERNEL_MAX_BANK` entries, and the fused call is faster than the
-    chain as it runs (its conv on the path it takes, then the separate modules) by
-    :data:`FUSED_MARGIN`. In the second case the conv's ``path`` is pinned to ``"kernel"``.
+    it is a k×k conv that could, with a bank of at most :data:`FUSED_MAX_BANK` entries, and
+    the fused call is faster than the chain as it runs (its conv on the path it takes, then
+    the separate modules) by :data:`FUSED_MARGIN`. In the second case the conv's ``path`` is
+    pinned to ``"kernel"``.
     The choice is timed once per (layer configuration, input, threads, torch version) and
     cached with :func:`tieify.optimize`'s. Pointwise chains are not timed: timed alone, the
     small ones that the rule leaves on gemm (MobileNetV3-Large at batch 1: 11 chains) were
@@ -301,7 +305,7 @@ def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch
     if _paths.select_path(conv, x, fused=True) == "kernel":
         return True
     bank = conv.weight.numel()  # C_out/B · C_in/B · taps entries
-    if _paths._is_pointwise(conv) or bank > _paths.KERNEL_MAX_BANK:
+    if _paths._is_pointwise(conv) or bank > FUSED_MAX_BANK:
         return False  # pointwise: the rule's thresholds are measured in whole models
     if "kernel" not in _paths.applicable_paths(conv, x):
         return False

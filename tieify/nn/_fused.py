@@ -135,8 +135,8 @@ def _fused(
         epilogue = {"scale": scale, "shift": shift, "residual": res, "relu": relu}
         return _paths.kernel_conv_call(conv, x, None, **epilogue)
     a, unfold = _paths.kernel_rows(conv, x)
-    bank, _ = _paths._cached(conv, "transposed", _paths._transpose_bank)
-    o = bank.shape[1]
+    bank, _ = _paths._cached(conv, "packed", _paths._packed_bank)
+    o = conv.out_channels // conv.B
     res = None if res is None else res.view(-1, o)
     y = _kernel.pointwise(
         a, bank, None, a.new_empty(a.shape[0], o), scale=scale, shift=shift, residual=res, relu=relu

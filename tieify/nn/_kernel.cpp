@@ -3,13 +3,20 @@
 // optional epilogue for inference: C = act(C · scale[b] + shift[b] (+ residual)), b the block.
 //
 // Pointwise: A is the (R, K) row-major matrix of every block of every pixel (R = N·H·W·B rows
-// of K = C_in/B channels: a channels-last input, as is), Bt the (K, N) row-major transposed
-// filter bank, C the (R, N) row-major output (channels-last again). K and N are small (the
+// of K = C_in/B channels: a channels-last input, as is), Bt the (K, N) transposed filter bank,
+// packed (below), C the (R, N) row-major output (channels-last again). K and N are small (the
 // thin bank: 8-512) and R is huge, a shape BLAS libraries run far below their peak (their
 // kernels are built for large K and N). Each register tile holds MR rows × 8·NV columns of C,
-// a K-long loop broadcasts A and streams Bt from L1 (A prefetched ahead), and C is written
-// once. Where N is not a multiple of 8 (MobileNet's 12 or 20 channels a block), the bank is
-// copied with its columns padded to one, and the last tile stores only its real columns.
+// a K-long loop broadcasts A and streams its panel of Bt from cache (A prefetched ahead), and
+// C is written once. Where N is not a multiple of 8 (MobileNet's 12 or 20 channels a block),
+// the last panel is zero-padded to 8 columns, and its tile stores only the real ones.
+//
+// The packed bank: Bt's columns in the panels the tiles read, of 16 columns while 16 remain,
+// then of 8, the last padded with zeros to 8, each panel's (K, width) block stored row-major,
+// one panel after the other (K·ldb floats, ldb = N rounded up to 8). A tile's panel is one
+// contiguous stretch, read in order: from the row-major (K, N) bank, a 16-column tile read 64
+// bytes of every 4·N-byte row, and large banks ran 1.1-1.7x slower (AVX2 EPYC, one thread).
+// tieify/nn/_kernel.py packs it (pack()), once per bank.
 //
 // k×k: the same tiles with one stretch of rows per filter tap, read from a zero-padded copy
 // of the input rows under the filter (see run_conv), and, for thin banks of 3-wide filters,
@@ -70,12 +77,13 @@ inline void store8(float* p, v8 v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-// The operands: Bt with ldb columns (N rounded up to 8 where N is not a multiple of it), bias
+// The operands: the packed bank Bt of krows rows and ldb columns (N rounded up to 8), bias
 // (ldb) or null, and the epilogue: per-block scale and shift ((blocks, ldb) row-major, both or
 // neither), a residual (R, N) laid out like C, and a ReLU. Row r of C is block r % blocks.
 struct Operands {
   const float* bt;
   int64_t ldb;
+  int64_t krows;
   const float* bias;
   const float* scale = nullptr;
   const float* shift = nullptr;
@@ -136,10 +144,14 @@ struct Rows {
 // b0 its block (row0 % blocks, computed once per row block: a division costs as much as a row
 // of a thin bank's arithmetic). PREFETCH: the rows stream from memory (the pointwise product);
 // a k×k filter reads them from a copy in cache.
+// Always inlined: where the compiler called it out of line (from a lambda of the caller), the
+// thin banks (K = 8-16) ran 1.1-1.2x slower.
 template <int MR, int NV, bool STREAM, int EPI, bool PREFETCH>
-inline void tile(const Rows& a, const Operands& op, float* __restrict c, int64_t ldc,
-                 int64_t row0, int64_t b0, int64_t n0, int width) {
-  const int64_t ldb = op.ldb, K = a.K, K4 = 4 * a.K;
+__attribute__((always_inline)) inline void tile(const Rows& a, const Operands& op,
+                                                float* __restrict c, int64_t ldc, int64_t row0,
+                                                int64_t b0, int64_t n0, int width) {
+  constexpr int64_t W = 8 * NV;  // the panel's width
+  const int64_t K = a.K, K4 = 4 * a.K;
   v8 acc[MR][NV];
   for (int j = 0; j < NV; ++j) {
     const v8 b0 = op.bias ? load8(op.bias + n0 + 8 * j) : v8{};
@@ -147,7 +159,7 @@ inline void tile(const Rows& a, const Operands& op, float* __restrict c, int64_t
   }
   for (int t = 0; t < a.ntaps; ++t) {
     const float* __restrict at = a.taps[t];
-    const float* __restrict bt = op.bt + t * K * ldb + n0;
+    const float* __restrict bt = op.bt + n0 * op.krows + t * K * W;  // tap t of the panel
     const float* __restrict at1 = at + K;
     const float* __restrict at2 = at + 2 * K;
     const float* __restrict at3 = at + 3 * K;
@@ -155,7 +167,7 @@ inline void tile(const Rows& a, const Operands& op, float* __restrict c, int64_t
       if (PREFETCH && (k & 15) == 0)  // each row's next cache line, PREFETCH_TILES tiles ahead
         for (int i = 0; i < MR; ++i) __builtin_prefetch(at + (PREFETCH_TILES * MR + i) * K + k);
       v8 b[NV];
-      for (int j = 0; j < NV; ++j) b[j] = load8(bt + k * ldb + 8 * j);
+      for (int j = 0; j < NV; ++j) b[j] = load8(bt + k * W + 8 * j);
 #pragma GCC unroll 16  // the accumulators live in registers only when these loops are unrolled
       for (int i = 0; i < MR; ++i) {
         // Rows i, i + 4, i + 8 from one of four pointers and two strides (4 and 8 rows), which
@@ -198,7 +210,7 @@ template <int P, bool STREAM, int EPI>
 inline void pixel_tile(const float* const* lines, int64_t kh, int64_t offset, int64_t K,
                        int64_t pixel, const Operands& op, float* __restrict c, int64_t ldc,
                        int64_t row0, int64_t block, int width) {
-  const int64_t ldb = op.ldb;
+  constexpr int64_t W = 8;  // N <= 8: one panel, the bank row-major with rows of 8
   v8 acc[P][1];
   const v8 bias = op.bias ? load8(op.bias) : v8{};
   for (int q = 0; q < P; ++q) acc[q][0] = bias;
@@ -208,10 +220,10 @@ inline void pixel_tile(const float* const* lines, int64_t kh, int64_t offset, in
     const float* __restrict a2 = a0 + 2 * pixel;
     const float* __restrict a3 = a0 + 3 * pixel;
     const int64_t p4 = 4 * pixel;
-    const float* __restrict bt = op.bt + 3 * i * K * ldb;
+    const float* __restrict bt = op.bt + 3 * i * K * W;
     for (int64_t k = 0; k < K; ++k) {
-      const v8 w0 = load8(bt + k * ldb), w1 = load8(bt + (K + k) * ldb);
-      const v8 w2 = load8(bt + (2 * K + k) * ldb);
+      const v8 w0 = load8(bt + k * W), w1 = load8(bt + (K + k) * W);
+      const v8 w2 = load8(bt + (2 * K + k) * W);
 #pragma GCC unroll 16
       for (int p = 0; p < P + 2; ++p) {
         const float* pix = p % 4 == 0 ? a0 : p % 4 == 1 ? a1 : p % 4 == 2 ? a2 : a3;
@@ -443,22 +455,22 @@ const float* padded(const float* src, int64_t rows, int64_t n, int64_t ld,
   return buf.data();
 }
 
-// The operands made ready (a bank, bias and affine padded to whole tiles where N is not a
-// multiple of 8) and the product run. K: the rows of Bt.
+// The operands made ready (bias and affine padded to whole tiles where N is not a multiple of
+// 8; the packed bank already is) and the product run. K: the rows of Bt.
 void product(const Conv* conv, const float* A, const float* Bt, float* C, int64_t R, int64_t K,
              int64_t N, const float* bias, int threads, int stream, const float* scale,
              const float* shift, int64_t blocks, const float* residual, int relu) {
   const bool affine = scale && shift && blocks > 0;
   Operands op;
+  op.bt = Bt;
   op.ldb = (N + 7) / 8 * 8;
-  std::vector<float> bt_pad, bias_pad, scale_pad, shift_pad;
+  op.krows = K;
+  std::vector<float> bias_pad, scale_pad, shift_pad;
   if (op.ldb == N) {
-    op.bt = Bt;
     op.bias = bias;
     op.scale = affine ? scale : nullptr;
     op.shift = affine ? shift : nullptr;
   } else {  // tiles read 8 columns: give them a padded copy of the (small) operands
-    op.bt = padded(Bt, K, N, op.ldb, bt_pad);
     op.bias = padded(bias, 1, N, op.ldb, bias_pad);
     op.scale = affine ? padded(scale, blocks, N, op.ldb, scale_pad) : nullptr;
     op.shift = affine ? padded(shift, blocks, N, op.ldb, shift_pad) : nullptr;
@@ -485,7 +497,7 @@ void product(const Conv* conv, const float* A, const float* Bt, float* C, int64_
 extern "C" {
 
 // Bumped whenever the signature or the contract of tieify_pointwise or tieify_conv changes.
-int tieify_kernel_abi(void) { return 3; }
+int tieify_kernel_abi(void) { return 4; }
 
 // Whether the build has OpenMP (threads > 1 run in parallel) and non-temporal stores.
 int tieify_kernel_features(void) {
@@ -499,7 +511,8 @@ int tieify_kernel_features(void) {
   return f;
 }
 
-// C (R×N) = A (R×K) · Bt (K×N) + bias (N, or null); all row-major, dense, float32.
+// C (R×N) = A (R×K) · Bt (K×N) + bias (N, or null); A and C row-major, Bt packed (see the top),
+// all dense float32.
 // Then, where given: C = C · scale[b] + shift[b] with b = row % blocks (scale and shift
 // (blocks×N), both or neither), C += residual (R×N, may not alias C), C = max(C, 0) if relu.
 // stream != 0 asks for non-temporal stores (used where C is 32-byte aligned and N % 8 == 0).
@@ -511,7 +524,7 @@ void tieify_pointwise(const float* A, const float* Bt, float* C, int64_t R, int6
 }
 
 // The k×k tied convolution: X (n, h, w, blocks·K) channels-last, geometry = {n, h, w, blocks,
-// K, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo}, Bt (kh·kw·K × N): the bank with its taps
+// K, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo}, Bt (kh·kw·K × N) packed: the bank with its taps
 // outermost (weight.permute(2, 3, 1, 0)), C (n, ho, wo, blocks·N) channels-last, that is
 // R = n·ho·wo·blocks rows of N; bias and the epilogue as for tieify_pointwise.
 void tieify_conv(const float* X, const int64_t* geometry, const float* Bt, float* C,

@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["conv2d", "conv_size", "kernel_available", "kernel_status", "pointwise"]
+__all__ = ["conv2d", "conv_size", "kernel_available", "kernel_status", "pack", "pointwise"]
 
 SOURCE = Path(__file__).with_name("_kernel.cpp")
-ABI = 3
+ABI = 4
 #: Outputs of at least this many bytes are written with non-temporal stores: larger than the
 #: per-core L2 of the CPUs measured, so the next layer would read them from memory anyway.
 STREAM_MIN_BYTES = 1 << 20
@@ -218,9 +218,10 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     plain = torch.empty(29, 27)
     fused = torch.empty(29, 27)
     ptr = lambda t: t.data_ptr()  # noqa: E731
-    lib.tieify_pointwise(ptr(a), ptr(bt), ptr(plain), 29, 7, 27, ptr(bias), 1, 0, *_NO_EPILOGUE)
+    packed = pack(bt)
+    lib.tieify_pointwise(ptr(a), ptr(packed), ptr(plain), 29, 7, 27, ptr(bias), 1, 0, *_NO_EPILOGUE)
     lib.tieify_pointwise(
-        ptr(a), ptr(bt), ptr(fused), 29, 7, 27, ptr(bias), 1, 0,
+        ptr(a), ptr(packed), ptr(fused), 29, 7, 27, ptr(bias), 1, 0,
         ptr(scale), ptr(shift), 3, ptr(residual), 1,
     )  # fmt: skip
     expected = torch.addmm(bias, a, bt)
@@ -248,7 +249,7 @@ def _conv_self_test(lib: ctypes.CDLL, gen: torch.Generator, *, stride: int, n_ou
     residual = torch.randn(n, ho, wo, B * n_out, generator=gen)
     expected = torch.relu(y.reshape(n, B * n_out, ho, wo).permute(0, 2, 3, 1) + residual)
     geometry = torch.tensor([n, h, w, B, k, 3, 3, stride, stride, 1, 1, 1, 1, ho, wo])
-    bt = weight.permute(2, 3, 1, 0).reshape(9 * k, n_out).contiguous()
+    bt = pack(weight.permute(2, 3, 1, 0).reshape(9 * k, n_out))
     got = torch.empty(n, ho, wo, B * n_out)
     x = x.permute(0, 2, 3, 1).contiguous()
     ptr = lambda t: t.data_ptr()  # noqa: E731
@@ -324,7 +325,8 @@ def pointwise(
     residual: torch.Tensor | None = None,
     relu: bool = False,
 ) -> torch.Tensor:
-    """``out = a @ bt + bias`` for dense row-major float32 CPU ``a`` (R, K), ``bt`` (K, N),
+    """``out = a @ bt + bias`` for dense row-major float32 CPU ``a`` (R, K), ``bt`` (K, N)
+    (or ``pack(bt)`` (:func:`pack`), kept by a caller that runs the bank more than once),
     ``out`` (R, N); the caller checks :func:`kernel_available` and the layouts.
 
     The epilogue, where given: ``out = out * scale[b] + shift[b]`` with ``b = row % blocks``
@@ -334,9 +336,10 @@ def pointwise(
     lib = _library()
     assert lib is not None
     bias = None if bias is None else bias.contiguous()  # held here while the kernel runs
-    epilogue = _operands("pointwise", a, bt, 1, bias, out, scale, shift, residual, relu)
+    bt = _packed("pointwise", bt, 1, a, out.shape[-1])
+    epilogue = _operands("pointwise", a, bt, bias, out, scale, shift, residual, relu)
     lib.tieify_pointwise(
-        a.data_ptr(), bt.data_ptr(), out.data_ptr(), a.shape[0], a.shape[1], bt.shape[1],
+        a.data_ptr(), bt.data_ptr(), out.data_ptr(), a.shape[0], a.shape[1], out.shape[1],
         *epilogue,
     )  # fmt: skip
     return out
@@ -361,9 +364,9 @@ def conv2d(
     """The k×k tied convolution with zero padding: ``x`` (n, h, w, blocks·K) and ``out``
     (n, ho, wo, blocks·N) dense float32 CPU (the channels-inner views of channels-last
     tensors), ``bt`` (kh·kw·K, N) the bank with its taps outermost
-    (``weight.permute(2, 3, 1, 0).reshape(-1, N)``), ``bias`` (N,). Block ``b`` of every
-    output pixel is the bank applied to block ``b`` of the input pixels under the filter. The
-    epilogue as in :func:`pointwise`, ``residual`` laid out like ``out``."""
+    (``weight.permute(2, 3, 1, 0).reshape(-1, N)``) or ``pack(bt)``, ``bias`` (N,). Block
+    ``b`` of every output pixel is the bank applied to block ``b`` of the input pixels under
+    the filter. The epilogue as in :func:`pointwise`, ``residual`` laid out like ``out``."""
     lib = _library()
     assert lib is not None
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
@@ -371,20 +374,19 @@ def conv2d(
     k = channels // blocks if blocks > 0 else 0
     ho = conv_size(h, kh, sh, ph, dh) if sh > 0 else 0
     wo = conv_size(w, kw, sw, pw, dw) if sw > 0 else 0
-    n_out = bt.shape[1] if bt.dim() == 2 else 0
+    n_out = out.shape[-1] // blocks if out.dim() == 4 and blocks > 0 else 0
     sizes = (kh, kw, sh, sw, dh, dw)
     if (
         x.dim() != 4
         or min((blocks, k, ho, wo, *sizes)) < 1
         or min(ph, pw) < 0
         or channels != blocks * k
-        or bt.shape != (kh * kw * k, n_out)
         or out.shape != (n, ho, wo, blocks * n_out)
         or (residual is not None and residual.shape != out.shape)
         or not (x.is_contiguous() and out.is_contiguous())
     ):
         raise ValueError(
-            "tieify's convolution kernel takes dense x (n, h, w, blocks·K), bt (kh·kw·K, N) "
+            "tieify's convolution kernel takes dense x (n, h, w, blocks·K) "
             "and dense out (n, ho, wo, blocks·N) for the given kernel size, stride, padding and "
             f"dilation, but got x {tuple(x.shape)}, bt {tuple(bt.shape)}, out "
             f"{tuple(out.shape)} with blocks={blocks}, kernel_size={kernel_size}, "
@@ -394,13 +396,44 @@ def conv2d(
     rows = (x.view(-1, k), out.view(-1, n_out))
     res = None if residual is None else residual.reshape(-1, n_out)
     bias = None if bias is None else bias.contiguous()  # held here while the kernel runs
-    epilogue = _operands(
-        "convolution", rows[0], bt, kh * kw, bias, rows[1], scale, shift, res, relu
-    )
+    bt = _packed("convolution", bt, kh * kw, rows[0], n_out)
+    epilogue = _operands("convolution", rows[0], bt, bias, rows[1], scale, shift, res, relu)
     geometry = torch.tensor([n, h, w, blocks, k, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo])
     lib.tieify_conv(x.data_ptr(), geometry.data_ptr(), bt.data_ptr(), out.data_ptr(), n_out,
                     *epilogue)  # fmt: skip
     return out
+
+
+def pack(bt: torch.Tensor) -> torch.Tensor:
+    """The (K, N) bank ``bt`` (a pointwise bank, or a convolution's taps·K rows) as the kernel
+    reads it: its columns in panels of 16 while 16 remain, then of 8, the last zero-padded
+    to 8, each panel's (K, width) block row-major, one after the other; a new dense 1-D
+    float32 tensor of K·ldb entries (ldb: N rounded up to 8). Each register tile reads one
+    panel in order (see ``_kernel.cpp``). Any strides; differentiable."""
+    k, n = bt.shape
+    wide = n // 16 * 16
+    narrow = torch.nn.functional.pad(bt[:, wide:], (0, -(-(n - wide) // 8) * 8 - (n - wide)))
+    parts = [
+        part.reshape(k, -1, width).transpose(0, 1).reshape(-1)
+        for part, width in ((bt[:, :wide], 16), (narrow, 8))
+        if part.shape[1]
+    ]
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+
+
+def _packed(kind: str, bt: torch.Tensor, taps: int, a: torch.Tensor, n: int) -> torch.Tensor:
+    """``bt`` packed (:func:`pack`) where it is a (taps·K, N) bank, as is where it is packed
+    already (1-D, taps·K·ldb entries); anything else is refused."""
+    if bt.dim() == 2 and bt.shape == (taps * a.shape[-1], n):
+        return pack(bt)
+    if bt.dim() == 1 and bt.shape[0] == taps * a.shape[-1] * -(-n // 8) * 8:
+        return bt
+    raise ValueError(
+        f"tieify's {kind} kernel takes the bank bt as ({taps}·K, N) = "
+        f"({taps * a.shape[-1]}, {n}) for rows of K = {a.shape[-1]} and outputs of N = {n} "
+        f"columns, or packed by tieify.nn._kernel.pack (1-D, "
+        f"{taps * a.shape[-1] * -(-n // 8) * 8} entries), but got {tuple(bt.shape)}."
+    )
 
 
 def conv_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -412,7 +445,6 @@ def _operands(
     kind: str,
     a: torch.Tensor,
     bt: torch.Tensor,
-    taps: int,
     bias: torch.Tensor | None,
     out: torch.Tensor,
     scale: torch.Tensor | None,
@@ -421,17 +453,16 @@ def _operands(
     relu: bool,
 ) -> tuple[Any, ...]:
     """Check the operands as rows ``a`` (R, K) (any number of rows, for a convolution),
-    ``bt`` (taps·K, N), ``out`` (R, N) and the
+    ``bt`` packed (taps·K·ldb entries, :func:`_packed` checked its size), ``out`` (R, N) and the
     epilogue's, and return the arguments both entry points end with (bias, threads, stream,
     scale, shift, blocks, residual, relu). The kernel reads raw memory: a wrong layout would
     read past the tensors, so anything else is refused."""
-    k, rows, n = a.shape[1], out.shape[0], bt.shape[1]
+    rows, n = out.shape[0], out.shape[1]
     blocks = 0 if scale is None else scale.shape[0]
     given = {"bias": bias, "scale": scale, "shift": shift, "residual": residual}
     tensors = (a, bt, out, *(t for t in given.values() if t is not None))
     if (
-        bt.shape[0] != taps * k
-        or out.shape != (rows, n)
+        out.dim() != 2
         or (kind == "pointwise" and a.shape[0] != rows)
         or (bias is not None and bias.shape != (n,))
         or (scale is None) != (shift is None)
@@ -443,7 +474,7 @@ def _operands(
     ):
         shapes = {name: None if t is None else tuple(t.shape) for name, t in given.items()}
         raise ValueError(
-            f"tieify's {kind} kernel takes dense float32 CPU tensors a (R, K), bt (K, N), "
+            f"tieify's {kind} kernel takes dense float32 CPU tensors a (R, K), bt packed, "
             "out (R, N), bias (N,), scale and shift (blocks, N) with R a multiple of blocks, "
             f"and residual (R, N) apart from out, but got a {tuple(a.shape)}, bt "
             f"{tuple(bt.shape)}, out {tuple(out.shape)}, {shapes}, dtypes "

@@ -104,9 +104,12 @@ WIDEN_POINTWISE_MIN_PIXELS = 4096
 #: faster in 11 of 15 cases at 25,088 and 6,272 pixels, and at most 13% slower.
 KERNEL_MIN_PIXELS = 1024
 #: Largest thin bank (C_in/B · C_out/B entries) the ``kernel`` takes by default: its tiles
-#: read the whole bank for every six rows, and from 128×512 entries on (256 KiB) the BLAS
-#: paths were faster in the same benchmark.
-KERNEL_MAX_BANK = 32768
+#: read the whole (packed) bank for every six rows. With banks of 128×512 and 512×128
+#: entries (256 KiB; ResNet-50's 14×14 layers at B = 2, batch 8) the kernel took 0.93-1.12×
+#: widen's time in ``pointwise_paths.py`` (2026-12-01, 19:38-19:39, noisy host) and
+#: 0.91-0.99× in two interleaved repeats; the larger banks of the 7×7 layers (at B = 2) lost
+#: to gemm at batch 8 (1.15-1.17×). Before the bank was packed, 128×512 already lost.
+KERNEL_MAX_BANK = 65536
 
 #: Narrowest output (its last spatial size) on which a 2-D k×k layer on a channels-last CPU
 #: input, followed by a batch norm that :func:`tieify.fuse` fused, runs tieify's ``kernel``
@@ -416,8 +419,9 @@ def pointwise_op(a: torch.Tensor, bt: torch.Tensor, bias: torch.Tensor | None) -
     """``a @ bt + bias`` by tieify's kernel, as an operator: autograd (the backward is three
     ordinary matrix products) and ``torch.compile`` (which calls it from the compiled graph
     as an external kernel) see it like any ATen op. ``a`` (R, K), ``bt`` (K, N), ``bias``
-    (N,) or None, float32 on the CPU; the output is a new dense (R, N) tensor."""
-    a, bt = a.contiguous(), bt.contiguous()
+    (N,) or None, float32 on the CPU; the output is a new dense (R, N) tensor. ``bt`` may
+    have any strides: the kernel reads a packed copy (:func:`tieify.nn._kernel.pack`)."""
+    a = a.contiguous()
     return _kernel.pointwise(a, bt, bias, a.new_empty(a.shape[0], bt.shape[1]))
 
 
@@ -457,7 +461,8 @@ def conv2d_op(
     """The 2-D tied conv of ``x`` (N, C, H, W) by tieify's kernel, as an operator (see
     :func:`pointwise_op`); the output is channels-last, as the input is."""
     bank = _tap_bank(weight, None, blocks)[0]
-    return _run_conv_kernel(x, bank, bias, blocks, weight.shape[2:], stride, padding, dilation)
+    o = weight.shape[0] * blocks
+    return _run_conv_kernel(x, bank, bias, o, blocks, weight.shape[2:], stride, padding, dilation)
 
 
 def _conv_output(
@@ -519,6 +524,7 @@ def _run_conv_kernel(
     x: torch.Tensor,
     bank: torch.Tensor,
     bias: torch.Tensor | None,
+    out_channels: int,
     blocks: int,
     kernel_size: Any,
     stride: Any,
@@ -526,9 +532,9 @@ def _run_conv_kernel(
     dilation: Any,
     **epilogue: Any,
 ) -> torch.Tensor:
-    """The kernel's conv of the channels-last ``x`` (N, C, H, W) with the tap bank: a new
-    channels-last (N, O, Ho, Wo) output."""
-    out = _conv_output(x, bank.shape[1] * blocks, kernel_size, stride, padding, dilation)
+    """The kernel's conv of the channels-last ``x`` (N, C, H, W) with the packed tap bank: a
+    new channels-last (N, O, Ho, Wo) output."""
+    out = _conv_output(x, out_channels, kernel_size, stride, padding, dilation)
     _kernel.conv2d(
         channels_inner(x).contiguous(),  # a view of a channels-last input
         bank,
@@ -567,7 +573,7 @@ def kernel_conv_call(
     assert pad is not None  # guaranteed by _kernel_conv
     bank, _ = _cached(layer, "taps", _tap_bank)
     geometry = (layer.kernel_size, layer.stride, pad, layer.dilation)
-    return _run_conv_kernel(x, bank, bias, layer.B, *geometry, **epilogue)
+    return _run_conv_kernel(x, bank, bias, layer.out_channels, layer.B, *geometry, **epilogue)
 
 
 def kernel_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
@@ -575,17 +581,18 @@ def kernel_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     A pointwise layer is the ``gemm`` path's zero-copy ``(N·S·B, C/B)`` view, another matrix
     multiply; others are convolutions (:func:`kernel_conv_forward`). An eager call that
     records no gradient calls the kernel directly (the operator's dispatch costs a few µs, as
-    much as a small layer's product); the others go through the ``tieify::pointwise``
-    operator."""
+    much as a small layer's product) with the layer's kept packed bank; the others go through
+    the ``tieify::pointwise`` operator."""
     if not _is_pointwise(layer):
         return kernel_conv_forward(layer, x)
     a, unfold = kernel_rows(layer, x)
-    bank, bias = _cached(layer, "transposed", _transpose_bank)
-    params = (bank,) if bias is None else (bank, bias)
+    weight, bias = layer.weight, layer.bias
+    params = (weight,) if bias is None else (weight, bias)
     if _traced() or (torch.is_grad_enabled() and any(t.requires_grad for t in (a, *params))):
-        y = pointwise_op(a, bank, bias)
+        y = pointwise_op(a, weight.reshape(weight.shape[0], -1).t(), bias)
     else:
-        y = _kernel.pointwise(a, bank, bias, a.new_empty(a.shape[0], bank.shape[1]))
+        bank, _ = _cached(layer, "packed", _packed_bank)
+        y = _kernel.pointwise(a, bank, bias, a.new_empty(a.shape[0], weight.shape[0]))
     return unfold(y)
 
 
@@ -608,7 +615,8 @@ def _cached(
 ) -> _Bank:
     """``make(weight, bias, B)``: a form of the filter bank (and bias) that a path runs on,
     made from the layer's parameters (``"repeated"``: B times along the output channels, for
-    ``grouped``; ``"transposed"``: the dense (C_in/B, C_out/B) matrix, for ``kernel``).
+    ``grouped``; ``"packed"`` and ``"taps"``: the (C_in/B, C_out/B) matrix and the conv's
+    taps, packed for ``kernel``).
 
     In an eager call that records no gradient for them (``torch.no_grad``/``inference_mode``
     or frozen parameters), the form is kept for the layer and reused while its parameters
@@ -667,13 +675,15 @@ def _repeat_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Ba
     return weight.repeat(B, *([1] * (weight.dim() - 1))), None if bias is None else bias.repeat(B)
 
 
-def _transpose_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
-    return weight.reshape(weight.shape[0], -1).t().contiguous(), bias
+def _packed_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
+    """A pointwise bank as the kernel reads it: the (C_in/B, C_out/B) matrix, packed."""
+    return _kernel.pack(weight.reshape(weight.shape[0], -1).t()), bias
 
 
 def _tap_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
-    """The bank as the convolution kernel reads it: (kh·kw·C/B, O/B), taps outermost."""
-    return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous(), bias
+    """The bank as the convolution kernel reads it: (kh·kw·C/B, O/B), taps outermost,
+    packed."""
+    return _kernel.pack(weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0])), bias
 
 
 def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:

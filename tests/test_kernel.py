@@ -391,6 +391,7 @@ def test_a_compiler_that_fails_is_reported_with_its_error(fresh_kernel, tmp_path
     status = _kernel.kernel_status()
     assert "could not build _kernel.cpp" in status and "no space left" in status
     assert not list((tmp_path / "cache").rglob("*.so"))  # no half-written build is kept
+    assert not list((tmp_path / "cache").rglob("*.o"))  # nor the parts' objects
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())

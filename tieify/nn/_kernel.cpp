@@ -43,7 +43,7 @@
 #include <immintrin.h>
 #endif
 
-namespace {
+namespace tieify_kernel {
 
 typedef float v8 __attribute__((vector_size(32)));
 
@@ -429,6 +429,35 @@ void with_height(const Conv* conv, const float* A, float* C, int64_t R, int64_t 
     run<6, STREAM, EPI>(A, C, R, K, N, op, threads);
 }
 
+// Built as two translation units compiled side by side (tieify/nn/_kernel.py passes
+// TIEIFY_PART = 0 and 1; on the 2-core EPYC 12-13 s where one unit took 18 s): each
+// instantiates half of the (STREAM, EPI) pairs, and part 0 holds the rest of the library
+// too. Without TIEIFY_PART the file is the whole library in one unit.
+#if defined(TIEIFY_PART)
+#define TIEIFY_PAIR(S, E)                                                                     \
+  template void with_height<S, E>(const Conv*, const float*, float*, int64_t, int64_t, int64_t, \
+                                  const Operands&, int);
+#if TIEIFY_PART == 0
+#define TIEIFY_PART0(S, E) TIEIFY_PAIR(S, E)
+#define TIEIFY_PART1(S, E) extern TIEIFY_PAIR(S, E)
+#else
+#define TIEIFY_PART0(S, E) extern TIEIFY_PAIR(S, E)
+#define TIEIFY_PART1(S, E) TIEIFY_PAIR(S, E)
+#endif
+// A streaming pair holds its tails' regular tiles too: about twice the code of the others.
+TIEIFY_PART0(true, 0)
+TIEIFY_PART0(true, SCALE)
+TIEIFY_PART0(true, SCALE | RESIDUAL)
+TIEIFY_PART0(false, SCALE | RESIDUAL | RELU)
+TIEIFY_PART0(false, SCALE | RELU)
+TIEIFY_PART1(true, SCALE | RELU)
+TIEIFY_PART1(true, SCALE | RESIDUAL | RELU)
+TIEIFY_PART1(false, 0)
+TIEIFY_PART1(false, SCALE)
+TIEIFY_PART1(false, SCALE | RESIDUAL)
+#endif
+
+#if !defined(TIEIFY_PART) || TIEIFY_PART == 0
 template <bool STREAM>
 void dispatch(const Conv* conv, const float* A, float* C, int64_t R, int64_t K, int64_t N,
               const Operands& op, int threads) {
@@ -492,15 +521,22 @@ void product(const Conv* conv, const float* A, const float* Bt, float* C, int64_
     dispatch<false>(conv, A, C, R, K, N, op, threads);
 }
 
-}  // namespace
+#endif  // part 0
+
+}  // namespace tieify_kernel
+
+#if !defined(TIEIFY_PART) || TIEIFY_PART == 0
+using namespace tieify_kernel;
+
+#define TIEIFY_API __attribute__((visibility("default")))
 
 extern "C" {
 
 // Bumped whenever the signature or the contract of tieify_pointwise or tieify_conv changes.
-int tieify_kernel_abi(void) { return 4; }
+TIEIFY_API int tieify_kernel_abi(void) { return 4; }
 
 // Whether the build has OpenMP (threads > 1 run in parallel) and non-temporal stores.
-int tieify_kernel_features(void) {
+TIEIFY_API int tieify_kernel_features(void) {
   int f = 0;
 #if defined(_OPENMP)
   f |= 1;
@@ -516,9 +552,10 @@ int tieify_kernel_features(void) {
 // Then, where given: C = C · scale[b] + shift[b] with b = row % blocks (scale and shift
 // (blocks×N), both or neither), C += residual (R×N, may not alias C), C = max(C, 0) if relu.
 // stream != 0 asks for non-temporal stores (used where C is 32-byte aligned and N % 8 == 0).
-void tieify_pointwise(const float* A, const float* Bt, float* C, int64_t R, int64_t K,
-                      int64_t N, const float* bias, int threads, int stream, const float* scale,
-                      const float* shift, int64_t blocks, const float* residual, int relu) {
+TIEIFY_API void tieify_pointwise(const float* A, const float* Bt, float* C, int64_t R, int64_t K,
+                                 int64_t N, const float* bias, int threads, int stream,
+                                 const float* scale, const float* shift, int64_t blocks,
+                                 const float* residual, int relu) {
   product(nullptr, A, Bt, C, R, K, N, bias, threads, stream, scale, shift, blocks, residual,
           relu);
 }
@@ -527,9 +564,10 @@ void tieify_pointwise(const float* A, const float* Bt, float* C, int64_t R, int6
 // K, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo}, Bt (kh·kw·K × N) packed: the bank with its taps
 // outermost (weight.permute(2, 3, 1, 0)), C (n, ho, wo, blocks·N) channels-last, that is
 // R = n·ho·wo·blocks rows of N; bias and the epilogue as for tieify_pointwise.
-void tieify_conv(const float* X, const int64_t* geometry, const float* Bt, float* C,
-                 int64_t N, const float* bias, int threads, int stream, const float* scale,
-                 const float* shift, int64_t blocks, const float* residual, int relu) {
+TIEIFY_API void tieify_conv(const float* X, const int64_t* geometry, const float* Bt, float* C,
+                            int64_t N, const float* bias, int threads, int stream,
+                            const float* scale, const float* shift, int64_t blocks,
+                            const float* residual, int relu) {
   const int64_t* g = geometry;
   const Conv cv{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12],
                 g[13], g[14]};
@@ -539,3 +577,4 @@ void tieify_conv(const float* X, const int64_t* geometry, const float* Bt, float
 }
 
 }  // extern "C"
+#endif  // part 0

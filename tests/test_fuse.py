@@ -428,12 +428,18 @@ def test_fuse_with_example_inputs_keeps_only_the_chains_that_run_the_kernel(monk
     torch.manual_seed(0)
     model = _Blocks().eval().to(memory_format=torch.channels_last)
     random_stats(model)
-    model.c2.path = "kernel"  # the others: the rule, which takes gemm on this small input
-    x = channels_last(torch.randn(1, 16, 6, 6))
+    model.c2.path = "kernel"  # the others: the rule, gemm and widen on this small input
+    monkeypatch.setattr(tieify._fuse, "FUSED_MAX_BANK", 0)  # no chain is timed here
+    x = channels_last(torch.randn(2, 16, 6, 6))
     fused = tieify.fuse(model, x)
     assert fused.fused == {"c2": "b2"}
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+    # At a batch of one the rule takes the kernel for the 3×3 conv too: its chain fuses.
+    one = tieify.fuse(model, x[:1])
+    assert one.fused == {"c2": "b2", "c6": "b6 + add"}
+    with torch.no_grad():
+        torch.testing.assert_close(one(x[:1]), model(x[:1]), rtol=1e-4, atol=1e-4)
     # None runs the kernel: the model as it is (a copy), no graph module.
     model.c2.path = "auto"
     plain = tieify.fuse(model, x)
@@ -471,7 +477,8 @@ def test_a_fused_model_deep_copies_and_pickles_fused(monkeypatch, tmp_path):
         calls = epilogue_calls(monkeypatch)
         with torch.no_grad():
             torch.testing.assert_close(other(x), expected, rtol=1e-4, atol=1e-4)
-        assert len(calls) == 36 and all(c["scale"] for c in calls)  # still fused
+        # Still fused: the 1×1 chains with enough pixels and, at a batch of one, all 3×3 ones.
+        assert len(calls) == 52 and all(c["scale"] for c in calls)
         monkeypatch.undo()
 
 

@@ -125,14 +125,15 @@ def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch,
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 @pytest.mark.parametrize("avx512", [False, True])
-def test_the_fused_rule_takes_the_conv_kernel_for_outputs_at_least_28_wide(monkeypatch, avx512):
-    """Unfused, k×k layers keep widen (or lift); for a chain tieify.fuse fused, the rule takes
-    the kernel where the output is at least 28 wide."""
+def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monkeypatch, avx512):
+    """Unfused, k×k layers keep widen (or lift) above a batch of one; for a chain tieify.fuse
+    fused, the rule takes the kernel where the output is at least 28 wide; at a batch of
+    one it takes the kernel, fused or not."""
     monkeypatch.setattr(_paths, "_CPU_HAS_AVX512", avx512)
     assert _paths.KERNEL_CONV_MIN_WIDTH == 28
     layer = TiedConv2d(16, 16, 3, padding=1, B=4)
     strided = TiedConv2d(16, 16, 3, stride=2, padding=1, B=4)
-    for x, width in [(torch.randn(1, 16, 5, 28), 28), (torch.randn(2, 16, 5, 27), 27)]:
+    for x, width in [(torch.randn(2, 16, 5, 28), 28), (torch.randn(2, 16, 5, 27), 27)]:
         x = channels_last(x)
         assert _paths.output_size(layer, x)[-1] == width
         kernel = width >= 28 and not avx512
@@ -142,11 +143,19 @@ def test_the_fused_rule_takes_the_conv_kernel_for_outputs_at_least_28_wide(monke
         assert _paths.select_path(layer, x) == "widen"  # the memo keeps the two apart
         # Stride 2 halves the width: lift (widen cannot stride across blocks) below 28.
         assert _paths.default_path(strided, x, fused=True) == "lift"
-    x = channels_last(torch.randn(1, 16, 3, 56))
+        # One sample of the same input: the kernel, fused or not, at any width.
+        one = x[:1]
+        for fused in (False, True):
+            assert _paths.default_path(layer, one, fused) == ("widen" if avx512 else "kernel")
+            assert _paths.select_path(layer, one, fused) == ("widen" if avx512 else "kernel")
+            assert _paths.default_path(strided, one, fused) == ("lift" if avx512 else "kernel")
+        assert _paths.select_path(layer, x) == "widen"  # the memo tells the batches apart
+    x = channels_last(torch.randn(2, 16, 3, 56))
     assert _paths.default_path(strided, x, fused=True) == ("lift" if avx512 else "kernel")
     # A pinned path is kept, fused or not.
     layer.path = "widen"
     assert _paths.select_path(layer, x, fused=True) == "widen"
+    assert _paths.select_path(layer, x[:1]) == "widen"
     layer.path = "auto"
     # Many pixels (the pointwise rule's count) do not decide a k×k layer: its width does.
     many = channels_last(torch.randn(8, 16, 14, 14))

@@ -112,15 +112,17 @@ KERNEL_MIN_PIXELS = 1024
 KERNEL_MAX_BANK = 65536
 
 #: Narrowest output (its last spatial size) on which a 2-D k×k layer on a channels-last CPU
-#: input, followed by a batch norm that :func:`tieify.fuse` fused, runs tieify's ``kernel``
-#: by default, the batch norm, add and ReLU in its epilogue (where it is built, on CPUs
-#: without AVX-512); narrower ones, and unfused layers, run ``widen``. Measured side by side
-#: (``benchmarks/conv_paths.py`` and ``fuse.py``, ResNet-50's 3×3 shapes, 2 threads, AVX2
-#: EPYC): unfused, kernel / widen time was 0.66-0.97 at batch 1 on 56- and 28-wide maps but
-#: 0.90-1.25 at batch 8 (1.18-1.28 on 7-wide ones, where a row of the output fills its
-#: register tiles badly); fused, the kernel with the batch norm and ReLU in its epilogue
-#: took 0.80-0.82 and 0.84-0.86 of widen and the separate modules in two runs (64→64 at
-#: 56×56, 128→128 at 28×28, B = 4, batch 8).
+#: input of a batch above one, followed by a batch norm that :func:`tieify.fuse` fused, runs
+#: tieify's ``kernel`` by default, the batch norm, add and ReLU in its epilogue (where it is
+#: built, on CPUs without AVX-512); narrower ones, and unfused layers, run ``widen``. At a
+#: batch of one every such k×k layer runs the kernel, fused or not. Measured side by side
+#: (``benchmarks/conv_paths.py`` and ``fuse.py``, ResNet-50's 3×3 shapes, B ∈ {2, 4, 8}, 2
+#: threads, AVX2 EPYC): unfused, kernel / widen time was 0.70-1.01 at batch 1 (the kernel the
+#: fastest path in 11 of 12; 0.66-1.15 in the session before, with the bank unpacked) but
+#: 0.90-1.07 at batch 8 on 56- to 14-wide maps and 0.99-1.34 on 7-wide ones, where a row of
+#: the output fills its register tiles badly (2026-12-01, 19:55); fused, the kernel with the
+#: batch norm and ReLU in its epilogue took 0.80-0.94 of widen and the separate modules in
+#: three runs (64→64 at 56×56, 128→128 at 28×28, B = 4, batch 8).
 KERNEL_CONV_MIN_WIDTH = 28
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -801,12 +803,18 @@ def output_size(layer: _TiedConvNd, x: torch.Tensor) -> tuple[int, ...]:
     )
 
 
-def _kernel_conv_by_default(layer: _TiedConvNd, x: torch.Tensor) -> bool:
+def _kernel_conv_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool) -> bool:
     """Whether a k×k layer whose input the ``kernel`` takes runs it by default: a CPU without
-    AVX-512 (the only kind measured) and an output at least :data:`KERNEL_CONV_MIN_WIDTH`
-    wide (a static test: the batch does not enter)."""
+    AVX-512 (the only kind measured) and a batch of one, or, ``fused``, an output at least
+    :data:`KERNEL_CONV_MIN_WIDTH` wide. Static tests: a symbolic batch (a dynamic-batch
+    compile or export) is not taken for one."""
+    if _CPU_HAS_AVX512:
+        return False
+    batch = x.shape[0]
+    if isinstance(batch, (int, torch.SymInt)) and statically_known_true(batch == 1):
+        return True
     width = output_size(layer, x)[-1]
-    return not _CPU_HAS_AVX512 and statically_known_true(width >= KERNEL_CONV_MIN_WIDTH)
+    return fused and statically_known_true(width >= KERNEL_CONV_MIN_WIDTH)
 
 
 def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> str:
@@ -819,10 +827,11 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     (:func:`_kernel_by_default`); else as a GEMM (a matrix multiply has the least per-call
     overhead, which decides small and pooled inputs), or widened on a CPU without AVX-512
     once a float32 input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers on a
-    channels-last input run widened on CPU where that applies, else lifted (1-D/2-D); with
+    channels-last input run tieify's ``kernel`` where it applies at a batch of one, and with
     ``fused`` (a layer whose batch norm, add and ReLU :func:`tieify.fuse` would apply in the
-    kernel's epilogue) they run tieify's ``kernel`` where it applies and the output is at
-    least :data:`KERNEL_CONV_MIN_WIDTH` wide (:func:`_kernel_conv_by_default`). On an
+    kernel's epilogue) also where the output is at least :data:`KERNEL_CONV_MIN_WIDTH` wide
+    (:func:`_kernel_conv_by_default`); else widened on CPU where that applies, else lifted
+    (1-D/2-D). On an
     NCHW input (eager, CPU, 2-D) pointwise layers run ``native``, and k×k layers too while
     the input has at most :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the
     batched GEMM is slower than the fold on CPU). Measured in ``benchmarks/``;
@@ -836,7 +845,7 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
         return "kernel"
     if "gemm" in paths:
         return "widen" if "widen" in paths and _widen_pointwise(x) else "gemm"
-    if fused and "kernel" in paths and not pointwise and _kernel_conv_by_default(layer, x):
+    if "kernel" in paths and not pointwise and _kernel_conv_by_default(layer, x, fused):
         return "kernel"
     if "widen" in paths and x.device.type == "cpu":
         return "widen"
@@ -857,8 +866,9 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> str
     The answer depends only on the layer's hyper-parameters, its ``path``, the input's
     per-sample shape, strides, dtype and device, and on which side of the size thresholds of
     ``native``, ``widen`` and ``kernel`` the whole input falls (:data:`NATIVE_MAX_NUMEL`,
-    :data:`WIDEN_POINTWISE_MIN_PIXELS`, :data:`KERNEL_MIN_PIXELS`, :func:`_small_pointwise`),
-    so eager calls remember it per layer (the checks cost ~50 µs a call in Python, more than
+    :data:`WIDEN_POINTWISE_MIN_PIXELS`, :data:`KERNEL_MIN_PIXELS`, :func:`_small_pointwise`)
+    and whether it is a batch of one (:func:`_kernel_conv_by_default`), so eager calls
+    remember it per layer (the checks cost ~50 µs a call in Python, more than
     a small convolution's kernel; the memo's key, ~3 µs). Inside
     ``torch.compile``/``torch.export``/``torch.jit.trace`` tracing and under a dispatch mode
     the checks run every time (shapes may be symbolic there, the trace keeps only the chosen
@@ -873,6 +883,7 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> str
         n >= WIDEN_POINTWISE_MIN_PIXELS,
         n >= KERNEL_MIN_PIXELS,
         _small_pointwise(layer, n),
+        x.shape[0] == 1,
     )
     key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, sizes, fused)
     memo = layer.__dict__.setdefault("_path_memo", {})

@@ -442,9 +442,10 @@ def conv2d(
 def pack(bt: torch.Tensor) -> torch.Tensor:
     """The (K, N) bank ``bt`` (a pointwise bank, or a convolution's taps·K rows) as the kernel
     reads it: its columns in panels of 16 while 16 remain, then of 8, the last zero-padded
-    to 8, each panel's (K, width) block row-major, one after the other; a new dense 1-D
-    float32 tensor of K·ldb entries (ldb: N rounded up to 8). Each register tile reads one
-    panel in order (see ``_kernel.cpp``). Any strides; differentiable."""
+    to 8, each panel's (K, width) block row-major, one after the other: a dense 1-D tensor
+    of K·ldb entries (ldb: N rounded up to 8; a view of ``bt`` where that is its layout
+    already, one panel of a dense bank). Each register tile reads one panel in order (see
+    ``_kernel.cpp``). Any strides; differentiable."""
     k, n = bt.shape
     wide = n // 16 * 16
     narrow = torch.nn.functional.pad(bt[:, wide:], (0, -(-(n - wide) // 8) * 8 - (n - wide)))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _kernel, _paths
+from . import _paths
 from ._conv import _TiedConvNd
 
 __all__ = ["add_into", "conv_bn_act", "fusable"]
@@ -131,14 +131,10 @@ def _fused(
         bn, ("affine", id(conv), bn.eps), tuple(stats), lambda: _affine(conv, bn)
     )
     res = None if residual is None else _paths.channels_inner(residual).contiguous()
-    if not _paths._is_pointwise(conv):  # the conv's bias is in the shift: none given here
-        epilogue = {"scale": scale, "shift": shift, "residual": res, "relu": relu}
-        return _paths.kernel_conv_call(conv, x, None, **epilogue)
+    epilogue = {"scale": scale, "shift": shift, "relu": relu}
+    # The conv's bias is in the shift: none given to the kernel.
+    if not _paths._is_pointwise(conv):
+        return _paths.kernel_conv_call(conv, x, None, residual=res, **epilogue)
     a, unfold = _paths.kernel_rows(conv, x)
-    bank, _ = _paths._cached(conv, "packed", _paths._packed_bank)
-    o = conv.out_channels // conv.B
-    res = None if res is None else res.view(-1, o)
-    y = _kernel.pointwise(
-        a, bank, None, a.new_empty(a.shape[0], o), scale=scale, shift=shift, residual=res, relu=relu
-    )
-    return unfold(y)
+    res = None if res is None else res.view(-1, conv.out_channels // conv.B)
+    return unfold(_paths.kernel_pointwise_call(conv, a, None, residual=res, **epilogue))

@@ -593,9 +593,20 @@ def kernel_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     if _traced() or (torch.is_grad_enabled() and any(t.requires_grad for t in (a, *params))):
         y = pointwise_op(a, weight.reshape(weight.shape[0], -1).t(), bias)
     else:
-        bank, _ = _cached(layer, "packed", _packed_bank)
-        y = _kernel.pointwise(a, bank, bias, a.new_empty(a.shape[0], weight.shape[0]))
+        y = kernel_pointwise_call(layer, a, bias)
     return unfold(y)
+
+
+def kernel_pointwise_call(
+    layer: _TiedConvNd, a: torch.Tensor, bias: torch.Tensor | None, **epilogue: Any
+) -> torch.Tensor:
+    """The kernel's product of a pointwise layer's rows ``a`` (:func:`kernel_rows`) with its
+    kept packed bank, in an eager call that records no gradient: a new (rows, C_out/B)
+    tensor; ``bias`` as for :func:`kernel_conv_call`, ``epilogue`` with its ``residual`` as
+    (rows, C_out/B)."""
+    bank, _ = _cached(layer, "packed", _packed_bank)
+    out = a.new_empty(a.shape[0], layer.out_channels // layer.B)
+    return _kernel.pointwise(a, bank, bias, out, **epilogue)
 
 
 def kernel_rows(

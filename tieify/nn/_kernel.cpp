@@ -436,9 +436,10 @@ void with_height(const Conv* conv, const float* A, float* C, int64_t R, int64_t 
 }
 
 // Built as two translation units compiled side by side (tieify/nn/_kernel.py passes
-// TIEIFY_PART = 0 and 1; on the 2-core EPYC 12-13 s where one unit took 18 s): each
-// instantiates half of the (STREAM, EPI) pairs, and part 0 holds the rest of the library
-// too. Without TIEIFY_PART the file is the whole library in one unit.
+// TIEIFY_PART = 0 and 1): each instantiates half of the (STREAM, EPI) pairs, and part 0
+// holds the rest of the library too. On the 2-core EPYC each part takes 15 s; before finish()
+// was always inlined, 12 s in two parts where one unit took 18 s. Without TIEIFY_PART the
+// file is the whole library in one unit.
 #if defined(TIEIFY_PART)
 #define TIEIFY_PAIR(S, E)                                                                     \
   template void with_height<S, E>(const Conv*, const float*, float*, int64_t, int64_t, int64_t, \

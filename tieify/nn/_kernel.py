@@ -12,8 +12,8 @@ following batch norm's per-channel affine, a residual add and a ReLU before the 
 
 It is built on first use with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++``,
 ``clang++``) for the machine's own instruction set (``-march=native``, OpenMP where the
-compiler has it; its two translation units side by side, then linked), once (about 12 s
-on the 2-core machine measured, where one unit took 18 s), and kept under the
+compiler has it; its two translation units side by side, then linked), once (about 15 s
+on the 2-core machine measured), and kept under the
 tieify cache directory (``kernels/``), keyed by the source, the compiler and the CPU's
 flags, so a home directory shared by different machines never loads one machine's build on
 another. Where no compiler

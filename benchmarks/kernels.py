@@ -16,7 +16,8 @@ baseline). Batch 8, 2 threads by default.
 Two ceilings bound E for *any* implementation on the machine at hand:
 
 - memory: a layer must at least read its input and allocate and write its output (timed as a
-  sum over the input plus a fill of the output, in the same rounds);
+  sum over the input plus the faster of a fill of the output and a write of it with
+  non-temporal stores by tieify's kernel, in the same rounds);
 - compute: the tied layer's multiply-adds (the dense layer's / B) at the machine's peak rate,
   the highest float32 rate any kernel of the run reached (a 2048² sgemm, timed every round,
   and every dense convolution). E_compute = peak rate / the dense layer's own rate: where the
@@ -54,8 +55,10 @@ from tieify.latency._optimize import choose_path  # noqa: E402
 from tieify.latency._timing import calibrate_iters, time_once  # noqa: E402
 from tieify.nn import (
     TiedConv2d,  # noqa: E402
+    _kernel,  # noqa: E402
     _paths,  # noqa: E402
 )
+from tieify.nn._kernel import kernel_available  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,6 +80,19 @@ SHAPES = [
 CL = torch.channels_last
 #: Side of the square sgemm timed as the machine's arithmetic peak (2·n³ flops per call).
 PEAK_GEMM_N = 2048
+#: Columns of the streamed write in the memory floor.
+STREAM_WIDTH = 64
+
+
+def stream_writer(numel):
+    """A call that allocates a float32 output of at least ``numel`` elements and writes it
+    with tieify's kernel, which streams large outputs (non-temporal stores): a (rows, 1)
+    column of ones times a (1, 64) bank of ones, rows = ⌈numel / 64⌉, so it reads 1/64 of
+    what it writes. Returns the output (all ones)."""
+    rows = -(-numel // STREAM_WIDTH)
+    a = torch.ones(rows, 1)
+    bank = _kernel.pack(torch.ones(1, STREAM_WIDTH))
+    return lambda: _kernel.pointwise(a, bank, None, torch.empty(rows, STREAM_WIDTH))
 
 
 def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
@@ -95,6 +111,9 @@ def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
         # whole output; timed separately as a reduction over the input and a fill.
         "read_input": lambda: xc.sum(),
         "write_output": lambda: torch.empty(out_numel).fill_(1.0),
+        # The same write with non-temporal stores, which skip reading the output's lines
+        # first (fill_ does not); the floor takes the faster of the two in each round.
+        **({"stream_output": stream_writer(out_numel)} if kernel_available() else {}),
         # The machine's arithmetic peak, in the same rounds (see the module docstring).
         "peak_gemm": lambda: torch.mm(ga, gb),
     }
@@ -128,6 +147,9 @@ def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
     def gflops(n_flops, times):
         return statistics.median(n_flops / t for t in times) / 1e9
 
+    # The output's write: the faster of the fill and the streamed write in each round.
+    streamed = samples.get("stream_output", samples["write_output"])
+    writes = [min(f, s) for f, s in zip(samples["write_output"], streamed, strict=True)]
     rates = {
         "dense_gflops": gflops(flops, dense_r),
         "dense_nchw_gflops": gflops(flops, samples["dense_nchw"]),
@@ -158,9 +180,7 @@ def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
             "E_fold": eff(f"fold|{B}"),
             "E_ceiling": statistics.median(
                 d / B / (r + w)
-                for d, r, w in zip(
-                    dense_r, samples["read_input"], samples["write_output"], strict=True
-                )
+                for d, r, w in zip(dense_r, samples["read_input"], writes, strict=True)
             ),
             "E_grouped": best(f"grouped_nchw|{B}", f"grouped_cl|{B}"),
             "E_tieify": best(f"tieify_nchw|{B}", f"tieify_cl|{B}"),
@@ -321,11 +341,11 @@ def main(argv=None):
         "note": "The machine's cores are shared with other jobs: timings are noisy, candidates "
         "are interleaved (ABAB) and E is a median of per-round ratios. 'E memory' is the E of "
         "a layer that only reads its input once and allocates and writes its output (the "
-        "memory floor of every path, timed as a sum over the input plus a fill of the "
-        "output). 'E compute' is the peak rate over the dense layer's own rate: the E of a "
-        "tied layer running at the peak. 'of roofline' is E tieify over the smaller of the "
-        "two. Where either is below 1, no implementation can "
-        "reach E = 1 on this machine.",
+        "memory floor of every path, timed as a sum over the input plus the faster of a fill "
+        "of the output and a write of it with non-temporal stores). 'E compute' is the peak "
+        "rate over the dense layer's own rate: the E of a tied layer running at the peak. "
+        "'of roofline' is E tieify over the smaller of the two. Where either is below 1, no "
+        "implementation can reach E = 1 on this machine.",
         "seconds": round(time.time() - start, 1),
         "loadavg_start": [round(v, 2) for v in load_start],
         "loadavg_end": [round(v, 2) for v in os.getloadavg()],

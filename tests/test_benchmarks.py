@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -61,3 +62,14 @@ def test_ceilings_and_rates_follow_from_the_timings(kernels):
     )
     assert md.count("\n| 8 | 16 | 4 | 3 |") == 2 and "| 16 | 8 | 4 | 1 | 2 |" in md
     assert "| roofline ceiling (the smaller of the two) |" in md
+
+
+@pytest.mark.parametrize("numel", [64, 100, 8 * 64 * 56 * 56])
+def test_the_streamed_write_covers_the_output(kernels, numel):
+    from tieify.nn._kernel import kernel_available
+
+    if not kernel_available():
+        pytest.skip("tieify's kernel cannot be built here: the floor times the fill alone")
+    out = kernels.stream_writer(numel)()
+    assert out.numel() >= numel and out.numel() - numel < kernels.STREAM_WIDTH
+    torch.testing.assert_close(out, torch.ones_like(out))

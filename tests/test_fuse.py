@@ -72,7 +72,9 @@ def separate(x, conv, bn, residual=None, relu=False):
 @needs_kernel
 def test_the_epilogue_applies_scale_shift_residual_and_relu_per_block():
     gen = torch.Generator().manual_seed(0)
-    for rows, k, n, blocks in ((60, 7, 27, 4), (36, 16, 32, 3), (13, 5, 8, 1)):
+    # N <= 8 runs pair tiles (odd K: a last single step); 6-row tiles cross blocks of 5
+    cases = ((60, 7, 27, 4), (36, 16, 32, 3), (13, 5, 8, 1), (30, 9, 3, 5), (42, 32, 8, 7))
+    for rows, k, n, blocks in cases:
         a, bt = torch.randn(rows, k, generator=gen), torch.randn(k, n, generator=gen)
         bias = torch.randn(n, generator=gen)
         scale, shift = torch.randn(blocks, n, generator=gen), torch.randn(blocks, n, generator=gen)

@@ -24,9 +24,12 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     "nd, cin, cout, B, stride, bias, batch, size",
     [
         (2, 64, 256, 8, 1, False, 2, 9),  # N = 32: two 16-column tiles
-        (2, 256, 64, 8, 1, True, 3, 7),  # N = 8: one 8-column tile; rows not a multiple of 6
+        (2, 256, 64, 8, 1, True, 3, 7),  # N = 8: pair tiles; rows not a multiple of 6
         (2, 24, 36, 4, 2, False, 2, 11),  # N = 9: an 8-column tile and a 1-column tail
-        (2, 12, 10, 2, 1, True, 1, 5),  # N = 5: the scalar tail only
+        (2, 12, 10, 2, 1, True, 1, 5),  # N = 5: pair tiles (N <= 8), K = 6
+        (2, 21, 21, 3, 1, True, 2, 7),  # N = 7, odd K = 7: pairs, then one single step
+        (2, 8, 16, 8, 1, False, 3, 5),  # K = 1: the single step only
+        (2, 64, 32, 4, 1, False, 8, 32),  # N = 8 and a 1 MiB output: pair tiles streamed
         (2, 8, 96, 1, 1, True, 1, 1),  # B = 1, one pixel: fewer rows than a tile
         (2, 64, 128, 2, 1, True, 4, 32),  # a 2 MiB output: written with streaming stores
         (1, 32, 48, 4, 1, True, 2, 13),
@@ -39,7 +42,7 @@ def test_kernel_equals_the_reference_forward_and_backward(
     torch.manual_seed(0)
     layer = TIED[nd](cin, cout, 1, stride=stride, B=B, bias=bias)
     x = channels_last(torch.randn(batch, cin, *(size,) * nd))
-    if stride == 1 and nd == 2 and cout == 128:
+    if stride == 1 and nd == 2 and cout in (128, 32):
         assert batch * size * size * cout * 4 >= _kernel.STREAM_MIN_BYTES
     assert "kernel" in check_all_paths(layer, x)  # forward and backward (autograd records)
     with torch.no_grad():  # the other branch: the kept transposed bank, no autograd

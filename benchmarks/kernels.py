@@ -29,8 +29,8 @@ The roofline ceiling is the smaller of the two (its time is the larger), and
 
 Usage::
 
-    python benchmarks/kernels.py            # ~40 s on 2 cores
-    python benchmarks/kernels.py --quick    # fewer rounds, ~12 s
+    python benchmarks/kernels.py            # ~80 s on 2 cores
+    python benchmarks/kernels.py --quick    # fewer rounds, ~30 s
 """
 
 from __future__ import annotations

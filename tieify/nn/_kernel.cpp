@@ -218,8 +218,13 @@ inline void row_block(const Rows& a, const Operands& op, float* c, int64_t N, in
 // neighbours within each 128-bit half puts the columns back in order (one horizontal add).
 // An odd K's last row is one ordinary broadcast step after that. 1.35-1.5x the rate of the
 // tile of rows for K = 8-128 (a harness of both, one thread, data in cache).
+#if defined(__has_builtin)  // separate #ifs: a preprocessor without it cannot parse the call
+#if __has_builtin(__builtin_shufflevector)
+#define TIEIFY_SHUFFLE 1
+#endif
+#endif
 inline v8 pair_sums(v8 a, v8 b) {  // (a0+a1 a2+a3 b0+b1 b2+b3 | a4+a5 a6+a7 b4+b5 b6+b7)
-#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+#if defined(TIEIFY_SHUFFLE)
   return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
          __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
 #else

@@ -58,7 +58,6 @@ from tieify.nn import (
     _kernel,  # noqa: E402
     _paths,  # noqa: E402
 )
-from tieify.nn._kernel import kernel_available  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -113,7 +112,7 @@ def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
         "write_output": lambda: torch.empty(out_numel).fill_(1.0),
         # The same write with non-temporal stores, which skip reading the output's lines
         # first (fill_ does not); the floor takes the faster of the two in each round.
-        **({"stream_output": stream_writer(out_numel)} if kernel_available() else {}),
+        **({"stream_output": stream_writer(out_numel)} if _kernel.kernel_available() else {}),
         # The machine's arithmetic peak, in the same rounds (see the module docstring).
         "peak_gemm": lambda: torch.mm(ga, gb),
     }

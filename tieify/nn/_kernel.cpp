@@ -198,9 +198,8 @@ template <int MR, bool STREAM, int EPI, bool PREFETCH>
 inline void row_block(const Rows& a, const Operands& op, float* c, int64_t N, int64_t row0) {
   const int64_t b0 = (EPI & SCALE) && op.blocks > 1 ? row0 % op.blocks : 0;
   int64_t n0 = 0;
-  if constexpr (MR <= 6)
-    for (; n0 + 16 <= N; n0 += 16)
-      tile<MR, 2, STREAM, EPI, PREFETCH>(a, op, c + n0, N, row0, b0, n0, 16);
+  for (; n0 + 16 <= N; n0 += 16)
+    tile<MR, 2, STREAM, EPI, PREFETCH>(a, op, c + n0, N, row0, b0, n0, 16);
   for (; n0 + 8 <= N; n0 += 8)
     tile<MR, 1, STREAM, EPI, PREFETCH>(a, op, c + n0, N, row0, b0, n0, 8);
   if (n0 < N)
@@ -246,7 +245,7 @@ inline int64_t pair_slot(int64_t n, int64_t j) {
   return (n / 2) % 2 * 8 + n / 4 * 4 + n % 2 * 2 + j;
 }
 
-template <int MR, bool STREAM, int EPI>
+template <int MR, bool STREAM, int EPI, bool PREFETCH>
 __attribute__((always_inline)) inline void pair_tile(const float* at, int64_t K,
                                                      const Operands& op, float* __restrict c,
                                                      int64_t ldc, int64_t row0, int64_t b0,
@@ -259,7 +258,7 @@ __attribute__((always_inline)) inline void pair_tile(const float* at, int64_t K,
   const float* __restrict at3 = at + 3 * K;
   const float* __restrict bp = op.pairs;
   for (int64_t k = 0; k + 1 < K; k += 2) {
-    if (MR > 1 && (k & 15) == 0)  // as in tile(): each row's next line, tiles ahead
+    if (PREFETCH && (k & 15) == 0)  // as in tile(): each row's next line, tiles ahead
       for (int i = 0; i < MR; ++i) __builtin_prefetch(at + (PREFETCH_TILES * MR + i) * K + k);
     const v8 lo = load8(bp + 8 * k), hi = load8(bp + 8 * k + 8);
 #pragma GCC unroll 16
@@ -323,50 +322,36 @@ inline void pixel_tile(const float* const* lines, int64_t kh, int64_t offset, in
   finish<P, 1, STREAM, EPI>(acc, op, c, ldc, row0, block, op.blocks, 0, width);
 }
 
+// MR rows of the pointwise product from row0 (PAIRS: one pair tile, N <= 8 with op.pairs set;
+// else row_block's tiles). Always inlined: called out of line, pair tiles of small K (8-16)
+// ran 1.3-1.5x slower (2 threads, interleaved A/B).
+template <int MR, bool STREAM, int EPI, bool PREFETCH, bool PAIRS>
+__attribute__((always_inline)) inline void rows(const float* A, float* C, int64_t K, int64_t N,
+                                                const Operands& op, int64_t row0) {
+  const float* at = A + row0 * K;
+  if constexpr (PAIRS) {
+    const int64_t b0 = (EPI & SCALE) && op.blocks > 1 ? row0 % op.blocks : 0;
+    pair_tile<MR, STREAM, EPI, PREFETCH>(at, K, op, C + row0 * N, N, row0, b0,
+                                         static_cast<int>(N));
+  } else {
+    row_block<MR, STREAM, EPI, PREFETCH>(Rows{&at, 1, K}, op, C + row0 * N, N, row0);
+  }
+}
+
 // The pointwise product: C (R×N) = A (R×K) · Bt.
-template <int MR, bool STREAM, int EPI>
+template <int MR, bool STREAM, int EPI, bool PAIRS>
 void run(const float* A, float* C, int64_t R, int64_t K, int64_t N, const Operands& op,
          int threads) {
   const int64_t blocks = R / MR;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < blocks; ++t) {
-      const float* at = A + t * MR * K;
-      row_block<MR, STREAM, EPI, true>(Rows{&at, 1, K}, op, C + t * MR * N, N, t * MR);
-    }
+    for (int64_t t = 0; t < blocks; ++t) rows<MR, STREAM, EPI, true, PAIRS>(A, C, K, N, op, t * MR);
 #if defined(__AVX__)
     if (STREAM) _mm_sfence();  // streamed stores visible before the threads join
 #endif
   }
-  for (int64_t r = blocks * MR; r < R; ++r) {
-    const float* at = A + r * K;
-    row_block<1, false, EPI, false>(Rows{&at, 1, K}, op, C + r * N, N, r);
-  }
-}
-
-// The pointwise product for N <= 8 in pair tiles of MR rows (op.pairs set).
-template <int MR, bool STREAM, int EPI>
-void run_pairs(const float* A, float* C, int64_t R, int64_t K, int64_t N, const Operands& op,
-               int threads) {
-  const int64_t blocks = R / MR;
-  const int width = static_cast<int>(N);
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < blocks; ++t) {
-      const int64_t row0 = t * MR;
-      const int64_t b0 = (EPI & SCALE) && op.blocks > 1 ? row0 % op.blocks : 0;
-      pair_tile<MR, STREAM, EPI>(A + row0 * K, K, op, C + row0 * N, N, row0, b0, width);
-    }
-#if defined(__AVX__)
-    if (STREAM) _mm_sfence();
-#endif
-  }
-  for (int64_t r = blocks * MR; r < R; ++r) {
-    const int64_t b0 = (EPI & SCALE) && op.blocks > 1 ? r % op.blocks : 0;
-    pair_tile<1, false, EPI>(A + r * K, K, op, C + r * N, N, r, b0, width);
-  }
+  for (int64_t r = blocks * MR; r < R; ++r) rows<1, false, EPI, false, PAIRS>(A, C, K, N, op, r);
 }
 
 // f(x) for tile starts x covering [0, n) with tiles of h (h <= n): 0, h, 2h, ..., then one that
@@ -533,9 +518,9 @@ void with_height(const Conv* conv, const float* A, float* C, int64_t R, int64_t 
   if (conv)  // thin banks of a 3-wide filter run pixel tiles; the rest is rarer: one height
     run_conv<6, STREAM, EPI>(*conv, A, C, N, op, threads);
   else if (N <= 8)  // six rows of two accumulators each
-    run_pairs<6, STREAM, EPI>(A, C, R, K, N, op, threads);
+    run<6, STREAM, EPI, true>(A, C, R, K, N, op, threads);
   else
-    run<6, STREAM, EPI>(A, C, R, K, N, op, threads);
+    run<6, STREAM, EPI, false>(A, C, R, K, N, op, threads);
 }
 
 // Built as two translation units compiled side by side (tieify/nn/_kernel.py passes

@@ -215,7 +215,7 @@ inline void row_block(const Rows& a, const Operands& op, float* c, int64_t N, in
 // columns n = 0, 1, 4, 5 in the first vector, 2, 3, 6, 7 in the second), into two
 // accumulators a row of C of partial sums over the even and the odd k. At the end, adding
 // neighbours within each 128-bit half puts the columns back in order (one horizontal add).
-// An odd K's last row is one ordinary broadcast step after that. 1.35-1.5x the rate of the
+// An odd K's last row is one ordinary broadcast step after that. 1.33-1.48x the rate of the
 // tile of rows for K = 8-128 (a harness of both, one thread, data in cache).
 #if defined(__has_builtin)  // separate #ifs: a preprocessor without it cannot parse the call
 #if __has_builtin(__builtin_shufflevector)

@@ -71,3 +71,35 @@ def _rounding_slack(layer, x: torch.Tensor, g_out: torch.Tensor) -> list[torch.T
     params = [p for p in (mag.weight, mag.bias) if p is not None]
     out = _paths.fold_forward(mag, xa)
     return [2**-6 * m for m in torch.autograd.grad(out, [xa, *params], g_out.float().abs())]
+
+
+def spy_kernel(monkeypatch, describe=None) -> list:
+    """Record every call of the kernel library's two entry points, whatever Python reached
+    them: ``describe(conv, args)`` of each (the ctypes arguments; default: the rows of a
+    pointwise product, ``None`` for a convolution). The library is wrapped for the test, so
+    calls kept with the unwrapped library are prepared anew."""
+    from tieify.nn import _kernel
+
+    lib = _kernel._library()
+    assert lib is not None
+    calls: list = []
+    describe = describe or (lambda conv, args: None if conv else args[3])
+
+    def record(conv: bool):
+        fn = lib.tieify_conv if conv else lib.tieify_pointwise
+
+        def call(*args):
+            calls.append(describe(conv, args))
+            return fn(*args)
+
+        return call
+
+    class Spy:
+        tieify_pointwise = staticmethod(record(False))
+        tieify_conv = staticmethod(record(True))
+
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+    monkeypatch.setitem(_kernel._state, "lib", Spy())
+    return calls

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from _path_helpers import to_layout
+from _path_helpers import spy_kernel, to_layout
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
@@ -39,24 +39,15 @@ def random_stats(model: nn.Module, seed: int = 1) -> nn.Module:
 
 
 def epilogue_calls(monkeypatch) -> list[dict]:
-    """Patch the kernel's entry points to record the epilogue of each call (and ``conv`` for
-    the convolution's)."""
-    calls: list[dict] = []
+    """Record the epilogue of each kernel call ({} for none) and ``conv`` for the
+    convolution's."""
 
-    def spying(name):
-        run = getattr(_kernel, name)
+    def describe(conv: bool, args: tuple) -> dict:
+        scale, residual, relu = args[-5], args[-2], args[-1]  # the entry points' last five
+        seen = {"scale": True, "shift": True, "residual": residual is not None, "relu": bool(relu)}
+        return {**(seen if scale is not None else {}), **({"conv": True} if conv else {})}
 
-        def spy(a, bt, bias, out, **kw):
-            epilogue = {k: kw[k] for k in ("scale", "shift", "residual", "relu") if k in kw}
-            seen = {k: v is not None if k != "relu" else v for k, v in epilogue.items()}
-            calls.append({**seen, "conv": True} if name == "conv2d" else seen)
-            return run(a, bt, bias, out, **kw)
-
-        monkeypatch.setattr(_kernel, name, spy)
-
-    spying("pointwise")
-    spying("conv2d")
-    return calls
+    return spy_kernel(monkeypatch, describe)
 
 
 def separate(x, conv, bn, residual=None, relu=False):
@@ -159,6 +150,42 @@ def test_conv_bn_act_keeps_the_affine_until_the_batch_norm_changes(monkeypatch):
             _fused.conv_bn_act(x, conv, bn), separate(x, conv, bn), rtol=1e-4, atol=1e-4
         )
         assert _paths._FORMS[bn][("affine", id(conv), bn.eps)][2] is not kept
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv_bn_act_keeps_its_call_until_the_modules_change(monkeypatch, k):
+    """A fused eager call is prepared once per input and residual layout and kept: new data,
+    a batch norm updated in place or put in training mode, a new residual layout and a
+    ReLU asked or not all give the separate modules' result."""
+    torch.manual_seed(0)
+    conv = TiedConv2d(16, 32, k, padding=k // 2, B=4)
+    bn = random_stats(nn.BatchNorm2d(32)).eval()
+    conv.path = "kernel"
+    x = channels_last(torch.randn(2, 16, 8, 8))
+    res = channels_last(torch.randn(2, 32, 8, 8))
+    calls = epilogue_calls(monkeypatch)
+
+    def check(x, res, relu=True):
+        with torch.no_grad():
+            y = _fused.conv_bn_act(x, conv, bn, res, relu)
+            torch.testing.assert_close(y, separate(x, conv, bn, res, relu), rtol=1e-4, atol=1e-4)
+
+    check(x, res)
+    (kept,) = _paths._CALLS[conv].values()
+    check(channels_last(torch.randn(2, 16, 8, 8)), channels_last(torch.randn(2, 32, 8, 8)))
+    assert list(_paths._CALLS[conv].values()) == [kept] and len(calls) == 2
+    bn.running_mean.add_(1.0)  # in place: the kept call is made anew
+    check(x, res)
+    assert kept not in _paths._CALLS[conv].values()
+    check(x, None, relu=False)  # another key: no residual, no ReLU
+    check(x, res.contiguous())  # an NCHW residual: the separate modules, no kernel epilogue
+    assert calls[-1] == ({"conv": True} if k == 3 else {})
+    bn.train()  # training mode: the modules, which update the running statistics
+    before = bn.running_mean.clone()
+    with torch.no_grad():
+        _fused.conv_bn_act(x, conv, bn, res, True)
+    assert not torch.equal(bn.running_mean, before)
 
 
 @needs_kernel

@@ -4,11 +4,13 @@ built."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 import warnings
 
 import pytest
 import torch
-from _path_helpers import TIED, check_all_paths, to_layout
+from _path_helpers import TIED, check_all_paths, spy_kernel, to_layout
 
 import tieify
 from tieify.latency import _optimize
@@ -77,6 +79,75 @@ def test_kernel_reads_the_input_in_place_and_keeps_a_transposed_bank(monkeypatch
             atol=1e-4,
         )
         assert _paths._FORMS[layer]["packed"][2][0] is not bank
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize(
+    "cin, cout, k, stride, padding, bias",
+    [
+        (64, 32, 1, 1, 0, True),
+        (24, 36, 1, 2, 0, False),
+        (16, 32, 3, 1, 1, True),
+        (16, 16, 3, 2, 1, False),
+    ],
+)
+def test_eager_calls_keep_a_prepared_call_that_follows_the_parameters(
+    monkeypatch, cin, cout, k, stride, padding, bias
+):
+    """An eager no-grad call of the kernel path prepares its call once per input layout and
+    reuses it; new data of that layout, an in-place or replaced parameter, another pinned
+    path, another batch and autograd all give the reference's result."""
+    torch.manual_seed(0)
+    layer = TiedConv2d(cin, cout, k, stride=stride, padding=padding, B=4, bias=bias).eval()
+    layer.path = "kernel"
+    x = channels_last(torch.randn(2, cin, 11, 12))
+    calls = spy_kernel(monkeypatch)
+
+    def check(x):
+        torch.testing.assert_close(layer(x), _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
+
+    with torch.no_grad():
+        check(x)
+        (kept,) = _paths._CALLS[layer].values()
+        check(channels_last(torch.randn(2, cin, 11, 12)))  # new data, the same layout
+        assert list(_paths._CALLS[layer].values()) == [kept] and len(calls) == 2
+        layer.weight.mul_(-0.5)  # in place: a new version, a new bank
+        check(x)
+        layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight))  # replaced
+        check(x)
+        check(channels_last(torch.randn(3, cin, 11, 12)))  # another batch: its own call
+        assert kept not in _paths._CALLS[layer].values() and len(calls) == 5
+        layer.path = "grouped"  # pinned elsewhere: the kept call is not used
+        check(x)
+        assert len(calls) == 5
+        layer.path = "kernel"
+    y = layer(x.requires_grad_())  # autograd records: the operator, with its backward
+    assert y.grad_fn is not None and len(calls) == 6
+    if bias:  # the helper's gradients include the bias's
+        check_against_the_fold(layer, x, y)
+    # The kept calls live beside the layer, not in it: copies and pickles carry none.
+    clone = copy.deepcopy(layer)
+    assert clone not in _paths._CALLS and pickle.loads(pickle.dumps(layer)) not in _paths._CALLS
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_no_call_is_kept_where_it_could_not_see_a_change(monkeypatch):
+    """Parameters made under inference_mode have no version counter: their calls are prepared
+    anew every time. The kept calls of a layer are bounded, like the path memo."""
+    with torch.inference_mode():
+        layer = TiedConv2d(16, 16, 1, B=4)
+        layer.path = "kernel"
+        x = channels_last(torch.randn(2, 16, 8, 8))
+        torch.testing.assert_close(layer(x), _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
+    assert layer not in _paths._CALLS
+    other = TiedConv2d(16, 16, 1, B=4)
+    other.path = "kernel"
+    with torch.no_grad():
+        for h in range(1, 2 * _paths._MEMO_SIZE):
+            other(channels_last(torch.randn(1, 16, h, 3)))
+    assert len(_paths._CALLS[other]) <= _paths._MEMO_SIZE
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
@@ -258,16 +329,14 @@ def test_conv_kernel_refuses_operands_it_would_read_past():
         _kernel.conv2d(x.transpose(1, 2), bank, None, torch.empty(1, 5, 5, 8), **geometry)
     with pytest.raises(ValueError, match="dtypes"):
         _kernel.conv2d(x, bank.double(), None, torch.empty(1, 5, 5, 8), **geometry)
+    strided = torch.randn(1, 5, 8, 5).transpose(2, 3)  # the output's shape, not its layout
+    with pytest.raises(ValueError, match="dense x"):
+        _kernel.conv2d(x, bank, None, torch.empty(1, 5, 5, 8), residual=strided, **geometry)
 
 
 def counting_kernel_calls(monkeypatch) -> list[int]:
-    """Patch the kernel's entry point to count its calls (the rows of each)."""
-    calls: list[int] = []
-    run = _kernel.pointwise
-    monkeypatch.setattr(
-        _kernel, "pointwise", lambda a, *rest: calls.append(a.shape[0]) or run(a, *rest)
-    )
-    return calls
+    """Count the kernel's pointwise calls (the rows of each)."""
+    return spy_kernel(monkeypatch)
 
 
 def check_against_the_fold(layer, x, y) -> torch.Tensor:

@@ -16,6 +16,8 @@ runs the modules one after the other, exactly as the unfused model.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -50,6 +52,9 @@ def conv_bn_act(
     relu: bool = False,
 ) -> torch.Tensor:
     """``relu(bn(conv(x)) + residual)``, fused where it can be (see the module doc)."""
+    call = _kept_call(x, conv, bn, residual, relu)
+    if call is not None:
+        return call(x, residual)
     if _fuses(x, conv, bn, residual):
         assert isinstance(conv, _TiedConvNd) and isinstance(bn, nn.modules.batchnorm._NormBase)
         return _fused(x, conv, bn, residual, relu)
@@ -80,6 +85,39 @@ def _fuses(x: torch.Tensor, conv: nn.Module, bn: nn.Module, residual: torch.Tens
         if tuple(residual.shape) != out_shape or not _paths.is_channels_last(residual):
             return False
     return bn.running_var is not None
+
+
+def _tensors(
+    conv: _TiedConvNd, bn: nn.modules.batchnorm._NormBase
+) -> tuple[torch.Tensor | None, ...]:
+    """What a fused call is made from: the conv's parameters and the batch norm's."""
+    return (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+
+
+def _extra(bn: nn.Module, residual: torch.Tensor | None, relu: bool) -> tuple[Any, ...]:
+    """A fused call's key beyond the input's layout (:func:`tieify.nn._paths.kernel_call`)."""
+    layout = None if residual is None else (residual.shape, residual.stride(), residual.dtype)
+    return ("fused", id(bn), bn.eps, relu, layout)
+
+
+def _kept_call(
+    x: torch.Tensor,
+    conv: nn.Module,
+    bn: nn.Module,
+    residual: torch.Tensor | None,
+    relu: bool,
+) -> Any:
+    """The fused call kept for an input and residual laid out like these, where it holds
+    (see :func:`tieify.nn._paths.kernel_call`; the tests :func:`_fuses` makes on every call
+    depend only on what its key and tensors fix, but for the batch norm's mode)."""
+    if not (isinstance(conv, _TiedConvNd) and isinstance(bn, nn.modules.batchnorm._NormBase)):
+        return None
+    if bn.training or not bn.track_running_stats:
+        return None
+    if residual is not None and type(residual) is not torch.Tensor:
+        return None
+    extra = _extra(bn, residual, relu)
+    return _paths.kernel_call(conv, x, _tensors(conv, bn), extra, residual)
 
 
 def add_into(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -130,8 +168,14 @@ def _fused(
     scale, shift = _paths.kept(
         bn, ("affine", id(conv), bn.eps), tuple(stats), lambda: _affine(conv, bn)
     )
-    res = None if residual is None else _paths.channels_inner(residual).contiguous()
     epilogue = {"scale": scale, "shift": shift, "relu": relu}
+    extra = _extra(bn, residual, relu)
+    call = _paths.prepare_kernel_call(
+        conv, x, _tensors(conv, bn), extra, None, residual, **epilogue
+    )  # the conv's bias is in the shift
+    if call is not None:
+        return call(x, residual)
+    res = None if residual is None else _paths.channels_inner(residual).contiguous()
     # The conv's bias is in the shift: none given to the kernel.
     if not _paths._is_pointwise(conv):
         return _paths.kernel_conv_call(conv, x, None, residual=res, **epilogue)

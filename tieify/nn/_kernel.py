@@ -39,7 +39,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["conv2d", "conv_size", "kernel_available", "kernel_status", "pack", "pointwise"]
+__all__ = [
+    "Prepared",
+    "conv2d",
+    "conv_size",
+    "kernel_available",
+    "kernel_status",
+    "pack",
+    "pointwise",
+    "prepare_conv2d",
+    "prepare_pointwise",
+]
 
 SOURCE = Path(__file__).with_name("_kernel.cpp")
 ABI = 4
@@ -350,6 +360,13 @@ def reset() -> None:
 
 
 def pointwise(
+    a: torch.Tensor, bt: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, **epilogue: Any
+) -> torch.Tensor:
+    """:func:`prepare_pointwise`'s product, once: ``out``."""
+    return prepare_pointwise(a, bt, bias, out, **epilogue).run(a, out, epilogue.get("residual"))
+
+
+def prepare_pointwise(
     a: torch.Tensor,
     bt: torch.Tensor,
     bias: torch.Tensor | None,
@@ -359,7 +376,7 @@ def pointwise(
     shift: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     relu: bool = False,
-) -> torch.Tensor:
+) -> Prepared:
     """``out = a @ bt + bias`` for dense row-major float32 CPU ``a`` (R, K), ``bt`` (K, N)
     (or ``pack(bt)`` (:func:`pack`), kept by a caller that runs the bank more than once),
     ``out`` (R, N); the caller checks :func:`kernel_available` and the layouts.
@@ -367,20 +384,29 @@ def pointwise(
     The epilogue, where given: ``out = out * scale[b] + shift[b]`` with ``b = row % blocks``
     for ``scale`` and ``shift`` of shape (blocks, N) (both or neither), then ``out +=
     residual`` (R, N), then ``out = relu(out)``: a batch norm, a residual add and a ReLU
-    applied while the product is in registers."""
+    applied while the product is in registers.
+
+    Returns the call checked on these operands and made ready (the bank packed), for any
+    rows and output laid out like ``a`` and ``out`` (and a residual like ``residual``): see
+    :class:`Prepared`."""
     lib = _library()
     assert lib is not None
-    bias = None if bias is None else bias.contiguous()  # held here while the kernel runs
+    bias = None if bias is None else bias.contiguous()  # held by the call while it may run
     bt = _packed("pointwise", bt, 1, a, out.shape[-1])
     epilogue = _operands("pointwise", a, bt, bias, out, scale, shift, residual, relu)
-    lib.tieify_pointwise(
-        a.data_ptr(), bt.data_ptr(), out.data_ptr(), a.shape[0], a.shape[1], out.shape[1],
-        *epilogue,
-    )  # fmt: skip
-    return out
+    sizes = (a.shape[0], a.shape[1], out.shape[1])
+    keep = (bt, bias, scale, shift)
+    return Prepared(lib.tieify_pointwise, (bt.data_ptr(),), sizes, epilogue, keep)
 
 
 def conv2d(
+    x: torch.Tensor, bt: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, **options: Any
+) -> torch.Tensor:
+    """:func:`prepare_conv2d`'s convolution, once: ``out``."""
+    return prepare_conv2d(x, bt, bias, out, **options).run(x, out, options.get("residual"))
+
+
+def prepare_conv2d(
     x: torch.Tensor,
     bt: torch.Tensor,
     bias: torch.Tensor | None,
@@ -395,13 +421,16 @@ def conv2d(
     shift: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     relu: bool = False,
-) -> torch.Tensor:
+) -> Prepared:
     """The k×k tied convolution with zero padding: ``x`` (n, h, w, blocks·K) and ``out``
     (n, ho, wo, blocks·N) dense float32 CPU (the channels-inner views of channels-last
     tensors), ``bt`` (kh·kw·K, N) the bank with its taps outermost
     (``weight.permute(2, 3, 1, 0).reshape(-1, N)``) or ``pack(bt)``, ``bias`` (N,). Block
     ``b`` of every output pixel is the bank applied to block ``b`` of the input pixels under
-    the filter. The epilogue as in :func:`pointwise`, ``residual`` laid out like ``out``."""
+    the filter. The epilogue as in :func:`prepare_pointwise`, ``residual`` laid out like ``out``.
+
+    Returns the call checked on these operands and made ready, for any input, output (and
+    residual) laid out like these: see :class:`Prepared`."""
     lib = _library()
     assert lib is not None
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
@@ -418,7 +447,7 @@ def conv2d(
         or channels != blocks * k
         or out.shape != (n, ho, wo, blocks * n_out)
         or (residual is not None and residual.shape != out.shape)
-        or not (x.is_contiguous() and out.is_contiguous())
+        or not all(t.is_contiguous() for t in (x, out, *([] if residual is None else [residual])))
     ):
         raise ValueError(
             "tieify's convolution kernel takes dense x (n, h, w, blocks·K) "
@@ -429,14 +458,53 @@ def conv2d(
             f"dense: {x.is_contiguous()}, {out.is_contiguous()}."
         )
     rows = (x.view(-1, k), out.view(-1, n_out))
-    res = None if residual is None else residual.reshape(-1, n_out)
-    bias = None if bias is None else bias.contiguous()  # held here while the kernel runs
+    res = None if residual is None else residual.view(-1, n_out)  # the kernel reads it
+    bias = None if bias is None else bias.contiguous()  # held by the call while it may run
     bt = _packed("convolution", bt, kh * kw, rows[0], n_out)
     epilogue = _operands("convolution", rows[0], bt, bias, rows[1], scale, shift, res, relu)
     geometry = torch.tensor([n, h, w, blocks, k, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo])
-    lib.tieify_conv(x.data_ptr(), geometry.data_ptr(), bt.data_ptr(), out.data_ptr(), n_out,
-                    *epilogue)  # fmt: skip
-    return out
+    head = (geometry.data_ptr(), bt.data_ptr())
+    keep = (geometry, bt, bias, scale, shift)
+    return Prepared(lib.tieify_conv, head, (n_out,), epilogue, keep)
+
+
+class Prepared:
+    """One entry point of the kernel with every operand but the data checked and fixed:
+    ``call(a, out, residual)`` runs it on the data pointers of rows (or a convolution's
+    input), an output and a residual laid out exactly like those it was prepared with, with
+    the threads PyTorch has at that moment. The caller guarantees the layout (same shapes
+    and strides, dense, float32, CPU; a residual where one was given, apart from ``out``):
+    the kernel reads raw memory. Made by :func:`prepare_pointwise` and
+    :func:`prepare_conv2d`; an eager layer keeps one per input layout
+    (:func:`tieify.nn._paths.kernel_call`), saving the checks that cost more than a small
+    layer's arithmetic."""
+
+    __slots__ = ("_fn", "_head", "_sizes", "_bias", "_tail", "_relu", "_keep")
+
+    def __init__(
+        self,
+        fn: Any,
+        head: tuple[int, ...],
+        sizes: tuple[int, ...],
+        epilogue: tuple[Any, ...],
+        keep: tuple[torch.Tensor | None, ...],
+    ) -> None:
+        bias, _threads, stream, scale, shift, blocks, _residual, relu = epilogue
+        self._fn, self._head, self._sizes = fn, head, sizes
+        self._bias, self._tail, self._relu = bias, (stream, scale, shift, blocks), relu
+        self._keep = keep  # the tensors whose memory the fixed pointers name
+
+    def run(
+        self, a: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The call on tensors (their data pointers): ``out``."""
+        self(a.data_ptr(), out.data_ptr(), None if residual is None else residual.data_ptr())
+        return out
+
+    def __call__(self, a: int, out: int, residual: int | None = None) -> None:
+        threads = torch.get_num_threads()
+        self._fn(a, *self._head, out, *self._sizes, self._bias, threads, *self._tail, residual,
+                 self._relu)  # fmt: skip
 
 
 def pack(bt: torch.Tensor) -> torch.Tensor:

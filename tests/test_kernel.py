@@ -57,12 +57,10 @@ def test_kernel_equals_the_reference_forward_and_backward(
 def test_kernel_reads_the_input_in_place_and_keeps_a_transposed_bank(monkeypatch):
     layer = TiedConv2d(64, 32, 1, B=4, bias=True).eval()
     x = channels_last(torch.randn(2, 64, 8, 8))
-    seen = []
-    run = _kernel.pointwise
-    monkeypatch.setattr(_kernel, "pointwise", lambda a, *rest: seen.append(a) or run(a, *rest))
+    seen = spy_kernel(monkeypatch, lambda conv, args: args[0:1] + args[3:5])  # A, R, K
     with torch.no_grad():
         _paths.run_path(layer, x, "kernel")
-    assert seen[0].data_ptr() == x.data_ptr() and seen[0].shape == (2 * 8 * 8 * 4, 16)
+    assert seen == [(x.data_ptr(), 2 * 8 * 8 * 4, 16)]
     monkeypatch.undo()
     with torch.no_grad():
         first = _paths.run_path(layer, x, "kernel")
@@ -133,6 +131,23 @@ def test_eager_calls_keep_a_prepared_call_that_follows_the_parameters(
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_a_call_kept_for_timing_the_named_path_leaves_the_forward_to_the_rule(monkeypatch):
+    """``run_path(layer, x, "kernel")`` (how ``optimize`` times it) keeps its call apart: the
+    layer's own forward still runs the path the rule picks for that input."""
+    layer = TiedConv2d(64, 64, 1, B=4).eval()
+    x = channels_last(torch.randn(1, 64, 8, 8))  # 64 pixels: the rule keeps gemm
+    assert _paths.select_path(layer, x) == "gemm"
+    calls = spy_kernel(monkeypatch)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(
+                _paths.run_path(layer, x, "kernel"), layer(x), rtol=1e-4, atol=1e-4
+            )
+    assert calls == [64 * 4] * 2  # the named runs only; the forward ran gemm
+    assert len(_paths._CALLS[layer]) == 1
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 def test_no_call_is_kept_where_it_could_not_see_a_change(monkeypatch):
     """Parameters made under inference_mode have no version counter: their calls are prepared
     anew every time. The kept calls of a layer are bounded, like the path memo."""
@@ -171,10 +186,10 @@ def test_kernel_gives_the_same_result_on_one_and_on_two_threads():
 def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch, avx512):
     monkeypatch.setattr(_paths, "_CPU_HAS_AVX512", avx512)
     layer = TiedConv2d(64, 64, 1, B=4)
-    # 1,024 pixels: the threshold, reached by batch and spatial size together.
-    big = channels_last(torch.randn(4, 64, 16, 16))
-    small = channels_last(torch.randn(3, 64, 16, 16))
-    assert 4 * 16 * 16 == _paths.KERNEL_MIN_PIXELS
+    # 784 pixels: the threshold, reached by batch and spatial size together.
+    big = channels_last(torch.randn(4, 64, 14, 14))
+    small = channels_last(torch.randn(3, 64, 14, 14))
+    assert 4 * 14 * 14 == _paths.KERNEL_MIN_PIXELS
     assert _paths.default_path(layer, small) == "gemm"
     assert _paths.default_path(layer, big) == ("gemm" if avx512 else "kernel")
     # The per-layer memo tells the two batches apart.
@@ -403,20 +418,20 @@ def test_compiled_graphs_take_the_kernel_only_where_the_sizes_prove_the_rule(mon
     torch._dynamo.reset()
     calls = counting_kernel_calls(monkeypatch)
     layer = TiedConv2d(64, 64, 1, B=4).eval()
-    x = channels_last(torch.randn(4, 64, 16, 16))  # 1,024 pixels
+    x = channels_last(torch.randn(4, 64, 14, 14))  # 784 pixels
     with torch.no_grad():
         # Dynamic sizes: the count is not known, so no guard on it, and the BLAS path.
         dynamic = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=True)
         for batch in (4, 2):
             torch.testing.assert_close(dynamic(x[:batch]), layer(x[:batch]), rtol=1e-4, atol=1e-4)
-        assert calls == [4 * 256 * 4]  # the eager call at 1,024 pixels only
+        assert calls == [4 * 196 * 4]  # the eager call at 784 pixels only
         calls.clear()
         # Pinned by optimize, the dynamic graph takes it too.
         layer.path = "kernel"
         torch._dynamo.reset()
         dynamic = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=True)
         torch.testing.assert_close(dynamic(x[:2]), _paths.fold_forward(layer, x[:2]))
-        assert calls == [2 * 256 * 4]
+        assert calls == [2 * 196 * 4]
         calls.clear()
         # torch.export: a program that must run without tieify's build (and ONNX) never
         # holds the operator, pinned or not.

@@ -97,12 +97,13 @@ WIDEN_POINTWISE_MIN_PIXELS = 4096
 #: runs tieify's ``kernel`` by default (where it is built, on CPUs without AVX-512, and the
 #: bank has at most :data:`KERNEL_MAX_BANK` entries). Measured side by side
 #: (``benchmarks/pointwise_paths.py``: ResNet-50's pointwise shapes and the 64→64 1×1 at
-#: 56×56, B ∈ {2, 4, 8}, 2 threads, AVX2 EPYC), among the layers with such a bank the kernel
-#: was faster than gemm in 9 of 9 cases at 25,088 pixels (56×56, batch 8), 6 of 6 at 6,272,
-#: 7 of 9 at 3,136 and 4 of 4 at 1,568 (14×14, batch 8), and slower in 5 of 6 at 784 (28×28,
-#: batch 1). Against widen (the rule's choice from 4,096 pixels without the kernel) it was
-#: faster in 11 of 15 cases at 25,088 and 6,272 pixels, and at most 13% slower.
-KERNEL_MIN_PIXELS = 1024
+#: 56×56, B ∈ {2, 4, 8}, 2 threads, AVX2 EPYC, 2026-12-02 01:28, with the eager call kept per
+#: input layout), among the layers with such a bank the kernel was the fastest path in 9 of 9
+#: cases at 3,136 pixels (56×56, batch 1) and 6 of 6 at 784 (28×28, batch 1: gemm / kernel
+#: 1.17-1.31), and even with gemm at 196 (14×14, batch 1: kernel / gemm 0.93-1.06) and at
+#: 392 (7×7, batch 8: 0.84-1.04). Before the call was kept (about 60 µs more Python a call)
+#: it was slower than gemm in 5 of 6 cases at 784 pixels.
+KERNEL_MIN_PIXELS = 784
 #: Largest thin bank (C_in/B · C_out/B entries) the ``kernel`` takes by default: its tiles
 #: read the whole (packed) bank for every six rows. With banks of 128×512 and 512×128
 #: entries (256 KiB; ResNet-50's 14×14 layers at B = 2, batch 8) the kernel took 0.93-1.12×
@@ -589,13 +590,19 @@ def kernel_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     multiply; others are convolutions (:func:`kernel_conv_forward`). An eager call that
     records no gradient calls the kernel directly (the operator's dispatch costs a few µs, as
     much as a small layer's product) with the layer's kept packed bank; the others go through
-    the ``tieify::pointwise`` operator."""
+    the ``tieify::pointwise`` operator. Run as a named path (:func:`run_path`: timing the
+    candidates), eager no-grad calls keep their prepared call too (:func:`kernel_call`),
+    apart from those of the forward, which stand for the path the layer selects."""
+    weight, bias = layer.weight, layer.bias
+    call = kernel_call(layer, x, (weight, bias), _NAMED) or prepare_kernel_call(
+        layer, x, (weight, bias), _NAMED, bias
+    )
+    if call is not None:
+        return call(x)
     if not _is_pointwise(layer):
         return kernel_conv_forward(layer, x)
     a, unfold = kernel_rows(layer, x)
-    weight, bias = layer.weight, layer.bias
-    params = (weight,) if bias is None else (weight, bias)
-    if _traced() or (torch.is_grad_enabled() and any(t.requires_grad for t in (a, *params))):
+    if _traced() or _records((a, weight, bias)):
         y = pointwise_op(a, weight.reshape(weight.shape[0], -1).t(), bias)
     else:
         y = kernel_pointwise_call(layer, a, bias)
@@ -996,6 +1003,10 @@ class _KernelCall:
 #: The kept calls of each layer, by input layout (outside the layer's state: pickling and
 #: ``deepcopy`` do not carry them, and they hold the library's functions).
 _CALLS: weakref.WeakKeyDictionary[nn.Module, dict[Any, _KernelCall]] = weakref.WeakKeyDictionary()
+
+
+#: The ``extra`` key of the calls kept by :func:`kernel_forward` run as a named path.
+_NAMED = "named path"
 
 
 def _call_key(layer: _TiedConvNd, x: torch.Tensor, extra: Any) -> tuple[Any, ...]:

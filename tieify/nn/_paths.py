@@ -100,9 +100,10 @@ WIDEN_POINTWISE_MIN_PIXELS = 4096
 #: 56×56, B ∈ {2, 4, 8}, 2 threads, AVX2 EPYC, 2026-12-02 01:28, with the eager call kept per
 #: input layout), among the layers with such a bank the kernel was the fastest path in 9 of 9
 #: cases at 3,136 pixels (56×56, batch 1) and 6 of 6 at 784 (28×28, batch 1: gemm / kernel
-#: 1.17-1.31), and even with gemm at 196 (14×14, batch 1: kernel / gemm 0.93-1.06) and at
-#: 392 (7×7, batch 8: 0.84-1.04). Before the call was kept (about 60 µs more Python a call)
-#: it was slower than gemm in 5 of 6 cases at 784 pixels.
+#: 1.17-1.31; 1.01-1.32 in the run at 01:53, ``benchmarks/results/epyc_avx2``), and even
+#: with gemm at 196 (14×14, batch 1: kernel / gemm 0.93-1.06) and at 392 (7×7, batch 8:
+#: 0.84-1.04). Before the call was kept (60-120 µs more a call,
+#: ``benchmarks/call_overhead.py``) it was slower than gemm in 5 of 6 cases at 784 pixels.
 KERNEL_MIN_PIXELS = 784
 #: Largest thin bank (C_in/B · C_out/B entries) the ``kernel`` takes by default: its tiles
 #: read the whole (packed) bank for every six rows. With banks of 128×512 and 512×128

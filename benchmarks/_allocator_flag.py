@@ -22,3 +22,21 @@ def apply(args: argparse.Namespace) -> str:
     if not args.system_allocator:
         tune_allocator()
     return str(allocator_state())
+
+
+def table_script_args(description: str, rounds: int, argv=None) -> argparse.Namespace:
+    """The arguments of a script that prints tables (``--threads``, ``--rounds`` and the
+    allocator flag), applied: threads set, allocator tuned, and the header line printed."""
+    import torch
+
+    from tieify.latency._machine import describe_machine
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=rounds)
+    add_flag(p)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"{describe_machine()}; allocator: {apply(args)}; ", end="")
+    print(f"{args.threads} threads; torch {torch.__version__}.\n")
+    return args

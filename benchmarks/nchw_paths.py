@@ -18,7 +18,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -31,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _allocator_flag  # noqa: E402
 from pointwise_paths import RESNET50_POINTWISE  # noqa: E402
 
-from tieify.latency._machine import describe_machine  # noqa: E402
 from tieify.latency._timing import interleaved_samples  # noqa: E402
 from tieify.nn import TiedConv2d, _paths  # noqa: E402
 
@@ -54,14 +52,7 @@ def medians(layer: TiedConv2d, x: torch.Tensor, paths: tuple[str, ...], rounds: 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=7)
-    _allocator_flag.add_flag(p)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"{describe_machine()}; allocator: {_allocator_flag.apply(args)}; ", end="")
-    print(f"{args.threads} threads; torch {torch.__version__}.\n")
+    args = _allocator_flag.table_script_args(__doc__.splitlines()[0], 7, argv)
 
     print("Pointwise, NCHW: fold / native and bmm / native time ratios.\n")
     cols = " | ".join(f"B={B} {p}" for B in (2, 4, 8) for p in ("fold", "bmm"))

@@ -181,6 +181,8 @@ def test_conv_bn_act_keeps_its_call_until_the_modules_change(monkeypatch, k):
     check(x, None, relu=False)  # another key: no residual, no ReLU
     check(x, res.contiguous())  # an NCHW residual: the separate modules, no kernel epilogue
     assert calls[-1] == ({"conv": True} if k == 3 else {})
+    check(x, res.double())  # float64, laid out like the kept call's: the modules again
+    assert calls[-1] == ({"conv": True} if k == 3 else {})
     bn.train()  # training mode: the modules, which update the running statistics
     before = bn.running_mean.clone()
     with torch.no_grad():

@@ -96,7 +96,11 @@ def _tensors(
 
 def _extra(bn: nn.Module, residual: torch.Tensor | None, relu: bool) -> tuple[Any, ...]:
     """A fused call's key beyond the input's layout (:func:`tieify.nn._paths.kernel_call`)."""
-    layout = None if residual is None else (residual.shape, residual.stride(), residual.dtype)
+    layout = (
+        None
+        if residual is None
+        else (residual.shape, residual.stride(), residual.dtype, residual.device.type)
+    )
     return ("fused", id(bn), bn.eps, relu, layout)
 
 

@@ -959,10 +959,11 @@ class _KernelCall:
     """A layer's ``kernel`` path for one input layout in eager inference, every check and
     operand made once (:func:`prepare_kernel_call`): per call, an output allocated and the
     kernel run on the input's memory. Choosing the path, checking the layouts and the
-    operands and finding the kept bank take ~80 µs of Python a call (2-vCPU AVX2 EPYC), and
-    after a kernel that streamed megabytes through the caches, in place of the interpreter's
-    own data, three times that: 13-19% of a whole 1×1 layer at batch 8 (56×56 and 14×14
-    maps, B = 4 and 8, interleaved against the bare kernel); through the kept call, 1-3%."""
+    operands and finding the kept bank on every call cost more than a small layer's
+    arithmetic: ``benchmarks/call_overhead.py`` (2-vCPU AVX2 EPYC, 2026-12-02 02:08 UTC) on
+    a 1×16×2×2 input, 45 µs a call kept against 113 µs made anew for a 1×1 layer (54 against
+    177 for a 3×3; the dense conv 26 and 44); at batch 8 on ResNet-50's 1×1 layers, 1.09-1.21×
+    the bare kernel's time kept against 1.11-1.24×."""
 
     __slots__ = ("lib", "tokens", "run", "out_shape", "index", "K")
 

@@ -565,11 +565,23 @@ def kernel_conv_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     (:func:`kernel_conv_call`); the others go through the ``tieify::conv2d`` operator."""
     params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
     if _traced() or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))):
-        pad = _widen_padding(layer)
-        assert pad is not None  # guaranteed by _kernel_conv
-        args = (list(layer.stride), list(pad), list(layer.dilation))
+        geometry = _conv_geometry(layer)
+        args = [list(geometry[k]) for k in ("stride", "padding", "dilation")]
         return conv2d_op(x, layer.weight, layer.bias, layer.B, *args)
     return kernel_conv_call(layer, x, layer.bias)
+
+
+def _conv_geometry(layer: _TiedConvNd) -> dict[str, Any]:
+    """A :func:`_kernel_conv` layer's kernel size, stride, numeric padding and dilation, as
+    the convolution kernel takes them."""
+    pad = _widen_padding(layer)
+    assert pad is not None  # guaranteed by _kernel_conv
+    return {
+        "kernel_size": tuple(layer.kernel_size),
+        "stride": tuple(layer.stride),
+        "padding": tuple(pad),
+        "dilation": tuple(layer.dilation),
+    }
 
 
 def kernel_conv_call(
@@ -578,25 +590,28 @@ def kernel_conv_call(
     """The kernel's conv of ``x`` by ``layer`` with its kept tap bank, in an eager call that
     records no gradient: ``bias`` the layer's, or None where the epilogue's shift holds it
     (:func:`tieify.nn._fused.conv_bn_act`, which gives the epilogue)."""
-    pad = _widen_padding(layer)
-    assert pad is not None  # guaranteed by _kernel_conv
     bank, _ = _cached(layer, "taps", _tap_bank)
-    geometry = (layer.kernel_size, layer.stride, pad, layer.dilation)
-    return _run_conv_kernel(x, bank, bias, layer.out_channels, layer.B, *geometry, **epilogue)
+    geometry = _conv_geometry(layer)
+    return _run_conv_kernel(x, bank, bias, layer.out_channels, layer.B, **geometry, **epilogue)
 
 
-def kernel_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
+#: The ``extra`` key of the calls kept by :func:`kernel_forward` run as a named path.
+_NAMED = "named path"
+
+
+def kernel_forward(layer: _TiedConvNd, x: torch.Tensor, key: Any = _NAMED) -> torch.Tensor:
     """A tied conv on a channels-last input by tieify's compiled kernel (see the module doc).
     A pointwise layer is the ``gemm`` path's zero-copy ``(N·S·B, C/B)`` view, another matrix
     multiply; others are convolutions (:func:`kernel_conv_forward`). An eager call that
     records no gradient calls the kernel directly (the operator's dispatch costs a few µs, as
     much as a small layer's product) with the layer's kept packed bank; the others go through
-    the ``tieify::pointwise`` operator. Run as a named path (:func:`run_path`: timing the
-    candidates), eager no-grad calls keep their prepared call too (:func:`kernel_call`),
-    apart from those of the forward, which stand for the path the layer selects."""
+    the ``tieify::pointwise`` operator. Eager no-grad calls keep their prepared call
+    (:func:`kernel_call`) under ``key``: :data:`_NAMED` run as a named path (:func:`run_path`:
+    timing the candidates), None from the layer's forward, whose calls stand for the path
+    the layer selects (:func:`tied_conv_forward`)."""
     weight, bias = layer.weight, layer.bias
-    call = kernel_call(layer, x, (weight, bias), _NAMED) or prepare_kernel_call(
-        layer, x, (weight, bias), _NAMED, bias
+    call = kernel_call(layer, x, (weight, bias), key) or prepare_kernel_call(
+        layer, x, (weight, bias), key, bias
     )
     if call is not None:
         return call(x)
@@ -630,8 +645,14 @@ def kernel_rows(
     that lays the kernel's ``(N·S·B, C_out/B)`` result out as the channels-last output."""
     x = _subsample(layer, x)
     n, spatial = x.shape[0], x.shape[2:]
-    a = channels_inner(x).reshape(-1, layer.in_channels // layer.B).contiguous()
+    a = _rows(x, None, layer.in_channels // layer.B).contiguous()
     return a, lambda y: channels_second(y.view(n, *spatial, layer.out_channels))
+
+
+def _rows(x: torch.Tensor, index: tuple[slice, ...] | None, k: int) -> torch.Tensor:
+    """The ``(pixels·B, k)`` rows of channels-last ``x`` (first indexed by a strided
+    pointwise layer's ``index``, :func:`_subsample_index`): a view where they are dense."""
+    return channels_inner(x if index is None else x[index]).reshape(-1, k)
 
 
 def _cached(
@@ -940,16 +961,11 @@ def tied_conv_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     """Run ``layer`` on ``x`` (already validated, batched) with the path it selects: an eager
     inference call of the ``kernel`` path by the call kept for the input's layout
     (:func:`kernel_call`), the rest by the path's function."""
-    params = (layer.weight, layer.bias)
-    call = kernel_call(layer, x, params)
+    call = kernel_call(layer, x, (layer.weight, layer.bias))
     if call is not None:
         return call(x)
     path = select_path(layer, x)
-    if path == "kernel":
-        call = prepare_kernel_call(layer, x, params, None, layer.bias)
-        if call is not None:
-            return call(x)
-    return _FORWARD[path](layer, x)
+    return kernel_forward(layer, x, None) if path == "kernel" else _FORWARD[path](layer, x)
 
 
 # -- eager kernel calls, prepared once per input layout -----------------------------------------
@@ -996,7 +1012,7 @@ class _KernelCall:
         if self.index is None:  # the input's own memory: a view for any layout it was made for
             a = x
         else:  # a strided pointwise layer: the subsampled pixels, copied into rows
-            a = channels_inner(x[self.index]).reshape(-1, self.K).contiguous()
+            a = _rows(x, self.index, self.K).contiguous()
         out = x.new_empty(self.out_shape)
         self.run(a.data_ptr(), out.data_ptr(), None if residual is None else residual.data_ptr())
         return channels_second(out)
@@ -1005,10 +1021,6 @@ class _KernelCall:
 #: The kept calls of each layer, by input layout (outside the layer's state: pickling and
 #: ``deepcopy`` do not carry them, and they hold the library's functions).
 _CALLS: weakref.WeakKeyDictionary[nn.Module, dict[Any, _KernelCall]] = weakref.WeakKeyDictionary()
-
-
-#: The ``extra`` key of the calls kept by :func:`kernel_forward` run as a named path.
-_NAMED = "named path"
 
 
 def _call_key(layer: _TiedConvNd, x: torch.Tensor, extra: Any) -> tuple[Any, ...]:
@@ -1073,8 +1085,7 @@ def prepare_kernel_call(
     index = None
     if _is_pointwise(layer):
         index = _subsample_index(layer)
-        sub = x if index is None else x[index]
-        rows = channels_inner(sub).reshape(-1, K)
+        rows = _rows(x, index, K)
         if index is None and not (rows.is_contiguous() and rows.data_ptr() == x.data_ptr()):
             return None
         out = x.new_empty(*rows.shape[:1], N)
@@ -1083,20 +1094,14 @@ def prepare_kernel_call(
         run = _kernel.prepare_pointwise(
             rows.contiguous(), bank, bias, out, residual=res_rows, **epilogue
         )
-        out_shape = (x.shape[0], *sub.shape[2:], layer.out_channels)
+        spatial = x.shape[2:] if index is None else x[index].shape[2:]
+        out_shape = (x.shape[0], *spatial, layer.out_channels)
     else:
         xi = channels_inner(x)
         if not xi.is_contiguous():
             return None
-        pad = _widen_padding(layer)
-        assert pad is not None  # guaranteed by _kernel_conv
         bank, _ = _cached(layer, "taps", _tap_bank)
-        geometry: dict[str, Any] = {
-            "kernel_size": tuple(layer.kernel_size),
-            "stride": tuple(layer.stride),
-            "padding": tuple(pad),
-            "dilation": tuple(layer.dilation),
-        }
+        geometry = _conv_geometry(layer)
         out = channels_inner(_conv_output(x, layer.out_channels, **geometry))
         run = _kernel.prepare_conv2d(
             xi, bank, bias, out, blocks=B, **geometry, residual=res, **epilogue

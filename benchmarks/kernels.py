@@ -7,8 +7,9 @@ interleaved run (ABAB rounds, medians of per-round ratios):
 - ``fold``: the authors' reference forward (reshape to (N·B, C/B, H, W), thin conv), NCHW;
 - ``grouped``: ``nn.Conv2d`` with ``groups=B`` (what a group conv with G = B costs), best of
   NCHW and channels-last;
-- ``tieify``: ``TiedConv2d`` after ``tieify.optimize`` on a channels-last input (the layout
-  tieify recommends), and on an NCHW input; the better of the two is the headline column.
+- ``tieify``: ``TiedConv2d`` with the path ``tieify.optimize`` picks, timed afresh in the run
+  (not read from the cache), on a channels-last input (the layout tieify recommends), and on
+  an NCHW input; the better of the two is the headline column.
 
 Dense time is the faster of NCHW and channels-last ``nn.Conv2d`` in the same round (a strict
 baseline). Batch 8, 2 threads by default.
@@ -121,8 +122,10 @@ def bench_shape(ci, co, h, k, Bs, batch, rounds, target_s):
         tied = TiedConv2d.from_dense(dense, B)
         tied_cl = TiedConv2d.from_dense(dense, B)
         with torch.inference_mode():
-            tied.path = choose_path(tied, x)
-            tied_cl.path = choose_path(tied_cl, xc)
+            # Timed afresh (what tieify.optimize does on a new machine): never a choice
+            # cached by an earlier run of other code.
+            tied.path = choose_path(tied, x, cache=False)
+            tied_cl.path = choose_path(tied_cl, xc, cache=False)
         paths[B] = {"nchw": tied.path, "channels_last": tied_cl.path}
         g = torch.nn.Conv2d(ci, co, k, padding=pad, groups=B, bias=False)
         g_cl = torch.nn.Conv2d(ci, co, k, padding=pad, groups=B, bias=False).to(memory_format=CL)

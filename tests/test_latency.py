@@ -11,7 +11,7 @@ from torch import nn
 
 import tieify
 from tieify.latency import LatencyTable, _predict, _table, latency_breakdown, measure_latency
-from tieify.nn import TiedConv2d, _paths
+from tieify.nn import TiedConv2d, _kernel, _paths
 
 
 @pytest.fixture
@@ -157,7 +157,8 @@ def test_table_persists_on_disk_and_keys_are_specific(fake_timing, tmp_path):
     layer_keys = [k for k in keys if "op" in k]
     assert len(layer_keys) == 2 and len(keys) == 3  # 2 layers + 1 remainder
     k = layer_keys[0]
-    assert set(k) == {"op", "input", "threads", "torch", "allocator", "machine"}
+    assert set(k) == {"op", "input", "threads", "torch", "tieify", "allocator", "machine"}
+    assert k["tieify"] == tieify.__version__
     assert k["machine"] == tieify.latency._machine.machine_key("cpu")
     assert k["input"]["layout"] == "contiguous" and k["input"]["dtype"] == "float32"
     assert k["input"]["shape"][0] == 1  # the batch is part of the key
@@ -260,6 +261,10 @@ def test_table_key_names_the_path_that_runs():
     assert path(layer, xc[0]) == one  # an unbatched input is looked at as batched
     two = torch.cat([xc, xc]).contiguous(memory_format=torch.channels_last)
     assert path(layer, two) == "widen"
+    # The kernel's build is part of the key of an entry that runs it, of no other.
+    built = json.loads(_table.layer_key(layer, xc)).get("kernel")
+    assert built == (_kernel.kernel_build() if one == "kernel" else None)
+    assert "kernel" not in json.loads(_table.layer_key(layer, two))
     layer.path = "grouped"
     assert path(layer, xc) == "grouped"
     assert path(TiedConv2d(16, 32, 3, padding=1, B=1), xc) == "dense"

@@ -427,6 +427,36 @@ def test_choice_made_on_another_machine_is_timed_again(cache_tmp, monkeypatch, n
     assert len(json.loads((cache_tmp / "paths.json").read_text())["entries"]) == 2
 
 
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_choice_timed_against_another_kernel_build_or_version_is_timed_again(
+    cache_tmp, monkeypatch
+):
+    """A choice cached while an older kernel (or tieify) was installed must not pin the old
+    winner: the kernel's build is part of the key where ``kernel`` is a candidate, and the
+    tieify version always is."""
+    layer = TiedConv2d(64, 64, 1, B=8)
+    x = torch.randn(2, 64, 32, 32).contiguous(memory_format=torch.channels_last)
+    key = json.loads(_optimize.path_key(layer, x))
+    assert "kernel" in key["candidates"]
+    assert key["kernel"] == _kernel.kernel_build() and len(key["kernel"]) == 20
+    assert key["tieify"] == tieify.__version__
+    older = {**key, "kernel": "0" * 20}  # the same choice, timed against another build
+    _optimize.PATH_CACHE.set(json.dumps(older, sort_keys=True), {"path": "gemm"})
+    timer = FakeTimer({"fold": 3.0, "gemm": 2.0, "grouped": 2.5, "widen": 1.5, "kernel": 1.0})
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    tieify.optimize(torch.nn.Sequential(layer), x)
+    assert timer.calls == 1 and layer.path == "kernel"
+    tieify.optimize(torch.nn.Sequential(layer), x)
+    assert timer.calls == 1  # the same build: read from the cache
+    monkeypatch.setattr(tieify, "__version__", "0.0.0")
+    monkeypatch.setattr("tieify._version.__version__", "0.0.0")
+    tieify.optimize(torch.nn.Sequential(layer), x)
+    assert timer.calls == 2  # another tieify: timed again
+    # Where the kernel is no candidate (an NCHW input), its build is not part of the key.
+    nchw = json.loads(_optimize.path_key(layer, x.contiguous()))
+    assert "kernel" not in nchw["candidates"] and "kernel" not in nchw
+
+
 def test_machine_key_names_the_instruction_set_and_cpus():
     key = _machine.machine_key("cpu")
     assert torch.backends.cpu.get_cpu_capability() in key

@@ -294,10 +294,11 @@ def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch
     the fused call is faster than the chain as it runs (its conv on the path it takes, then
     the separate modules) by :data:`FUSED_MARGIN`. In the second case the conv's ``path`` is
     pinned to ``"kernel"``.
-    The choice is timed once per (layer configuration, input, threads, torch version) and
-    cached with :func:`tieify.optimize`'s. Pointwise chains are not timed: timed alone, the
-    small ones that the rule leaves on gemm (MobileNetV3-Large at batch 1: 11 chains) were
-    faster fused, and the model 1.08× slower (``benchmarks/fuse.py``, 2026-12-01)."""
+    The choice is timed once per (layer configuration, input, threads, torch and tieify
+    versions, kernel build) and cached with :func:`tieify.optimize`'s. Pointwise chains are
+    not timed: timed alone, the small ones that the rule leaves on gemm (MobileNetV3-Large at
+    batch 1: 11 chains) were faster fused, and the model 1.08× slower
+    (``benchmarks/fuse.py``, 2026-12-01)."""
     conv = gm.get_submodule(str(chain.conv.target))
     x = seen.get(conv)
     if not isinstance(conv, _TiedConvNd) or x is None:

@@ -16,7 +16,7 @@ import platform
 
 import torch
 
-__all__ = ["machine_key", "describe_machine"]
+__all__ = ["machine_key", "software_key", "describe_machine"]
 
 
 def _cpu_model() -> str:
@@ -91,6 +91,21 @@ def machine_key(device: torch.device | str = "cpu") -> str:
     if device.type == "cpu":
         return _cpu_key()
     return f"{device.type} | host {_cpu_key()}"
+
+
+def software_key(*, kernel: bool) -> dict[str, str | None]:
+    """The code a cached measurement was taken with, beside the machine: the torch and tieify
+    versions and, where the measurement ran (or chose between) tieify's compiled kernel,
+    the kernel's build (:func:`tieify.nn._kernel.kernel_build`: its source, compiler and
+    flags). A new version or a rebuilt kernel gets measured again rather than judged by the
+    old code's times (a path chosen against an older kernel stays chosen otherwise)."""
+    from .._version import __version__
+    from ..nn import _kernel
+
+    key: dict[str, str | None] = {"torch": torch.__version__, "tieify": __version__}
+    if kernel:
+        key["kernel"] = _kernel.kernel_build()
+    return key
 
 
 def describe_machine(device: torch.device | str = "cpu") -> str:

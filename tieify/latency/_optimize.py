@@ -19,7 +19,7 @@ from .._modes import eval_mode
 from ..nn import _paths
 from ..nn._conv import _TiedConvNd
 from ._cache import JsonCache
-from ._machine import machine_key
+from ._machine import machine_key, software_key
 from ._timing import interleaved_medians, num_threads
 
 __all__ = ["optimize", "path_key", "PATH_CACHE"]
@@ -69,18 +69,19 @@ def path_key(layer: nn.Module, x: torch.Tensor, threads: int | None = None) -> s
     """The cache key of a (layer configuration, input, thread count) triple on this machine
     (:func:`~tieify.latency._machine.machine_key`), a JSON string.
 
-    The candidate paths are part of the key, so a choice made before a new path existed (an
-    older tieify) is timed again rather than reused.
+    The candidate paths are part of the key, and so are the torch and tieify versions and the
+    kernel's build where ``kernel`` is a candidate (:func:`~tieify.latency._machine.software_key`):
+    a choice made before a new path existed, or against an older kernel, is timed again
+    rather than reused.
     """
     threads = torch.get_num_threads() if threads is None else threads
+    candidates = list(_paths.applicable_paths(layer, x)) if isinstance(layer, _TiedConvNd) else []
     key = {
         "layer": layer_signature(layer),
         "input": input_signature(x),
-        "candidates": (
-            list(_paths.applicable_paths(layer, x)) if isinstance(layer, _TiedConvNd) else []
-        ),
+        "candidates": candidates,
         "threads": threads,
-        "torch": torch.__version__,
+        **software_key(kernel="kernel" in candidates),
         "machine": machine_key(x.device),
     }
     return json.dumps(key, sort_keys=True)
@@ -168,9 +169,10 @@ def optimize(
     Runs ``model`` once on ``example_inputs`` to see each tied layer's input (shape, dtype,
     memory layout, device), times the layer's applicable paths (see
     :mod:`tieify.nn._paths`) in interleaved rounds and sets ``layer.path`` to the fastest. The
-    choice is cached per (layer configuration, input, threads, torch version), in memory and
-    on disk under the tieify cache directory (``$TIEIFY_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/tieify``, else ``~/.cache/tieify``), so it is measured once per machine.
+    choice is cached per (layer configuration, input, threads, torch and tieify versions, and
+    the kernel's build where it is a candidate), in memory and on disk under the tieify cache
+    directory (``$TIEIFY_CACHE_DIR``, else ``$XDG_CACHE_HOME/tieify``, else
+    ``~/.cache/tieify``), so it is measured once per machine.
     Only ``layer.path`` changes (no weights); a pinned path that does not apply to a later
     input (another memory layout) falls back to the cheap rule. Forward time is what is
     measured (inference); the paths are equally valid for training.

@@ -15,8 +15,8 @@ predicted latency = nonlayer + scale · Σ table[layer]
   model timed end to end and with every layer stubbed out. Each time is a
   :func:`measure_latency`-style median over interleaved rounds spanning at least
   :data:`CALIBRATION_SECONDS`. The pair is cached under a key made of the model's
-  non-layer structure (and layer output shapes), the input, the thread count, the torch
-  version, the machine (:func:`~tieify.latency._machine.machine_key`) and the allocator
+  non-layer structure (and layer output shapes), the input, the thread count, the torch and
+  tieify versions, the machine (:func:`~tieify.latency._machine.machine_key`) and the allocator
   state (:func:`tieify.tune_allocator`).
 
 So for a search over plans of one model only the layer configurations not yet in the table
@@ -37,7 +37,7 @@ from torch import nn
 
 from .._modes import eval_mode
 from ._allocator import allocator_state
-from ._machine import machine_key
+from ._machine import machine_key, software_key
 from ._optimize import input_signature, run_model
 from ._table import TABLE, LatencyTable, is_layer
 from ._timing import interleaved_samples, num_threads
@@ -124,7 +124,7 @@ def _remainder_key(model: nn.Module, outs: dict[str, Any], x: Any, threads: int)
             "method": f"two-point-{CALIBRATION_SECONDS:g}s",
             "input": sig,
             "threads": threads,
-            "torch": torch.__version__,
+            **software_key(kernel=False),
             "machine": machine_key(x.device if isinstance(x, torch.Tensor) else "cpu"),
             "allocator": allocator_state().label,
         },
@@ -181,9 +181,10 @@ def is_warm(
     """Whether :func:`predict_latency` can answer for ``model`` without timing anything.
 
     True when the table holds every layer of ``model`` on these inputs and its remainder
-    (same thread count, torch version and allocator state), i.e. the model's structure was
-    predicted on this machine before. ``tieify search`` predicts latency by default only then
-    (``latency.mode: auto``). Runs one forward pass to find the layers' inputs.
+    (same thread count, torch and tieify versions and allocator state), i.e. the model's
+    structure was predicted on this machine before. ``tieify search`` predicts latency by
+    default only then (``latency.mode: auto``). Runs one forward pass to find the layers'
+    inputs.
 
     Example:
         >>> import torch

@@ -3,11 +3,11 @@
 An entry is the fastest sampled forward time (seconds) of one layer configuration on one input,
 keyed by the layer's op and hyper-parameters (type, channels, kernel, stride, padding,
 dilation, groups, B, bias, forward path), the input's shape (batch included), dtype, memory
-layout and device, the thread count, the torch version, the machine (CPU model, instruction
-set and CPU count; the GPU for CUDA inputs) and whether the allocator is tuned
-(:func:`tieify.tune_allocator`). Entries are measured lazily, the
-first time a key is asked for, and kept on disk (``latency.json`` in the tieify cache
-directory), so a search pays for each distinct layer once per machine.
+layout and device, the thread count, the torch and tieify versions (and the kernel's build
+for a layer that runs it), the machine (CPU model, instruction set and CPU count; the GPU for
+CUDA inputs) and whether the allocator is tuned (:func:`tieify.tune_allocator`). Entries are
+measured lazily, the first time a key is asked for, and kept on disk (``latency.json`` in the
+tieify cache directory), so a search pays for each distinct layer once per machine.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..nn import TIED_TYPES, _paths
 from ..nn._conv import _TiedConvNd
 from ._allocator import allocator_state
 from ._cache import JsonCache
-from ._machine import machine_key
+from ._machine import machine_key, software_key
 from ._optimize import input_signature, layer_signature, like
 from ._timing import calibrate_iters, num_threads, time_once
 
@@ -61,7 +61,7 @@ def layer_key(layer: nn.Module, x: torch.Tensor, threads: int | None = None) -> 
         "op": sig,
         "input": input_signature(x),
         "threads": torch.get_num_threads() if threads is None else threads,
-        "torch": torch.__version__,
+        **software_key(kernel=sig.get("path") == "kernel"),
         "machine": machine_key(x.device),
         # Page faults on large outputs are part of a layer's time under a system allocator.
         "allocator": allocator_state().label,

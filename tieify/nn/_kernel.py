@@ -44,6 +44,7 @@ __all__ = [
     "conv2d",
     "conv_size",
     "kernel_available",
+    "kernel_build",
     "kernel_status",
     "pack",
     "pointwise",
@@ -68,7 +69,7 @@ _COMMON = ("-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wno-unknown-pragmas")
 _PARTS = 2
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": ctypes.CDLL | None, "status": str
+_state: dict[str, object] = {}  # "lib": ctypes.CDLL | None, "status": str, "build": str | None
 
 
 def _disabled() -> bool:
@@ -163,25 +164,26 @@ def _cache_dir() -> Path:
     return cache_dir() / "kernels"
 
 
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    """Build (or find) and load the library: (library, status) or (None, why not). A cached
-    build that cannot be loaded is rebuilt, with a warning; one that loads but fails its
-    checks is reported, not rebuilt (see below)."""
+def _load() -> tuple[ctypes.CDLL | None, str, str | None]:
+    """Build (or find) and load the library: (library, status, its build key) or (None, why
+    not, None). A cached build that cannot be loaded is rebuilt, with a warning; one that
+    loads but fails its checks is reported, not rebuilt (see below)."""
     if _disabled():
-        return None, "disabled by TIEIFY_KERNEL=0"
+        return None, "disabled by TIEIFY_KERNEL=0", None
     compiler = _compiler()
     if compiler is None:
-        return None, (
+        why = (
             "no C++ compiler found ($CXX, c++, g++, clang++); install one (e.g. "
             "`apt install g++`) to let tied layers use tieify's kernel"
         )
+        return None, why, None
     path = build_path(compiler)
     for attempt in range(2):
         note = "cached build"
         if not path.exists():
             path, note = _build(compiler, path)
             if note.startswith("error: "):
-                return None, f"{compiler} could not build {SOURCE.name}: {note[7:]}"
+                return None, f"{compiler} could not build {SOURCE.name}: {note[7:]}", None
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as err:
@@ -193,14 +195,14 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                 )
                 path.unlink(missing_ok=True)
                 continue
-            return None, f"cannot load {path} ({err})"
+            return None, f"cannot load {path} ({err})", None
         # Loaded: a rebuild under the same name would get this library back from the loader,
         # so a build that fails here is reported (delete it to rebuild), not rebuilt.
         error = _check(lib)
         if error:
-            return None, f"{path} is unusable: {error}; delete it to rebuild"
+            return None, f"{path} is unusable: {error}; delete it to rebuild", None
         threads = "OpenMP" if lib.tieify_kernel_features() & 1 else "no OpenMP: one thread"
-        return lib, f"available: {path} ({note}; {threads})"
+        return lib, f"available: {path} ({note}; {threads})", path.stem.removeprefix("kernel-")
     raise AssertionError("unreachable")
 
 
@@ -324,14 +326,22 @@ def _library() -> ctypes.CDLL | None:
     if "status" not in _state:
         with _lock:
             if "status" not in _state:
-                lib, status = _load()
-                _state["lib"], _state["status"] = lib, status
+                _state["lib"], _state["status"], _state["build"] = _load()
     return _state["lib"]  # type: ignore[return-value]
 
 
 def kernel_available() -> bool:
     """Whether the ``"kernel"`` path can run in this process (builds it on first call)."""
     return _library() is not None
+
+
+def kernel_build() -> str | None:
+    """The loaded kernel's build key (a hash of its source, the compiler and its version, the
+    CPU's flags and the compile flags: :func:`build_path`), or None where it is not
+    available (builds it on first call). Timings of the ``kernel`` path cached on disk are
+    keyed by it, so a changed kernel is timed again, never judged by an older one's times."""
+    _library()
+    return _state.get("build")  # type: ignore[return-value]
 
 
 def kernel_status() -> str:

@@ -171,6 +171,11 @@ __attribute__((always_inline)) inline void tile(const Rows& a, const Operands& o
     const float* __restrict at1 = at + K;
     const float* __restrict at2 = at + 2 * K;
     const float* __restrict at3 = at + 3 * K;
+    // Unrolled twice: 1.00-1.16x the speed of the plain loop on ResNet-50's 3×3 shapes and
+    // 1.00-1.05x on its pointwise ones (AVX2 EPYC, batch 8, 2 threads, 31 interleaved
+    // rounds; the larger gains when the host was busy): a filter tap's loop runs only K
+    // (often 16-64) steps, and each exit and re-entry costs.
+#pragma GCC unroll 2
     for (int64_t k = 0; k < K; ++k) {
       if (PREFETCH && (k & 15) == 0)  // each row's next cache line, PREFETCH_TILES tiles ahead
         for (int i = 0; i < MR; ++i) __builtin_prefetch(at + (PREFETCH_TILES * MR + i) * K + k);
@@ -192,11 +197,12 @@ __attribute__((always_inline)) inline void tile(const Rows& a, const Operands& o
   finish<MR, NV, STREAM, EPI>(acc, op, c, ldc, row0, b0, 1, n0, width);
 }
 
-// All N columns of MR rows of C (c: their first row, row0 its index): tiles of 16, then 8,
-// then the padded last one (a pointwise product of N <= 8 columns runs pair tiles instead).
+// All N columns of MR rows of C (c: their first row, row0 its index, b0 its block): tiles of
+// 16, then 8, then the padded last one (a pointwise product of N <= 8 columns runs pair tiles
+// instead).
 template <int MR, bool STREAM, int EPI, bool PREFETCH>
-inline void row_block(const Rows& a, const Operands& op, float* c, int64_t N, int64_t row0) {
-  const int64_t b0 = (EPI & SCALE) && op.blocks > 1 ? row0 % op.blocks : 0;
+inline void row_block(const Rows& a, const Operands& op, float* c, int64_t N, int64_t row0,
+                      int64_t b0) {
   int64_t n0 = 0;
   for (; n0 + 16 <= N; n0 += 16)
     tile<MR, 2, STREAM, EPI, PREFETCH>(a, op, c + n0, N, row0, b0, n0, 16);
@@ -329,13 +335,12 @@ template <int MR, bool STREAM, int EPI, bool PREFETCH, bool PAIRS>
 __attribute__((always_inline)) inline void rows(const float* A, float* C, int64_t K, int64_t N,
                                                 const Operands& op, int64_t row0) {
   const float* at = A + row0 * K;
-  if constexpr (PAIRS) {
-    const int64_t b0 = (EPI & SCALE) && op.blocks > 1 ? row0 % op.blocks : 0;
+  const int64_t b0 = (EPI & SCALE) && op.blocks > 1 ? row0 % op.blocks : 0;
+  if constexpr (PAIRS)
     pair_tile<MR, STREAM, EPI, PREFETCH>(at, K, op, C + row0 * N, N, row0, b0,
                                          static_cast<int>(N));
-  } else {
-    row_block<MR, STREAM, EPI, PREFETCH>(Rows{&at, 1, K}, op, C + row0 * N, N, row0);
-  }
+  else
+    row_block<MR, STREAM, EPI, PREFETCH>(Rows{&at, 1, K}, op, C + row0 * N, N, row0, b0);
 }
 
 // The pointwise product: C (R×N) = A (R×K) · Bt.
@@ -498,8 +503,7 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
           });
       };
       int64_t n0 = 0;
-      if constexpr (MR <= 6)
-        for (; n0 + 16 <= N; n0 += 16) panel(std::integral_constant<int, 2>{}, true, n0, 16);
+      for (; n0 + 16 <= N; n0 += 16) panel(std::integral_constant<int, 2>{}, true, n0, 16);
       for (; n0 + 8 <= N; n0 += 8) panel(std::integral_constant<int, 1>{}, true, n0, 8);
       if (n0 < N) panel(std::integral_constant<int, 1>{}, false, n0, static_cast<int>(N - n0));
     }

@@ -124,7 +124,11 @@ KERNEL_MAX_BANK = 65536
 #: 0.90-1.07 at batch 8 on 56- to 14-wide maps and 0.99-1.34 on 7-wide ones, where a row of
 #: the output fills its register tiles badly (2026-12-01, 19:55); fused, the kernel with the
 #: batch norm and ReLU in its epilogue took 0.80-0.94 of widen and the separate modules in
-#: three runs (64→64 at 56×56, 128→128 at 28×28, B = 4, batch 8).
+#: three runs (64→64 at 56×56, 128→128 at 28×28, B = 4, batch 8). With the kernel's K loop
+#: unrolled (2026-12-02), unfused kernel / widen at batch 8 was 0.77-1.00 on 56- and 28-wide
+#: maps (three runs of ``conv_paths.py``), yet pinning the kernel on those layers inside
+#: ResNet-50 (3×3 at B = 2, all at B = 4; channels-last, batch 8, a probe timing both
+#: models interleaved) changed the model's time by 1.00× and 1.02×: unfused layers keep widen.
 KERNEL_CONV_MIN_WIDTH = 28
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

@@ -461,6 +461,7 @@ def test_switched_off_the_kernel_is_not_offered_and_nothing_warns(fresh_kernel):
         torch.testing.assert_close(layer(x), _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
     assert not _kernel.kernel_available()
     assert tieify.kernel_status() == "disabled by TIEIFY_KERNEL=0"
+    assert _kernel.kernel_build() is None  # no build to key cached timings by
 
 
 def test_without_a_compiler_the_layer_runs_and_one_warning_says_why(fresh_kernel):
@@ -475,6 +476,7 @@ def test_without_a_compiler_the_layer_runs_and_one_warning_says_why(fresh_kernel
         warnings.simplefilter("error")  # once per process, not per layer or call
         TiedConv2d(32, 64, 1, B=2)(channels_last(torch.randn(2, 32, 32, 32)))
     assert "apt install g++" in _kernel.kernel_status()
+    assert _kernel.kernel_build() is None
 
 
 def test_a_compiler_that_fails_is_reported_with_its_error(fresh_kernel, tmp_path):
@@ -486,6 +488,7 @@ def test_a_compiler_that_fails_is_reported_with_its_error(fresh_kernel, tmp_path
     assert not _kernel.kernel_available()
     status = _kernel.kernel_status()
     assert "could not build _kernel.cpp" in status and "no space left" in status
+    assert _kernel.kernel_build() is None
     assert not list((tmp_path / "cache").rglob("*.so"))  # no half-written build is kept
     assert not list((tmp_path / "cache").rglob("*.o"))  # nor the parts' objects
 
@@ -504,6 +507,7 @@ def test_the_build_is_cached_and_a_corrupted_build_is_rebuilt(fresh_kernel, tmp_
     assert build.stat().st_size > 1000
     _kernel.reset()  # a new process: the build is found, not compiled again
     assert _kernel.kernel_status().startswith(f"available: {build} (cached build")
+    assert build.name == f"kernel-{_kernel.kernel_build()}.so"  # the key cached timings hold
     layer = TiedConv2d(16, 32, 1, B=2)
     x = channels_last(torch.randn(2, 16, 8, 8))
     torch.testing.assert_close(

@@ -490,11 +490,11 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
     const int64_t pixel = cv.blocks * cv.K, ldc = cv.blocks * N;
     const bool pixels = N <= 8 && cv.kw == 3 && cv.sw == 1 && cv.dw == 1;
     const int64_t pixel_width = cv.wo >= 10 ? 10 : cv.wo >= 4 ? 4 : 1;  // of a pixel tile
+    const int64_t row_height = rows >= MR ? MR : 1;                     // of a row tile
     // The tiles of one image row (each runs ahead.step() once): pixel tiles for every block,
     // else row tiles in every panel of columns (of 16, then 8, then the padded last one).
     const int64_t tiles = pixels ? cv.blocks * covers(cv.wo, pixel_width)
-                                 : (N / 16 + N % 16 / 8 + (N % 8 != 0)) *
-                                       covers(rows, rows >= MR ? MR : 1);
+                                 : (N / 16 + N % 16 / 8 + (N % 8 != 0)) * covers(rows, row_height);
 #pragma omp for schedule(static)
     for (int64_t yr = 0; yr < image_rows; ++yr) {
       const int64_t img = yr / cv.ho, y = yr % cv.ho;
@@ -540,7 +540,7 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
           tile<H, NV, false, EPI, false>(a, op, C + row * N + n0, N, row, b0, n0, width);
       };
       const auto panel = [&](auto nv, bool stream, int64_t n0, int width) {
-        if (rows >= MR)
+        if (row_height == MR)
           cover(rows, MR, [&](int64_t r) {
             rows_from(std::integral_constant<int, MR>{}, r, nv, stream, n0, width);
           });

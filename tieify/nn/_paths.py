@@ -649,14 +649,13 @@ def kernel_rows(
     that lays the kernel's ``(N·S·B, C_out/B)`` result out as the channels-last output."""
     x = _subsample(layer, x)
     n, spatial = x.shape[0], x.shape[2:]
-    a = _rows(x, None, layer.in_channels // layer.B).contiguous()
+    a = _rows(x, layer.in_channels // layer.B).contiguous()
     return a, lambda y: channels_second(y.view(n, *spatial, layer.out_channels))
 
 
-def _rows(x: torch.Tensor, index: tuple[slice, ...] | None, k: int) -> torch.Tensor:
-    """The ``(pixels·B, k)`` rows of channels-last ``x`` (first indexed by a strided
-    pointwise layer's ``index``, :func:`_subsample_index`): a view where they are dense."""
-    return channels_inner(x if index is None else x[index]).reshape(-1, k)
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``(pixels·B, k)`` rows of channels-last ``x``: a view where they are dense."""
+    return channels_inner(x).reshape(-1, k)
 
 
 def _cached(
@@ -1016,7 +1015,7 @@ class _KernelCall:
         if self.index is None:  # the input's own memory: a view for any layout it was made for
             a = x
         else:  # a strided pointwise layer: the subsampled pixels, copied into rows
-            a = _rows(x, self.index, self.K).contiguous()
+            a = _rows(x[self.index], self.K).contiguous()
         out = x.new_empty(self.out_shape)
         self.run(a.data_ptr(), out.data_ptr(), None if residual is None else residual.data_ptr())
         return channels_second(out)
@@ -1089,7 +1088,8 @@ def prepare_kernel_call(
     index = None
     if _is_pointwise(layer):
         index = _subsample_index(layer)
-        rows = _rows(x, index, K)
+        sub = x if index is None else x[index]
+        rows = _rows(sub, K)
         if index is None and not (rows.is_contiguous() and rows.data_ptr() == x.data_ptr()):
             return None
         out = x.new_empty(*rows.shape[:1], N)
@@ -1098,8 +1098,7 @@ def prepare_kernel_call(
         run = _kernel.prepare_pointwise(
             rows.contiguous(), bank, bias, out, residual=res_rows, **epilogue
         )
-        spatial = x.shape[2:] if index is None else x[index].shape[2:]
-        out_shape = (x.shape[0], *spatial, layer.out_channels)
+        out_shape = (x.shape[0], *sub.shape[2:], layer.out_channels)
     else:
         xi = channels_inner(x)
         if not xi.is_contiguous():

@@ -24,9 +24,10 @@ def apply(args: argparse.Namespace) -> str:
     return str(allocator_state())
 
 
-def table_script_args(description: str, rounds: int, argv=None) -> argparse.Namespace:
-    """The arguments of a script that prints tables (``--threads``, ``--rounds`` and the
-    allocator flag), applied: threads set, allocator tuned, and the header line printed."""
+def table_script_args(description: str, rounds: int, argv=None, options=None) -> argparse.Namespace:
+    """The arguments of a script that prints tables (``--threads``, ``--rounds``, the
+    allocator flag and what ``options(parser)`` adds), applied: threads set, allocator tuned,
+    and the header line printed."""
     import torch
 
     from tieify.latency._machine import describe_machine
@@ -35,6 +36,8 @@ def table_script_args(description: str, rounds: int, argv=None) -> argparse.Name
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=rounds)
     add_flag(p)
+    if options is not None:
+        options(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"{describe_machine()}; allocator: {apply(args)}; ", end="")

@@ -1,6 +1,6 @@
-"""What an eager tied layer costs beyond its arithmetic: the ``kernel`` path's per-call Python.
+"""What a tied layer costs beyond its arithmetic: the ``kernel`` path's per-call Python.
 
-Two measurements, interleaved rounds, medians:
+Three measurements, interleaved rounds, medians:
 
 1. ResNet-50's pointwise shapes where the static rule runs tieify's kernel (batch 8,
    channels-last, B = 4 and 8): the tied layer's time (``layer(x)``: its kept, prepared call)
@@ -11,10 +11,16 @@ Two measurements, interleaved rounds, medians:
 2. A tiny input (1×16×2×2), where the arithmetic is nothing: µs per call of the tied layer on
    each path (``layer.path`` pinned), and on the kernel path made anew (``unkept``), against
    the dense ``nn.Conv2d`` of the same shape.
+3. Compiled models (``--no-compiled`` skips it): ResNet-50 with all bottleneck convs at B = 4
+   and with its 3×3 ones at B = 2 (``benchmarks/models.py``'s cases), channels-last,
+   ``tieify.optimize`` then ``torch.compile``, batch 1 and 8: the compiled tied model with
+   the ``tieify::`` operators' kept calls against the same graph making each call anew
+   (packing the bank every time, as before calls were kept), and both against the compiled
+   dense model.
 
 Usage::
 
-    python benchmarks/call_overhead.py      # ~1 minute on 2 cores
+    python benchmarks/call_overhead.py      # ~5 minutes on 2 cores (~1 without compiles)
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _allocator_flag  # noqa: E402
 
+import tieify  # noqa: E402
 from tieify.latency._timing import interleaved_samples  # noqa: E402
 from tieify.nn import TiedConv2d, _kernel, _paths  # noqa: E402
 
@@ -118,10 +125,69 @@ def tiny_calls(rounds: int) -> None:
         )
 
 
+class _UnkeptOperatorCalls(_paths._OperatorCalls):
+    """The operators' calls made anew every time (no call kept)."""
+
+    def get(self, tensors, layout, make):
+        with torch.no_grad():
+            return make()
+
+
+def compiled_models(rounds: int) -> None:
+    import copy
+
+    from models import build_case
+
+    print("\n| case | batch | compiled dense ms | tied kept ms | tied unkept ms | kept / unkept "
+          "| tied / dense kept | tied / dense unkept |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    kept_calls, unkept_calls = _paths._OPERATOR_CALLS, _UnkeptOperatorCalls()
+    for case in ("resnet50_all_B4", "resnet50_3x3_B2"):
+        dense, tied = (copy.deepcopy(m).to(memory_format=CL) for m in build_case(case))
+        for batch in (1, 8):
+            x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=CL)
+            with torch.inference_mode():
+                tieify.optimize(tied, x)
+            torch._dynamo.reset()
+            cd, ct = torch.compile(dense), torch.compile(tied)
+
+            def with_calls(calls, ct=ct, x=x):
+                _paths._OPERATOR_CALLS = calls
+                try:
+                    return ct(x)
+                finally:
+                    _paths._OPERATOR_CALLS = kept_calls
+
+            fns = {
+                "dense": lambda cd=cd, x=x: cd(x),
+                "kept": lambda: with_calls(kept_calls),
+                "unkept": lambda: with_calls(unkept_calls),
+            }
+            with torch.inference_mode():
+                s = interleaved_samples(fns, repeats=rounds, target_s=0.3)
+            ms = {f: statistics.median(v) * 1e3 for f, v in s.items()}
+
+            def ratio(a: str, b: str, s=s) -> float:
+                return statistics.median(p / q for p, q in zip(s[a], s[b], strict=True))
+
+            print(
+                f"| {case} | {batch} | {ms['dense']:.1f} | {ms['kept']:.1f} | "
+                f"{ms['unkept']:.1f} | {ratio('kept', 'unkept'):.3f} | "
+                f"{ratio('kept', 'dense'):.3f} | {ratio('unkept', 'dense'):.3f} |",
+                flush=True,
+            )
+
+
 def main(argv=None) -> int:
-    args = _allocator_flag.table_script_args(__doc__.splitlines()[0], 15, argv)
+    def options(p) -> None:
+        help = "skip the compiled models (two compiles per case and batch)"
+        p.add_argument("--no-compiled", dest="compiled", action="store_false", help=help)
+
+    args = _allocator_flag.table_script_args(__doc__.splitlines()[0], 15, argv, options)
     layer_against_kernel(args.rounds)
     tiny_calls(args.rounds)
+    if args.compiled:
+        compiled_models(min(args.rounds, 7))
     return 0
 
 

@@ -5,12 +5,15 @@ built."""
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import pickle
 import warnings
 
 import pytest
 import torch
 from _path_helpers import TIED, check_all_paths, spy_kernel, to_layout
+from torch import nn
 
 import tieify
 from tieify.latency import _optimize
@@ -349,6 +352,14 @@ def test_conv_kernel_refuses_operands_it_would_read_past():
         _kernel.conv2d(x, bank, None, torch.empty(1, 5, 5, 8), residual=strided, **geometry)
 
 
+def conv_input_shape(conv: bool, args: tuple) -> tuple[int, ...] | None:
+    """A kernel call's (n, h, w, channels) input, read from a convolution's geometry."""
+    if not conv:
+        return None
+    n, h, w, blocks, k = (ctypes.c_int64 * 5).from_address(args[1])
+    return (n, h, w, blocks * k)
+
+
 def counting_kernel_calls(monkeypatch) -> list[int]:
     """Count the kernel's pointwise calls (the rows of each)."""
     return spy_kernel(monkeypatch)
@@ -388,13 +399,7 @@ def test_torch_compile_calls_the_conv_kernel_as_an_operator(monkeypatch, backend
     """A 3×3 layer pinned to the kernel: the compiled graph runs it (the tieify::conv2d
     operator; the backward is the fold's), with the reference's values and gradients, also
     with a dynamic batch."""
-    calls: list[tuple[int, ...]] = []
-    run = _kernel.conv2d
-    monkeypatch.setattr(
-        _kernel,
-        "conv2d",
-        lambda x, *rest, **kw: calls.append(tuple(x.shape)) or run(x, *rest, **kw),
-    )
+    calls = spy_kernel(monkeypatch, describe=conv_input_shape)
     torch.manual_seed(0)
     torch._dynamo.reset()  # fresh code caches: other tests compiled the same forward
     layer = TiedConv2d(16, 32, 3, padding=1, B=4, bias=True)
@@ -411,6 +416,124 @@ def test_torch_compile_calls_the_conv_kernel_as_an_operator(monkeypatch, backend
             torch.testing.assert_close(dynamic(x[:batch]), ref[:batch], rtol=1e-4, atol=1e-4)
     assert calls == [(2, 5, 28, 16), (1, 5, 28, 16)]
     torch._dynamo.reset()
+
+
+def counting_preparations(monkeypatch) -> list[str]:
+    """Record every call the operators make ready (packing the bank), by kind."""
+    made: list[str] = []
+    for kind in ("pointwise", "conv2d"):
+        prepare = getattr(_kernel, f"prepare_{kind}")
+        monkeypatch.setattr(
+            _kernel,
+            f"prepare_{kind}",
+            lambda *a, _p=prepare, _k=kind, **kw: made.append(_k) or _p(*a, **kw),
+        )
+    return made
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_compiled_graphs_keep_the_operators_calls_until_the_parameters_change(
+    monkeypatch, kernel_size
+):
+    """A compiled graph's operator packs the bank on its first call only; an in-place update
+    of the weight or the bias, or new parameters, make it pack again, and every output
+    equals the reference fold with the parameters of the moment."""
+    made = counting_preparations(monkeypatch)
+    _paths._OPERATOR_CALLS.clear()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = TiedConv2d(32, 64, kernel_size, padding=kernel_size // 2, B=4, bias=True).eval()
+    layer.path = "kernel"
+    x = channels_last(torch.randn(2, 32, 12, 12))
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    kind = "pointwise" if kernel_size == 1 else "conv2d"
+
+    def check() -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(
+                compiled(x), _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4
+            )
+
+    for _ in range(3):
+        check()
+    assert made == [kind]
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)
+    check()
+    with torch.no_grad():
+        layer.bias.add_(1.0)
+    check()
+    check()
+    assert made == [kind] * 3
+    layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+    check()
+    assert made == [kind] * 4
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_operator_calls_are_kept_for_parameters_only_and_one_library(monkeypatch):
+    """A call is kept for parameters; a plain tensor (which may be an alias that does not
+    share its parameter's version counter) or a parameter made under inference_mode (no
+    version counter) is made ready on every call. A call kept for one library is not run
+    with another (a rebuilt kernel)."""
+    _paths._OPERATOR_CALLS.clear()
+    made = counting_preparations(monkeypatch)
+    a = torch.randn(96, 16)
+    weight, bias = torch.randn(8, 16, 1, 1), torch.randn(8)
+    expected = a @ weight.view(8, 16).t() + bias
+
+    def run(w: torch.Tensor, b: torch.Tensor) -> None:
+        for _ in range(2):
+            with torch.no_grad():
+                torch.testing.assert_close(_paths.pointwise_op(a, w, b), expected)
+
+    run(weight, bias)
+    with torch.inference_mode():
+        frozen = (nn.Parameter(weight.clone()), nn.Parameter(bias.clone()))
+    run(*frozen)
+    assert made == ["pointwise"] * 4 and len(_paths._OPERATOR_CALLS) == 0
+    params = (nn.Parameter(weight.clone()), nn.Parameter(bias.clone()))
+    run(*params)
+    assert made == ["pointwise"] * 5 and len(_paths._OPERATOR_CALLS) == 1
+    calls = spy_kernel(monkeypatch)
+    run(*params)
+    assert made == ["pointwise"] * 6 and calls == [96, 96]
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_kept_operator_calls_never_keep_a_model_alive_and_are_bounded(monkeypatch):
+    """A kept call holds copies, not the parameters: a dead bank's storage expires and its
+    call is dropped at the next insertion past the limit; live calls beyond the limit drop
+    the oldest half."""
+    calls = _paths._OperatorCalls()
+    monkeypatch.setattr(calls, "LIMIT", 4)
+    a = torch.randn(12, 8)
+
+    def run(bt: nn.Parameter) -> None:
+        def prepare() -> _kernel.Prepared:
+            return _kernel.prepare_pointwise(a, _kernel.pack(bt).clone(), None, a.new_empty(12, 8))
+
+        call = calls.get((bt, None), ("pointwise", a.shape), prepare)
+        torch.testing.assert_close(call.run(a, torch.empty(12, 8)), a @ bt)
+
+    live = [nn.Parameter(torch.randn(8, 8)) for _ in range(5)]
+    for bt in live[:3]:
+        run(bt)
+    dead = nn.Parameter(torch.randn(8, 8))
+    run(dead)
+    ref = torch.multiprocessing.reductions.StorageWeakRef(dead.untyped_storage())
+    del dead
+    gc.collect()
+    assert ref.expired() and len(calls) == 4
+    run(live[3])  # full: the dead bank's call goes, the live ones stay
+    assert len(calls) == 4
+    for bt in live[:4]:  # all kept: no insertion
+        run(bt)
+    assert len(calls) == 4
+    run(live[4])  # full, none dead: the oldest half goes
+    assert len(calls) == 3
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())

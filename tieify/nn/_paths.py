@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _python_dispatch
 
 from . import _kernel
@@ -427,35 +428,122 @@ def _kernel_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
     )
 
 
+class _OperatorCalls:
+    """The kernel's calls made ready (:class:`tieify.nn._kernel.Prepared`: the bank packed,
+    the operands checked) for the ``tieify::`` operators, kept across calls. A compiled graph
+    calls an operator with the same parameters every time, and making the call ready again
+    costs more than a small layer's arithmetic (packing the bank: a pad, a transpose and a
+    copy). A call is reused while its tensors (a layer's weight and bias) are the same
+    storages at the same offsets, shapes, strides and versions, the input's layout is the
+    same, and the loaded library is the one it calls. An in-place update (an optimizer's
+    step, ``load_state_dict``) changes the version: the call is made again. Only
+    ``nn.Parameter`` s are kept, each its own tensor: an alias a compiled graph makes of one
+    (inductor's ``reinterpret_tensor``) does not share its version counter, so an update
+    would go unseen, and a parameter made under ``torch.inference_mode`` has none. Their
+    calls, and any other tensor's, are made every time. Storages are held weakly and a call
+    holds copies of the bank and bias, never the parameters, so a dead model's calls go at
+    the next insertion; at most :attr:`LIMIT` calls are kept."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        # key -> (the library, the tensors' versions, weak references to their storages, the call)
+        self._calls: dict[Any, tuple[Any, tuple[int, ...], tuple[StorageWeakRef, ...], Any]] = {}
+
+    def get(
+        self,
+        tensors: tuple[torch.Tensor | None, ...],
+        layout: tuple[Any, ...],
+        make: Callable[[], _kernel.Prepared],
+    ) -> _kernel.Prepared:
+        """The call kept for ``tensors`` and an input ``layout`` (everything else the call
+        depends on: shapes, geometry), or ``make()``'s, kept."""
+        real = tuple(t for t in tensors if t is not None)
+        if any(type(t) is not nn.Parameter or t.is_inference() for t in real):
+            return make()
+        storages = tuple(t.untyped_storage() for t in real)
+        key = (
+            layout,
+            tuple(t is None for t in tensors),
+            tuple(
+                (s.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+                for s, t in zip(storages, real, strict=True)
+            ),
+        )
+        lib, versions = _kernel._state.get("lib"), tuple(t._version for t in real)
+        kept = self._calls.get(key)
+        if kept is not None and kept[:2] == (lib, versions):
+            if not any(r.expired() for r in kept[2]):
+                return kept[3]  # type: ignore[no-any-return]
+        with torch.no_grad():
+            call = make()
+        if key not in self._calls and len(self._calls) >= self.LIMIT:
+            self._prune()
+        self._calls[key] = (lib, versions, tuple(StorageWeakRef(s) for s in storages), call)
+        return call
+
+    def _prune(self) -> None:
+        """Drop the calls of dead storages, then, while still full, the oldest half."""
+        live = {k: v for k, v in self._calls.items() if not any(r.expired() for r in v[2])}
+        if len(live) >= self.LIMIT:
+            live = dict(list(live.items())[len(live) // 2 :])
+        self._calls = live
+
+    def clear(self) -> None:
+        self._calls.clear()
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+
+_OPERATOR_CALLS = _OperatorCalls()
+
+
+def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
+
+
 @torch.library.custom_op("tieify::pointwise", mutates_args=(), device_types="cpu")
-def pointwise_op(a: torch.Tensor, bt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``a @ bt + bias`` by tieify's kernel, as an operator: autograd (the backward is three
-    ordinary matrix products) and ``torch.compile`` (which calls it from the compiled graph
-    as an external kernel) see it like any ATen op. ``a`` (R, K), ``bt`` (K, N), ``bias``
-    (N,) or None, float32 on the CPU; the output is a new dense (R, N) tensor. ``bt`` may
-    have any strides: the kernel reads a packed copy (:func:`tieify.nn._kernel.pack`)."""
+def pointwise_op(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``a @ weight.reshape(N, K).T + bias`` by tieify's kernel, as an operator: autograd (the
+    backward is three ordinary matrix products) and ``torch.compile`` (which calls it from
+    the compiled graph as an external kernel) see it like any ATen op. ``a`` (R, K),
+    ``weight`` (N, K, 1, ...) a pointwise layer's bank as it is, ``bias`` (N,) or None,
+    float32 on the CPU; the output is a new dense (R, N) tensor. The kernel reads the bank
+    packed (:func:`tieify.nn._kernel.pack`); the weight is taken whole, not as a view of it,
+    so that a compiled graph hands the operator the parameter itself, whose version counter
+    says when the packed copy is stale (:class:`_OperatorCalls`)."""
     a = a.contiguous()
-    return _kernel.pointwise(a, bt, bias, a.new_empty(a.shape[0], bt.shape[1]))
+    out = a.new_empty(a.shape[0], weight.shape[0])
+
+    def prepare() -> _kernel.Prepared:
+        bank = _kernel.pack(weight.reshape(weight.shape[0], -1).t()).clone()
+        return _kernel.prepare_pointwise(a, bank, _copy(bias), out)
+
+    return _OPERATOR_CALLS.get((weight, bias), ("pointwise", a.shape), prepare).run(a, out)
 
 
 @pointwise_op.register_fake
-def _pointwise_shape(a: torch.Tensor, bt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return a.new_empty(a.shape[0], bt.shape[1])
+def _pointwise_shape(
+    a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return a.new_empty(a.shape[0], weight.shape[0])
 
 
 def _pointwise_save(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    a, bt, bias = inputs
-    ctx.save_for_backward(a, bt)
+    a, weight, bias = inputs
+    ctx.save_for_backward(a, weight)
     ctx.has_bias = bias is not None
 
 
 def _pointwise_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    a, bt = ctx.saved_tensors
-    need_a, need_bt, need_bias = ctx.needs_input_grad
-    grad_a = grad @ bt.t() if need_a else None
-    grad_bt = a.t() @ grad if need_bt else None
+    a, weight = ctx.saved_tensors
+    w = weight.reshape(weight.shape[0], -1)  # (N, K)
+    need_a, need_weight, need_bias = ctx.needs_input_grad
+    grad_a = grad @ w if need_a else None
+    grad_weight = (grad.t() @ a).reshape(weight.shape) if need_weight else None
     grad_bias = grad.sum(0) if ctx.has_bias and need_bias else None
-    return grad_a, grad_bt, grad_bias
+    return grad_a, grad_weight, grad_bias
 
 
 pointwise_op.register_autograd(_pointwise_backward, setup_context=_pointwise_save)
@@ -473,9 +561,24 @@ def conv2d_op(
 ) -> torch.Tensor:
     """The 2-D tied conv of ``x`` (N, C, H, W) by tieify's kernel, as an operator (see
     :func:`pointwise_op`); the output is channels-last, as the input is."""
-    bank = _tap_bank(weight, None, blocks)[0]
     o = weight.shape[0] * blocks
-    return _run_conv_kernel(x, bank, bias, o, blocks, weight.shape[2:], stride, padding, dilation)
+    out = _conv_output(x, o, weight.shape[2:], stride, padding, dilation)
+    rows, out_rows = channels_inner(x).contiguous(), channels_inner(out)  # views where dense
+    geometry: dict[str, Any] = {
+        "kernel_size": tuple(weight.shape[2:]),
+        "stride": tuple(stride),
+        "padding": tuple(padding),
+        "dilation": tuple(dilation),
+    }
+
+    def prepare() -> _kernel.Prepared:
+        bank = _tap_bank(weight, None, blocks)[0].clone()
+        return _kernel.prepare_conv2d(rows, bank, _copy(bias), out_rows, blocks=blocks, **geometry)
+
+    layout = ("conv2d", rows.shape, blocks, *geometry.values())
+    call = _OPERATOR_CALLS.get((weight, bias), layout, prepare)
+    call.run(rows, out_rows)
+    return out
 
 
 def _conv_output(
@@ -623,7 +726,7 @@ def kernel_forward(layer: _TiedConvNd, x: torch.Tensor, key: Any = _NAMED) -> to
         return kernel_conv_forward(layer, x)
     a, unfold = kernel_rows(layer, x)
     if _traced() or _records((a, weight, bias)):
-        y = pointwise_op(a, weight.reshape(weight.shape[0], -1).t(), bias)
+        y = pointwise_op(a, weight, bias)
     else:
         y = kernel_pointwise_call(layer, a, bias)
     return unfold(y)

@@ -1,11 +1,13 @@
-"""Where the static rule runs NCHW tied convs on PyTorch's native kernel (the ``native`` path).
+"""Where the static rule runs NCHW tied convs on PyTorch's native kernel (the ``native`` path)
+or on tieify's channels-first product (the ``kernel`` path on NCHW input).
 
 Times the paths side by side (interleaved rounds, medians) on contiguous (NCHW) inputs and
 prints time ratios (> 1: ``native`` is faster):
 
 1. pointwise layers (ResNet-50's and MobileNetV3-Large's 1×1 shapes), B ∈ {2, 4, 8},
-   batch 1 and 8: fold / native and bmm / native — the rule takes ``native`` for every
-   pointwise NCHW layer;
+   batch 1 and 8: fold / native, bmm / native and kernel / native — the rule takes the
+   kernel from ``KERNEL_MIN_PIXELS`` pixels (batch × H × W) where it is built, ``native``
+   below;
 2. small 3×3 layers (the default search model's and a few more), B ∈ {2, 4}, batch 1, 2 and
    8: fold / native against the input's element count — the rule takes ``native`` for k×k
    layers up to ``tieify.nn._paths.NATIVE_MAX_NUMEL`` elements, batch included.
@@ -18,6 +20,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -54,18 +57,20 @@ def medians(layer: TiedConv2d, x: torch.Tensor, paths: tuple[str, ...], rounds: 
 def main(argv=None) -> int:
     args = _allocator_flag.table_script_args(__doc__.splitlines()[0], 7, argv)
 
-    print("Pointwise, NCHW: fold / native and bmm / native time ratios.\n")
-    cols = " | ".join(f"B={B} {p}" for B in (2, 4, 8) for p in ("fold", "bmm"))
+    print("Pointwise, NCHW: fold / native, bmm / native and kernel / native time ratios.\n")
+    others = ("fold", "bmm", "kernel")
+    cols = " | ".join(f"B={B} {p}" for B in (2, 4, 8) for p in others)
     print(f"| batch | C_in | C_out | H | {cols} |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|" + "---:|" * 9)
     for batch in (1, 8):
         for ci, co, h in POINTWISE:
             x = torch.randn(batch, ci, h, h)
             cells = []
             for B in (2, 4, 8):
                 layer = TiedConv2d(ci, co, 1, B=B, bias=False)
-                t = medians(layer, x, ("fold", "bmm", "native"), args.rounds)
-                cells += [t["fold"] / t["native"], t["bmm"] / t["native"]]
+                paths = [p for p in others if p in _paths.applicable_paths(layer, x)]
+                t = medians(layer, x, (*paths, "native"), args.rounds)
+                cells += [t[p] / t["native"] if p in t else math.nan for p in others]
             row = " | ".join(f"{r:.2f}" for r in cells)
             print(f"| {batch} | {ci} | {co} | {h} | {row} |", flush=True)
 

@@ -57,6 +57,76 @@ def test_kernel_equals_the_reference_forward_and_backward(
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize(
+    "nd,cin,cout,B,bias,batch,size",
+    [
+        (2, 64, 256, 4, True, 2, 56),  # N = 64: 10 tiles of 6 and one of 4; streamed output
+        (2, 256, 64, 8, False, 2, 28),  # N = 8: a tile of 6 and one of 2
+        (2, 10, 18, 2, True, 2, (3, 7)),  # N = 9, 21 pixels: the last strip overlaps
+        (2, 12, 14, 2, False, 1, (4, 4)),  # 16 pixels: one strip
+        (2, 16, 8, 8, True, 3, (5, 9)),  # K = 2, N = 1
+        (2, 2, 2, 2, True, 2, (4, 4)),  # K = N = 1
+        (1, 8, 8, 2, True, 2, 40),
+        (3, 8, 12, 4, False, 1, (2, 3, 4)),
+    ],
+)
+def test_channels_first_kernel_equals_the_reference(nd, cin, cout, B, bias, batch, size):
+    """The channels-first (NCHW) product of a pointwise layer: a kept call (twice), a call
+    made anew (parameters made under inference_mode), and, while autograd records, the
+    batched matrix multiply with the reference's gradients; the output is NCHW."""
+    torch.manual_seed(0)
+    size = size if isinstance(size, tuple) else (size,) * nd
+    layer = TIED[nd](cin, cout, 1, B=B, bias=bias).eval()
+    x = torch.randn(batch, cin, *size)
+    assert "kernel" in check_all_paths(layer, x)
+    ref = _paths.fold_forward(layer, x).detach()
+    with torch.no_grad():
+        for _ in range(2):
+            y = _paths.run_path(layer, x, "kernel")
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+            assert y.is_contiguous()
+        assert any(c.planar for c in _paths._CALLS[layer].values())
+    with torch.inference_mode():
+        frozen = TIED[nd](cin, cout, 1, B=B, bias=bias).eval()
+        frozen.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(_paths.run_path(frozen, x, "kernel"), ref, rtol=1e-4, atol=1e-4)
+    assert frozen not in _paths._CALLS
+
+
+def test_the_channels_first_kernel_takes_pointwise_layers_without_a_stride_only():
+    layer = TiedConv2d(16, 32, 1, B=4)
+    x = torch.randn(2, 16, 8, 8)
+    kernel = _kernel.kernel_available()
+    assert ("kernel" in _paths.applicable_paths(layer, x)) == kernel
+    assert "kernel" not in _paths.applicable_paths(TiedConv2d(16, 32, 1, stride=2, B=4), x)
+    assert "kernel" not in _paths.applicable_paths(TiedConv2d(16, 32, 3, padding=1, B=4), x)
+    assert "kernel" not in _paths.applicable_paths(layer, x[..., :3, :5])  # 15 pixels
+    assert "kernel" not in _paths.applicable_paths(layer, x.transpose(2, 3))  # not dense
+    assert "kernel" not in _paths.applicable_paths(layer.double(), x.double())
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_the_channels_first_kernel_refuses_operands_it_would_read_past():
+    x, weight = torch.randn(2, 8, 4, 4), torch.randn(6, 4)
+    wp, out = _kernel.pack_planar(weight), torch.empty(2, 12, 4, 4)
+    assert wp.shape == (1, 4, 6)
+    torch.testing.assert_close(wp[0], weight.t())
+    got = _kernel.prepare_pointwise_planar(x, wp, None, out, 2).run(x, out)
+    expected = torch.einsum("ok,nbkp->nbop", weight, x.view(2, 2, 4, 16)).reshape(out.shape)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"at least 16 pixels.*x \(2, 8, 3, 4\)"):
+        _kernel.prepare_pointwise_planar(x[..., :3, :].contiguous(), wp, None, out, 2)
+    with pytest.raises(ValueError, match=r"wp \(1, 3, 6\)"):
+        _kernel.prepare_pointwise_planar(x, wp[:, :3].contiguous(), None, out, 2)
+    with pytest.raises(ValueError, match=r"out \(2, 12, 4, 3\)"):
+        _kernel.prepare_pointwise_planar(x, wp, None, out[..., :3], 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        _kernel.prepare_pointwise_planar(x.transpose(2, 3), wp, None, out, 2)
+    with pytest.raises(ValueError, match=r"bias \(5,\)"):
+        _kernel.prepare_pointwise_planar(x, wp, torch.randn(5), out, 2)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 def test_kernel_reads_the_input_in_place_and_keeps_a_transposed_bank(monkeypatch):
     layer = TiedConv2d(64, 32, 1, B=4, bias=True).eval()
     x = channels_last(torch.randn(2, 64, 8, 8))
@@ -207,10 +277,16 @@ def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch,
     x = channels_last(torch.randn(1, 512, 64, 64))
     assert "kernel" in _paths.applicable_paths(wide, x)
     assert _paths.default_path(wide, x) == ("gemm" if avx512 else "widen")
-    # Not float32, not channels-last, or traced: the kernel does not apply.
+    # Not float32 or traced: the kernel does not apply.
     assert "kernel" not in _paths.applicable_paths(layer.to(torch.bfloat16), big.bfloat16())
     layer.float()
-    assert "kernel" not in _paths.applicable_paths(layer, big.contiguous())
+    # NCHW: the channels-first product, by the same rule (else the native fold).
+    assert _paths.default_path(layer, big.contiguous()) == ("native" if avx512 else "kernel")
+    assert _paths.default_path(layer, small.contiguous()) == "native"
+    thin = TiedConv2d(16, 64, 1, B=8)  # 2 input channels a block: native on NCHW input
+    assert _paths.default_path(thin, big[:, :16].contiguous()) == "native"
+    thin_cl = channels_last(big[:, :16].contiguous())
+    assert _paths.default_path(thin, thin_cl) == ("gemm" if avx512 else "kernel")
     grouped = TiedConv2d(64, 64, 3, padding=1, groups=2, B=4)
     assert "kernel" not in _paths.applicable_paths(grouped, big)
 

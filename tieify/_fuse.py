@@ -301,8 +301,8 @@ def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch
     (``benchmarks/fuse.py``, 2026-12-01)."""
     conv = gm.get_submodule(str(chain.conv.target))
     x = seen.get(conv)
-    if not isinstance(conv, _TiedConvNd) or x is None:
-        return False
+    if not isinstance(conv, _TiedConvNd) or x is None or not _paths.is_channels_last(x):
+        return False  # the epilogue is the channels-last kernel's
     if _paths.select_path(conv, x, fused=True) == "kernel":
         return True
     bank = conv.weight.numel()  # C_out/B · C_in/B · taps entries

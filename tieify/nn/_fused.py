@@ -71,6 +71,8 @@ def _fuses(x: torch.Tensor, conv: nn.Module, bn: nn.Module, residual: torch.Tens
         return False
     if x.dim() != conv._ndim + 2 or x.shape[1] != conv.in_channels or conv.B == 1:
         return False
+    if not _paths.is_channels_last(x):  # the epilogue is the channels-last kernel's
+        return False
     if _paths.select_path(conv, x, fused=True) != "kernel" or not fusable(conv, bn):
         return False
     if torch.is_grad_enabled():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name("_kernel.cpp")
-ABI = 4
+ABI = 5
 #: Outputs of at least this many bytes are written with non-temporal stores: larger than the
 #: per-core L2 of the CPUs measured, so the next layer would read them from memory anyway.
 STREAM_MIN_BYTES = 1 << 20
@@ -248,6 +249,9 @@ def _check(lib: ctypes.CDLL) -> str:
         *[ctypes.c_int64] * 3,
         *_EPILOGUE_TYPES,
     ]
+    planar = lib.tieify_pointwise_planar
+    planar.restype = None
+    planar.argtypes = [*[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 5, *_EPILOGUE_TYPES]
     if not _self_test(lib):
         return "it computed a wrong result in its self-test"
     return ""
@@ -279,7 +283,24 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         and torch.allclose(fused, expected_fused, rtol=1e-4, atol=1e-4)
         and _conv_self_test(lib, gen, stride=1, n_out=5)  # the pixel tiles (N <= 8, 3 wide)
         and _conv_self_test(lib, gen, stride=2, n_out=9)  # the row tiles, phases, a padded bank
+        and _planar_self_test(lib, gen)
     )
+
+
+def _planar_self_test(lib: ctypes.CDLL, gen: torch.Generator) -> bool:
+    """A channels-first product of 2 blocks of 5 channels into 2 of 9 (a padded tile of
+    output channels) on 21 pixels (an overlapping last strip), with a bias, against the
+    reference fold."""
+    x = torch.randn(2, 10, 3, 7, generator=gen)
+    weight, bias = torch.randn(9, 5, generator=gen), torch.randn(9, generator=gen)
+    expected = torch.einsum("ok,nbkp->nbop", weight, x.view(2, 2, 5, 21)) + bias[:, None]
+    got = torch.empty(2, 18, 3, 7)
+    wp = pack_planar(weight)
+    lib.tieify_pointwise_planar(
+        x.data_ptr(), wp.data_ptr(), got.data_ptr(), 2, 2, 5, 9, 21, bias.data_ptr(), 1, 0,
+        *_NO_EPILOGUE,
+    )  # fmt: skip
+    return torch.allclose(got.view(2, 2, 9, 21), expected, rtol=1e-4, atol=1e-4)
 
 
 def _conv_self_test(lib: ctypes.CDLL, gen: torch.Generator, *, stride: int, n_out: int) -> bool:
@@ -476,6 +497,67 @@ def prepare_conv2d(
     head = (geometry.data_ptr(), bt.data_ptr())
     keep = (geometry, bt, bias, scale, shift)
     return Prepared(lib.tieify_conv, head, (n_out,), epilogue, keep)
+
+
+#: The output channels of one tile of the channels-first product (PLANAR_ROWS in the kernel).
+PLANAR_ROWS = 6
+
+#: The fewest pixels (H·W) the channels-first product takes: one strip of 16.
+PLANAR_MIN_PIXELS = 16
+
+
+def pack_planar(weight: torch.Tensor) -> torch.Tensor:
+    """The (N, K) bank (a pointwise layer's weight, any trailing 1s) as the channels-first
+    product reads it: tiles of :data:`PLANAR_ROWS` output channels, each a (K, 6) block
+    (k-major), the last padded with zeros: a dense tensor of ceil(N / 6)·6·K entries."""
+    w = weight.reshape(weight.shape[0], -1)
+    n, k = w.shape
+    tiles = -(-n // PLANAR_ROWS)
+    w = torch.nn.functional.pad(w, (0, 0, 0, tiles * PLANAR_ROWS - n))
+    return w.reshape(tiles, PLANAR_ROWS, k).transpose(1, 2).contiguous()
+
+
+def prepare_pointwise_planar(
+    x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, blocks: int
+) -> Prepared:
+    """The channels-first (NCHW) tied pointwise product, ``out[:, b·N + o] = Σ_k W[o, k] ·
+    x[:, b·K + k] + bias[o]`` for each of the ``blocks`` blocks: ``x`` (n, blocks·K, *S) and
+    ``out`` (n, blocks·N, *S) dense float32 CPU with S (the pixels) at least
+    :data:`PLANAR_MIN_PIXELS`, ``wp`` the bank packed by :func:`pack_planar`, ``bias`` (N,).
+    Returns the call checked on these operands and made ready (:class:`Prepared`)."""
+    lib = _library()
+    assert lib is not None
+    n, S = x.shape[0], math.prod(x.shape[2:])
+    k = x.shape[1] // blocks if x.dim() > 2 and blocks > 0 else 0
+    n_out = out.shape[1] // blocks if out.dim() > 2 and blocks > 0 else 0
+    tensors = (x, wp, out, *(() if bias is None else (bias,)))
+    if (
+        x.dim() < 3
+        or min(blocks, k, n_out) < 1
+        or x.shape[1] != blocks * k
+        or out.shape != (n, blocks * n_out, *x.shape[2:])
+        or S < PLANAR_MIN_PIXELS
+        or wp.shape != (-(-n_out // PLANAR_ROWS), k, PLANAR_ROWS)
+        or (bias is not None and bias.shape != (n_out,))
+        or _overlaps(x, out)
+        or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
+        or not all(t.is_contiguous() for t in tensors)
+    ):
+        raise ValueError(
+            "tieify's channels-first pointwise kernel takes dense float32 CPU tensors x "
+            f"(n, blocks·K, *S) with at least {PLANAR_MIN_PIXELS} pixels, out (n, blocks·N, *S) "
+            "apart from x, wp = pack_planar(weight) and bias (N,), but got x "
+            f"{tuple(x.shape)}, wp {tuple(wp.shape)}, out {tuple(out.shape)}, bias "
+            f"{None if bias is None else tuple(bias.shape)}, blocks={blocks}, dtypes "
+            f"{[str(t.dtype) for t in tensors]}, contiguous "
+            f"{[t.is_contiguous() for t in tensors]}; make them so (.contiguous().float())."
+        )
+    stream = int(out.numel() * out.element_size() >= STREAM_MIN_BYTES)
+    threads = torch.get_num_threads()
+    bias_ptr = None if bias is None else bias.data_ptr()
+    epilogue = (bias_ptr, threads, stream, *_NO_EPILOGUE)
+    sizes = (n, blocks, k, n_out, S)
+    return Prepared(lib.tieify_pointwise_planar, (wp.data_ptr(),), sizes, epilogue, (wp, bias))
 
 
 class Prepared:

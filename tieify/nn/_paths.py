@@ -34,7 +34,10 @@ differ only in how the work is laid out for the kernels underneath:
   from a zero-padded copy of the rows under the filter. Offered only where the kernel could
   be built; in eager calls and in ``torch.compile`` graphs (as the ``tieify::pointwise`` and
   ``tieify::conv2d`` operators), not in ``torch.export``/ONNX graphs, which must run
-  without it.
+  without it. On an NCHW input, a pointwise layer without a stride (eager calls only):
+  for each image and block the (C_out/B, C_in/B)·(C_in/B, H·W) product on the input's
+  memory as it is, register tiles of 6 output channels × 16 pixels, the output NCHW; while
+  autograd records, the same product as ``bmm``.
 - ``"native"``: the reference fold on a contiguous (NCHW) 2-D input, run by PyTorch's native
   CPU convolution (``thnn_conv2d``: per sample, an im2col that 1×1 layers skip and one
   single-threaded GEMM, the samples spread over the threads) instead of oneDNN, which is
@@ -113,6 +116,15 @@ KERNEL_MIN_PIXELS = 784
 #: 0.91-0.99× in two interleaved repeats; the larger banks of the 7×7 layers (at B = 2) lost
 #: to gemm at batch 8 (1.15-1.17×). Before the bank was packed, 128×512 already lost.
 KERNEL_MAX_BANK = 65536
+#: Fewest input channels a block (C_in/B) on which a pointwise layer on an NCHW input runs
+#: the ``kernel`` (its channels-first product) by default, where :data:`KERNEL_MIN_PIXELS`
+#: and :data:`KERNEL_MAX_BANK` hold too; else ``native``. ``benchmarks/nchw_paths.py``
+#: (2026-12-02 07:54, 2 threads, AVX2 EPYC; ResNet-50's and MobileNetV3-Large's 1×1 shapes,
+#: B ∈ {2, 4, 8}, batch 1 and 8): kernel / native 0.24-1.80, below 1 in 48 of the 51 cases
+#: of 784 pixels or more; the three losses, all at batch 8: 16→64 at 112×112, B = 8 (2
+#: channels a block, the only case under 4: 1.80), 480→80 at 14×14, B = 4 (1.05) and
+#: 1024→256 at 14×14, B = 2 (1.02).
+PLANAR_MIN_CHANNELS = 4
 
 #: Narrowest output (its last spatial size) on which a 2-D k×k layer on a channels-last CPU
 #: input of a batch above one, followed by a batch norm that :func:`tieify.fuse` fused, runs
@@ -424,19 +436,33 @@ def _kernel_conv(layer: _TiedConvNd) -> bool:
 
 
 def _kernel_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
-    """Pointwise or a 2-D convolution the kernel computes (:func:`_kernel_conv`), a
-    channels-last float32 CPU input and bank, a plain eager call (as for ``native``) or a
-    ``torch.compile`` graph (:func:`_compiling`), and a kernel that could be built on this
-    machine."""
+    """A float32 CPU input and bank, a kernel that could be built on this machine, and either
+    a channels-last input of a pointwise layer or of a 2-D convolution the kernel computes
+    (:func:`_kernel_conv`), in a plain eager call (as for ``native``) or a ``torch.compile``
+    graph (:func:`_compiling`), or a channels-first input of a pointwise layer
+    (:func:`_planar_applies`) in a plain eager call."""
     params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
-    return (
-        (_is_pointwise(layer) or _kernel_conv(layer))
-        and x.device.type == "cpu"
+    if not (
+        x.device.type == "cpu"
         and x.dtype == torch.float32
         and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
-        and is_channels_last(x)
-        and (_plain_eager(x) or _compiling())
-        and _kernel_ready()
+    ):
+        return False
+    if is_channels_last(x):
+        shape = _is_pointwise(layer) or _kernel_conv(layer)
+        return shape and (_plain_eager(x) or _compiling()) and _kernel_ready()
+    return _planar_applies(layer, x) and _plain_eager(x) and _kernel_ready()
+
+
+def _planar_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
+    """A pointwise layer without a stride on a channels-first (NCHW) input of at least
+    :data:`tieify.nn._kernel.PLANAR_MIN_PIXELS` pixels an image: the kernel's channels-first
+    product (a static test: the batch is not looked at)."""
+    return (
+        _is_pointwise(layer)
+        and all(s == 1 for s in layer.stride)
+        and is_channels_first(x)
+        and math.prod(x.shape[2:]) >= _kernel.PLANAR_MIN_PIXELS
     )
 
 
@@ -734,6 +760,12 @@ def kernel_forward(layer: _TiedConvNd, x: torch.Tensor, key: Any = _NAMED) -> to
     )
     if call is not None:
         return call(x)
+    if not is_channels_last(x):  # a channels-first pointwise layer (eager calls only)
+        if _records((x, weight, bias)):
+            return bmm_forward(layer, x)  # the same product, differentiable
+        out = x.new_empty(x.shape[0], layer.out_channels, *x.shape[2:])
+        xc = x.contiguous()
+        return _prepare_planar(layer, xc, bias, out).run(xc, out)
     if not _is_pointwise(layer):
         return kernel_conv_forward(layer, x)
     a, unfold = kernel_rows(layer, x)
@@ -840,6 +872,20 @@ def _repeat_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Ba
     return weight.repeat(B, *([1] * (weight.dim() - 1))), None if bias is None else bias.repeat(B)
 
 
+def _planar_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
+    """A pointwise bank as the channels-first product reads it (tiles of output channels)."""
+    return _kernel.pack_planar(weight), bias
+
+
+def _prepare_planar(
+    layer: _TiedConvNd, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> _kernel.Prepared:
+    """The channels-first product of a pointwise layer on dense NCHW ``x`` into ``out``,
+    made ready with the layer's kept bank."""
+    bank, _ = _cached(layer, "planar", _planar_bank)
+    return _kernel.prepare_pointwise_planar(x, bank, bias, out, layer.B)
+
+
 def _packed_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
     """A pointwise bank as the kernel reads it: the (C_in/B, C_out/B) matrix, packed."""
     return _kernel.pack(weight.reshape(weight.shape[0], -1).t()), bias
@@ -944,10 +990,15 @@ def _widen_pointwise(x: torch.Tensor) -> bool:
 def _kernel_by_default(layer: _TiedConvNd, x: torch.Tensor) -> bool:
     """Whether a pointwise layer whose input the ``kernel`` takes runs it by default: a CPU
     without AVX-512 (the only kind measured), a bank of at most :data:`KERNEL_MAX_BANK`
-    entries and at least :data:`KERNEL_MIN_PIXELS` pixels (:func:`_at_least_pixels`)."""
-    bank = (layer.in_channels // layer.B) * (layer.out_channels // layer.B)
+    entries and at least :data:`KERNEL_MIN_PIXELS` pixels (:func:`_at_least_pixels`), and on
+    an NCHW input at least :data:`PLANAR_MIN_CHANNELS` input channels a block."""
+    k = layer.in_channels // layer.B
+    bank = k * (layer.out_channels // layer.B)
     return (
-        not _CPU_HAS_AVX512 and bank <= KERNEL_MAX_BANK and _at_least_pixels(x, KERNEL_MIN_PIXELS)
+        not _CPU_HAS_AVX512
+        and bank <= KERNEL_MAX_BANK
+        and (k >= PLANAR_MIN_CHANNELS or is_channels_last(x))
+        and _at_least_pixels(x, KERNEL_MIN_PIXELS)
     )
 
 
@@ -995,9 +1046,11 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     kernel's epilogue) also where the output is at least :data:`KERNEL_CONV_MIN_WIDTH` wide
     (:func:`_kernel_conv_by_default`); else widened on CPU where that applies, else lifted
     (1-D/2-D). On an
-    NCHW input (eager, CPU, 2-D) pointwise layers run ``native``, and k×k layers too while
-    the input has at most :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the
-    batched GEMM is slower than the fold on CPU). Measured in ``benchmarks/``;
+    NCHW input pointwise layers without a stride run tieify's ``kernel`` (its channels-first
+    product, eager only) by the same rule (:func:`_kernel_by_default`), else (eager, CPU,
+    2-D) ``native``, and k×k layers run ``native`` while the input has at most
+    :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the batched GEMM is slower
+    than the fold on CPU). Measured in ``benchmarks/``;
     ``tieify.optimize`` times the candidates on the real input instead.
     """
     paths = applicable_paths(layer, x)
@@ -1099,7 +1152,7 @@ class _KernelCall:
     177 for a 3×3; the dense conv 26 and 44); at batch 8 on ResNet-50's 1×1 layers, 1.09-1.21×
     the bare kernel's time kept against 1.11-1.24×."""
 
-    __slots__ = ("lib", "tokens", "run", "out_shape", "index", "K")
+    __slots__ = ("lib", "tokens", "run", "out_shape", "index", "K", "planar")
 
     def __init__(
         self,
@@ -1108,10 +1161,12 @@ class _KernelCall:
         out_shape: tuple[int, ...],
         index: tuple[slice, ...] | None,
         K: int,
+        planar: bool = False,
     ) -> None:
         self.lib = _kernel._state.get("lib")
         self.tokens = tuple(None if t is None else (t, t._version, t.data_ptr()) for t in tensors)
         self.run, self.out_shape, self.index, self.K = run, out_shape, index, K
+        self.planar = planar  # the channels-first product: its output is NCHW as it is
 
     def fresh(self, tensors: tuple[torch.Tensor | None, ...]) -> bool:
         """Whether ``tensors`` (the parameters and statistics the call was prepared with) are
@@ -1133,7 +1188,7 @@ class _KernelCall:
             a = _rows(x[self.index], self.K).contiguous()
         out = x.new_empty(self.out_shape)
         self.run(a.data_ptr(), out.data_ptr(), None if residual is None else residual.data_ptr())
-        return channels_second(out)
+        return out if self.planar else channels_second(out)
 
 
 #: The kept calls of each layer, by input layout (outside the layer's state: pickling and
@@ -1201,6 +1256,12 @@ def prepare_kernel_call(
     B = layer.B
     K, N = layer.in_channels // B, layer.out_channels // B
     index = None
+    if not is_channels_last(x):  # the channels-first product, no epilogue
+        if epilogue or residual is not None or not x.is_contiguous():
+            return None
+        out = x.new_empty(x.shape[0], layer.out_channels, *x.shape[2:])
+        call = _KernelCall(_prepare_planar(layer, x, bias, out), tensors, out.shape, None, K, True)
+        return _keep_call(layer, x, extra, call)
     if _is_pointwise(layer):
         index = _subsample_index(layer)
         sub = x if index is None else x[index]
@@ -1225,7 +1286,11 @@ def prepare_kernel_call(
             xi, bank, bias, out, blocks=B, **geometry, residual=res, **epilogue
         )
         out_shape = tuple(out.shape)
-    call = _KernelCall(run, tensors, out_shape, index, K)
+    return _keep_call(layer, x, extra, _KernelCall(run, tensors, out_shape, index, K))
+
+
+def _keep_call(layer: _TiedConvNd, x: torch.Tensor, extra: Any, call: _KernelCall) -> _KernelCall:
+    """Keep ``call`` for ``layer`` on inputs laid out like ``x`` (and ``extra``)."""
     calls = _CALLS.get(layer)
     if calls is None:
         calls = _CALLS[layer] = {}

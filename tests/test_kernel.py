@@ -387,19 +387,18 @@ def test_conv_kernel_epilogue_and_threads():
         expected = torch.relu(
             y * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1) + residual
         )
-        bank = _paths._tap_bank(layer.weight.detach(), None, B)[0]
         outs = []
         before = torch.get_num_threads()
         try:
             for threads in (1, 2):
                 torch.set_num_threads(threads)
-                outs.append(
-                    _paths._run_conv_kernel(
-                        x, bank, layer.bias.detach(), cout, B, layer.kernel_size, layer.stride,
-                        layer.padding, layer.dilation, scale=scale, shift=shift,
-                        residual=_paths.channels_inner(residual).contiguous(), relu=True,
-                    )
-                )  # fmt: skip
+                with torch.no_grad():
+                    outs.append(
+                        _paths.kernel_conv_call(
+                            layer, x, layer.bias, scale=scale, shift=shift,
+                            residual=_paths.channels_inner(residual).contiguous(), relu=True,
+                        )
+                    )  # fmt: skip
         finally:
             torch.set_num_threads(before)
         torch.testing.assert_close(outs[0], expected, rtol=1e-4, atol=1e-4)

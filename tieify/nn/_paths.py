@@ -510,9 +510,12 @@ class _OperatorCalls:
         )
         lib, versions = _kernel._state.get("lib"), tuple(t._version for t in real)
         kept = self._calls.get(key)
-        if kept is not None and kept[:2] == (lib, versions):
-            if not any(r.expired() for r in kept[2]):
-                return kept[3]  # type: ignore[no-any-return]
+        if (
+            kept is not None
+            and kept[:2] == (lib, versions)
+            and not any(r.expired() for r in kept[2])
+        ):
+            return kept[3]  # type: ignore[no-any-return]
         with torch.no_grad():
             call = make()
         if key not in self._calls and len(self._calls) >= self.LIMIT:
@@ -555,7 +558,7 @@ def pointwise_op(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     out = a.new_empty(a.shape[0], weight.shape[0])
 
     def prepare() -> _kernel.Prepared:
-        bank = _kernel.pack(weight.reshape(weight.shape[0], -1).t()).clone()
+        bank = _packed_bank(weight, None, 1)[0].clone()
         return _kernel.prepare_pointwise(a, bank, _copy(bias), out)
 
     return _OPERATOR_CALLS.get((weight, bias), ("pointwise", a.shape), prepare).run(a, out)
@@ -599,9 +602,6 @@ def conv2d_op(
 ) -> torch.Tensor:
     """The 2-D tied conv of ``x`` (N, C, H, W) by tieify's kernel, as an operator (see
     :func:`pointwise_op`); the output is channels-last, as the input is."""
-    o = weight.shape[0] * blocks
-    out = _conv_output(x, o, weight.shape[2:], stride, padding, dilation)
-    rows, out_rows = channels_inner(x).contiguous(), channels_inner(out)  # views where dense
     geometry: dict[str, Any] = {
         "kernel_size": tuple(weight.shape[2:]),
         "stride": tuple(stride),
@@ -609,14 +609,15 @@ def conv2d_op(
         "dilation": tuple(dilation),
     }
 
-    def prepare() -> _kernel.Prepared:
-        bank = _tap_bank(weight, None, blocks)[0].clone()
-        return _kernel.prepare_conv2d(rows, bank, _copy(bias), out_rows, blocks=blocks, **geometry)
+    def prepare(rows: torch.Tensor, out: torch.Tensor) -> _kernel.Prepared:
+        def make() -> _kernel.Prepared:
+            bank = _tap_bank(weight, None, blocks)[0].clone()
+            return _kernel.prepare_conv2d(rows, bank, _copy(bias), out, blocks=blocks, **geometry)
 
-    layout = ("conv2d", rows.shape, blocks, *geometry.values())
-    call = _OPERATOR_CALLS.get((weight, bias), layout, prepare)
-    call.run(rows, out_rows)
-    return out
+        layout = ("conv2d", rows.shape, blocks, *geometry.values())
+        return _OPERATOR_CALLS.get((weight, bias), layout, make)
+
+    return _run_conv_kernel(x, weight.shape[0] * blocks, geometry, prepare)
 
 
 def _conv_output(
@@ -676,31 +677,18 @@ conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_save)
 
 def _run_conv_kernel(
     x: torch.Tensor,
-    bank: torch.Tensor,
-    bias: torch.Tensor | None,
     out_channels: int,
-    blocks: int,
-    kernel_size: Any,
-    stride: Any,
-    padding: Any,
-    dilation: Any,
-    **epilogue: Any,
+    geometry: dict[str, Any],
+    prepare: Callable[[torch.Tensor, torch.Tensor], _kernel.Prepared],
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The kernel's conv of the channels-last ``x`` (N, C, H, W) with the packed tap bank: a
-    new channels-last (N, O, Ho, Wo) output."""
-    out = _conv_output(x, out_channels, kernel_size, stride, padding, dilation)
-    _kernel.conv2d(
-        channels_inner(x).contiguous(),  # a view of a channels-last input
-        bank,
-        bias,
-        channels_inner(out),
-        blocks=blocks,
-        kernel_size=tuple(kernel_size),
-        stride=tuple(stride),
-        padding=tuple(padding),
-        dilation=tuple(dilation),
-        **epilogue,
-    )
+    """The kernel's conv of the channels-last ``x`` (N, C, H, W): a new channels-last
+    (N, O, Ho, Wo) output, computed by ``prepare(rows, out)``'s call on the channels-inner
+    views of both (:func:`tieify.nn._kernel.prepare_conv2d`), with ``residual`` (as the
+    call was prepared)."""
+    out = _conv_output(x, out_channels, **geometry)
+    rows, out_rows = channels_inner(x).contiguous(), channels_inner(out)  # views where dense
+    prepare(rows, out_rows).run(rows, out_rows, residual)
     return out
 
 
@@ -737,7 +725,11 @@ def kernel_conv_call(
     (:func:`tieify.nn._fused.conv_bn_act`, which gives the epilogue)."""
     bank, _ = _cached(layer, "taps", _tap_bank)
     geometry = _conv_geometry(layer)
-    return _run_conv_kernel(x, bank, bias, layer.out_channels, layer.B, **geometry, **epilogue)
+
+    def prepare(rows: torch.Tensor, out: torch.Tensor) -> _kernel.Prepared:
+        return _kernel.prepare_conv2d(rows, bank, bias, out, blocks=layer.B, **geometry, **epilogue)
+
+    return _run_conv_kernel(x, layer.out_channels, geometry, prepare, epilogue.get("residual"))
 
 
 #: The ``extra`` key of the calls kept by :func:`kernel_forward` run as a named path.

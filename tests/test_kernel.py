@@ -28,7 +28,8 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "nd, cin, cout, B, stride, bias, batch, size",
     [
-        (2, 64, 256, 8, 1, False, 2, 9),  # N = 32: two 16-column tiles
+        (2, 64, 256, 8, 1, False, 2, 9),  # N = 32: two 16-column tiles (AVX-512: one)
+        (2, 96, 96, 2, 1, True, 2, 7),  # N = 48: AVX-512 tiles of 32 and 16 columns, 98 rows
         (2, 256, 64, 8, 1, True, 3, 7),  # N = 8: pair tiles; rows not a multiple of 6
         (2, 24, 36, 4, 2, False, 2, 11),  # N = 9: an 8-column tile and a 1-column tail
         (2, 12, 10, 2, 1, True, 1, 5),  # N = 5: pair tiles (N <= 8), K = 6
@@ -254,10 +255,17 @@ def test_kernel_gives_the_same_result_on_one_and_on_two_threads():
     torch.testing.assert_close(one, two, rtol=0, atol=0)  # rows split, same sums
 
 
+def as_if_avx512(monkeypatch, avx512: bool) -> None:
+    """The rule as on a CPU with AVX-512 (True) or without (False), whatever this one has."""
+    monkeypatch.setattr(_paths, "_CPU_HAS_AVX512", avx512)
+    monkeypatch.setattr(_paths, "_KERNEL_WINS_ALONE", not avx512)
+
+
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 @pytest.mark.parametrize("avx512", [False, True])
 def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch, avx512):
-    monkeypatch.setattr(_paths, "_CPU_HAS_AVX512", avx512)
+    """Unfused, on a CPU without AVX-512; for a chain tieify.fuse fused, on any."""
+    as_if_avx512(monkeypatch, avx512)
     layer = TiedConv2d(64, 64, 1, B=4)
     # 784 pixels: the threshold, reached by batch and spatial size together.
     big = channels_last(torch.randn(4, 64, 14, 14))
@@ -265,6 +273,8 @@ def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch,
     assert 4 * 14 * 14 == _paths.KERNEL_MIN_PIXELS
     assert _paths.default_path(layer, small) == "gemm"
     assert _paths.default_path(layer, big) == ("gemm" if avx512 else "kernel")
+    assert _paths.default_path(layer, big, fused=True) == "kernel"
+    assert _paths.default_path(layer, small, fused=True) == "gemm"
     # The per-layer memo tells the two batches apart.
     layer._path_memo = {}
     for x in (small, big, small):
@@ -277,6 +287,7 @@ def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch,
     x = channels_last(torch.randn(1, 512, 64, 64))
     assert "kernel" in _paths.applicable_paths(wide, x)
     assert _paths.default_path(wide, x) == ("gemm" if avx512 else "widen")
+    assert _paths.default_path(wide, x, fused=True) == ("gemm" if avx512 else "widen")
     # Not float32 or traced: the kernel does not apply.
     assert "kernel" not in _paths.applicable_paths(layer.to(torch.bfloat16), big.bfloat16())
     layer.float()
@@ -296,15 +307,15 @@ def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch,
 def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monkeypatch, avx512):
     """Unfused, k×k layers keep widen (or lift) above a batch of one; for a chain tieify.fuse
     fused, the rule takes the kernel where the output is at least 28 wide; at a batch of
-    one it takes the kernel, fused or not."""
-    monkeypatch.setattr(_paths, "_CPU_HAS_AVX512", avx512)
+    one it takes the kernel, fused or not (on a CPU with AVX-512: fused only)."""
+    as_if_avx512(monkeypatch, avx512)
     assert _paths.KERNEL_CONV_MIN_WIDTH == 28
     layer = TiedConv2d(16, 16, 3, padding=1, B=4)
     strided = TiedConv2d(16, 16, 3, stride=2, padding=1, B=4)
     for x, width in [(torch.randn(2, 16, 5, 28), 28), (torch.randn(2, 16, 5, 27), 27)]:
         x = channels_last(x)
         assert _paths.output_size(layer, x)[-1] == width
-        kernel = width >= 28 and not avx512
+        kernel = width >= 28
         assert _paths.default_path(layer, x) == "widen"
         assert _paths.default_path(layer, x, fused=True) == ("kernel" if kernel else "widen")
         assert _paths.select_path(layer, x, fused=True) == ("kernel" if kernel else "widen")
@@ -314,12 +325,14 @@ def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monk
         # One sample of the same input: the kernel, fused or not, at any width.
         one = x[:1]
         for fused in (False, True):
-            assert _paths.default_path(layer, one, fused) == ("widen" if avx512 else "kernel")
-            assert _paths.select_path(layer, one, fused) == ("widen" if avx512 else "kernel")
-            assert _paths.default_path(strided, one, fused) == ("lift" if avx512 else "kernel")
+            alone = avx512 and not fused
+            assert _paths.default_path(layer, one, fused) == ("widen" if alone else "kernel")
+            assert _paths.select_path(layer, one, fused) == ("widen" if alone else "kernel")
+            assert _paths.default_path(strided, one, fused) == ("lift" if alone else "kernel")
         assert _paths.select_path(layer, x) == "widen"  # the memo tells the batches apart
     x = channels_last(torch.randn(2, 16, 3, 56))
-    assert _paths.default_path(strided, x, fused=True) == ("lift" if avx512 else "kernel")
+    assert _paths.default_path(strided, x, fused=True) == "kernel"
+    assert _paths.default_path(strided, x) == "lift"
     # A pinned path is kept, fused or not.
     layer.path = "widen"
     assert _paths.select_path(layer, x, fused=True) == "widen"
@@ -458,6 +471,7 @@ def check_against_the_fold(layer, x, y) -> torch.Tensor:
 def test_torch_compile_calls_the_kernel_as_an_operator(monkeypatch, backend):
     """A compiled graph runs the kernel (the tieify::pointwise operator, forward; the backward
     is matrix products), with the same values and gradients as the reference fold."""
+    as_if_avx512(monkeypatch, False)  # the rule's unfused choice there: the kernel
     calls = counting_kernel_calls(monkeypatch)
     torch.manual_seed(0)
     layer = TiedConv2d(64, 128, 1, B=4, bias=True)
@@ -613,6 +627,7 @@ def test_kept_operator_calls_never_keep_a_model_alive_and_are_bounded(monkeypatc
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 def test_compiled_graphs_take_the_kernel_only_where_the_sizes_prove_the_rule(monkeypatch):
+    as_if_avx512(monkeypatch, False)  # the rule's unfused choice there: the kernel
     torch._dynamo.reset()
     calls = counting_kernel_calls(monkeypatch)
     layer = TiedConv2d(64, 64, 1, B=4).eval()

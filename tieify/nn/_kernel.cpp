@@ -31,6 +31,10 @@
 // stream / regular time 0.94-1.05 on ResNet-50's pointwise shapes on a quiet host; in one
 // earlier run under load, not side by side, 1.2-1.8x faster on the 56x56 and 28x28 layers).
 //
+// With AVX-512 (a build for such a CPU), panels of 16 columns run as 512-bit vectors, two
+// panels a tile (tile<..., v16>): the 256-bit tiles ran ResNet-50's 1×1 and 3×3 shapes at E
+// 0.53-0.75 on a 2-thread Xeon (batch 8), the wide ones at 0.64-1.22 (1.0-1.6x as fast).
+//
 // Built by tieify/nn/_kernel.py with the machine's C++ compiler (-O3 -march=native, OpenMP
 // where the compiler has it); GCC/Clang vector extensions, no intrinsics but the stream.
 
@@ -78,6 +82,45 @@ inline void store8(float* p, v8 v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+#if defined(__AVX512F__)
+// AVX-512: a 16-column panel in one 512-bit vector (see the top and tile()).
+typedef float v16 __attribute__((vector_size(64)));
+#endif
+
+// The floats of one vector of type V (v8, or v16 with AVX-512).
+template <class V>
+constexpr int lanes() {
+  return sizeof(V) / sizeof(float);
+}
+
+template <class V>
+inline V load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// s in every lane (for v8 the constructor the tuned loops were measured with).
+template <class V>
+inline V splat(float s) {
+  if constexpr (lanes<V>() == 8)
+    return V{s, s, s, s, s, s, s, s};
+  else
+    return V{} + s;
+}
+
+template <bool STREAM, class V>
+inline void store(float* p, V v) {  // a v16 as two halves: streamed rows are 32-byte aligned
+  if constexpr (lanes<V>() == 8) {
+    store8<STREAM>(p, v);
+  } else {
+    v8 half[2];
+    std::memcpy(half, &v, sizeof v);
+    store8<STREAM>(p, half[0]);
+    store8<STREAM>(p + 8, half[1]);
+  }
+}
+
 // The operands: the packed bank Bt of krows rows and ldb columns (N rounded up to 8), for a
 // pointwise product of N <= 8 columns the same bank in pairs of rows (pair_tile), bias
 // (ldb) or null, and the epilogue: per-block scale and shift ((blocks, ldb) row-major, both or
@@ -106,12 +149,13 @@ constexpr int SCALE = 1, RESIDUAL = 2, RELU = 4;
 // K loop (perf annotate): 1×1 chains with a residual ran 3.4-4.2× the plain product's time,
 // 1.6-2.1× inlined; 3×3 ones with the batch norm and ReLU 1.06-1.20×, then 1.01-1.07× (AVX2
 // EPYC, one thread, best of 30-40 alternations).
-template <int MR, int NV, bool STREAM, int EPI>
-__attribute__((always_inline)) inline void finish(v8 (&acc)[MR][NV], const Operands& op,
+template <int MR, int NV, bool STREAM, int EPI, class V = v8>
+__attribute__((always_inline)) inline void finish(V (&acc)[MR][NV], const Operands& op,
                                                   float* __restrict c, int64_t ldc, int64_t row0,
                                                   int64_t b0, int64_t step, int64_t n0,
                                                   int width) {
-  const bool part = width < 8 * NV;
+  constexpr int L = lanes<V>();
+  const bool part = width < L * NV;  // v8 tiles only: a v16 tile is whole panels
   if (EPI) {
     const int64_t N = step == 1 ? ldc : ldc / step;  // the residual's row length, like C's
     int64_t block = b0;
@@ -119,15 +163,20 @@ __attribute__((always_inline)) inline void finish(v8 (&acc)[MR][NV], const Opera
       if (EPI & SCALE) {
         const int64_t at = block * op.ldb + n0;
         for (int j = 0; j < NV; ++j)
-          acc[i][j] = acc[i][j] * load8(op.scale + at + 8 * j) + load8(op.shift + at + 8 * j);
+          acc[i][j] = acc[i][j] * load<V>(op.scale + at + L * j) + load<V>(op.shift + at + L * j);
         if (step == 1) block = block + 1 == op.blocks ? 0 : block + 1;
       }
       if (EPI & RESIDUAL) {
         const float* res = op.residual + (row0 + i * step) * N + n0;
-        for (int j = 0; j < NV; ++j) acc[i][j] += part ? load_part(res, width) : load8(res + 8 * j);
+        for (int j = 0; j < NV; ++j) {
+          if constexpr (L == 8)
+            acc[i][j] += part ? load_part(res, width) : load8(res + 8 * j);
+          else
+            acc[i][j] += load<V>(res + L * j);
+        }
       }
       if (EPI & RELU)  // NaN stays NaN, as torch.relu keeps it
-        for (int j = 0; j < NV; ++j) acc[i][j] = acc[i][j] < v8{} ? v8{} : acc[i][j];
+        for (int j = 0; j < NV; ++j) acc[i][j] = acc[i][j] < V{} ? V{} : acc[i][j];
     }
   }
   if (part) {
@@ -135,7 +184,7 @@ __attribute__((always_inline)) inline void finish(v8 (&acc)[MR][NV], const Opera
     return;
   }
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NV; ++j) store8<STREAM>(c + i * ldc + 8 * j, acc[i][j]);
+    for (int j = 0; j < NV; ++j) store<STREAM>(c + i * ldc + L * j, acc[i][j]);
 }
 
 // The rows a tile reads: `taps` row pointers (one per tap of a k×k filter, one for a pointwise
@@ -155,15 +204,18 @@ struct Rows {
 // a k×k filter reads them from a copy in cache.
 // Always inlined: where the compiler called it out of line (from a lambda of the caller), the
 // thin banks (K = 8-16) ran 1.1-1.2x slower.
-template <int MR, int NV, bool STREAM, int EPI, bool PREFETCH>
+template <int MR, int NV, bool STREAM, int EPI, bool PREFETCH, class V = v8>
 __attribute__((always_inline)) inline void tile(const Rows& a, const Operands& op,
                                                 float* __restrict c, int64_t ldc, int64_t row0,
                                                 int64_t b0, int64_t n0, int width) {
-  constexpr int64_t W = 8 * NV;  // the panel's width
-  const int64_t K = a.K, K4 = 4 * a.K;
-  v8 acc[MR][NV];
+  // v8: one panel of 8·NV columns, vector j its columns 8j..8j+7; v16 (AVX-512): NV whole
+  // panels of 16 side by side, vector j panel j (16·krows floats after the one before).
+  constexpr int L = lanes<V>();
+  constexpr int64_t W = L == 8 ? 8 * NV : 16;  // the panel's width
+  const int64_t K = a.K, K4 = 4 * a.K, next = L == 8 ? 8 : W * op.krows;
+  V acc[MR][NV];
   for (int j = 0; j < NV; ++j) {
-    const v8 b0 = op.bias ? load8(op.bias + n0 + 8 * j) : v8{};
+    const V b0 = op.bias ? load<V>(op.bias + n0 + L * j) : V{};
     for (int i = 0; i < MR; ++i) acc[i][j] = b0;
   }
   for (int t = 0; t < a.ntaps; ++t) {
@@ -180,31 +232,46 @@ __attribute__((always_inline)) inline void tile(const Rows& a, const Operands& o
     for (int64_t k = 0; k < K; ++k) {
       if (PREFETCH && (k & 15) == 0)  // each row's next cache line, PREFETCH_TILES tiles ahead
         for (int i = 0; i < MR; ++i) __builtin_prefetch(at + (PREFETCH_TILES * MR + i) * K + k);
-      v8 b[NV];
-      for (int j = 0; j < NV; ++j) b[j] = load8(bt + k * W + 8 * j);
+      V b[NV];
+      for (int j = 0; j < NV; ++j) b[j] = load<V>(bt + j * next + k * W);
 #pragma GCC unroll 16  // the accumulators live in registers only when these loops are unrolled
       for (int i = 0; i < MR; ++i) {
         // Rows i, i + 4, i + 8 from one of four pointers and two strides (4 and 8 rows), which
         // x86 addressing adds for free: twelve row offsets would not fit in its registers
         // (spilled, reloaded on every step, they cost a third of the speed).
         const float* row = i % 4 == 0 ? at : i % 4 == 1 ? at1 : i % 4 == 2 ? at2 : at3;
-        const float s = row[(i / 4) * K4 + k];
-        const v8 av = {s, s, s, s, s, s, s, s};
+        const V av = splat<V>(row[(i / 4) * K4 + k]);
 #pragma GCC unroll 4
         for (int j = 0; j < NV; ++j) acc[i][j] += av * b[j];
       }
     }
   }
-  finish<MR, NV, STREAM, EPI>(acc, op, c, ldc, row0, b0, 1, n0, width);
+  finish<MR, NV, STREAM, EPI, V>(acc, op, c, ldc, row0, b0, 1, n0, width);
 }
 
+// Rows a tile of more than 8 columns holds: with AVX-512, 32 vector registers hold twelve
+// rows of two v16 accumulators (and the two panels' vectors).
+#if defined(__AVX512F__)
+constexpr int WIDE_MR = 12;
+constexpr bool WIDE = true;
+#else
+constexpr int WIDE_MR = 6;
+constexpr bool WIDE = false;
+#endif
+
 // All N columns of MR rows of C (c: their first row, row0 its index, b0 its block): tiles of
-// 16, then 8, then the padded last one (a pointwise product of N <= 8 columns runs pair tiles
-// instead).
+// 16, then 8, then the padded last one (with AVX-512, tiles of 32 and 16 in 512-bit vectors
+// first; a pointwise product of N <= 8 columns runs pair tiles instead).
 template <int MR, bool STREAM, int EPI, bool PREFETCH>
 inline void row_block(const Rows& a, const Operands& op, float* c, int64_t N, int64_t row0,
                       int64_t b0) {
   int64_t n0 = 0;
+#if defined(__AVX512F__)
+  for (; n0 + 32 <= N; n0 += 32)
+    tile<MR, 2, STREAM, EPI, PREFETCH, v16>(a, op, c + n0, N, row0, b0, n0, 32);
+  for (; n0 + 16 <= N; n0 += 16)
+    tile<MR, 1, STREAM, EPI, PREFETCH, v16>(a, op, c + n0, N, row0, b0, n0, 16);
+#endif
   for (; n0 + 16 <= N; n0 += 16)
     tile<MR, 2, STREAM, EPI, PREFETCH>(a, op, c + n0, N, row0, b0, n0, 16);
   for (; n0 + 8 <= N; n0 += 8)
@@ -493,8 +560,10 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
     const int64_t row_height = rows >= MR ? MR : 1;                     // of a row tile
     // The tiles of one image row (each runs ahead.step() once): pixel tiles for every block,
     // else row tiles in every panel of columns (of 16, then 8, then the padded last one).
-    const int64_t tiles = pixels ? cv.blocks * covers(cv.wo, pixel_width)
-                                 : (N / 16 + N % 16 / 8 + (N % 8 != 0)) * covers(rows, row_height);
+    const int64_t panels = WIDE ? N / 32 + N % 32 / 16 + N % 16 / 8 + (N % 8 != 0)
+                                : N / 16 + N % 16 / 8 + (N % 8 != 0);
+    const int64_t tiles =
+        pixels ? cv.blocks * covers(cv.wo, pixel_width) : panels * covers(rows, row_height);
 #pragma omp for schedule(static)
     for (int64_t yr = 0; yr < image_rows; ++yr) {
       const int64_t img = yr / cv.ho, y = yr % cv.ho;
@@ -534,10 +603,22 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
           for (int64_t j = 0; j < cv.kw; ++j) taps[i * cv.kw + j] = line[i] + column[j] + r * cv.K;
         const Rows a{taps.data(), static_cast<int>(T), cv.K};
         const int64_t row = first + r, b0 = (EPI & SCALE) ? r % cv.blocks : 0;
-        if (STREAM && stream)
-          tile<H, NV, true, EPI, false>(a, op, C + row * N + n0, N, row, b0, n0, width);
-        else
-          tile<H, NV, false, EPI, false>(a, op, C + row * N + n0, N, row, b0, n0, width);
+        float* c = C + row * N + n0;
+#if defined(__AVX512F__)
+        if constexpr (NV < 0) {  // -NP: NP whole panels in 512-bit vectors
+          if (STREAM && stream)
+            tile<H, -NV, true, EPI, false, v16>(a, op, c, N, row, b0, n0, width);
+          else
+            tile<H, -NV, false, EPI, false, v16>(a, op, c, N, row, b0, n0, width);
+          return;
+        }
+#endif
+        if constexpr (NV > 0) {
+          if (STREAM && stream)
+            tile<H, NV, true, EPI, false>(a, op, c, N, row, b0, n0, width);
+          else
+            tile<H, NV, false, EPI, false>(a, op, c, N, row, b0, n0, width);
+        }
       };
       const auto panel = [&](auto nv, bool stream, int64_t n0, int width) {
         if (row_height == MR)
@@ -550,6 +631,10 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
           });
       };
       int64_t n0 = 0;
+#if defined(__AVX512F__)
+      for (; n0 + 32 <= N; n0 += 32) panel(std::integral_constant<int, -2>{}, true, n0, 32);
+      for (; n0 + 16 <= N; n0 += 16) panel(std::integral_constant<int, -1>{}, true, n0, 16);
+#endif
       for (; n0 + 16 <= N; n0 += 16) panel(std::integral_constant<int, 2>{}, true, n0, 16);
       for (; n0 + 8 <= N; n0 += 8) panel(std::integral_constant<int, 1>{}, true, n0, 8);
       if (n0 < N) panel(std::integral_constant<int, 1>{}, false, n0, static_cast<int>(N - n0));
@@ -641,12 +726,13 @@ void run_planar(const float* X, const float* Wp, const float* bias, float* Y, in
 template <bool STREAM, int EPI>
 void with_height(const Conv* conv, const float* A, float* C, int64_t R, int64_t K, int64_t N,
                  const Operands& op, int threads) {
+  // Tiles of six rows, twelve with AVX-512 (WIDE_MR) where the columns are more than 8.
   if (conv)  // thin banks of a 3-wide filter run pixel tiles; the rest is rarer: one height
-    run_conv<6, STREAM, EPI>(*conv, A, C, N, op, threads);
+    run_conv<WIDE_MR, STREAM, EPI>(*conv, A, C, N, op, threads);
   else if (N <= 8)  // six rows of two accumulators each
     run<6, STREAM, EPI, true>(A, C, R, K, N, op, threads);
   else
-    run<6, STREAM, EPI, false>(A, C, R, K, N, op, threads);
+    run<WIDE_MR, STREAM, EPI, false>(A, C, R, K, N, op, threads);
 }
 
 // Built as two translation units compiled side by side (tieify/nn/_kernel.py passes

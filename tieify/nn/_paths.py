@@ -940,6 +940,14 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
 
 #: Read once at import: ``torch.compile`` cannot trace the query.
 _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+#: Whether the kernel is the default of an unfused layer: on a CPU without AVX-512. With
+#: AVX-512, oneDNN's paths (``gemm``, ``widen``) ran ResNet-50's conv shapes at least as fast
+#: as the kernel alone in most cases (2-thread Xeon with AVX-512, batch 8, 2026-12-02: E
+#: 0.52-1.33 against 0.29-1.22), so only layers whose batch norm, add and ReLU
+#: :func:`tieify.fuse` applies in the kernel's epilogue take it there: the all-B = 4
+#: ResNet-50 fused by the rule took 0.467 of the dense channels-last time at batch 8, against
+#: 0.534 fused after :func:`tieify.optimize` pinned oneDNN's paths (9 of 37 chains fused).
+_KERNEL_WINS_ALONE = not _CPU_HAS_AVX512
 
 
 def _pixels(x: torch.Tensor) -> int:
@@ -979,15 +987,16 @@ def _widen_pointwise(x: torch.Tensor) -> bool:
     return _at_least_pixels(x, WIDEN_POINTWISE_MIN_PIXELS)
 
 
-def _kernel_by_default(layer: _TiedConvNd, x: torch.Tensor) -> bool:
+def _kernel_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> bool:
     """Whether a pointwise layer whose input the ``kernel`` takes runs it by default: a CPU
-    without AVX-512 (the only kind measured), a bank of at most :data:`KERNEL_MAX_BANK`
-    entries and at least :data:`KERNEL_MIN_PIXELS` pixels (:func:`_at_least_pixels`), and on
-    an NCHW input at least :data:`PLANAR_MIN_CHANNELS` input channels a block."""
+    without AVX-512, or, ``fused``, any (:data:`_KERNEL_WINS_ALONE`), a bank of at most
+    :data:`KERNEL_MAX_BANK` entries and at least :data:`KERNEL_MIN_PIXELS` pixels
+    (:func:`_at_least_pixels`), and on an NCHW input at least :data:`PLANAR_MIN_CHANNELS`
+    input channels a block."""
     k = layer.in_channels // layer.B
     bank = k * (layer.out_channels // layer.B)
     return (
-        not _CPU_HAS_AVX512
+        (fused or _KERNEL_WINS_ALONE)
         and bank <= KERNEL_MAX_BANK
         and (k >= PLANAR_MIN_CHANNELS or is_channels_last(x))
         and _at_least_pixels(x, KERNEL_MIN_PIXELS)
@@ -1010,11 +1019,11 @@ def output_size(layer: _TiedConvNd, x: torch.Tensor) -> tuple[int, ...]:
 
 
 def _kernel_conv_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool) -> bool:
-    """Whether a k×k layer whose input the ``kernel`` takes runs it by default: a CPU without
-    AVX-512 (the only kind measured) and a batch of one, or, ``fused``, an output at least
-    :data:`KERNEL_CONV_MIN_WIDTH` wide. Static tests: a symbolic batch (a dynamic-batch
-    compile or export) is not taken for one."""
-    if _CPU_HAS_AVX512:
+    """Whether a k×k layer whose input the ``kernel`` takes runs it by default: a batch of
+    one on a CPU without AVX-512 (:data:`_KERNEL_WINS_ALONE`), or, ``fused``, a batch of one
+    or an output at least :data:`KERNEL_CONV_MIN_WIDTH` wide. Static tests: a symbolic batch
+    (a dynamic-batch compile or export) is not taken for one."""
+    if not (fused or _KERNEL_WINS_ALONE):
         return False
     batch = x.shape[0]
     if isinstance(batch, (int, torch.SymInt)) and statically_known_true(batch == 1):
@@ -1028,28 +1037,27 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
 
     Pointwise layers on an input that is channels-last and NCHW at once (pooled to 1×1) run
     ``native`` while the layer's larger side is small (:func:`_small_pointwise`). Pointwise
-    layers on a channels-last input run tieify's ``kernel`` on a CPU without
-    AVX-512 when it is built, the bank is small and the input large enough
+    layers on a channels-last input run tieify's ``kernel`` (on a CPU with AVX-512 only
+    ``fused``) when it is built, the bank is small and the input large enough
     (:func:`_kernel_by_default`); else as a GEMM (a matrix multiply has the least per-call
     overhead, which decides small and pooled inputs), or widened on a CPU without AVX-512
     once a float32 input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers on a
-    channels-last input run tieify's ``kernel`` where it applies at a batch of one, and with
-    ``fused`` (a layer whose batch norm, add and ReLU :func:`tieify.fuse` would apply in the
-    kernel's epilogue) also where the output is at least :data:`KERNEL_CONV_MIN_WIDTH` wide
-    (:func:`_kernel_conv_by_default`); else widened on CPU where that applies, else lifted
-    (1-D/2-D). On an
-    NCHW input pointwise layers without a stride run tieify's ``kernel`` (its channels-first
-    product, eager only) by the same rule (:func:`_kernel_by_default`), else (eager, CPU,
-    2-D) ``native``, and k×k layers run ``native`` while the input has at most
-    :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the batched GEMM is slower
-    than the fold on CPU). Measured in ``benchmarks/``;
-    ``tieify.optimize`` times the candidates on the real input instead.
+    channels-last input run tieify's ``kernel`` where it applies at a batch of one (on a CPU
+    with AVX-512 only ``fused``), and with ``fused`` (a layer whose batch norm, add and ReLU
+    :func:`tieify.fuse` would apply in the kernel's epilogue) also where the output is at
+    least :data:`KERNEL_CONV_MIN_WIDTH` wide (:func:`_kernel_conv_by_default`); else widened
+    on CPU where that applies, else lifted (1-D/2-D). On an NCHW input pointwise layers
+    without a stride run tieify's ``kernel`` (its channels-first product, eager only) by the
+    same rule (:func:`_kernel_by_default`), else (eager, CPU, 2-D) ``native``, and k×k layers
+    run ``native`` while the input has at most :data:`NATIVE_MAX_NUMEL` elements; everything
+    else folds (the batched GEMM is slower than the fold on CPU). Measured in
+    ``benchmarks/``; ``tieify.optimize`` times the candidates on the real input instead.
     """
     paths = applicable_paths(layer, x)
     if "native" in paths and "gemm" in paths and _small_pointwise(layer, _pixels(x)):
         return "native"  # an input both layouts describe (pooled, 1×1): least overhead
     pointwise = _is_pointwise(layer)
-    if "kernel" in paths and pointwise and _kernel_by_default(layer, x):
+    if "kernel" in paths and pointwise and _kernel_by_default(layer, x, fused):
         return "kernel"
     if "gemm" in paths:
         return "widen" if "widen" in paths and _widen_pointwise(x) else "gemm"

@@ -32,8 +32,13 @@
 // earlier run under load, not side by side, 1.2-1.8x faster on the 56x56 and 28x28 layers).
 //
 // With AVX-512 (a build for such a CPU), panels of 16 columns run as 512-bit vectors, two
-// panels a tile (tile<..., v16>): the 256-bit tiles ran ResNet-50's 1×1 and 3×3 shapes at E
-// 0.53-0.75 on a 2-thread Xeon (batch 8), the wide ones at 0.64-1.22 (1.0-1.6x as fast).
+// panels and twelve rows a tile (tile<..., v16>). On a 2-thread Xeon, ResNet-50's 1×1 and
+// 3×3 shapes of more than 8 columns a block at batch 8 (34 cases, one run before and one
+// after, not interleaved) ran at E 0.25-0.75 with the 256-bit tiles and 0.23-1.21 with
+// these, a median 1.44x as fast; the 1×1 shapes at 56×56, bound by memory, 0.6-1.0x (their
+// times there moved by 2x between rounds: outputs of 6-26 MB). Pixel tiles of 16 columns in
+// one 512-bit vector (for 3×3 banks of 16) ran 64→64 at B = 4 and 128→128 at B = 8 at E
+// 0.52-0.55 where these row tiles ran 0.71-0.73: they stay for 8 columns or fewer.
 //
 // Built by tieify/nn/_kernel.py with the machine's C++ compiler (-O3 -march=native, OpenMP
 // where the compiler has it); GCC/Clang vector extensions, no intrinsics but the stream.

@@ -98,16 +98,17 @@ NATIVE_MAX_NUMEL = 4096
 WIDEN_POINTWISE_MIN_PIXELS = 4096
 
 #: Fewest pixels (N · spatial size) at which a pointwise layer on a channels-last CPU input
-#: runs tieify's ``kernel`` by default (where it is built, on CPUs without AVX-512, and the
-#: bank has at most :data:`KERNEL_MAX_BANK` entries). Measured side by side
-#: (``benchmarks/pointwise_paths.py``: ResNet-50's pointwise shapes and the 64→64 1×1 at
-#: 56×56, B ∈ {2, 4, 8}, 2 threads, AVX2 EPYC, 2026-12-02 01:28, with the eager call kept per
-#: input layout), among the layers with such a bank the kernel was the fastest path in 9 of 9
-#: cases at 3,136 pixels (56×56, batch 1) and 6 of 6 at 784 (28×28, batch 1: gemm / kernel
-#: 1.17-1.31; 1.01-1.32 in the run at 01:53, ``benchmarks/results/epyc_avx2``), and even
-#: with gemm at 196 (14×14, batch 1: kernel / gemm 0.93-1.06) and at 392 (7×7, batch 8:
-#: 0.84-1.04). Before the call was kept (60-120 µs more a call,
-#: ``benchmarks/call_overhead.py``) it was slower than gemm in 5 of 6 cases at 784 pixels.
+#: runs tieify's ``kernel`` by default (where it is built, on CPUs without AVX-512 or for a
+#: layer :func:`tieify.fuse` fused, and the bank has at most :data:`KERNEL_MAX_BANK`
+#: entries). Measured side by side (``benchmarks/pointwise_paths.py``: ResNet-50's pointwise
+#: shapes and the 64→64 1×1 at 56×56, B ∈ {2, 4, 8}, 2 threads, AVX2 EPYC, 2026-12-02 01:28,
+#: with the eager call kept per input layout), among the layers with such a bank the kernel
+#: was the fastest path in 9 of 9 cases at 3,136 pixels (56×56, batch 1) and 6 of 6 at 784
+#: (28×28, batch 1: gemm / kernel 1.17-1.31; 1.01-1.32 in the run at 01:53,
+#: ``benchmarks/results/epyc_avx2``), and even with gemm at 196 (14×14, batch 1: kernel /
+#: gemm 0.93-1.06) and at 392 (7×7, batch 8: 0.84-1.04). Before the call was kept (60-120 µs
+#: more a call, ``benchmarks/call_overhead.py``) it was slower than gemm in 5 of 6 cases at
+#: 784 pixels.
 KERNEL_MIN_PIXELS = 784
 #: Largest thin bank (C_in/B · C_out/B entries) the ``kernel`` takes by default: its tiles
 #: read the whole (packed) bank for every six rows. With banks of 128×512 and 512×128
@@ -129,9 +130,9 @@ PLANAR_MIN_CHANNELS = 4
 #: Narrowest output (its last spatial size) on which a 2-D k×k layer on a channels-last CPU
 #: input of a batch above one, followed by a batch norm that :func:`tieify.fuse` fused, runs
 #: tieify's ``kernel`` by default, the batch norm, add and ReLU in its epilogue (where it is
-#: built, on CPUs without AVX-512); narrower ones, and unfused layers, run ``widen``. At a
-#: batch of one every such k×k layer runs the kernel, fused or not. Measured side by side
-#: (``benchmarks/conv_paths.py`` and ``fuse.py``, ResNet-50's 3×3 shapes, B ∈ {2, 4, 8}, 2
+#: built); narrower ones, and unfused layers, run ``widen``. At a batch of one every such
+#: k×k layer runs the kernel, fused or not (on CPUs with AVX-512, fused only). Measured side
+#: by side (``benchmarks/conv_paths.py`` and ``fuse.py``, ResNet-50's 3×3 shapes, B ∈ {2, 4, 8}, 2
 #: threads, AVX2 EPYC): unfused, kernel / widen time was 0.70-1.01 at batch 1 (the kernel the
 #: fastest path in 11 of 12; 0.66-1.15 in the session before, with the bank unpacked) but
 #: 0.90-1.07 at batch 8 on 56- to 14-wide maps and 0.99-1.34 on 7-wide ones, where a row of
@@ -942,11 +943,12 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
 _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 #: Whether the kernel is the default of an unfused layer: on a CPU without AVX-512. With
 #: AVX-512, oneDNN's paths (``gemm``, ``widen``) ran ResNet-50's conv shapes at least as fast
-#: as the kernel alone in most cases (2-thread Xeon with AVX-512, batch 8, 2026-12-02: E
-#: 0.52-1.33 against 0.29-1.22), so only layers whose batch norm, add and ReLU
-#: :func:`tieify.fuse` applies in the kernel's epilogue take it there: the all-B = 4
-#: ResNet-50 fused by the rule took 0.467 of the dense channels-last time at batch 8, against
-#: 0.534 fused after :func:`tieify.optimize` pinned oneDNN's paths (9 of 37 chains fused).
+#: as the kernel alone in 33 of 36 cases (2-thread Xeon with AVX-512, batch 8, 2026-12-02:
+#: median E 0.94, 0.30-1.31, against the kernel's 0.84, 0.18-1.21), so only layers whose
+#: batch norm, add and ReLU :func:`tieify.fuse` applies in the kernel's epilogue take it
+#: there: the all-B = 4 ResNet-50 fused by the rule (37 chains) took 0.462 of the dense
+#: channels-last time at batch 8 where the unfused model by the rule took 0.488 (batch 1:
+#: 0.417 and 0.414), the same rounds.
 _KERNEL_WINS_ALONE = not _CPU_HAS_AVX512
 
 

@@ -353,7 +353,9 @@ def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monk
     "cin, cout, B, k, stride, padding, dilation, bias, batch, size",
     [
         (32, 32, 4, 3, 1, 1, 1, True, 2, (5, 23)),  # N = 8, 3 wide: pixel tiles of 10, overlap
-        (64, 64, 4, 3, 1, 1, 1, True, 2, (5, 23)),  # N = 16, 3 wide: row tiles (AVX-512: v16)
+        (64, 64, 4, 3, 1, 1, 1, True, 2, (5, 23)),  # N = 16: AVX-512 pixel tiles of 14, overlap
+        (64, 64, 2, 3, 1, 1, 1, False, 2, (5, 23)),  # N = 32: AVX-512 pixel tiles of 7, 2 vectors
+        (64, 64, 4, 3, 1, 1, 1, False, 4, (40, 40)),  # N = 16, a 1.6 MiB output: streamed
         (16, 8, 2, 3, 1, 1, 1, False, 1, (4, 7)),  # N = 4 < 8: pixel tiles of 4, a padded bank
         (16, 16, 2, 3, 1, 0, 1, True, 2, (6, 5)),  # 3 wide outputs: single-pixel tiles
         (24, 72, 2, 3, 1, 1, 1, True, 2, (7, 9)),  # N = 36: 16 + 16 + a 4-column tail; overlap
@@ -388,10 +390,10 @@ def test_conv_kernel_equals_the_reference_forward_and_backward(
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 def test_conv_kernel_epilogue_and_threads():
     """The conv's epilogue (per-block scale and shift, residual, ReLU) against the separate
-    operators, on pixel tiles (8 columns) and row tiles (24 and 16 columns), and the same
-    sums on one and on two threads."""
+    operators, on pixel tiles (8 columns; with AVX-512 also 16 and 32) and row tiles (24
+    columns), and the same sums on one and on two threads."""
     torch.manual_seed(0)
-    for cin, cout, B, stride in [(32, 32, 4, 1), (32, 48, 2, 2), (64, 64, 4, 1)]:
+    for cin, cout, B, stride in [(32, 32, 4, 1), (32, 48, 2, 2), (64, 64, 4, 1), (64, 64, 2, 1)]:
         layer = TiedConv2d(cin, cout, 3, stride=stride, padding=1, B=B, bias=True)
         x = channels_last(torch.randn(2, cin, 12, 21))
         o = cout // B

@@ -31,14 +31,17 @@
 // stream / regular time 0.94-1.05 on ResNet-50's pointwise shapes on a quiet host; in one
 // earlier run under load, not side by side, 1.2-1.8x faster on the 56x56 and 28x28 layers).
 //
-// With AVX-512 (a build for such a CPU), panels of 16 columns run as 512-bit vectors, two
-// panels and twelve rows a tile (tile<..., v16>). On a 2-thread Xeon, ResNet-50's 1×1 and
-// 3×3 shapes of more than 8 columns a block at batch 8 (34 cases, one run before and one
-// after, not interleaved) ran at E 0.25-0.75 with the 256-bit tiles and 0.23-1.21 with
-// these, a median 1.44x as fast; the 1×1 shapes at 56×56, bound by memory, 0.6-1.0x (their
-// times there moved by 2x between rounds: outputs of 6-26 MB). Pixel tiles of 16 columns in
-// one 512-bit vector (for 3×3 banks of 16) ran 64→64 at B = 4 and 128→128 at B = 8 at E
-// 0.52-0.55 where these row tiles ran 0.71-0.73: they stay for 8 columns or fewer.
+// With AVX-512 (a build for such a CPU), panels of 16 columns run as 512-bit vectors: row
+// tiles of two panels and twelve rows (tile<..., v16>), and for 3-wide filters pixel tiles
+// of 14 pixels and one panel (N = 16) or 7 pixels and two (N = 32), whose widths divide
+// ResNet's 56, 28 and 14. On a 2-thread Xeon, ResNet-50's 1×1 and 3×3 shapes of more than 8
+// columns a block at batch 8 (34 cases, one run before the row tiles and one after, not
+// interleaved) ran at E 0.25-0.75 with the 256-bit tiles and 0.23-1.21 with the row tiles,
+// a median 1.44x as fast; the 1×1 shapes at 56×56, bound by memory, 0.6-1.0x (their times
+// there moved by 2x between rounds: outputs of 6-26 MB). The pixel tiles, against the row
+// tiles (each against widen in the same rounds): 64→64 at B = 4 E 0.78-0.82 (widen 0.74)
+// where the row tiles ran 0.71-0.72 (widen 0.73-0.75); 64→64 at B = 2 0.94-0.96 (widen
+// 0.95), 128→128 at B = 4 0.89-0.91 (0.87-0.88), 256→256 at B = 8 0.88-0.92 (0.88-0.90).
 //
 // Built by tieify/nn/_kernel.py with the machine's C++ compiler (-O3 -march=native, OpenMP
 // where the compiler has it); GCC/Clang vector extensions, no intrinsics but the stream.
@@ -105,13 +108,15 @@ inline V load(const float* p) {
   return v;
 }
 
-// s in every lane (for v8 the constructor the tuned loops were measured with).
+// s in every lane, by a constructor: V{} + s is an add the compiler must keep (-0.0 + 0.0
+// is +0.0), and it cost the v16 tiles half their speed (E 0.36 against 0.72 on 64→64 3×3 at
+// B = 4, batch 8, 2-thread Xeon).
 template <class V>
 inline V splat(float s) {
   if constexpr (lanes<V>() == 8)
     return V{s, s, s, s, s, s, s, s};
   else
-    return V{} + s;
+    return V{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
 }
 
 template <bool STREAM, class V>
@@ -160,7 +165,7 @@ __attribute__((always_inline)) inline void finish(V (&acc)[MR][NV], const Operan
                                                   int64_t b0, int64_t step, int64_t n0,
                                                   int width) {
   constexpr int L = lanes<V>();
-  const bool part = width < L * NV;  // v8 tiles only: a v16 tile is whole panels
+  const bool part = L == 8 && width < L * NV;  // v8 tiles only: a v16 tile is whole panels
   if (EPI) {
     const int64_t N = step == 1 ? ldc : ldc / step;  // the residual's row length, like C's
     int64_t block = b0;
@@ -364,19 +369,25 @@ __attribute__((always_inline)) inline void pair_tile(const float* at, int64_t K,
 }
 
 // Output pixels x0 .. x0 + P - 1 of one block in one image row, for a filter 3 wide with
-// stride and dilation 1 along the row and N <= 8 (one vector of columns): each input value is
+// stride and dilation 1 along the row and N <= 8 (one vector of columns; with AVX-512 also
+// N = 16 and 32, one or two 512-bit vectors): each input value is
 // broadcast once and multiplied by the three taps of its filter row into the three outputs it
 // reaches (P + 2 broadcasts for 3·P multiply-adds, where a tile of rows spends one a
 // multiply-add: the loads, not the arithmetic, were its limit). lines: the kh padded input
 // rows; a: the offset in them of pixel x0 of the block; pixel: floats per pixel (blocks·K).
-template <int P, bool STREAM, int EPI>
+template <int P, bool STREAM, int EPI, class V = v8, int NV = 1>
 inline void pixel_tile(const float* const* lines, int64_t kh, int64_t offset, int64_t K,
                        int64_t pixel, const Operands& op, float* __restrict c, int64_t ldc,
                        int64_t row0, int64_t block, int width) {
-  constexpr int64_t W = 8;  // N <= 8: one panel, the bank row-major with rows of 8
-  v8 acc[P][1];
-  const v8 bias = op.bias ? load8(op.bias) : v8{};
-  for (int q = 0; q < P; ++q) acc[q][0] = bias;
+  // NV panels of W columns, each its bank row-major with rows of W: N <= 8 (padded to 8) in
+  // one v8, or, with AVX-512, N = 16 or 32 in one or two v16 (panel j 16·krows floats on).
+  constexpr int64_t W = lanes<V>();
+  const int64_t next = W * op.krows;
+  V acc[P][NV];
+  for (int j = 0; j < NV; ++j) {
+    const V bias = op.bias ? load<V>(op.bias + W * j) : V{};
+    for (int q = 0; q < P; ++q) acc[q][j] = bias;
+  }
   for (int64_t i = 0; i < kh; ++i) {
     const float* __restrict a0 = lines[i] + offset;
     const float* __restrict a1 = a0 + pixel;
@@ -385,20 +396,26 @@ inline void pixel_tile(const float* const* lines, int64_t kh, int64_t offset, in
     const int64_t p4 = 4 * pixel;
     const float* __restrict bt = op.bt + 3 * i * K * W;
     for (int64_t k = 0; k < K; ++k) {
-      const v8 w0 = load8(bt + k * W), w1 = load8(bt + (K + k) * W);
-      const v8 w2 = load8(bt + (2 * K + k) * W);
+      V w0[NV], w1[NV], w2[NV];
+      for (int j = 0; j < NV; ++j) {
+        w0[j] = load<V>(bt + j * next + k * W);
+        w1[j] = load<V>(bt + j * next + (K + k) * W);
+        w2[j] = load<V>(bt + j * next + (2 * K + k) * W);
+      }
 #pragma GCC unroll 16
       for (int p = 0; p < P + 2; ++p) {
         const float* pix = p % 4 == 0 ? a0 : p % 4 == 1 ? a1 : p % 4 == 2 ? a2 : a3;
-        const float s = pix[(p / 4) * p4 + k];  // the four-pointer addressing of tile()
-        const v8 v = {s, s, s, s, s, s, s, s};
-        if (p < P) acc[p][0] += v * w0;
-        if (p >= 1 && p - 1 < P) acc[p - 1][0] += v * w1;
-        if (p >= 2) acc[p - 2][0] += v * w2;
+        const V v = splat<V>(pix[(p / 4) * p4 + k]);  // the four-pointer addressing of tile()
+#pragma GCC unroll 2
+        for (int j = 0; j < NV; ++j) {
+          if (p < P) acc[p][j] += v * w0[j];
+          if (p >= 1 && p - 1 < P) acc[p - 1][j] += v * w1[j];
+          if (p >= 2) acc[p - 2][j] += v * w2[j];
+        }
       }
     }
   }
-  finish<P, 1, STREAM, EPI>(acc, op, c, ldc, row0, block, op.blocks, 0, width);
+  finish<P, NV, STREAM, EPI, V>(acc, op, c, ldc, row0, block, op.blocks, 0, width);
 }
 
 // MR rows of the pointwise product from row0 (PAIRS: one pair tile, N <= 8 with op.pairs set;
@@ -560,8 +577,14 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
     std::vector<int64_t> column(cv.kw);
     for (int64_t j = 0; j < cv.kw; ++j) column[j] = input.column(j);
     const int64_t pixel = cv.blocks * cv.K, ldc = cv.blocks * N;
-    const bool pixels = N <= 8 && cv.kw == 3 && cv.sw == 1 && cv.dw == 1;
-    const int64_t pixel_width = cv.wo >= 10 ? 10 : cv.wo >= 4 ? 4 : 1;  // of a pixel tile
+    const bool thin = N <= 8 || (WIDE && (N == 16 || N == 32));  // one or two vectors
+    const bool pixels = thin && cv.kw == 3 && cv.sw == 1 && cv.dw == 1;
+    // Of a pixel tile: 14 for v16 (ResNet's widths 56, 28, 14 are multiples), else 10.
+    const int64_t pixel_width = WIDE && N == 16 && cv.wo >= 14 ? 14
+                                : WIDE && N == 32 && cv.wo >= 7 ? 7
+                                : cv.wo >= 10                 ? 10
+                                : cv.wo >= 4                  ? 4
+                                                              : 1;
     const int64_t row_height = rows >= MR ? MR : 1;                     // of a row tile
     // The tiles of one image row (each runs ahead.step() once): pixel tiles for every block,
     // else row tiles in every panel of columns (of 16, then 8, then the padded last one).
@@ -583,6 +606,28 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
             ahead.step();
             const int64_t row = first + x * cv.blocks + b;
             const int64_t off = x * pixel + b * cv.K;
+#if defined(__AVX512F__)
+            if (N == 16) {
+              if (STREAM && P > 1)
+                pixel_tile<P, true, EPI, v16>(line.data(), cv.kh, off, cv.K, pixel, op,
+                                              C + row * N, ldc, row, b, 16);
+              else
+                pixel_tile<P, false, EPI, v16>(line.data(), cv.kh, off, cv.K, pixel, op,
+                                               C + row * N, ldc, row, b, 16);
+              return;
+            }
+            if (N == 32) {
+              if constexpr (P <= 10) {
+                if (STREAM && P > 1)
+                  pixel_tile<P, true, EPI, v16, 2>(line.data(), cv.kh, off, cv.K, pixel, op,
+                                                   C + row * N, ldc, row, b, 32);
+                else
+                  pixel_tile<P, false, EPI, v16, 2>(line.data(), cv.kh, off, cv.K, pixel, op,
+                                                    C + row * N, ldc, row, b, 32);
+              }
+              return;
+            }
+#endif
             if (STREAM && N == 8 && P > 1)
               pixel_tile<P, true, EPI>(line.data(), cv.kh, off, cv.K, pixel, op, C + row * N, ldc,
                                        row, b, static_cast<int>(N));
@@ -590,7 +635,11 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
               pixel_tile<P, false, EPI>(line.data(), cv.kh, off, cv.K, pixel, op, C + row * N,
                                         ldc, row, b, static_cast<int>(N));
           };
-          if (pixel_width == 10)
+          if (WIDE && pixel_width == 14)
+            cover(cv.wo, 14, [&](int64_t x) { pixels_from(std::integral_constant<int, 14>{}, x); });
+          else if (WIDE && pixel_width == 7)
+            cover(cv.wo, 7, [&](int64_t x) { pixels_from(std::integral_constant<int, 7>{}, x); });
+          else if (pixel_width == 10)
             cover(cv.wo, 10, [&](int64_t x) { pixels_from(std::integral_constant<int, 10>{}, x); });
           else if (pixel_width == 4)
             cover(cv.wo, 4, [&](int64_t x) { pixels_from(std::integral_constant<int, 4>{}, x); });

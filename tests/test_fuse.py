@@ -553,3 +553,43 @@ def test_fuse_with_example_inputs_times_chains_whose_conv_could_run_the_kernel(
     faster = {"fused": 2.0, "separate": 1.0}
     out = tieify.fuse(model, x)
     assert len(calls) == 2 and out.fused == {} and out[0].path == "widen"
+
+
+@needs_kernel
+def test_fuse_times_pointwise_chains_pinned_elsewhere_only_where_the_fused_rule_runs_the_kernel(
+    monkeypatch, tmp_path
+):
+    """A 1×1 conv pinned to gemm (tieify.optimize's choice where oneDNN is faster alone, as
+    with AVX-512): timed fused against as it runs where the fused rule would take the
+    kernel (784 pixels and more), fused where that wins; below the rule's pixel count the
+    chain is neither timed nor fused."""
+    from tieify.latency import _optimize
+    from tieify.latency._cache import JsonCache
+
+    monkeypatch.setenv("TIEIFY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_optimize, "PATH_CACHE", JsonCache("paths.json"))
+    calls = []
+
+    def timer(fns, **kwargs):
+        calls.append(sorted(fns))
+        for fn in fns.values():
+            fn()
+        return {"fused": 1.0, "separate": 2.0}
+
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    torch.manual_seed(0)
+    model = nn.Sequential(TiedConv2d(32, 64, 1, B=4), nn.BatchNorm2d(64), nn.ReLU())
+    model = random_stats(model).eval().to(memory_format=torch.channels_last)
+    model[0].path = "gemm"
+    big = channels_last(torch.randn(4, 32, 14, 14))  # 784 pixels: the fused rule's kernel
+    small = channels_last(torch.randn(3, 32, 14, 14))  # 588: the rule keeps gemm
+    assert _paths.default_path(model[0], big, fused=True) == "kernel"
+    assert _paths.default_path(model[0], small, fused=True) == "gemm"
+    out = tieify.fuse(model, small)
+    assert calls == [] and out.fused == {} and out[0].path == "gemm"
+    fused = tieify.fuse(model, big)
+    assert calls == [["fused", "separate"]]
+    assert fused.fused == {"0": "1 + relu"} and fused.get_submodule("0").path == "kernel"
+    assert model[0].path == "gemm"
+    with torch.no_grad():
+        torch.testing.assert_close(fused(big), model(big), rtol=1e-4, atol=1e-4)

@@ -290,25 +290,33 @@ FUSED_MAX_BANK = 32768
 def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch.Tensor]) -> bool:
     """Whether ``chain`` is worth fusing on the example input its conv saw: the conv runs the
     kernel on it (by the fused rule, :func:`tieify.nn._paths.default_path`, or pinned), or
-    it is a k×k conv that could, with a bank of at most :data:`FUSED_MAX_BANK` entries, and
-    the fused call is faster than the chain as it runs (its conv on the path it takes, then
-    the separate modules) by :data:`FUSED_MARGIN`. In the second case the conv's ``path`` is
+    it could (a k×k conv with a bank of at most :data:`FUSED_MAX_BANK` entries, or a
+    pointwise one pinned to another path where the fused rule takes the kernel), and the
+    fused call is faster than the chain as it runs (its conv on the path it takes, then the
+    separate modules) by :data:`FUSED_MARGIN`. In the second case the conv's ``path`` is
     pinned to ``"kernel"``.
     The choice is timed once per (layer configuration, input, threads, torch and tieify
-    versions, kernel build) and cached with :func:`tieify.optimize`'s. Pointwise chains are
-    not timed: timed alone, the small ones that the rule leaves on gemm (MobileNetV3-Large at
-    batch 1: 11 chains) were faster fused, and the model 1.08× slower
-    (``benchmarks/fuse.py``, 2026-12-01)."""
+    versions, kernel build) and cached with :func:`tieify.optimize`'s. Pointwise chains the
+    fused rule leaves on gemm are not timed: timed alone, the small ones (MobileNetV3-Large
+    at batch 1: 11 chains) were faster fused, and the model 1.08× slower
+    (``benchmarks/fuse.py``, 2026-12-01). Those it runs on the kernel are: on an AVX-512
+    Xeon, where :func:`tieify.optimize` pins oneDNN's paths, the all-B = 4 ResNet-50 fused
+    after it took 0.44 of the dense channels-last time at batch 8 with them timed (36 of 37
+    chains fused), 0.49 without (9 fused; batch 1: 0.33 and 0.38), 2026-12-02."""
     conv = gm.get_submodule(str(chain.conv.target))
     x = seen.get(conv)
     if not isinstance(conv, _TiedConvNd) or x is None or not _paths.is_channels_last(x):
         return False  # the epilogue is the channels-last kernel's
     if _paths.select_path(conv, x, fused=True) == "kernel":
         return True
-    bank = conv.weight.numel()  # C_out/B · C_in/B · taps entries
-    if _paths._is_pointwise(conv) or bank > FUSED_MAX_BANK:
-        return False  # pointwise: the rule's thresholds are measured in whole models
     if "kernel" not in _paths.applicable_paths(conv, x):
+        return False
+    if _paths._is_pointwise(conv):
+        # Pinned to another path: timed where the fused rule would take the kernel (its
+        # thresholds are measured in whole models).
+        if _paths.default_path(conv, x, fused=True) != "kernel":
+            return False
+    elif conv.weight.numel() > FUSED_MAX_BANK:  # C_out/B · C_in/B · taps entries
         return False
     from .latency._optimize import PATH_CACHE, _timer, like, path_key
 

@@ -942,13 +942,14 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
 #: Read once at import: ``torch.compile`` cannot trace the query.
 _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 #: Whether the kernel is the default of an unfused layer: on a CPU without AVX-512. With
-#: AVX-512, oneDNN's paths (``gemm``, ``widen``) ran ResNet-50's conv shapes at least as fast
-#: as the kernel alone in 33 of 36 cases (2-thread Xeon with AVX-512, batch 8, 2026-12-02:
-#: median E 0.94, 0.30-1.31, against the kernel's 0.84, 0.18-1.21), so only layers whose
-#: batch norm, add and ReLU :func:`tieify.fuse` applies in the kernel's epilogue take it
-#: there: the all-B = 4 ResNet-50 fused by the rule (37 chains) took 0.462 of the dense
-#: channels-last time at batch 8 where the unfused model by the rule took 0.488 (batch 1:
-#: 0.417 and 0.414), the same rounds.
+#: AVX-512, oneDNN's paths (``gemm``, ``widen``) ran most of ResNet-50's conv shapes at least
+#: as fast as the kernel alone (2-thread Xeon with AVX-512, batch 8, 2026-12-02:
+#: ``benchmarks/kernels.py`` has ``tieify.optimize`` take the kernel on 5 of 36 cases), so
+#: only layers whose batch norm, add and ReLU :func:`tieify.fuse` applies in the kernel's
+#: epilogue take it there: the all-B = 4 ResNet-50 fused by the rule (37 chains) took 0.381
+#: and 0.400 of the dense channels-last time at batch 8 in two runs, where the unfused model
+#: by the rule took 0.488 and 0.509 (batch 1: 0.328 and 0.325 against 0.414 and 0.406), the
+#: same rounds.
 _KERNEL_WINS_ALONE = not _CPU_HAS_AVX512
 
 

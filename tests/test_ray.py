@@ -349,3 +349,30 @@ def test_bad_ray_settings_fail_before_any_work(
     with pytest.raises(SearchError, match=message):
         search(str(recipe), backend="ray", out_dir=tmp_path, trials=2, progress=False, **kwargs)
     assert not (tmp_path / "study.journal").exists()
+
+
+def test_the_searcher_pickles_a_sampler_that_holds_a_thread_lock():
+    """Tune pickles the searcher when the Tuner is made (tuner.pkl) and in its checkpoints;
+    Optuna 5.1's NSGA-II sampler holds a threading lock, which pickle refuses. The pickle
+    carries the sampler without it: the copy has an unheld lock of its own and proposes the
+    same candidates as the original."""
+    import threading
+
+    from ray import cloudpickle
+
+    from tieify.search._ray_searcher import TieifyOptunaSearch
+
+    sampler = optuna.samplers.NSGAIISampler(seed=3, population_size=4)
+    sampler._test_lock = threading.Lock()  # as 5.1's own, whichever Optuna runs here
+    with sampler._test_lock:
+        copied = cloudpickle.loads(cloudpickle.dumps(TieifyOptunaSearch(sampler, False)))
+    other = copied._tieify_sampler
+    assert type(other) is optuna.samplers.NSGAIISampler and other is not sampler
+    assert other._test_lock is not sampler._test_lock and not other._test_lock.locked()
+
+    def proposals(s):
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=s)
+        study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_int("b", 1, 8)), 10)
+        return [t.params for t in study.trials]
+
+    assert proposals(other) == proposals(sampler)

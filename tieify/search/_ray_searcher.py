@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -106,6 +107,43 @@ def _reusable(study: optuna.Study, params: Mapping[str, Any]) -> dict[str, Any] 
 # The searcher
 
 
+#: The lock types a sampler may hold, by the name a pickle carries (the types themselves do
+#: not pickle), and how to make one.
+_LOCKS = {
+    "lock": (type(threading.Lock()), threading.Lock),
+    "rlock": (type(threading.RLock()), threading.RLock),
+}
+
+
+class _PicklableSampler:
+    """An Optuna sampler as Tune's pickles carry it: its attributes but the thread locks,
+    which pickle refuses and which are made anew, unheld, on load. Optuna 5.1's GA samplers
+    (NSGA-II, the recipes' default) hold one for their generation cache, and Tune pickles
+    the searcher when the Tuner is made ("cannot pickle '_thread.lock' object")."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def __getstate__(self) -> dict[str, Any]:
+        attrs = dict(vars(self.sampler))
+        locks = {
+            name: kind
+            for name, value in attrs.items()
+            for kind, (lock_type, _) in _LOCKS.items()
+            if type(value) is lock_type
+        }
+        for name in locks:
+            del attrs[name]
+        return {"cls": type(self.sampler), "attrs": attrs, "locks": locks}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        sampler = state["cls"].__new__(state["cls"])
+        vars(sampler).update(state["attrs"])
+        for name, kind in state["locks"].items():
+            setattr(sampler, name, _LOCKS[kind][1]())
+        self.sampler = sampler
+
+
 class TieifyOptunaSearch(OptunaSearch):  # type: ignore[misc]
     """Ray's OptunaSearch on tieify's study: same sampler, constraints, attributes, store.
 
@@ -130,7 +168,7 @@ class TieifyOptunaSearch(OptunaSearch):  # type: ignore[misc]
     # Tune pickles the searcher into tuner.pkl and its checkpoints: keep only plain state.
     def __getstate__(self) -> dict[str, Any]:
         return {
-            "_tieify_sampler": self._tieify_sampler,
+            "_tieify_sampler": _PicklableSampler(self._tieify_sampler),
             "_single_objective": self._single_objective,
             "_numbers": dict(self._numbers),
             "_completed_trials": set(self._completed_trials),
@@ -140,6 +178,9 @@ class TieifyOptunaSearch(OptunaSearch):  # type: ignore[misc]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        boxed = self._tieify_sampler  # a bare sampler in checkpoints of earlier versions
+        if isinstance(boxed, _PicklableSampler):
+            self._tieify_sampler = boxed.sampler
         self._space = self._space_fn
         self._sampler = self._tieify_sampler
         self._storage = None

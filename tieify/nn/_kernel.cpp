@@ -66,11 +66,15 @@ typedef float v8 __attribute__((vector_size(32)));
 // on ResNet-50's pointwise shapes at batch 8 (AVX2 EPYC): 1.1-1.8x faster than none.
 constexpr int PREFETCH_TILES = 4;
 
-inline v8 load8(const float* p) {
-  v8 v;
+// A vector of type V (v8, or v16 with AVX-512) from p, any alignment.
+template <class V>
+inline V load(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+
+inline v8 load8(const float* p) { return load<v8>(p); }
 
 // The first `n` (< 8) floats at p, zeros after them: never reads past them.
 inline v8 load_part(const float* p, int n) {
@@ -99,13 +103,6 @@ typedef float v16 __attribute__((vector_size(64)));
 template <class V>
 constexpr int lanes() {
   return sizeof(V) / sizeof(float);
-}
-
-template <class V>
-inline V load(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
 }
 
 // s in every lane, by a constructor: V{} + s is an add the compiler must keep (-0.0 + 0.0

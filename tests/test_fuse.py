@@ -248,8 +248,10 @@ def test_fuse_a_tied_resnet50_equals_it_and_keeps_its_state(monkeypatch):
     before = {k: v.clone() for k, v in tied.state_dict().items()}
     fused = tieify.fuse(tied)
     # Every tied conv is fused: the bottlenecks' convs with their batch norms, ReLUs and (the
-    # last) the residual add; the downsample convs with theirs.
-    assert len(fused.fused) == 16 + 16 + 16 + 4
+    # last) the residual add; the downsample convs with theirs; the dense stem's batch norm is
+    # folded.
+    assert len(fused.fused) == 16 + 16 + 16 + 4 + 1
+    assert fused.fused["conv1"] == "bn1 + relu"
     assert fused.fused["layer1.0.conv1"] == "layer1.0.bn1 + relu"
     assert fused.fused["layer1.0.conv2"] == "layer1.0.bn2 + relu"
     assert fused.fused["layer2.0.conv2"] == "layer2.0.bn2 + relu"  # 3×3, stride 2
@@ -444,7 +446,7 @@ def test_fuse_restores_the_in_place_residual_adds_that_tracing_loses():
         B=lambda name, m: 2 if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) else None,
     )
     tied = random_stats(tied).eval().to(memory_format=torch.channels_last)
-    fused = tieify.fuse(tied)
+    fused = tieify.fuse(tied, dense=False)  # the dense convs' batch norms stay: their adds
     blocks = [name for name, m in tied.named_modules() if isinstance(m, Bottleneck)]
     assert fused.fused == {f"{b}.conv2": f"{b}.bn2 + relu" for b in blocks}
     adds = [n for n in fused.graph.nodes if n.target is _fused.add_into]
@@ -593,3 +595,122 @@ def test_fuse_times_pointwise_chains_pinned_elsewhere_only_where_the_fused_rule_
     assert model[0].path == "gemm"
     with torch.no_grad():
         torch.testing.assert_close(fused(big), model(big), rtol=1e-4, atol=1e-4)
+
+
+# -- dense convs: the batch norm folded into a copy of their weights --------------------------
+
+
+def _no_forward(module: nn.Module, monkeypatch) -> None:
+    """Fail the test where ``module`` runs (a folded batch norm must not)."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{type(module).__name__} ran; it should have been folded")
+
+    monkeypatch.setattr(module, "forward", fail)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_a_dense_conv_runs_with_its_batch_norm_folded_and_equals_the_modules(dims, monkeypatch):
+    torch.manual_seed(dims)
+    conv_type = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    bn_type = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+    folds = []
+    real = _fused.fuse_conv_bn_weights
+    monkeypatch.setattr(
+        _fused, "fuse_conv_bn_weights", lambda *a, **k: folds.append(1) or real(*a, **k)
+    )
+    # (conv bias, batch norm affine, groups, residual, ReLU)
+    cases = [
+        (True, True, 1, True, True),
+        (False, False, 4, False, True),
+        (False, True, 2, True, False),
+    ]
+    for bias, affine, groups, with_residual, relu in cases:
+        conv = conv_type(8, 12, 3, padding=1, bias=bias, groups=groups, padding_mode="reflect")
+        bn = random_stats(bn_type(12, affine=affine)).eval()
+        x = torch.randn(2, 8, *[5] * dims)
+        r = torch.randn(2, 12, *[5] * dims) if with_residual else None
+        state = {k: v.clone() for k, v in {**conv.state_dict(), **bn.state_dict()}.items()}
+        with torch.no_grad():
+            expected = bn(conv(x)) + (0 if r is None else r)
+            expected = torch.relu(expected) if relu else expected
+            with monkeypatch.context() as m:
+                _no_forward(bn, m)
+                folds.clear()
+                for _ in range(2):  # the folded weights are made once and kept
+                    y = _fused.conv_bn_act(x, conv, bn, None if r is None else r.clone(), relu)
+                    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+                assert len(folds) == 1
+        for k, v in {**conv.state_dict(), **bn.state_dict()}.items():  # parameters unchanged
+            torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    # New statistics (an in-place update, as training does) fold anew.
+    with torch.no_grad():
+        bn.running_var.mul_(4)
+        expected = bn(conv(x))
+        y = _fused.conv_bn_act(x, conv, bn)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert len(folds) == 2
+
+
+def test_a_dense_conv_runs_the_modules_where_it_cannot_fold(monkeypatch):
+    """In training, where autograd records, under tracing: the modules, one after the other
+    (the batch norm updates its statistics in training, and gradients flow through it)."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3), random_stats(nn.BatchNorm2d(6))
+    x = torch.randn(2, 4, 7, 7)
+    before = bn.running_mean.clone()
+    ref_bn = copy.deepcopy(bn)
+    y = _fused.conv_bn_act(x, conv, bn, relu=True)  # training: batch statistics
+    torch.testing.assert_close(y, torch.relu(ref_bn(conv(x))))
+    assert not torch.equal(bn.running_mean, before)  # updated as the module does
+    bn.eval()
+    xg = x.clone().requires_grad_()
+    y = _fused.conv_bn_act(xg, conv, bn)
+    (g,) = torch.autograd.grad(y.sum(), xg)
+    xr = x.clone().requires_grad_()
+    torch.testing.assert_close(g, torch.autograd.grad(bn(conv(xr)).sum(), xr)[0])
+    with torch.no_grad():
+        expected = bn(conv(x))
+    exported = torch.export.export(_Folded(conv, bn).eval(), (x,))  # traced: the modules
+    torch.testing.assert_close(exported.module()(x), expected, rtol=1e-5, atol=1e-5)
+    assert any("batch_norm" in str(n.target) for n in exported.graph.nodes)
+
+
+class _Folded(nn.Module):
+    def __init__(self, conv: nn.Module, bn: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fused.conv_bn_act(x, self.conv, self.bn)
+
+
+def test_fuse_folds_dense_chains_only_where_it_can_and_where_asked(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 8, 3, padding=1),  # transposed: not folded
+        nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 1, bias=False),
+        nn.BatchNorm2d(8, track_running_stats=False),  # batch statistics: not folded
+        nn.Conv2d(8, 8, 1),
+        nn.BatchNorm2d(8),
+    )
+    model = random_stats(model).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for example in (None, x):  # with an input: on any layout (no kernel involved)
+        fused = tieify.fuse(model, example)
+        assert fused.fused == {"0": "1 + relu", "7": "8"}
+        _no_forward(fused.get_submodule("1"), monkeypatch)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+        assert list(fused.state_dict()) == list(before)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    plain = tieify.fuse(model, dense=False)
+    assert type(plain) is nn.Sequential and plain.fused == {}

@@ -1,5 +1,6 @@
 """``tieify.fuse``: run a tied model's convolutions with the batch norm, residual add and ReLU
-that follow them, for inference (see :mod:`tieify.nn._fused`)."""
+that follow them, for inference (see :mod:`tieify.nn._fused`); the batch norms after its
+dense convolutions folded into their weights."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from ._trace import trace
 from .nn import _paths
 from .nn._conv import _TiedConvNd
-from .nn._fused import add_into, conv_bn_act, fusable
+from .nn._fused import add_into, conv_bn_act, foldable, fusable
 
 __all__ = ["fuse"]
 
@@ -79,9 +80,10 @@ def _is_relu(gm: nn.Module, node: fx.Node, value: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_") and not node.kwargs
 
 
-def _chains(gm: fx.GraphModule) -> list[_Chain]:
-    """The fusable chains, in graph order. An add of two such chains' outputs (a bottleneck's
-    last conv and its downsample) goes to the first one; the other keeps conv → bn."""
+def _chains(gm: fx.GraphModule, dense: bool) -> list[_Chain]:
+    """The fusable chains (with ``dense``, also those of a dense conv whose batch norm folds
+    into it), in graph order. An add of two such chains' outputs (a bottleneck's last conv
+    and its downsample) goes to the first one; the other keeps conv → bn."""
     found: list[_Chain] = []
     claimed: set[fx.Node] = set()
     for node in gm.graph.nodes:
@@ -90,7 +92,9 @@ def _chains(gm: fx.GraphModule) -> list[_Chain]:
         if conv is None or bn_node is None or len(node.args) != 1 or node.kwargs:
             continue
         bn = _module(gm, bn_node)
-        if bn is None or bn_node.args != (node,) or bn_node.kwargs or not fusable(conv, bn):
+        if bn is None or bn_node.args != (node,) or bn_node.kwargs:
+            continue
+        if not (fusable(conv, bn) or (dense and foldable(conv, bn))):
             continue
         chain = _Chain(node, bn_node)
         tail = bn_node
@@ -127,10 +131,13 @@ def _restore_in_place_adds(gm: fx.GraphModule) -> None:
                 break
 
 
-def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False) -> nn.Module:
+def fuse(
+    model: nn.Module, example_inputs: Any = None, *, inplace: bool = False, dense: bool = True
+) -> nn.Module:
     """Fuse, for inference, each tied conv that tieify's kernel computes (pointwise, or 2-D
     with one group and zero padding) with the batch norm after it (and the residual add and
-    the ReLU after that, where the graph has them).
+    the ReLU after that, where the graph has them); fold the batch norm after each dense
+    conv into that conv's weights.
 
     The model is traced with torch.fx (as :func:`tieify.tieify` traces it); every
     ``TiedConv → BatchNorm (→ x + residual) (→ ReLU)`` chain whose intermediate values have no
@@ -146,6 +153,13 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False)
     adds into a batch norm's output stay in place (:func:`tieify.nn._fused.add_into`; a trace
     records them as adds into new tensors). :func:`tieify.save` stores a fused model as its
     plan and weights; :func:`tieify.load` rebuilds the tied model, to fuse again.
+
+    A dense ``nn.Conv1d/2d/3d`` the model keeps (a stem, a depthwise conv left untied) with a
+    batch norm after it runs as one convolution on weights with the batch norm folded in (as
+    torch.fx's conv-BN fusion does for a dense model; here on a copy kept beside the conv, so
+    the parameters stay as they were), then the add and the ReLU in place: one pass over the
+    output fewer per batch norm, and a result that differs from the separate modules' by
+    rounding only. ``dense=False`` leaves them as they are.
 
     Give ``example_inputs`` (as in production, after :func:`tieify.optimize`) to fuse only the
     chains that run fused on them: those whose conv runs the kernel there, and those whose
@@ -163,6 +177,7 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False)
             inputs.
         inplace: fuse ``model``'s own modules (the returned graph module shares them) instead
             of a deep copy.
+        dense: also fold the batch norms after dense convs (``False``: tied chains only).
 
     Returns:
         A ``torch.fx.GraphModule`` whose ``fused`` attribute lists the fused chains (conv
@@ -174,8 +189,10 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False)
         >>> import torch, torchvision, tieify
         >>> tied = tieify.tieify(torchvision.models.resnet18(), B=2).eval()
         >>> fused = tieify.fuse(tied)
-        >>> len(fused.fused)  # 16 3x3 convs and 3 downsample 1x1 ones (the stem is not tied)
-        19
+        >>> len(fused.fused)  # 16 3x3 convs, 3 downsample 1x1 ones, the dense stem (folded)
+        20
+        >>> fused.fused["conv1"]
+        'bn1 + relu'
         >>> fused.fused["layer1.0.conv2"]
         'layer1.0.bn2 + add + relu'
     """
@@ -202,14 +219,14 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False)
         )
         return _unfused(model)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    chains = _chains(gm)
+    chains = _chains(gm, dense)
     if example_inputs is not None:
         from .latency._optimize import _capture_inputs
 
         seen = _capture_inputs(model, example_inputs, (_TiedConvNd,))
         chains = [c for c in chains if _fuses_faster(gm, c, seen)]
-        if not chains:
-            return _unfused(model)
+    if not chains:
+        return _unfused(model)
     fused: dict[str, str] = {}
     for chain in chains:
         last = chain.nodes[-1]
@@ -304,8 +321,10 @@ def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch
     after it took 0.44 of the dense channels-last time at batch 8 with them timed (36 of 37
     chains fused), 0.49 without (9 fused; batch 1: 0.33 and 0.38), 2026-12-02."""
     conv = gm.get_submodule(str(chain.conv.target))
+    if not isinstance(conv, _TiedConvNd):
+        return True  # a dense conv's batch norm folds: one pass less, on any input
     x = seen.get(conv)
-    if not isinstance(conv, _TiedConvNd) or x is None or not _paths.is_channels_last(x):
+    if x is None or not _paths.is_channels_last(x):
         return False  # the epilogue is the channels-last kernel's
     if _paths.select_path(conv, x, fused=True) == "kernel":
         return True

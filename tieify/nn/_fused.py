@@ -20,13 +20,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from . import _paths
 from ._conv import _TiedConvNd
 
-__all__ = ["add_into", "conv_bn_act", "fusable"]
+__all__ = ["add_into", "conv_bn_act", "foldable", "fusable"]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_DENSE_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the batch norm of the same index follows
 
 
 def fusable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -44,6 +46,19 @@ def fusable(conv: nn.Module, bn: nn.Module) -> bool:
     )
 
 
+def foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether ``conv`` → ``bn`` can run folded (in eval mode): a plain dense convolution
+    (not a subclass, not transposed) and a plain batch norm of the same dimensions over its
+    output channels that keeps running statistics."""
+    if type(conv) not in _DENSE_CONVS or type(bn) not in _BATCH_NORMS:
+        return False
+    return (
+        _DENSE_CONVS.index(type(conv)) == _BATCH_NORMS.index(type(bn))
+        and bn.num_features == conv.out_channels
+        and bool(bn.track_running_stats)
+    )
+
+
 def conv_bn_act(
     x: torch.Tensor,
     conv: nn.Module,
@@ -58,7 +73,8 @@ def conv_bn_act(
     if _fuses(x, conv, bn, residual):
         assert isinstance(conv, _TiedConvNd) and isinstance(bn, nn.modules.batchnorm._NormBase)
         return _fused(x, conv, bn, residual, relu)
-    y = bn(conv(x))  # a new tensor: the add and the ReLU may write into it, as unfused code does
+    # A new tensor either way: the add and the ReLU may write into it, as unfused code does.
+    y = _folded(x, conv, bn) if _folds(x, conv, bn) else bn(conv(x))
     if residual is not None:
         same = isinstance(residual, torch.Tensor) and residual.shape == y.shape
         y = y.add_(residual) if same and residual.dtype == y.dtype else y + residual
@@ -87,6 +103,38 @@ def _fuses(x: torch.Tensor, conv: nn.Module, bn: nn.Module, residual: torch.Tens
         if tuple(residual.shape) != out_shape or not _paths.is_channels_last(residual):
             return False
     return bn.running_var is not None
+
+
+def _folds(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether this call runs a dense conv on its weights with the batch norm folded in:
+    plain eager inference (the batch norm in eval mode, no gradient recorded for the
+    modules' parameters or the input)."""
+    if type(conv) not in _DENSE_CONVS or bn.training or not _paths._plain_eager(x):
+        return False
+    if bn.running_mean is None or bn.running_var is None or not foldable(conv, bn):
+        return False
+    if torch.is_grad_enabled():
+        return not any(t.requires_grad for t in (x, *conv.parameters(), *bn.parameters()))
+    return True
+
+
+def _folded(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
+    """``bn(conv(x))`` as one convolution on the folded weights, kept for ``conv`` while
+    its parameters and the batch norm's statistics are the same tensors at the same
+    versions (:func:`tieify.nn._paths.kept`)."""
+    assert isinstance(conv, nn.modules.conv._ConvNd)
+    assert isinstance(bn, nn.modules.batchnorm._NormBase)
+    assert bn.running_mean is not None and bn.running_var is not None
+    mean, var = bn.running_mean, bn.running_var
+    tensors = (conv.weight, conv.bias, mean, var, bn.weight, bn.bias)
+
+    def fold() -> tuple[torch.Tensor, torch.Tensor]:
+        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, mean, var, bn.eps, bn.weight, bn.bias)
+        return w.detach(), b.detach()
+
+    present = tuple(t for t in tensors if t is not None)
+    weight, bias = _paths.kept(conv, ("folded", id(bn), bn.eps), present, fold)
+    return conv._conv_forward(x, weight, bias)  # type: ignore[operator]
 
 
 def _tensors(

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import _allocator_flag
 
 
 def write_results(out: Path, stem: str, res: dict, markdown: str) -> None:
@@ -12,3 +19,57 @@ def write_results(out: Path, stem: str, res: dict, markdown: str) -> None:
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     (out / f"{stem}.md").write_text(markdown)
     print(markdown)
+
+
+def run_model_benchmark(
+    name: str,
+    description: str,
+    cases: list[str],
+    measure: Callable[[argparse.Namespace], dict],
+    markdown: Callable[[dict], str],
+    argv: list[str] | None = None,
+    facts: Callable[[], dict] | None = None,
+) -> int:
+    """The ``main`` of a benchmark of whole models that needs tieify's kernel: its options
+    (``--cases`` from ``cases``, ``--batches``, ``--size``, ``--threads``, ``--rounds``,
+    ``--target-s``, ``--out`` and the allocator flag), the threads and allocator set, then
+    ``measure(args)``'s entries in the results beside the run's settings, machine, load
+    average and ``facts()``, written as ``<out>/<name>.json`` and ``markdown(res)``."""
+    import torch
+
+    import tieify
+    from tieify.latency._machine import describe_machine
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--cases", nargs="+", default=cases)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--target-s", type=float, default=0.2)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    _allocator_flag.add_flag(p)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    allocator = _allocator_flag.apply(args)
+    if not tieify.kernel_status().startswith("available"):
+        print(f"tieify's kernel is not available: {tieify.kernel_status()}", file=sys.stderr)
+        return 1
+    load_start = os.getloadavg()
+    start = time.time()
+    res = {
+        "benchmark": name,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "size": args.size,
+        "torch": torch.__version__,
+        "machine": describe_machine(),
+        "allocator": allocator,
+        **(facts() if facts is not None else {}),
+    }
+    res.update(measure(args))
+    res["seconds"] = round(time.time() - start, 1)
+    res["loadavg_start"] = [round(v, 2) for v in load_start]
+    res["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    write_results(args.out, name, res, markdown(res))
+    return 0

@@ -17,12 +17,9 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,15 +28,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _allocator_flag  # noqa: E402
-from _results import write_results  # noqa: E402
-from models import CL, build_case, time_pair  # noqa: E402
+from _results import run_model_benchmark  # noqa: E402
+from models import CL, build_case, median_ratio, time_pair  # noqa: E402
 
 import tieify  # noqa: E402
-from tieify.latency._machine import describe_machine  # noqa: E402
 from tieify.nn import TiedConv2d, _fused  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 #: (C_in, C_out, size, kernel): the 1×1 layers with a residual add, the 3×3 ones without (as
 #: in a bottleneck).
 LAYERS = [
@@ -77,9 +71,7 @@ def layer_rows(args) -> list[dict]:
         with torch.inference_mode():
             samples = time_pair(fns, args.rounds, args.target_s)
         ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
-        ratio = statistics.median(
-            f / s for s, f in zip(samples["separate"], samples["fused"], strict=True)
-        )
+        ratio = median_ratio(samples, "fused", "separate")
         name = f"{cin}→{cout} {k}×{k} {size}×{size}" + (" + add" if res is not None else "")
         rows.append({"layer": name, **ms, "fused_over_separate": ratio})
         print(rows[-1], flush=True)
@@ -106,9 +98,6 @@ def model_rows(args) -> list[dict]:
             with torch.inference_mode():
                 samples = time_pair(fns, args.rounds, args.target_s)
 
-            def over_plain(name: str, s: dict = samples) -> float:
-                return statistics.median(f / p for p, f in zip(s["plain"], s[name], strict=True))
-
             rows.append(
                 {
                     "case": case,
@@ -118,8 +107,8 @@ def model_rows(args) -> list[dict]:
                     "plain_ms": statistics.median(samples["plain"]) * 1e3,
                     "tied_only_ms": statistics.median(samples["tied_only"]) * 1e3,
                     "fused_ms": statistics.median(samples["fused"]) * 1e3,
-                    "tied_only_over_plain": over_plain("tied_only"),
-                    "fused_over_plain": over_plain("fused"),
+                    "tied_only_over_plain": median_ratio(samples, "tied_only", "plain"),
+                    "fused_over_plain": median_ratio(samples, "fused", "plain"),
                 }
             )
             print(rows[-1], flush=True)
@@ -166,39 +155,14 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="tieify.fuse: plain against fused.")
-    p.add_argument("--cases", nargs="+", default=CASES)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--target-s", type=float, default=0.2)
-    p.add_argument("--out", type=Path, default=RESULTS)
-    _allocator_flag.add_flag(p)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    allocator = _allocator_flag.apply(args)
-    if not tieify.kernel_status().startswith("available"):
-        print(f"tieify's kernel is not available: {tieify.kernel_status()}", file=sys.stderr)
-        return 1
-    load_start = os.getloadavg()
-    start = time.time()
-    res = {
-        "benchmark": "fuse",
-        "threads": args.threads,
-        "rounds": args.rounds,
-        "size": args.size,
-        "torch": torch.__version__,
-        "machine": describe_machine(),
-        "allocator": allocator,
-        "layers": layer_rows(args),
-        "models": model_rows(args),
-    }
-    res["seconds"] = round(time.time() - start, 1)
-    res["loadavg_start"] = [round(v, 2) for v in load_start]
-    res["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    write_results(args.out, "fuse", res, markdown(res))
-    return 0
+    return run_model_benchmark(
+        "fuse",
+        "tieify.fuse: plain against fused.",
+        CASES,
+        lambda args: {"layers": layer_rows(args), "models": model_rows(args)},
+        markdown,
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -175,6 +175,12 @@ def time_pair(fns: dict[str, Callable[[], object]], rounds: int, target_s: float
     return samples
 
 
+def median_ratio(samples: dict[str, list[float]], top: str, bottom: str) -> float:
+    """The median over rounds of ``top``'s time over ``bottom``'s in the same round."""
+    pairs = zip(samples[top], samples[bottom], strict=True)
+    return statistics.median(t / b for t, b in pairs)
+
+
 def run_case(case: str, args) -> list[dict]:
     dense, tied = build_case(case)
     dense_cl = copy.deepcopy(dense).to(memory_format=CL)

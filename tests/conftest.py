@@ -11,6 +11,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _stream_from_one_mib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel streams outputs from 1 MiB, as on a host with a small last-level cache
+    (:func:`tieify.nn._kernel.stream_min_bytes`), so that the tests' outputs of 1-2 MiB
+    exercise the non-temporal stores on every host."""
+    from tieify.nn import _kernel
+
+    monkeypatch.setattr(_kernel, "STREAM_MIN_BYTES", 1 << 20)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Latency tables, path choices and the kernel's build go to a cache of the test
     session's own, so the user's ``~/.cache/tieify`` neither changes a test's outcome

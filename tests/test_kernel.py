@@ -788,3 +788,33 @@ def test_pack_lays_the_bank_out_in_the_panels_the_tiles_read():
     bt = torch.randn(4, 12, requires_grad=True)
     _kernel.pack(bt).sum().backward()
     torch.testing.assert_close(bt.grad, torch.ones(4, 12))
+
+
+def test_outputs_stream_from_half_the_last_level_cache(tmp_path, monkeypatch):
+    """The last-level cache as Linux reports it (the largest data or unified cache), and the
+    output size from which the kernel writes with non-temporal stores: half of it, at least
+    1 MiB; 1 MiB where it is not known. A prepared call streams by that size."""
+    caches = {"index0": ("Data", "48K"), "index1": ("Instruction", "64K")}
+    caches |= {"index2": ("Unified", "2048K"), "index3": ("Unified", "491520K")}
+    for name, (kind, size) in caches.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "type").write_text(kind + "\n")
+        (tmp_path / name / "size").write_text(size + "\n")
+    assert _kernel.last_level_cache_bytes(str(tmp_path)) == 491520 * 1024
+    (tmp_path / "index3" / "size").write_text("32M\n")
+    assert _kernel.last_level_cache_bytes(str(tmp_path)) == 32 << 20
+    assert _kernel.last_level_cache_bytes(str(tmp_path / "absent")) is None
+    assert _kernel.stream_min_bytes(None) == 1 << 20
+    assert _kernel.stream_min_bytes(512 << 10) == 1 << 20
+    assert _kernel.stream_min_bytes(32 << 20) == 16 << 20
+    assert _kernel.stream_min_bytes(491520 << 10) == 240 << 20
+    if not _kernel.kernel_available():
+        return
+    a, out = torch.randn(8192, 32), torch.empty(8192, 64)  # a 2 MiB output
+    bt = torch.randn(32, 64)
+    bank = _kernel.pack(bt)
+    for threshold, streamed in ((1 << 20, 1), (4 << 20, 0)):
+        monkeypatch.setattr(_kernel, "STREAM_MIN_BYTES", threshold)
+        call = _kernel.prepare_pointwise(a, bank, None, out)
+        assert call._tail[0] == streamed
+        torch.testing.assert_close(call.run(a, out), a @ bt, rtol=1e-4, atol=1e-4)

@@ -105,6 +105,7 @@ def software_key(*, kernel: bool) -> dict[str, str | None]:
     key: dict[str, str | None] = {"torch": torch.__version__, "tieify": __version__}
     if kernel:
         key["kernel"] = _kernel.kernel_build()
+        key["stream_min_bytes"] = str(_kernel.STREAM_MIN_BYTES)  # the kernel's stores
     return key
 
 

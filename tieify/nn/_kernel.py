@@ -55,9 +55,50 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("_kernel.cpp")
 ABI = 5
-#: Outputs of at least this many bytes are written with non-temporal stores: larger than the
-#: per-core L2 of the CPUs measured, so the next layer would read them from memory anyway.
-STREAM_MIN_BYTES = 1 << 20
+
+
+def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The size of the CPU's largest data (or unified) cache as Linux reports it (its last
+    level, shared by the cores: ``/sys/devices/system/cpu/cpu0/cache/index*/``), or None
+    where it cannot be read."""
+    sizes = []
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    for index in Path(root).glob("index*"):
+        try:
+            kind = (index / "type").read_text().strip()
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction" or not text:
+            continue
+        scale = units.get(text[-1].upper(), 1)
+        digits = text[:-1] if text[-1].upper() in units else text
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes) if sizes else None
+
+
+def stream_min_bytes(llc: int | None) -> int:
+    """The output size from which the kernel writes with non-temporal stores: half the
+    last-level cache (``llc`` bytes), at least 1 MiB; 1 MiB where the cache is not known.
+
+    A non-temporal store skips the cache: worth it for an output the next layer would read
+    from memory anyway, harmful for one the cache would have kept. On the AVX2 EPYC (a
+    per-core L2 of 512 KB) streamed outputs of ResNet-50's pointwise layers ran at 0.94-1.05
+    of the regular stores' time alone. On the AVX-512 Xeon (480 MB of L3), fused models,
+    channels-last, outputs streamed from 1 MiB against regular stores (``python
+    benchmarks/streaming.py``, 2026-12-02 13:03 UTC, ``benchmarks/results/streaming.md``):
+    the all-B = 4 ResNet-50 1.068x / 1.035x the time at batch 1 / 8 (0.329 / 0.373 of the
+    dense model against 0.307 / 0.356), ResNet-50 with 3×3 convs at B = 2 1.001x / 1.025x,
+    MobileNetV3-Large at B = 2 0.984x / 0.971x (streaming gained a little there). The
+    ResNets' outputs (6-26 MB at batch 8) fit that L3 many times over: regular stores leave
+    them there for the next layer, which a stream makes read them from memory."""
+    return max(1 << 20, (llc or 0) // 2)
+
+
+#: Outputs of at least this many bytes are written with non-temporal stores
+#: (:func:`stream_min_bytes` of this machine's last-level cache).
+STREAM_MIN_BYTES = stream_min_bytes(last_level_cache_bytes())
 #: Flag sets tried in order; the first that compiles is kept.
 _FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp"),

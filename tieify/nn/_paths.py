@@ -941,16 +941,22 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
 
 #: Read once at import: ``torch.compile`` cannot trace the query.
 _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-#: Whether the kernel is the default of an unfused layer: on a CPU without AVX-512. With
-#: AVX-512, oneDNN's paths (``gemm``, ``widen``) ran most of ResNet-50's conv shapes at least
-#: as fast as the kernel alone (2-thread Xeon with AVX-512, batch 8, 2026-12-02:
-#: ``benchmarks/kernels.py`` has ``tieify.optimize`` take the kernel on 5 of 36 cases), so
-#: only layers whose batch norm, add and ReLU :func:`tieify.fuse` applies in the kernel's
-#: epilogue take it there: the all-B = 4 ResNet-50 fused by the rule (37 chains) took 0.381
-#: and 0.400 of the dense channels-last time at batch 8 in two runs, where the unfused model
-#: by the rule took 0.488 and 0.509 (batch 1: 0.328 and 0.325 against 0.414 and 0.406), the
-#: same rounds.
-_KERNEL_WINS_ALONE = not _CPU_HAS_AVX512
+#: Whether the kernel is the default of an unfused layer: on a CPU without AVX-512, and on
+#: one with AVX-512 where the kernel writes outputs of up to 32 MiB (ResNet-50's largest at
+#: batch 8: 25.7 MB) with regular stores, which leave them in the cache for the next layer
+#: (a last-level cache of 64 MiB or more: :func:`tieify.nn._kernel.stream_min_bytes`).
+#: With AVX-512 and outputs from 1 MiB streamed past the cache, oneDNN's paths (``gemm``,
+#: ``widen``) ran most of ResNet-50's conv shapes at least as fast as the kernel alone
+#: (2-thread Xeon, batch 8, 2026-12-02: ``benchmarks/kernels.py`` had ``tieify.optimize``
+#: take the kernel on 5 of 36 cases), and the all-B = 4 ResNet-50 unfused by the rule took
+#: 0.488 and 0.509 of the dense channels-last time at batch 8. On that Xeon (480 MB of L3)
+#: with regular stores, whole models, channels-last, tied / dense (``python
+#: benchmarks/kernel_alone.py``, 2026-12-02, ``benchmarks/results/kernel_alone.md``), the
+#: kernel alone against oneDNN's paths by the rule, batch 1 / 8: all-B = 4 ResNet-50 0.369 /
+#: 0.476 against 0.416 / 0.482; ResNet-50 3×3-B2 0.840 / 0.852 against 0.854 / 0.858,
+#: ResNeXt-50 B2 0.596 / 0.713 against 0.599 / 0.710, MobileNetV3-Large B2 0.888 / 0.910
+#: against 0.899 / 0.886 (its one loss, 2.5%; 1% in an earlier run).
+_KERNEL_WINS_ALONE = not _CPU_HAS_AVX512 or _kernel.STREAM_MIN_BYTES >= 32 << 20
 
 
 def _pixels(x: torch.Tensor) -> int:

@@ -1,0 +1,112 @@
+"""Whole models with the kernel as the rule's default for unfused layers, and without it.
+
+The static rule (``tieify.nn._paths.default_path``) takes tieify's kernel for an unfused
+layer only where ``_paths._KERNEL_WINS_ALONE`` holds (see its note). This times, per model
+and batch, in interleaved rounds (medians of per-round ratios to the dense channels-last
+model): the channels-last tied model with the rule as this machine has it, the same with
+the kernel taken alone (``_KERNEL_WINS_ALONE`` True), without it (False), and after
+``tieify.optimize``. Each copy decides its layers' paths on its first call, under its own
+setting; the kernel's stores are this machine's (``tieify.nn._kernel.STREAM_MIN_BYTES``).
+
+Usage::
+
+    python benchmarks/kernel_alone.py                  # ~6 minutes on 2 cores
+    python benchmarks/kernel_alone.py --cases resnet50_all_B4 --batches 1
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import run_model_benchmark  # noqa: E402
+from models import CL, build_case, median_ratio, time_pair  # noqa: E402
+
+import tieify  # noqa: E402
+from tieify.nn import _kernel, _paths  # noqa: E402
+
+CASES = ["resnet50_all_B4", "resnet50_3x3_B2", "resnext50_B2", "mobilenet_v3_large_B2"]
+VARIANTS = ("rule", "kernel_alone", "no_kernel_alone", "optimize")
+
+
+def case_rows(args) -> list[dict]:
+    rows = []
+    for case in args.cases:
+        dense, tied = build_case(case)
+        dense = dense.to(memory_format=CL)
+        for batch in args.batches:
+            x = torch.randn(batch, 3, args.size, args.size).contiguous(memory_format=CL)
+            models = {v: copy.deepcopy(tied).to(memory_format=CL) for v in VARIANTS}
+            setting = _paths._KERNEL_WINS_ALONE
+            with torch.inference_mode():
+                for variant, alone in (("kernel_alone", True), ("no_kernel_alone", False)):
+                    _paths._KERNEL_WINS_ALONE = alone
+                    try:
+                        models[variant](x)  # its layers' paths, chosen under this setting
+                    finally:
+                        _paths._KERNEL_WINS_ALONE = setting
+                models["rule"](x)
+                tieify.optimize(models["optimize"], x)
+                fns = {"dense": lambda m=dense, x=x: m(x)}
+                fns |= {v: (lambda m=m, x=x: m(x)) for v, m in models.items()}
+                samples = time_pair(fns, args.rounds, args.target_s)
+            row = {
+                "case": case,
+                "batch": batch,
+                "dense_ms": statistics.median(samples["dense"]) * 1e3,
+            }
+            for v in VARIANTS:
+                row[f"{v}_ms"] = statistics.median(samples[v]) * 1e3
+                row[v] = median_ratio(samples, v, "dense")
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def markdown(res: dict) -> str:
+    lines = [
+        "# The kernel as the rule's default for unfused layers",
+        "",
+        f"Tied / dense latency, channels-last, {res['size']}×{res['size']}, {res['threads']} "
+        f"threads, {res['rounds']} interleaved rounds (medians of per-round ratios); torch "
+        f"{res['torch']}, {res['machine']}. This machine's rule takes the kernel alone: "
+        f"{res['kernel_wins_alone']}; the kernel streams outputs from "
+        f"{res['stream_min_bytes'] / 2**20:.0f} MiB. Load average at start "
+        f"{res['loadavg_start']}, at end {res['loadavg_end']}.",
+        "",
+        "| case | batch | dense ms | rule | kernel alone | no kernel alone | optimize |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['dense_ms']:.1f} | "
+            + " | ".join(f"{r[v]:.3f} ({r[f'{v}_ms']:.1f} ms)" for v in VARIANTS)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    return run_model_benchmark(
+        "kernel_alone",
+        "The kernel as the rule's default, and not.",
+        CASES,
+        lambda args: {"rows": case_rows(args)},
+        markdown,
+        argv,
+        lambda: {
+            "kernel_wins_alone": _paths._KERNEL_WINS_ALONE,
+            "stream_min_bytes": _kernel.STREAM_MIN_BYTES,
+        },
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -87,7 +87,7 @@ def stream_min_bytes(llc: int | None) -> int:
     per-core L2 of 512 KB) streamed outputs of ResNet-50's pointwise layers ran at 0.94-1.05
     of the regular stores' time alone. On the AVX-512 Xeon (480 MB of L3), fused models,
     channels-last, outputs streamed from 1 MiB against regular stores (``python
-    benchmarks/streaming.py``, 2026-12-02 13:03 UTC, ``benchmarks/results/streaming.md``):
+    benchmarks/streaming.py``, 2026-12-02 13:05 UTC, ``benchmarks/results/streaming.md``):
     the all-B = 4 ResNet-50 1.068x / 1.035x the time at batch 1 / 8 (0.329 / 0.373 of the
     dense model against 0.307 / 0.356), ResNet-50 with 3×3 convs at B = 2 1.001x / 1.025x,
     MobileNetV3-Large at B = 2 0.984x / 0.971x (streaming gained a little there). The

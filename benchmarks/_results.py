@@ -29,12 +29,14 @@ def run_model_benchmark(
     markdown: Callable[[dict], str],
     argv: list[str] | None = None,
     facts: Callable[[], dict] | None = None,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     """The ``main`` of a benchmark of whole models that needs tieify's kernel: its options
     (``--cases`` from ``cases``, ``--batches``, ``--size``, ``--threads``, ``--rounds``,
     ``--target-s``, ``--out`` and the allocator flag), the threads and allocator set, then
     ``measure(args)``'s entries in the results beside the run's settings, machine, load
-    average and ``facts()``, written as ``<out>/<name>.json`` and ``markdown(res)``."""
+    average and ``facts()``, written as ``<out>/<name>.json`` and ``markdown(res)``;
+    ``options(parser)`` adds a script's own options."""
     import torch
 
     import tieify
@@ -49,6 +51,8 @@ def run_model_benchmark(
     p.add_argument("--target-s", type=float, default=0.2)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     _allocator_flag.add_flag(p)
+    if options is not None:
+        options(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     allocator = _allocator_flag.apply(args)

@@ -12,6 +12,7 @@
 Usage::
 
     python benchmarks/fuse.py                      # ~3 minutes here
+    python benchmarks/fuse.py --max-bank 32768     # also against fuse timing k×k banks up to it
     python benchmarks/fuse.py --cases resnet50_all_B4 --batches 8
 """
 
@@ -32,6 +33,7 @@ from _results import run_model_benchmark  # noqa: E402
 from models import CL, build_case, median_ratio, time_pair  # noqa: E402
 
 import tieify  # noqa: E402
+import tieify._fuse  # noqa: E402  (FUSED_MAX_BANK)
 from tieify.nn import TiedConv2d, _fused  # noqa: E402
 
 #: (C_in, C_out, size, kernel): the 1×1 layers with a residual add, the 3×3 ones without (as
@@ -95,6 +97,9 @@ def model_rows(args) -> list[dict]:
                 "tied_only": lambda m=tied_only, x=x: m(x),
                 "fused": lambda m=fused, x=x: m(x),
             }
+            if args.max_bank is not None:
+                limited = _fused_with_max_bank(plain, x, args.max_bank)
+                fns["limited"] = lambda m=limited, x=x: m(x)
             with torch.inference_mode():
                 samples = time_pair(fns, args.rounds, args.target_s)
 
@@ -111,8 +116,21 @@ def model_rows(args) -> list[dict]:
                     "fused_over_plain": median_ratio(samples, "fused", "plain"),
                 }
             )
+            if args.max_bank is not None:
+                rows[-1]["limited_chains"] = len(getattr(limited, "fused", {}))
+                rows[-1]["fused_over_limited"] = median_ratio(samples, "fused", "limited")
             print(rows[-1], flush=True)
     return rows
+
+
+def _fused_with_max_bank(model: nn.Module, x: torch.Tensor, max_bank: int) -> nn.Module:
+    """``tieify.fuse(model, x)`` timing k×k chains of at most ``max_bank`` bank entries."""
+    setting = tieify._fuse.FUSED_MAX_BANK
+    tieify._fuse.FUSED_MAX_BANK = max_bank
+    try:
+        return tieify.fuse(model, x)
+    finally:
+        tieify._fuse.FUSED_MAX_BANK = setting
 
 
 def markdown(res: dict) -> str:
@@ -151,6 +169,22 @@ def markdown(res: dict) -> str:
             f"{r['plain_ms']:.1f} | {r['tied_only_ms']:.1f} | {r['fused_ms']:.1f} | "
             f"{r['tied_only_over_plain']:.3f} | {r['fused_over_plain']:.3f} |"
         )
+    limited = [r for r in res["models"] if "fused_over_limited" in r]
+    if limited:
+        lines += [
+            "",
+            f"With `--max-bank {res['max_bank']}`: `tieify.fuse` timing only the k×k chains of "
+            f"at most {res['max_bank']} bank entries, against this machine's limit "
+            f"({res['fused_max_bank']}).",
+            "",
+            "| case | batch | chains (limited) | fused / limited |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['case']} | {r['batch']} | {r['chains']} ({r['limited_chains']}) | "
+            f"{r['fused_over_limited']:.3f} |"
+            for r in limited
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -159,9 +193,21 @@ def main(argv=None) -> int:
         "fuse",
         "tieify.fuse: plain against fused.",
         CASES,
-        lambda args: {"layers": layer_rows(args), "models": model_rows(args)},
+        lambda args: {
+            "max_bank": args.max_bank,
+            "layers": layer_rows(args),
+            "models": model_rows(args),
+        },
         markdown,
         argv,
+        lambda: {"fused_max_bank": tieify._fuse.FUSED_MAX_BANK},
+        lambda p: p.add_argument(
+            "--max-bank",
+            type=int,
+            default=None,
+            help="also time each model fused with tieify.fuse timing only k×k chains of at "
+            "most this many bank entries (tieify._fuse.FUSED_MAX_BANK)",
+        ),
     )
 
 

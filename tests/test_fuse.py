@@ -555,6 +555,13 @@ def test_fuse_with_example_inputs_times_chains_whose_conv_could_run_the_kernel(
     faster = {"fused": 2.0, "separate": 1.0}
     out = tieify.fuse(model, x)
     assert len(calls) == 2 and out.fused == {} and out[0].path == "widen"
+    # A bank above FUSED_MAX_BANK entries (8·8·9 here) is not timed; None times any.
+    monkeypatch.setattr(_optimize, "PATH_CACHE", JsonCache("third.json"))
+    faster = {"fused": 1.0, "separate": 2.0}
+    monkeypatch.setattr(tieify._fuse, "FUSED_MAX_BANK", 8 * 8 * 9 - 1)
+    assert tieify.fuse(model, x).fused == {} and len(calls) == 2
+    monkeypatch.setattr(tieify._fuse, "FUSED_MAX_BANK", None)
+    assert tieify.fuse(model, x).fused == {"0": "1 + relu"} and len(calls) == 3
 
 
 @needs_kernel

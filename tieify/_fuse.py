@@ -16,7 +16,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from ._trace import trace
-from .nn import _paths
+from .nn import _kernel, _paths
 from .nn._conv import _TiedConvNd
 from .nn._fused import add_into, conv_bn_act, foldable, fusable
 
@@ -298,10 +298,18 @@ def _direct_attributes(gm: fx.GraphModule) -> None:
 #: oneDNN packs it): ResNet-50 with 3×3 convs at B = 2, batch 1, all 16 chains fused on a
 #: plain "faster" ran 1.06× slower than unfused (``benchmarks/fuse.py``, 2026-12-01).
 FUSED_MARGIN = 0.95
-#: Largest bank (entries, all taps) of a k×k chain that :func:`fuse` times: the models
-#: measured with the margin above (``benchmarks/fuse.py``, 2026-12-01) lost on in-model
-#: chains with larger banks what the chains won alone.
-FUSED_MAX_BANK = 32768
+#: Largest bank (entries, all taps) of a k×k chain that :func:`fuse` times (None: any):
+#: where the kernel streamed its outputs past the cache, the models measured with the margin
+#: above (``benchmarks/fuse.py``, AVX2 EPYC, 2026-12-01) lost on in-model chains with larger
+#: banks what the chains won alone. Where its outputs stay in the cache
+#: (:data:`tieify.nn._kernel.KEEPS_OUTPUTS_CACHED`) every k×k chain is timed: on the AVX-512
+#: Xeon (480 MB of L3), after ``optimize``, fused with every chain timed against fused with
+#: the limit (``python benchmarks/fuse.py --max-bank 32768``, 2026-12-02 13:33–13:36 UTC):
+#: the all-B = 4 ResNet-50 fused 3 more chains at batch 1 (0.968 of the time) and 1 more at
+#: batch 8 (1.003), ResNet-50 with 3×3 convs at B = 2 6 more at batch 1 (1.001); the other
+#: cases fused the same chains (0.981–1.008: the noise). A throwaway run before it gave 0.938
+#: and 0.981 for the all-B = 4 model.
+FUSED_MAX_BANK: int | None = None if _kernel.KEEPS_OUTPUTS_CACHED else 32768
 
 
 def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch.Tensor]) -> bool:
@@ -335,7 +343,7 @@ def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch
         # thresholds are measured in whole models).
         if _paths.default_path(conv, x, fused=True) != "kernel":
             return False
-    elif conv.weight.numel() > FUSED_MAX_BANK:  # C_out/B · C_in/B · taps entries
+    elif FUSED_MAX_BANK is not None and conv.weight.numel() > FUSED_MAX_BANK:  # all taps
         return False
     from .latency._optimize import PATH_CACHE, _timer, like, path_key
 

@@ -99,6 +99,10 @@ def stream_min_bytes(llc: int | None) -> int:
 #: Outputs of at least this many bytes are written with non-temporal stores
 #: (:func:`stream_min_bytes` of this machine's last-level cache).
 STREAM_MIN_BYTES = stream_min_bytes(last_level_cache_bytes())
+#: Whether outputs of up to 32 MiB (ResNet-50's largest at batch 8: 25.7 MB) are written with
+#: regular stores, so that the next layer finds them in the cache (a last-level cache of at
+#: least 64 MiB): the rule's and :func:`tieify.fuse`'s choices measured that way depend on it.
+KEEPS_OUTPUTS_CACHED = STREAM_MIN_BYTES >= 32 << 20
 #: Flag sets tried in order; the first that compiles is kept.
 _FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp"),

@@ -942,9 +942,9 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
 #: Read once at import: ``torch.compile`` cannot trace the query.
 _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 #: Whether the kernel is the default of an unfused layer: on a CPU without AVX-512, and on
-#: one with AVX-512 where the kernel writes outputs of up to 32 MiB (ResNet-50's largest at
-#: batch 8: 25.7 MB) with regular stores, which leave them in the cache for the next layer
-#: (a last-level cache of 64 MiB or more: :func:`tieify.nn._kernel.stream_min_bytes`).
+#: one with AVX-512 where the kernel writes outputs of up to 32 MiB with regular stores,
+#: which leave them in the cache for the next layer
+#: (:data:`tieify.nn._kernel.KEEPS_OUTPUTS_CACHED`).
 #: With AVX-512 and outputs from 1 MiB streamed past the cache, oneDNN's paths (``gemm``,
 #: ``widen``) ran most of ResNet-50's conv shapes at least as fast as the kernel alone
 #: (2-thread Xeon, batch 8, 2026-12-02: ``benchmarks/kernels.py`` had ``tieify.optimize``
@@ -956,7 +956,7 @@ _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 #: 0.476 against 0.416 / 0.482; ResNet-50 3×3-B2 0.840 / 0.852 against 0.854 / 0.858,
 #: ResNeXt-50 B2 0.596 / 0.713 against 0.599 / 0.710, MobileNetV3-Large B2 0.888 / 0.910
 #: against 0.899 / 0.886 (its one loss, 2.5%; 1% in an earlier run).
-_KERNEL_WINS_ALONE = not _CPU_HAS_AVX512 or _kernel.STREAM_MIN_BYTES >= 32 << 20
+_KERNEL_WINS_ALONE = not _CPU_HAS_AVX512 or _kernel.KEEPS_OUTPUTS_CACHED
 
 
 def _pixels(x: torch.Tensor) -> int:

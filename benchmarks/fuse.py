@@ -22,6 +22,7 @@ import copy
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -125,12 +126,8 @@ def model_rows(args) -> list[dict]:
 
 def _fused_with_max_bank(model: nn.Module, x: torch.Tensor, max_bank: int) -> nn.Module:
     """``tieify.fuse(model, x)`` timing k×k chains of at most ``max_bank`` bank entries."""
-    setting = tieify._fuse.FUSED_MAX_BANK
-    tieify._fuse.FUSED_MAX_BANK = max_bank
-    try:
+    with mock.patch.object(tieify._fuse, "FUSED_MAX_BANK", max_bank):
         return tieify.fuse(model, x)
-    finally:
-        tieify._fuse.FUSED_MAX_BANK = setting
 
 
 def markdown(res: dict) -> str:

@@ -17,9 +17,9 @@ Usage::
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import run_model_benchmark  # noqa: E402
-from models import CL, build_case, median_ratio, time_pair  # noqa: E402
+from models import CL, against, build_case, time_pair  # noqa: E402
 
 import tieify  # noqa: E402
 from tieify.nn import _kernel, _paths  # noqa: E402
@@ -44,27 +44,16 @@ def case_rows(args) -> list[dict]:
         for batch in args.batches:
             x = torch.randn(batch, 3, args.size, args.size).contiguous(memory_format=CL)
             models = {v: copy.deepcopy(tied).to(memory_format=CL) for v in VARIANTS}
-            setting = _paths._KERNEL_WINS_ALONE
             with torch.inference_mode():
                 for variant, alone in (("kernel_alone", True), ("no_kernel_alone", False)):
-                    _paths._KERNEL_WINS_ALONE = alone
-                    try:
+                    with mock.patch.object(_paths, "_KERNEL_WINS_ALONE", alone):
                         models[variant](x)  # its layers' paths, chosen under this setting
-                    finally:
-                        _paths._KERNEL_WINS_ALONE = setting
                 models["rule"](x)
                 tieify.optimize(models["optimize"], x)
                 fns = {"dense": lambda m=dense, x=x: m(x)}
                 fns |= {v: (lambda m=m, x=x: m(x)) for v, m in models.items()}
                 samples = time_pair(fns, args.rounds, args.target_s)
-            row = {
-                "case": case,
-                "batch": batch,
-                "dense_ms": statistics.median(samples["dense"]) * 1e3,
-            }
-            for v in VARIANTS:
-                row[f"{v}_ms"] = statistics.median(samples[v]) * 1e3
-                row[v] = median_ratio(samples, v, "dense")
+            row = {"case": case, "batch": batch, **against(samples, VARIANTS, "dense")}
             rows.append(row)
             print(row, flush=True)
     return rows

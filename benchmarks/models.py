@@ -181,6 +181,13 @@ def median_ratio(samples: dict[str, list[float]], top: str, bottom: str) -> floa
     return statistics.median(t / b for t, b in pairs)
 
 
+def against(samples: dict[str, list[float]], names: tuple[str, ...], base: str) -> dict:
+    """``<name>_ms`` (median ms) for ``base`` and each of ``names``, and ``<name>``: its
+    :func:`median_ratio` over ``base``."""
+    row = {f"{k}_ms": statistics.median(samples[k]) * 1e3 for k in (base, *names)}
+    return row | {k: median_ratio(samples, k, base) for k in names}
+
+
 def run_case(case: str, args) -> list[dict]:
     dense, tied = build_case(case)
     dense_cl = copy.deepcopy(dense).to(memory_format=CL)

@@ -15,9 +15,9 @@ Usage::
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import run_model_benchmark  # noqa: E402
-from models import CL, build_case, median_ratio, time_pair  # noqa: E402
+from models import CL, against, build_case, median_ratio, time_pair  # noqa: E402
 
 import tieify  # noqa: E402
 from tieify.nn import _kernel  # noqa: E402
@@ -43,14 +43,10 @@ def case_rows(args) -> list[dict]:
         for batch in args.batches:
             x = torch.randn(batch, 3, args.size, args.size).contiguous(memory_format=CL)
             fused = {k: tieify.fuse(copy.deepcopy(tied), x) for k in ("machine", "from_1mib")}
-            setting = _kernel.STREAM_MIN_BYTES
             with torch.inference_mode():
                 fused["machine"](x)  # its kernel calls made ready with this machine's stores
-                _kernel.STREAM_MIN_BYTES = STREAM_FROM
-                try:
+                with mock.patch.object(_kernel, "STREAM_MIN_BYTES", STREAM_FROM):
                     fused["from_1mib"](x)
-                finally:
-                    _kernel.STREAM_MIN_BYTES = setting
                 fns = {"dense": lambda m=dense, x=x: m(x)}
                 fns |= {k: (lambda m=m, x=x: m(x)) for k, m in fused.items()}
                 samples = time_pair(fns, args.rounds, args.target_s)
@@ -58,11 +54,8 @@ def case_rows(args) -> list[dict]:
                 "case": case,
                 "batch": batch,
                 "chains": len(getattr(fused["machine"], "fused", {})),
+                **against(samples, ("machine", "from_1mib"), "dense"),
             }
-            for k in ("dense", "machine", "from_1mib"):
-                row[f"{k}_ms"] = statistics.median(samples[k]) * 1e3
-            for k in ("machine", "from_1mib"):
-                row[k] = median_ratio(samples, k, "dense")
             row["from_1mib_over_machine"] = median_ratio(samples, "from_1mib", "machine")
             rows.append(row)
             print(row, flush=True)

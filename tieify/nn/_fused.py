@@ -91,10 +91,8 @@ def _fuses(x: torch.Tensor, conv: nn.Module, bn: nn.Module, residual: torch.Tens
         return False
     if _paths.select_path(conv, x, fused=True) != "kernel" or not fusable(conv, bn):
         return False
-    if torch.is_grad_enabled():
-        tensors = [x, *conv.parameters(), *bn.parameters()]
-        if any(t.requires_grad for t in (*tensors, *([] if residual is None else [residual]))):
-            return False
+    if _paths._records((x, *conv.parameters(), *bn.parameters(), residual)):
+        return False
     if residual is not None:
         if not (isinstance(residual, torch.Tensor) and residual.dtype == torch.float32):
             return False
@@ -109,13 +107,11 @@ def _folds(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> bool:
     """Whether this call runs a dense conv on its weights with the batch norm folded in:
     plain eager inference (the batch norm in eval mode, no gradient recorded for the
     modules' parameters or the input)."""
-    if type(conv) not in _DENSE_CONVS or bn.training or not _paths._plain_eager(x):
+    if bn.training or not foldable(conv, bn) or not _paths._plain_eager(x):
         return False
-    if bn.running_mean is None or bn.running_var is None or not foldable(conv, bn):
+    if bn.running_mean is None or bn.running_var is None:
         return False
-    if torch.is_grad_enabled():
-        return not any(t.requires_grad for t in (x, *conv.parameters(), *bn.parameters()))
-    return True
+    return not _paths._records((x, *conv.parameters(), *bn.parameters()))
 
 
 def _folded(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:

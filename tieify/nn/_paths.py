@@ -98,8 +98,8 @@ NATIVE_MAX_NUMEL = 4096
 WIDEN_POINTWISE_MIN_PIXELS = 4096
 
 #: Fewest pixels (N · spatial size) at which a pointwise layer on a channels-last CPU input
-#: runs tieify's ``kernel`` by default (where it is built, on CPUs without AVX-512 or for a
-#: layer :func:`tieify.fuse` fused, and the bank has at most :data:`KERNEL_MAX_BANK`
+#: runs tieify's ``kernel`` by default (where it is built, where :data:`_KERNEL_WINS_ALONE`
+#: or for a layer :func:`tieify.fuse` fused, and the bank has at most :data:`KERNEL_MAX_BANK`
 #: entries). Measured side by side (``benchmarks/pointwise_paths.py``: ResNet-50's pointwise
 #: shapes and the 64→64 1×1 at 56×56, B ∈ {2, 4, 8}, 2 threads, AVX2 EPYC, 2026-12-02 01:28,
 #: with the eager call kept per input layout), among the layers with such a bank the kernel
@@ -131,18 +131,19 @@ PLANAR_MIN_CHANNELS = 4
 #: input of a batch above one, followed by a batch norm that :func:`tieify.fuse` fused, runs
 #: tieify's ``kernel`` by default, the batch norm, add and ReLU in its epilogue (where it is
 #: built); narrower ones, and unfused layers, run ``widen``. At a batch of one every such
-#: k×k layer runs the kernel, fused or not (on CPUs with AVX-512, fused only). Measured side
-#: by side (``benchmarks/conv_paths.py`` and ``fuse.py``, ResNet-50's 3×3 shapes, B ∈ {2, 4, 8}, 2
-#: threads, AVX2 EPYC): unfused, kernel / widen time was 0.70-1.01 at batch 1 (the kernel the
-#: fastest path in 11 of 12; 0.66-1.15 in the session before, with the bank unpacked) but
-#: 0.90-1.07 at batch 8 on 56- to 14-wide maps and 0.99-1.34 on 7-wide ones, where a row of
-#: the output fills its register tiles badly (2026-12-01, 19:55); fused, the kernel with the
-#: batch norm and ReLU in its epilogue took 0.80-0.94 of widen and the separate modules in
-#: three runs (64→64 at 56×56, 128→128 at 28×28, B = 4, batch 8). With the kernel's K loop
-#: unrolled (2026-12-02), unfused kernel / widen at batch 8 was 0.77-1.00 on 56- and 28-wide
-#: maps (three runs of ``conv_paths.py``), yet pinning the kernel on those layers inside
-#: ResNet-50 (3×3 at B = 2, all at B = 4; channels-last, batch 8, a probe timing both
-#: models interleaved) changed the model's time by 1.00× and 1.02×: unfused layers keep widen.
+#: k×k layer runs the kernel, fused or not (fused only where not
+#: :data:`_KERNEL_WINS_ALONE`). Measured side by side (``benchmarks/conv_paths.py`` and
+#: ``fuse.py``, ResNet-50's 3×3 shapes, B ∈ {2, 4, 8}, 2 threads, AVX2 EPYC): unfused,
+#: kernel / widen time was 0.70-1.01 at batch 1 (the kernel the fastest path in 11 of 12;
+#: 0.66-1.15 in the session before, with the bank unpacked) but 0.90-1.07 at batch 8 on 56-
+#: to 14-wide maps and 0.99-1.34 on 7-wide ones, where a row of the output fills its
+#: register tiles badly (2026-12-01, 19:55); fused, the kernel with the batch norm and ReLU
+#: in its epilogue took 0.80-0.94 of widen and the separate modules in three runs (64→64 at
+#: 56×56, 128→128 at 28×28, B = 4, batch 8). With the kernel's K loop unrolled (2026-12-02),
+#: unfused kernel / widen at batch 8 was 0.77-1.00 on 56- and 28-wide maps (three runs of
+#: ``conv_paths.py``), yet pinning the kernel on those layers inside ResNet-50 (3×3 at
+#: B = 2, all at B = 4; channels-last, batch 8, a probe timing both models interleaved) changed
+#: the model's time by 1.00× and 1.02×: unfused layers keep widen.
 KERNEL_CONV_MIN_WIDTH = 28
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -997,8 +998,8 @@ def _widen_pointwise(x: torch.Tensor) -> bool:
 
 
 def _kernel_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> bool:
-    """Whether a pointwise layer whose input the ``kernel`` takes runs it by default: a CPU
-    without AVX-512, or, ``fused``, any (:data:`_KERNEL_WINS_ALONE`), a bank of at most
+    """Whether a pointwise layer whose input the ``kernel`` takes runs it by default:
+    :data:`_KERNEL_WINS_ALONE` or ``fused``, a bank of at most
     :data:`KERNEL_MAX_BANK` entries and at least :data:`KERNEL_MIN_PIXELS` pixels
     (:func:`_at_least_pixels`), and on an NCHW input at least :data:`PLANAR_MIN_CHANNELS`
     input channels a block."""
@@ -1029,8 +1030,8 @@ def output_size(layer: _TiedConvNd, x: torch.Tensor) -> tuple[int, ...]:
 
 def _kernel_conv_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool) -> bool:
     """Whether a k×k layer whose input the ``kernel`` takes runs it by default: a batch of
-    one on a CPU without AVX-512 (:data:`_KERNEL_WINS_ALONE`), or, ``fused``, a batch of one
-    or an output at least :data:`KERNEL_CONV_MIN_WIDTH` wide. Static tests: a symbolic batch
+    one where :data:`_KERNEL_WINS_ALONE`, or, ``fused``, a batch of one or an output at
+    least :data:`KERNEL_CONV_MIN_WIDTH` wide. Static tests: a symbolic batch
     (a dynamic-batch compile or export) is not taken for one."""
     if not (fused or _KERNEL_WINS_ALONE):
         return False
@@ -1046,21 +1047,22 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
 
     Pointwise layers on an input that is channels-last and NCHW at once (pooled to 1×1) run
     ``native`` while the layer's larger side is small (:func:`_small_pointwise`). Pointwise
-    layers on a channels-last input run tieify's ``kernel`` (on a CPU with AVX-512 only
-    ``fused``) when it is built, the bank is small and the input large enough
-    (:func:`_kernel_by_default`); else as a GEMM (a matrix multiply has the least per-call
-    overhead, which decides small and pooled inputs), or widened on a CPU without AVX-512
-    once a float32 input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers on a
-    channels-last input run tieify's ``kernel`` where it applies at a batch of one (on a CPU
-    with AVX-512 only ``fused``), and with ``fused`` (a layer whose batch norm, add and ReLU
-    :func:`tieify.fuse` would apply in the kernel's epilogue) also where the output is at
-    least :data:`KERNEL_CONV_MIN_WIDTH` wide (:func:`_kernel_conv_by_default`); else widened
-    on CPU where that applies, else lifted (1-D/2-D). On an NCHW input pointwise layers
-    without a stride run tieify's ``kernel`` (its channels-first product, eager only) by the
-    same rule (:func:`_kernel_by_default`), else (eager, CPU, 2-D) ``native``, and k×k layers
-    run ``native`` while the input has at most :data:`NATIVE_MAX_NUMEL` elements; everything
-    else folds (the batched GEMM is slower than the fold on CPU). Measured in
-    ``benchmarks/``; ``tieify.optimize`` times the candidates on the real input instead.
+    layers on a channels-last input run tieify's ``kernel`` (only ``fused`` where not
+    :data:`_KERNEL_WINS_ALONE`) when it is built, the bank is small and the input large
+    enough (:func:`_kernel_by_default`); else as a GEMM (a matrix multiply has the least
+    per-call overhead, which decides small and pooled inputs), or widened on a CPU without
+    AVX-512 once a float32 input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers
+    on a channels-last input run tieify's ``kernel`` where it applies at a batch of one
+    (only ``fused`` where not :data:`_KERNEL_WINS_ALONE`), and with ``fused`` (a layer whose
+    batch norm, add and ReLU :func:`tieify.fuse` would apply in the kernel's epilogue) also
+    where the output is at least :data:`KERNEL_CONV_MIN_WIDTH` wide
+    (:func:`_kernel_conv_by_default`); else widened on CPU where that applies, else lifted
+    (1-D/2-D). On an NCHW input pointwise layers without a stride run tieify's ``kernel``
+    (its channels-first product, eager only) by the same rule (:func:`_kernel_by_default`),
+    else (eager, CPU, 2-D) ``native``, and k×k layers run ``native`` while the input has at
+    most :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the batched GEMM is
+    slower than the fold on CPU). Measured in ``benchmarks/``; ``tieify.optimize`` times the
+    candidates on the real input instead.
     """
     paths = applicable_paths(layer, x)
     if "native" in paths and "gemm" in paths and _small_pointwise(layer, _pixels(x)):

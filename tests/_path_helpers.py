@@ -74,8 +74,9 @@ def _rounding_slack(layer, x: torch.Tensor, g_out: torch.Tensor) -> list[torch.T
 
 
 def spy_kernel(monkeypatch, describe=None) -> list:
-    """Record every call of the kernel library's two entry points, whatever Python reached
-    them: ``describe(conv, args)`` of each (the ctypes arguments; default: the rows of a
+    """Record every call of the kernel library's entry points but the channels-first
+    product, whatever Python reached them: ``describe(conv, args)`` of each (the ctypes
+    arguments; ``conv`` for the convolution, direct or Winograd's; default: the rows of a
     pointwise product, ``None`` for a convolution). The library is wrapped for the test, so
     calls kept with the unwrapped library are prepared anew."""
     from tieify.nn import _kernel
@@ -85,18 +86,19 @@ def spy_kernel(monkeypatch, describe=None) -> list:
     calls: list = []
     describe = describe or (lambda conv, args: None if conv else args[3])
 
-    def record(conv: bool):
-        fn = lib.tieify_conv if conv else lib.tieify_pointwise
+    def record(name: str):
+        fn = getattr(lib, name)
 
         def call(*args):
-            calls.append(describe(conv, args))
+            calls.append(describe(name != "tieify_pointwise", args))
             return fn(*args)
 
-        return call
+        return staticmethod(call)
 
     class Spy:
-        tieify_pointwise = staticmethod(record(False))
-        tieify_conv = staticmethod(record(True))
+        tieify_pointwise = record("tieify_pointwise")
+        tieify_conv = record("tieify_conv")
+        tieify_winograd = record("tieify_winograd")
 
         def __getattr__(self, name):
             return getattr(lib, name)

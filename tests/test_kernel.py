@@ -13,6 +13,8 @@ import warnings
 import pytest
 import torch
 from _path_helpers import TIED, check_all_paths, spy_kernel, to_layout
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import tieify
@@ -307,7 +309,8 @@ def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch,
 def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monkeypatch, avx512):
     """Unfused, k×k layers keep widen (or lift) above a batch of one; for a chain tieify.fuse
     fused, the rule takes the kernel where the output is at least 28 wide; at a batch of
-    one it takes the kernel, fused or not (on a CPU with AVX-512: fused only)."""
+    one it takes the kernel, fused or not (on a CPU with AVX-512: fused only); by Winograd
+    from 14 wide."""
     as_if_avx512(monkeypatch, avx512)
     assert _paths.KERNEL_CONV_MIN_WIDTH == 28
     layer = TiedConv2d(16, 16, 3, padding=1, B=4)
@@ -342,6 +345,18 @@ def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monk
     many = channels_last(torch.randn(8, 16, 14, 14))
     assert _paths._pixels(many) >= _paths.KERNEL_MIN_PIXELS
     assert _paths.default_path(layer, many, fused=True) == "widen"
+    # A layer the kernel runs by Winograd's F(2×2, 3×3) (32 channels a block) takes it at
+    # any batch from an output 14 wide (fused, or unfused where the kernel wins alone); at
+    # 13 wide the rule above decides. Stride 2 is not Winograd's.
+    assert _paths.KERNEL_WINOGRAD_MIN_WIDTH == 14
+    wide = TiedConv2d(64, 64, 3, padding=1, B=2)
+    wide_strided = TiedConv2d(64, 64, 3, stride=2, padding=1, B=2)
+    for width in (14, 13):
+        x = channels_last(torch.randn(2, 64, 3, width))
+        winograd = width >= 14
+        assert _paths.default_path(wide, x, fused=True) == ("kernel" if winograd else "widen")
+        assert _paths.default_path(wide, x) == ("kernel" if winograd and not avx512 else "widen")
+        assert _paths.default_path(wide_strided, x, fused=True) == "lift"
     # 'same' padding that is asymmetric (an even kernel) is not the kernel's.
     even = TiedConv2d(16, 16, 2, padding="same", B=4)
     assert "kernel" not in _paths.applicable_paths(even, x)
@@ -365,11 +380,22 @@ def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monk
         (8, 16, 2, (1, 3), 1, (0, 1), 1, False, 2, (4, 6)),  # 1×3, padding only along W
         (32, 32, 4, (3, 1), 1, (1, 0), 1, True, 1, (5, 30)),  # 3×1: N = 8, not 3 wide
         (64, 64, 8, 3, 1, 1, 1, False, 4, (40, 40)),  # a 1.6 MiB output: streaming stores
+        # Winograd's F(2×2, 3×3) (K, N >= 32): odd sizes (tiles partly outside the output),
+        # padding 0 and 2, N = 48 (panels of 32 and 16), K = 33 (a pixel of 66 channels:
+        # vectors of 16, then one by one), 3 blocks, a 7×7 input (runs of several tile rows)
+        (64, 96, 2, 3, 1, 1, 1, True, 2, (5, 23)),
+        (66, 64, 2, 3, 1, 0, 1, True, 1, (9, 8)),
+        (96, 96, 3, 3, 1, 2, 1, False, 2, (6, 7)),
+        (128, 128, 2, 3, 1, 1, 1, True, 3, (7, 7)),
     ],
 )
+@pytest.mark.parametrize("winograd", [True, False])
 def test_conv_kernel_equals_the_reference_forward_and_backward(
-    cin, cout, B, k, stride, padding, dilation, bias, batch, size
+    cin, cout, B, k, stride, padding, dilation, bias, batch, size, winograd, monkeypatch
 ):
+    """Each case by the direct kernel and, where it applies, by Winograd's F(2×2, 3×3)."""
+    if not winograd:  # no bank is large enough
+        monkeypatch.setattr(_kernel, "WINOGRAD_MIN_CHANNELS", 1 << 30)
     torch.manual_seed(0)
     layer = TiedConv2d(
         cin, cout, k, stride=stride, padding=padding, dilation=dilation, B=B, bias=bias
@@ -378,22 +404,28 @@ def test_conv_kernel_equals_the_reference_forward_and_backward(
     if size == (40, 40):
         assert batch * 40 * 40 * cout * 4 >= _kernel.STREAM_MIN_BYTES
     assert "kernel" in check_all_paths(layer, x)  # forward and backward (the operator)
-    with torch.no_grad():  # the direct call, with the kept tap bank
+    with torch.no_grad():  # the direct call, with the kept bank
         y = _paths.run_path(layer, x, "kernel")
     torch.testing.assert_close(y, _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
     assert _paths.is_channels_last(y)
-    bank = _paths._FORMS[layer]["taps"][2][0]
+    K, N = cin // B, cout // B
+    applies = _kernel.winograd_applies(K, N, B, layer.kernel_size, layer.stride, layer.dilation)
+    assert applies == (winograd and k == 3 and stride == dilation == 1 and min(K, N) >= 32)
     kh, kw = layer.kernel_size
-    assert bank.shape == (kh * kw * (cin // B) * -(-(cout // B) // 8) * 8,)  # packed
+    kind, points = ("winograd", 16) if applies else ("taps", kh * kw)
+    bank = _paths._FORMS[layer][kind][2][0]
+    assert bank.shape == (points * K * -(-N // 8) * 8,)  # packed
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 def test_conv_kernel_epilogue_and_threads():
     """The conv's epilogue (per-block scale and shift, residual, ReLU) against the separate
-    operators, on pixel tiles (8 columns; with AVX-512 also 16 and 32) and row tiles (24
-    columns), and the same sums on one and on two threads."""
+    operators, on pixel tiles (8 and 16 columns) and row tiles (24 columns), and by
+    Winograd's F(2×2, 3×3) (32 channels a block), and the same sums on one and on two
+    threads."""
     torch.manual_seed(0)
-    for cin, cout, B, stride in [(32, 32, 4, 1), (32, 48, 2, 2), (64, 64, 4, 1), (64, 64, 2, 1)]:
+    cases = [(32, 32, 4, 1), (32, 48, 2, 2), (64, 64, 4, 1), (64, 64, 2, 1), (128, 96, 4, 1)]
+    for cin, cout, B, stride in cases:
         layer = TiedConv2d(cin, cout, 3, stride=stride, padding=1, B=B, bias=True)
         x = channels_last(torch.randn(2, cin, 12, 21))
         o = cout // B
@@ -420,6 +452,111 @@ def test_conv_kernel_epilogue_and_threads():
             torch.set_num_threads(before)
         torch.testing.assert_close(outs[0], expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_winograd_rule_banks_and_an_epilogue_of_fewer_blocks():
+    """Winograd's F(2×2, 3×3) runs 3×3 convs with stride and dilation 1 of at least 32
+    channels a block on both sides; an epilogue's blocks must divide the conv's (its scale
+    of block b % blocks); anything else is refused with the rule."""
+    rule = _kernel.winograd_applies
+    assert rule(32, 32, 2, (3, 3), (1, 1), (1, 1))
+    assert not rule(16, 32, 2, (3, 3), (1, 1), (1, 1))  # K below 32
+    assert not rule(32, 31, 2, (3, 3), (1, 1), (1, 1))  # N below 32
+    assert not rule(32, 32, 2, (3, 3), (2, 2), (1, 1))  # a stride
+    assert not rule(32, 32, 2, (3, 3), (1, 1), (2, 2))  # a dilation
+    assert not rule(32, 32, 2, (5, 5), (1, 1), (1, 1))  # another filter
+    assert rule(32, 32, 4, (3, 3), (1, 1), (1, 1), epilogue_blocks=2)
+    assert not rule(32, 32, 4, (3, 3), (1, 1), (1, 1), epilogue_blocks=3)
+    gen = torch.Generator().manual_seed(0)
+    B, K, N, (n, h, w) = 4, 32, 40, (2, 7, 9)
+    x = torch.randn(n, B * K, h, w, generator=gen)
+    weight, bias = torch.randn(N, K, 3, 3, generator=gen), torch.randn(N, generator=gen)
+    scale, shift = torch.randn(2, N, generator=gen), torch.randn(2, N, generator=gen)
+    y = torch.nn.functional.conv2d(x.reshape(n * B, K, h, w), weight, bias, 1, 1)
+    blockwise = y.reshape(n, B, N, h, w) * scale.repeat(2, 1)[:, :, None, None]
+    blockwise = blockwise + shift.repeat(2, 1)[:, :, None, None]  # block b takes row b % 2
+    expected = blockwise.reshape(n, B * N, h, w).permute(0, 2, 3, 1)
+    bank = _kernel.winograd_bank(weight)
+    assert bank.shape == (16 * K * N,)
+    xc = x.permute(0, 2, 3, 1).contiguous()
+    geometry = {"blocks": B, "kernel_size": (3, 3), "stride": (1, 1), "padding": (1, 1)}
+    geometry["dilation"] = (1, 1)
+    got = _kernel.conv2d(
+        xc, bank, bias, torch.empty(n, h, w, B * N), scale=scale, shift=shift, winograd=True,
+        **geometry,
+    )  # fmt: skip
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"epilogue of 0 blocks or a divisor.*epilogue blocks 3"):
+        _kernel.conv2d(
+            xc, bank, bias, torch.empty(n, h, w, B * N), scale=scale.repeat(2, 1)[:3],
+            shift=shift.repeat(2, 1)[:3], winograd=True, **geometry,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"stride 1.*stride=\(2, 2\)"):
+        _kernel.conv2d(
+            xc, bank, None, torch.empty(n, 4, 5, B * N), winograd=True,
+            **{**geometry, "stride": (2, 2)},
+        )  # fmt: skip
+    taps = _kernel.pack(weight.permute(2, 3, 1, 0).reshape(9 * K, N))
+    with pytest.raises(ValueError, match=r"winograd_bank makes it \(1-D, 20480 entries"):
+        _kernel.conv2d(xc, taps, None, torch.empty(n, h, w, B * N), winograd=True, **geometry)
+
+
+@st.composite
+def winograd_cases(draw):
+    """A 3×3 tied conv the kernel runs by Winograd: 32-40 channels a block in and out, 1-3
+    blocks, padding 0-2, odd and even sizes (tiles partly outside), one or two images."""
+    B = draw(st.integers(1, 3))
+    K, N = draw(st.integers(32, 40)), draw(st.integers(32, 40))
+    padding = draw(st.integers(0, 2))
+    h, w = (draw(st.integers(max(1, 3 - 2 * padding), 9)) for _ in range(2))
+    return B, K, N, padding, (h, w), draw(st.integers(1, 2)), draw(st.booleans())
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(winograd_cases(), st.integers(0, 2**16))
+def test_winograd_equals_the_reference_on_random_shapes(case, seed):
+    """Forward (the direct call) and forward and backward (the operator) against the fold."""
+    B, K, N, padding, size, n, bias = case
+    torch.manual_seed(seed)
+    layer = TiedConv2d(B * K, B * N, 3, padding=padding, B=B, bias=bias)
+    assert _kernel.winograd_applies(K, N, B, (3, 3), (1, 1), (1, 1))
+    x = channels_last(torch.randn(n, B * K, *size))
+    with torch.no_grad():
+        y = _paths.run_path(layer, x, "kernel")
+    torch.testing.assert_close(y, _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
+    assert "winograd" in _paths._FORMS[layer]
+    xg = x.clone().requires_grad_()
+    yg = _paths.run_path(layer, xg, "kernel")  # the tieify::conv2d operator
+    params = (xg, layer.weight, *([layer.bias] if bias else []))
+    grads = torch.autograd.grad(yg.square().sum(), params)
+    ref = _paths.fold_forward(layer, xg)
+    torch.testing.assert_close(yg, ref, rtol=1e-4, atol=1e-4)
+    expected = torch.autograd.grad(ref.square().sum(), params)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_winograd_keeps_non_finite_values_to_the_outputs_that_see_them():
+    """A NaN or an infinity in the input reaches exactly the outputs whose 3×3 field holds it,
+    as in the direct convolution, though an infinity arrives there as NaN (the transforms
+    subtract it from itself); every other output is the reference's."""
+    torch.manual_seed(0)
+    layer = TiedConv2d(64, 64, 3, padding=1, B=2)
+    assert _kernel.winograd_applies(32, 32, 2, (3, 3), (1, 1), (1, 1))
+    for value in (float("inf"), float("nan")):
+        for i, j in [(0, 0), (3, 4), (5, 6), (2, 7)]:  # corners and edges of 2×2 tiles
+            x = torch.randn(1, 64, 6, 8)
+            x[0, 5, i, j] = value
+            x = channels_last(x)
+            with torch.no_grad():
+                y = _paths.run_path(layer, x, "kernel")
+                ref = _paths.fold_forward(layer, x)
+            finite = torch.isfinite(ref)
+            assert torch.equal(torch.isfinite(y), finite)
+            torch.testing.assert_close(y[finite], ref[finite], rtol=1e-4, atol=1e-4)
 
 
 def test_conv_kernel_refuses_operands_it_would_read_past():
@@ -488,26 +625,31 @@ def test_torch_compile_calls_the_kernel_as_an_operator(monkeypatch, backend):
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_calls_the_conv_kernel_as_an_operator(monkeypatch, backend):
+@pytest.mark.parametrize("cin, cout, B", [(16, 32, 4), (64, 64, 2)])  # direct, Winograd
+def test_torch_compile_calls_the_conv_kernel_as_an_operator(monkeypatch, backend, cin, cout, B):
     """A 3×3 layer pinned to the kernel: the compiled graph runs it (the tieify::conv2d
-    operator; the backward is the fold's), with the reference's values and gradients, also
-    with a dynamic batch."""
+    operator, by Winograd's F(2×2, 3×3) from 32 channels a block; the backward is the
+    fold's), with the reference's values and gradients, also with a dynamic batch."""
     calls = spy_kernel(monkeypatch, describe=conv_input_shape)
+    banks: list[int] = []
+    make_bank = _kernel.winograd_bank
+    monkeypatch.setattr(_kernel, "winograd_bank", lambda w: banks.append(1) or make_bank(w))
     torch.manual_seed(0)
     torch._dynamo.reset()  # fresh code caches: other tests compiled the same forward
-    layer = TiedConv2d(16, 32, 3, padding=1, B=4, bias=True)
+    layer = TiedConv2d(cin, cout, 3, padding=1, B=B, bias=True)
     layer.path = "kernel"
-    x = channels_last(torch.randn(2, 16, 5, 28)).requires_grad_()
+    x = channels_last(torch.randn(2, cin, 5, 28)).requires_grad_()
     compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)
     y = compiled(x)
-    assert calls == [(2, 5, 28, 16)]
+    assert calls == [(2, 5, 28, cin)]
+    assert bool(banks) == (cin // B >= 32)
     ref = check_against_the_fold(layer, x, y)
     calls.clear()
     with torch.no_grad():
         dynamic = torch.compile(layer, backend=backend, fullgraph=True, dynamic=True)
         for batch in (2, 1):
             torch.testing.assert_close(dynamic(x[:batch]), ref[:batch], rtol=1e-4, atol=1e-4)
-    assert calls == [(2, 5, 28, 16), (1, 5, 28, 16)]
+    assert calls == [(2, 5, 28, cin), (1, 5, 28, cin)]
     torch._dynamo.reset()
 
 
@@ -748,6 +890,44 @@ def test_the_kernel_builds_wherever_a_compiler_is_found():
         pytest.skip(_kernel.kernel_status())
     assert _kernel.kernel_available(), _kernel.kernel_status()
     assert "OpenMP" in _kernel.kernel_status()
+
+
+@pytest.mark.skipif(
+    not (_kernel.kernel_available() and "avx512f" in _kernel._cpu_flags().split()),
+    reason="a CPU with AVX-512 and the kernel built: its build without AVX-512 is then another",
+)
+def test_the_build_without_avx512_computes_the_same(fresh_kernel, tmp_path):
+    """The kernel built for a CPU without AVX-512 (x86-64-v3: AVX2 and FMA, 256-bit vectors),
+    which CPUs like the AVX2 EPYC run, passes its self-test (the pointwise product with and
+    without its epilogue, the direct and the Winograd convolutions with theirs, the
+    channels-first product) and runs layers of each kind like the reference, on this
+    AVX-512 machine."""
+    compiler = _kernel._compiler()
+    assert compiler is not None
+    target = tmp_path / "kernel-x86-64-v3.so"
+    flags = ("-O3", "-march=x86-64-v3", "-fopenmp")
+    error = _kernel._compile_with(compiler, flags, target)
+    assert error == "", error
+    lib = ctypes.CDLL(str(target))
+    assert _kernel._check(lib) == ""  # ABI and the self-test (a Winograd conv among them)
+    fresh_kernel.setitem(_kernel._state, "lib", lib)
+    fresh_kernel.setitem(_kernel._state, "status", "available: the x86-64-v3 build")
+    torch.manual_seed(0)
+    x = channels_last(torch.randn(2, 64, 7, 15))
+    for layer in (
+        TiedConv2d(64, 72, 1, B=4, bias=True),  # pointwise, N = 18: 16 + a padded tail
+        TiedConv2d(64, 64, 3, padding=1, B=4),  # direct: pixel tiles of 16 columns
+        TiedConv2d(64, 96, 3, padding=1, B=2, bias=True),  # Winograd, N = 48
+    ):
+        with torch.no_grad():
+            y = _paths.run_path(layer, x, "kernel")
+            torch.testing.assert_close(y, _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
+    assert "winograd" in _paths._FORMS[layer]
+    pointwise = TiedConv2d(64, 32, 1, B=2)
+    nchw = torch.randn(2, 64, 5, 7)
+    with torch.no_grad():
+        y = _paths.run_path(pointwise, nchw, "kernel")  # the channels-first product
+        torch.testing.assert_close(y, _paths.fold_forward(pointwise, nchw), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())

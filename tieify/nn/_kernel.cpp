@@ -833,6 +833,181 @@ void dispatch(const Conv* conv, const float* A, float* C, int64_t R, int64_t K, 
   }
 }
 
+// The 3×3 convolution with stride and dilation 1 by Winograd's minimal filtering F(2×2, 3×3)
+// (Lavin & Gray, 2016): each 2×2 tile of output pixels is A^T [Σ_k (G g G^T) ⊙ (B^T d B)] A
+// for the 4×4 input tile d under it, 16 products of a K-long sum where the direct
+// convolution spends 36: 2.25 times fewer multiply-adds. The 16 transformed banks U = G g G^T
+// (16 (K, N) matrices, packed) are made once per bank (tieify/nn/_kernel.py,
+// winograd_bank()). A work item is a run of tiles of one image: their input tiles
+// transformed (B^T d B, additions only) into V, 16 (tiles·blocks, K) matrices, the 16
+// products M = V · U by the tiles of the pointwise product, and the output transform
+// (A^T M A, additions only) with the epilogue, written channels-last. Every step runs over
+// the channels of a pixel, contiguous in a channels-last tensor, in whole vectors; V and M
+// of one run (a row of tiles) stay in the L2 cache. ResNet-50's 3×3 layers at batch 8 on a
+// 2-thread AVX-512 Xeon (channels-last, medians of 7 rounds of 15 calls, side by side;
+// 2026-12-02 14:46 UTC), Winograd / direct kernel / widen in ms, K = N channels a block:
+// 32 at 56×56 2.09 / 2.35 / 2.49, 64 and 32 at 28×28 1.86 / 2.63 / 2.44 and 1.08 / 1.19 /
+// 1.29, 128, 64 and 32 at 14×14 1.50 / 3.00 / 2.34, 0.90 / 1.27 / 1.22 and 0.50 / 0.59 /
+// 0.66; with K = 16 the transforms and the thin products cost more than they save (56×56
+// 1.70 / 1.33 / 1.57, 28×28 0.89 / 0.67 / 0.81): winograd_applies() in tieify/nn/_kernel.py
+// is the rule. Its error against a float64 reference on those shapes of K >= 32 (and the
+// 7×7 ones; batch 2) was 2.2e-7 to 6.7e-7 of the largest output, the direct kernel's 5.7e-7
+// to 1.9e-6: each point's sum is K terms long, the direct one 9·K (the transforms'
+// coefficients 0, ±1/2, ±1 are exact). A NaN or an
+// infinity in the input reaches exactly the outputs whose 3×3 field holds it, as in the
+// direct convolution, but an infinity arrives as NaN: the transforms subtract it from itself.
+struct Winograd {
+  int64_t n, h, w, blocks, K, N, ph, pw, ho, wo;
+};
+
+// T: float or a vector type (v8, v16), any alignment.
+template <class T>
+inline T get(const float* p) {
+  T v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <class T>
+inline void put(float* p, T v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// B^T d B for channels [c, c + lanes) of one input tile (src: its 16 pixels, row-major, each
+// a pixel's channels or zeros), into point p of V at v + p·ps + c.
+template <class T>
+inline void input_tile(const float* const (&src)[4][4], int64_t c, float* v, int64_t ps) {
+  T d[4][4], t[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) d[i][j] = get<T>(src[i][j] + c);
+  for (int j = 0; j < 4; ++j) {  // B^T d, B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
+    t[0][j] = d[0][j] - d[2][j];
+    t[1][j] = d[1][j] + d[2][j];
+    t[2][j] = d[2][j] - d[1][j];
+    t[3][j] = d[1][j] - d[3][j];
+  }
+  for (int i = 0; i < 4; ++i) {  // (B^T d) B
+    put<T>(v + (4 * i + 0) * ps + c, t[i][0] - t[i][2]);
+    put<T>(v + (4 * i + 1) * ps + c, t[i][1] + t[i][2]);
+    put<T>(v + (4 * i + 2) * ps + c, t[i][2] - t[i][1]);
+    put<T>(v + (4 * i + 3) * ps + c, t[i][1] - t[i][3]);
+  }
+}
+
+// A^T M A for output channels [c, c + lanes) of one tile (point p of M at m + p·ms + c), then
+// y · scale + shift (+ residual), ReLU, stored to the tile's pixels inside the output (dst
+// null outside; res null without a residual).
+template <class T>
+inline void output_tile(const float* m, int64_t ms, int64_t c, const float* scale,
+                        const float* shift, float* const (&dst)[2][2],
+                        const float* const (&res)[2][2], bool relu) {
+  T s0[4], s1[4];  // A^T M, A^T = [1 1 1 0; 0 1 -1 -1]
+  for (int j = 0; j < 4; ++j) {
+    const T m0 = get<T>(m + j * ms + c), m1 = get<T>(m + (4 + j) * ms + c);
+    const T m2 = get<T>(m + (8 + j) * ms + c), m3 = get<T>(m + (12 + j) * ms + c);
+    s0[j] = m0 + m1 + m2;
+    s1[j] = m1 - m2 - m3;
+  }
+  const T y[2][2] = {{s0[0] + s0[1] + s0[2], s0[1] - s0[2] - s0[3]},
+                     {s1[0] + s1[1] + s1[2], s1[1] - s1[2] - s1[3]}};
+  const T a = get<T>(scale + c), b = get<T>(shift + c);
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      if (!dst[i][j]) continue;
+      T out = y[i][j] * a + b;
+      if (res[i][j]) out += get<T>(res[i][j] + c);
+      if (relu) out = out < T{} ? T{} : out;  // NaN stays NaN, as torch.relu keeps it
+      put<T>(dst[i][j] + c, out);
+    }
+}
+
+// f(p, c) over the channels [0, n) of a pixel in vectors (v16 with AVX-512, v8), then one by
+// one: f is called with a value of each type, for its template argument.
+template <class F>
+inline void over_channels(int64_t n, F&& f) {
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  for (; c + 16 <= n; c += 16) f(v16{}, c);
+#endif
+  for (; c + 8 <= n; c += 8) f(v8{}, c);
+  for (; c < n; ++c) f(0.f, c);
+}
+
+// C (R×N) = A (R×K) · the packed bank of op, no epilogue: the pointwise product's row tiles.
+inline void product_rows(const float* A, float* C, int64_t R, int64_t K, int64_t N,
+                         const Operands& op) {
+  const auto rows_at = [&](auto mr, int64_t r) {
+    const float* at = A + r * K;
+    row_block<decltype(mr)::value, false, 0, false>(Rows{&at, 1, K}, op, C + r * N, N, r, 0);
+  };
+  if (R >= WIDE_MR)
+    cover(R, WIDE_MR, [&](int64_t r) { rows_at(std::integral_constant<int, WIDE_MR>{}, r); });
+  else
+    for (int64_t r = 0; r < R; ++r) rows_at(std::integral_constant<int, 1>{}, r);
+}
+
+// U: the 16 packed banks (winograd_bank()), point p at p·K·ldb; scale and shift (blocks·N,
+// the output's channels): the bias and the epilogue's affine folded together.
+void run_winograd(const Winograd& g, const float* X, const float* U, float* Y,
+                  const float* scale, const float* shift, const float* residual, bool relu,
+                  int threads) {
+  const int64_t TY = (g.ho + 1) / 2, TX = (g.wo + 1) / 2, tiles = TY * TX;
+  const int64_t C = g.blocks * g.K, CN = g.blocks * g.N;
+  const int64_t ldb = (g.N + 7) / 8 * 8;
+  // A run: a row of tiles, or more where that gives the products fewer than two row tiles.
+  const int64_t run = std::min(tiles, std::max(TX, (2 * WIDE_MR + g.blocks - 1) / g.blocks));
+  const int64_t runs = (tiles + run - 1) / run;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const int64_t ps = run * C, ms = run * CN;  // one point's V and M
+    std::vector<float> V(16 * ps), M(16 * ms), zeros(C, 0.f);
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < g.n * runs; ++item) {
+      const int64_t img = item / runs, t0 = item % runs * run;
+      const int64_t count = std::min(run, tiles - t0);
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t y0 = (t0 + t) / TX * 2 - g.ph, x0 = (t0 + t) % TX * 2 - g.pw;
+        const float* src[4][4];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) {
+            const int64_t y = y0 + i, x = x0 + j;
+            const bool in = y >= 0 && y < g.h && x >= 0 && x < g.w;
+            src[i][j] = in ? X + ((img * g.h + y) * g.w + x) * C : zeros.data();
+          }
+        float* v = V.data() + t * C;
+        over_channels(C, [&](auto type, int64_t c) {
+          input_tile<decltype(type)>(src, c, v, ps);
+        });
+      }
+      for (int p = 0; p < 16; ++p) {
+        Operands op;
+        op.bt = U + p * g.K * ldb;
+        op.ldb = ldb;
+        op.krows = g.K;
+        op.bias = nullptr;
+        product_rows(V.data() + p * ps, M.data() + p * ms, count * g.blocks, g.K, g.N, op);
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t ty = (t0 + t) / TX, tx = (t0 + t) % TX;
+        float* dst[2][2];
+        const float* res[2][2];
+        for (int i = 0; i < 2; ++i)
+          for (int j = 0; j < 2; ++j) {
+            const int64_t y = 2 * ty + i, x = 2 * tx + j;
+            const int64_t at = ((img * g.ho + y) * g.wo + x) * CN;
+            const bool in = y < g.ho && x < g.wo;
+            dst[i][j] = in ? Y + at : nullptr;
+            res[i][j] = in && residual ? residual + at : nullptr;
+          }
+        const float* m = M.data() + t * CN;
+        over_channels(CN, [&](auto type, int64_t c) {
+          output_tile<decltype(type)>(m, ms, c, scale, shift, dst, res, relu);
+        });
+      }
+    }
+  }
+}
+
 // `rows` rows of `n` columns copied into rows of `ld` columns, zeros after them (or null).
 const float* padded(const float* src, int64_t rows, int64_t n, int64_t ld,
                     std::vector<float>& buf) {
@@ -898,7 +1073,7 @@ using namespace tieify_kernel;
 extern "C" {
 
 // Bumped whenever the signature or the contract of an entry point changes.
-TIEIFY_API int tieify_kernel_abi(void) { return 5; }
+TIEIFY_API int tieify_kernel_abi(void) { return 6; }
 
 // Whether the build has OpenMP (threads > 1 run in parallel) and non-temporal stores.
 TIEIFY_API int tieify_kernel_features(void) {
@@ -956,6 +1131,29 @@ TIEIFY_API void tieify_conv(const float* X, const int64_t* geometry, const float
   const int64_t R = cv.n * cv.ho * cv.wo * cv.blocks;
   product(&cv, X, Bt, C, R, cv.kh * cv.kw * cv.K, N, bias, threads, stream, scale, shift,
           blocks, residual, relu);
+}
+
+
+// The 3×3 tied convolution with stride and dilation 1 by Winograd's F(2×2, 3×3)
+// (run_winograd): the arguments of tieify_conv (geometry's kernel size, stride and dilation
+// must be 3, 1 and 1), but Bt the 16 transformed banks packed by winograd_bank() in
+// tieify/nn/_kernel.py (16·K·ldb floats), and the epilogue's blocks 0 or a divisor of the
+// conv's. stream is not used: the output is written with regular stores.
+TIEIFY_API void tieify_winograd(const float* X, const int64_t* geometry, const float* Bt, float* C,
+                                int64_t N, const float* bias, int threads, int, const float* scale,
+                                const float* shift, int64_t blocks, const float* residual,
+                                int relu) {
+  const int64_t* g = geometry;
+  const Winograd w{g[0], g[1], g[2], g[3], g[4], N, g[9], g[10], g[13], g[14]};
+  const int64_t CN = w.blocks * N;
+  std::vector<float> a(CN, 1.f), b(CN, 0.f);  // y · a + b = (y + bias) · scale + shift
+  const bool affine = scale && shift && blocks > 0;
+  for (int64_t c = 0; c < CN; ++c) {
+    const int64_t n = c % N, e = affine ? (c / N % blocks) * N + n : 0;
+    if (affine) a[c] = scale[e];
+    b[c] = (bias ? bias[n] * a[c] : 0.f) + (affine ? shift[e] : 0.f);
+  }
+  run_winograd(w, X, Bt, C, a.data(), b.data(), residual, relu != 0, threads);
 }
 
 }  // extern "C"

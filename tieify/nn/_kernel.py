@@ -51,10 +51,12 @@ __all__ = [
     "pointwise",
     "prepare_conv2d",
     "prepare_pointwise",
+    "winograd_applies",
+    "winograd_bank",
 ]
 
 SOURCE = Path(__file__).with_name("_kernel.cpp")
-ABI = 5
+ABI = 6
 
 
 def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
@@ -285,9 +287,9 @@ def _check(lib: ctypes.CDLL) -> str:
         return str(err)
     if abi != ABI:
         return f"ABI {abi}, expected {ABI}"
-    conv = lib.tieify_conv
-    conv.restype = None
-    conv.argtypes = [*[ctypes.c_void_p] * 4, ctypes.c_int64, *_EPILOGUE_TYPES]
+    for conv in (lib.tieify_conv, lib.tieify_winograd):
+        conv.restype = None
+        conv.argtypes = [*[ctypes.c_void_p] * 4, ctypes.c_int64, *_EPILOGUE_TYPES]
     fn.restype = None
     fn.argtypes = [
         *[ctypes.c_void_p] * 3,
@@ -328,6 +330,7 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         and torch.allclose(fused, expected_fused, rtol=1e-4, atol=1e-4)
         and _conv_self_test(lib, gen, stride=1, n_out=5)  # the pixel tiles (N <= 8, 3 wide)
         and _conv_self_test(lib, gen, stride=2, n_out=9)  # the row tiles, phases, a padded bank
+        and _conv_self_test(lib, gen, stride=1, n_out=9, winograd=True)
         and _planar_self_test(lib, gen)
     )
 
@@ -348,9 +351,12 @@ def _planar_self_test(lib: ctypes.CDLL, gen: torch.Generator) -> bool:
     return torch.allclose(got.view(2, 2, 9, 21), expected, rtol=1e-4, atol=1e-4)
 
 
-def _conv_self_test(lib: ctypes.CDLL, gen: torch.Generator, *, stride: int, n_out: int) -> bool:
-    """A 3×3 tied conv of 2 blocks of 3 channels (padding 1) on a 5×11 input, with a bias and
-    the whole epilogue, against the reference fold."""
+def _conv_self_test(
+    lib: ctypes.CDLL, gen: torch.Generator, *, stride: int, n_out: int, winograd: bool = False
+) -> bool:
+    """A 3×3 tied conv of 2 blocks of 3 channels (padding 1) on a 5×11 input (odd sizes: the
+    last Winograd tiles are partly outside), with a bias and the whole epilogue, against the
+    reference fold."""
     B, k, (n, h, w) = 2, 3, (2, 5, 11)
     x = torch.randn(n, B * k, h, w, generator=gen)
     weight = torch.randn(n_out, k, 3, 3, generator=gen)
@@ -362,11 +368,12 @@ def _conv_self_test(lib: ctypes.CDLL, gen: torch.Generator, *, stride: int, n_ou
     residual = torch.randn(n, ho, wo, B * n_out, generator=gen)
     expected = torch.relu(y.reshape(n, B * n_out, ho, wo).permute(0, 2, 3, 1) + residual)
     geometry = torch.tensor([n, h, w, B, k, 3, 3, stride, stride, 1, 1, 1, 1, ho, wo])
-    bt = pack(weight.permute(2, 3, 1, 0).reshape(9 * k, n_out))
+    taps = weight.permute(2, 3, 1, 0).reshape(9 * k, n_out)
+    bt = winograd_bank(weight) if winograd else pack(taps)
     got = torch.empty(n, ho, wo, B * n_out)
     x = x.permute(0, 2, 3, 1).contiguous()
     ptr = lambda t: t.data_ptr()  # noqa: E731
-    lib.tieify_conv(
+    (lib.tieify_winograd if winograd else lib.tieify_conv)(
         ptr(x), ptr(geometry), ptr(bt), ptr(got), n_out,
         ptr(bias), 2, 0, ptr(scale), ptr(shift), B, ptr(residual), 1,
     )  # fmt: skip
@@ -497,6 +504,7 @@ def prepare_conv2d(
     shift: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     relu: bool = False,
+    winograd: bool = False,
 ) -> Prepared:
     """The k×k tied convolution with zero padding: ``x`` (n, h, w, blocks·K) and ``out``
     (n, ho, wo, blocks·N) dense float32 CPU (the channels-inner views of channels-last
@@ -504,6 +512,8 @@ def prepare_conv2d(
     (``weight.permute(2, 3, 1, 0).reshape(-1, N)``) or ``pack(bt)``, ``bias`` (N,). Block
     ``b`` of every output pixel is the bank applied to block ``b`` of the input pixels under
     the filter. The epilogue as in :func:`prepare_pointwise`, ``residual`` laid out like ``out``.
+    ``winograd``: by Winograd's F(2×2, 3×3) (see ``_kernel.cpp``), where
+    :func:`winograd_applies`; ``bt`` is then :func:`winograd_bank`'s.
 
     Returns the call checked on these operands and made ready, for any input, output (and
     residual) laid out like these: see :class:`Prepared`."""
@@ -536,12 +546,78 @@ def prepare_conv2d(
     rows = (x.view(-1, k), out.view(-1, n_out))
     res = None if residual is None else residual.view(-1, n_out)  # the kernel reads it
     bias = None if bias is None else bias.contiguous()  # held by the call while it may run
-    bt = _packed("convolution", bt, kh * kw, rows[0], n_out)
+    if winograd:
+        epilogue_blocks = 0 if scale is None else scale.shape[0]
+        if not winograd_applies(k, n_out, blocks, kernel_size, stride, dilation, epilogue_blocks):
+            raise ValueError(
+                "tieify's Winograd convolution takes a 3×3 filter with stride 1 and dilation "
+                f"1, at least {WINOGRAD_MIN_CHANNELS} input and output channels a block and "
+                "an epilogue of 0 blocks or a divisor of the conv's, but got kernel_size="
+                f"{kernel_size}, stride={stride}, dilation={dilation}, {k} and {n_out} "
+                f"channels a block, blocks={blocks}, epilogue blocks {epilogue_blocks}; "
+                "run it with winograd=False."
+            )
+        bt = _winograd_packed(bt, k, n_out)
+    else:
+        bt = _packed("convolution", bt, kh * kw, rows[0], n_out)
     epilogue = _operands("convolution", rows[0], bt, bias, rows[1], scale, shift, res, relu)
     geometry = torch.tensor([n, h, w, blocks, k, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo])
     head = (geometry.data_ptr(), bt.data_ptr())
     keep = (geometry, bt, bias, scale, shift)
-    return Prepared(lib.tieify_conv, head, (n_out,), epilogue, keep)
+    fn = lib.tieify_winograd if winograd else lib.tieify_conv
+    return Prepared(fn, head, (n_out,), epilogue, keep)
+
+
+#: The fewest input and output channels a block (K and N) the convolution kernel runs by
+#: Winograd's F(2×2, 3×3) (:func:`winograd_applies`): with 16 the transforms and the thin
+#: products cost more than the 2.25 times fewer multiply-adds save (see ``_kernel.cpp``).
+WINOGRAD_MIN_CHANNELS = 32
+
+#: F(2×2, 3×3)'s filter transform G (4×3): U = G g G^T for each 3×3 filter g.
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_applies(
+    k: int,
+    n_out: int,
+    blocks: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    epilogue_blocks: int = 0,
+) -> bool:
+    """Whether the convolution kernel runs a tied conv of ``k`` input and ``n_out`` output
+    channels a block by Winograd's F(2×2, 3×3): a 3×3 filter with stride and dilation 1, at
+    least :data:`WINOGRAD_MIN_CHANNELS` channels a block on both sides, and an epilogue
+    (a fused batch norm's ``blocks``) of none or a divisor of the conv's blocks."""
+    return (
+        tuple(kernel_size) == (3, 3)
+        and tuple(stride) == (1, 1)
+        and tuple(dilation) == (1, 1)
+        and min(k, n_out) >= WINOGRAD_MIN_CHANNELS
+        and (epilogue_blocks == 0 or blocks % epilogue_blocks == 0)
+    )
+
+
+def winograd_bank(weight: torch.Tensor) -> torch.Tensor:
+    """The 3×3 bank ``weight`` (N, K, 3, 3) as the Winograd convolution reads it: the 16
+    (K, N) matrices of U = G g G^T (computed in float64), point (i, j) the 4·i + j-th, each
+    packed (:func:`pack`), one after the other: a dense 1-D float32 tensor of 16·K·ldb
+    entries (ldb: N rounded up to 8)."""
+    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64)
+    u = torch.einsum("ai,nkij,bj->abkn", g, weight.detach().double(), g).float()
+    return torch.cat([pack(u[i, j]) for i in range(4) for j in range(4)])
+
+
+def _winograd_packed(bt: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """``bt`` where it is :func:`winograd_bank`'s (1-D, 16·K·ldb entries); else refused."""
+    size = 16 * k * -(-n // 8) * 8
+    if bt.dim() != 1 or bt.shape[0] != size:
+        raise ValueError(
+            f"tieify's Winograd convolution takes the bank as tieify.nn._kernel.winograd_bank "
+            f"makes it (1-D, {size} entries for K = {k}, N = {n}), but got {tuple(bt.shape)}."
+        )
+    return bt
 
 
 #: The output channels of one tile of the channels-first product (PLANAR_ROWS in the kernel).

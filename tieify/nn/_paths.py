@@ -154,6 +154,17 @@ _THNN_CONV2D: Callable[..., torch.Tensor] = torch._C._nn.thnn_conv2d  # type: ig
 # -- layout helpers (static: they never look at the batch size or the batch stride) --------
 
 
+#: The narrowest output a k×k layer that the kernel runs by Winograd's F(2×2, 3×3) takes the
+#: ``kernel`` path at by default (:func:`_kernel_conv_by_default`). On ResNet-50's 3×3 shapes
+#: at batch 8 (channels-last, 2 threads, AVX-512 Xeon, medians of 7 rounds of 15 calls,
+#: 2026-12-02 14:46 UTC), Winograd / direct kernel / ``widen`` in ms, by channels a block:
+#: 32 at 56×56 2.09 / 2.35 / 2.49; 64 and 32 at 28×28 1.86 / 2.63 / 2.44 and 1.08 / 1.19 /
+#: 1.29; 128, 64 and 32 at 14×14 1.50 / 3.00 / 2.34, 0.90 / 1.27 / 1.22 and 0.50 / 0.59 /
+#: 0.66; at 7×7, where the 2×2 tiles compute 64 outputs for 49, 256, 128 and 64 2.73 / 4.16 /
+#: 2.40, 1.01 / 1.48 / 1.15 and 0.61 / 0.64 / 0.59 (widen the fastest twice).
+KERNEL_WINOGRAD_MIN_WIDTH = 14
+
+
 def is_channels_last(x: torch.Tensor) -> bool:
     """Whether the non-batch dims of ``x`` are laid out (*S, C) with C innermost, dense.
 
@@ -613,8 +624,11 @@ def conv2d_op(
 
     def prepare(rows: torch.Tensor, out: torch.Tensor) -> _kernel.Prepared:
         def make() -> _kernel.Prepared:
-            bank = _tap_bank(weight, None, blocks)[0].clone()
-            return _kernel.prepare_conv2d(rows, bank, _copy(bias), out, blocks=blocks, **geometry)
+            winograd = _winograd(weight, blocks, geometry)
+            bank = (_winograd_bank if winograd else _tap_bank)(weight, None, blocks)[0].clone()
+            return _kernel.prepare_conv2d(
+                rows, bank, _copy(bias), out, blocks=blocks, **geometry, winograd=winograd
+            )
 
         layout = ("conv2d", rows.shape, blocks, *geometry.values())
         return _OPERATOR_CALLS.get((weight, bias), layout, make)
@@ -725,11 +739,13 @@ def kernel_conv_call(
     """The kernel's conv of ``x`` by ``layer`` with its kept tap bank, in an eager call that
     records no gradient: ``bias`` the layer's, or None where the epilogue's shift holds it
     (:func:`tieify.nn._fused.conv_bn_act`, which gives the epilogue)."""
-    bank, _ = _cached(layer, "taps", _tap_bank)
     geometry = _conv_geometry(layer)
+    bank, winograd = _conv_bank(layer, geometry, epilogue.get("scale"))
 
     def prepare(rows: torch.Tensor, out: torch.Tensor) -> _kernel.Prepared:
-        return _kernel.prepare_conv2d(rows, bank, bias, out, blocks=layer.B, **geometry, **epilogue)
+        return _kernel.prepare_conv2d(
+            rows, bank, bias, out, blocks=layer.B, **geometry, **epilogue, winograd=winograd
+        )
 
     return _run_conv_kernel(x, layer.out_channels, geometry, prepare, epilogue.get("residual"))
 
@@ -891,6 +907,33 @@ def _tap_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
     return _kernel.pack(weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0])), bias
 
 
+def _winograd_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
+    """The 3×3 bank as the Winograd convolution reads it
+    (:func:`tieify.nn._kernel.winograd_bank`)."""
+    return _kernel.winograd_bank(weight), bias
+
+
+def _winograd(
+    weight: torch.Tensor, B: int, geometry: dict[str, Any], scale: torch.Tensor | None = None
+) -> bool:
+    """Whether the convolution kernel runs this bank by Winograd's F(2×2, 3×3)
+    (:func:`tieify.nn._kernel.winograd_applies`; ``scale``: an epilogue's, (blocks, N))."""
+    return _kernel.winograd_applies(
+        weight.shape[1], weight.shape[0], B, geometry["kernel_size"], geometry["stride"],
+        geometry["dilation"], 0 if scale is None else scale.shape[0],
+    )  # fmt: skip
+
+
+def _conv_bank(
+    layer: _TiedConvNd, geometry: dict[str, Any], scale: torch.Tensor | None
+) -> tuple[torch.Tensor, bool]:
+    """The kept bank the convolution kernel runs ``layer`` with, and whether by Winograd's
+    F(2×2, 3×3) (:func:`_winograd`): its transformed banks, else its taps."""
+    if _winograd(layer.weight, layer.B, geometry, scale):
+        return _cached(layer, "winograd", _winograd_bank)[0], True
+    return _cached(layer, "taps", _tap_bank)[0], False
+
+
 def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     """The compact dense form: a ``groups·B``-group conv with the filter bank repeated B times
     (kept between eager no-grad calls, see :func:`_cached`)."""
@@ -1029,16 +1072,20 @@ def output_size(layer: _TiedConvNd, x: torch.Tensor) -> tuple[int, ...]:
 
 
 def _kernel_conv_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool) -> bool:
-    """Whether a k×k layer whose input the ``kernel`` takes runs it by default: a batch of
-    one where :data:`_KERNEL_WINS_ALONE`, or, ``fused``, a batch of one or an output at
-    least :data:`KERNEL_CONV_MIN_WIDTH` wide. Static tests: a symbolic batch
-    (a dynamic-batch compile or export) is not taken for one."""
+    """Whether a k×k layer whose input the ``kernel`` takes runs it by default, where
+    :data:`_KERNEL_WINS_ALONE` or ``fused``: by Winograd's F(2×2, 3×3) (:func:`_winograd`)
+    with an output at least :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide, at a batch of one, or,
+    ``fused``, with an output at least :data:`KERNEL_CONV_MIN_WIDTH` wide. Static tests: a
+    symbolic batch (a dynamic-batch compile or export) is not taken for one."""
     if not (fused or _KERNEL_WINS_ALONE):
         return False
+    width = output_size(layer, x)[-1]
+    winograd = _winograd(layer.weight, layer.B, _conv_geometry(layer))
+    if winograd and statically_known_true(width >= KERNEL_WINOGRAD_MIN_WIDTH):
+        return True
     batch = x.shape[0]
     if isinstance(batch, (int, torch.SymInt)) and statically_known_true(batch == 1):
         return True
-    width = output_size(layer, x)[-1]
     return fused and statically_known_true(width >= KERNEL_CONV_MIN_WIDTH)
 
 
@@ -1052,8 +1099,9 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     enough (:func:`_kernel_by_default`); else as a GEMM (a matrix multiply has the least
     per-call overhead, which decides small and pooled inputs), or widened on a CPU without
     AVX-512 once a float32 input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers
-    on a channels-last input run tieify's ``kernel`` where it applies at a batch of one
-    (only ``fused`` where not :data:`_KERNEL_WINS_ALONE`), and with ``fused`` (a layer whose
+    on a channels-last input run tieify's ``kernel`` where it applies by Winograd's
+    F(2×2, 3×3) or at a batch of one (only ``fused`` where not :data:`_KERNEL_WINS_ALONE`),
+    and with ``fused`` (a layer whose
     batch norm, add and ReLU :func:`tieify.fuse` would apply in the kernel's epilogue) also
     where the output is at least :data:`KERNEL_CONV_MIN_WIDTH` wide
     (:func:`_kernel_conv_by_default`); else widened on CPU where that applies, else lifted
@@ -1290,11 +1338,11 @@ def prepare_kernel_call(
         xi = channels_inner(x)
         if not xi.is_contiguous():
             return None
-        bank, _ = _cached(layer, "taps", _tap_bank)
         geometry = _conv_geometry(layer)
+        bank, winograd = _conv_bank(layer, geometry, epilogue.get("scale"))
         out = channels_inner(_conv_output(x, layer.out_channels, **geometry))
         run = _kernel.prepare_conv2d(
-            xi, bank, bias, out, blocks=B, **geometry, residual=res, **epilogue
+            xi, bank, bias, out, blocks=B, **geometry, residual=res, **epilogue, winograd=winograd
         )
         out_shape = tuple(out.shape)
     return _keep_call(layer, x, extra, _KernelCall(run, tensors, out_shape, index, K))

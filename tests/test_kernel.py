@@ -387,6 +387,7 @@ def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monk
         (66, 64, 2, 3, 1, 0, 1, True, 1, (9, 8)),
         (96, 96, 3, 3, 1, 2, 1, False, 2, (6, 7)),
         (128, 128, 2, 3, 1, 1, 1, True, 3, (7, 7)),
+        (96, 96, 3, 3, 1, 1, 1, True, 1, (3, 181)),  # 91 tiles a row, runs of 85: split rows
     ],
 )
 @pytest.mark.parametrize("winograd", [True, False])

@@ -954,8 +954,12 @@ void run_winograd(const Winograd& g, const float* X, const float* U, float* Y,
   const int64_t TY = (g.ho + 1) / 2, TX = (g.wo + 1) / 2, tiles = TY * TX;
   const int64_t C = g.blocks * g.K, CN = g.blocks * g.N;
   const int64_t ldb = (g.N + 7) / 8 * 8;
-  // A run: a row of tiles, or more where that gives the products fewer than two row tiles.
-  const int64_t run = std::min(tiles, std::max(TX, (2 * WIDE_MR + g.blocks - 1) / g.blocks));
+  // A run: a row of tiles, or more where that gives the products fewer than two row tiles,
+  // or fewer where its V and M would take more than 1 MiB (a wide image of many channels):
+  // runs may start and end anywhere in a row.
+  const int64_t fewest = (2 * WIDE_MR + g.blocks - 1) / g.blocks;
+  const int64_t most = std::max<int64_t>(fewest, (int64_t{1} << 20) / (64 * (C + CN)));
+  const int64_t run = std::min(tiles, std::max(fewest, std::min(TX, most)));
   const int64_t runs = (tiles + run - 1) / run;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {

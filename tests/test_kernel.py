@@ -488,7 +488,7 @@ def test_winograd_rule_banks_and_an_epilogue_of_fewer_blocks():
         **geometry,
     )  # fmt: skip
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match=r"epilogue of 0 blocks or a divisor.*epilogue blocks 3"):
+    with pytest.raises(ValueError, match=r"blocks that divide the conv's.*scale \(3, 40\)"):
         _kernel.conv2d(
             xc, bank, bias, torch.empty(n, h, w, B * N), scale=scale.repeat(2, 1)[:3],
             shift=shift.repeat(2, 1)[:3], winograd=True, **geometry,
@@ -558,6 +558,49 @@ def test_winograd_keeps_non_finite_values_to_the_outputs_that_see_them():
             finite = torch.isfinite(ref)
             assert torch.equal(torch.isfinite(y), finite)
             torch.testing.assert_close(y[finite], ref[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize("winograd", [False, True])
+def test_conv_epilogue_of_fewer_blocks_or_none_on_every_tile(winograd, monkeypatch):
+    """A residual and a ReLU without an affine, and an affine of 2 rows for a conv of 4
+    blocks (block b takes row b % 2), on pixel tiles (N = 5, 8, 16 and 32 columns) and row
+    tiles (stride 2; N = 24), directly and by Winograd (32 channels a block); an affine
+    whose rows do not divide the blocks is refused."""
+    if not winograd:
+        monkeypatch.setattr(_kernel, "WINOGRAD_MIN_CHANNELS", 1 << 30)
+    gen = torch.Generator().manual_seed(0)
+    geometry = {"kernel_size": (3, 3), "padding": (1, 1), "dilation": (1, 1)}
+    for B, k, n_out, stride in [(4, 3, 5, 1), (4, 8, 8, 1), (4, 16, 16, 1), (4, 32, 32, 1),
+                                (4, 4, 24, 2), (2, 32, 40, 1)]:  # fmt: skip
+        n, h, w = 2, 6, 23
+        x = torch.randn(n, B * k, h, w, generator=gen)
+        weight = torch.randn(n_out, k, 3, 3, generator=gen)
+        y = torch.nn.functional.conv2d(x.reshape(n * B, k, h, w), weight, None, stride, 1)
+        ho, wo = y.shape[2:]
+        y = y.reshape(n, B, n_out, ho, wo)
+        scale, shift = torch.randn(2, n_out, generator=gen), torch.randn(2, n_out, generator=gen)
+        affine = y * scale.repeat(B // 2, 1)[:, :, None, None]
+        affine = affine + shift.repeat(B // 2, 1)[:, :, None, None]
+        residual = torch.randn(n, ho, wo, B * n_out, generator=gen)
+        y, affine = (t.reshape(n, B * n_out, ho, wo).permute(0, 2, 3, 1) for t in (y, affine))
+        xc = x.permute(0, 2, 3, 1).contiguous()
+        use = winograd and stride == 1 and min(k, n_out) >= 32
+        bank = (
+            _kernel.winograd_bank(weight)
+            if use
+            else weight.permute(2, 3, 1, 0).reshape(9 * k, n_out)
+        )
+        run = {**geometry, "blocks": B, "stride": (stride, stride), "winograd": use}
+        out = torch.empty(n, ho, wo, B * n_out)
+        got = _kernel.conv2d(xc, bank, None, out, residual=residual, relu=True, **run)
+        torch.testing.assert_close(got, torch.relu(y + residual), rtol=1e-4, atol=1e-4)
+        got = _kernel.conv2d(xc, bank, None, out, scale=scale, shift=shift, **run)
+        torch.testing.assert_close(got, affine, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"blocks that divide the conv's.*scale \(3, 40\)"):
+        _kernel.conv2d(
+            xc, bank, None, out, scale=torch.ones(3, n_out), shift=torch.ones(3, n_out), **run
+        )
 
 
 def test_conv_kernel_refuses_operands_it_would_read_past():

@@ -412,7 +412,9 @@ inline void pixel_tile(const float* const* lines, int64_t kh, int64_t offset, in
       }
     }
   }
-  finish<P, NV, STREAM, EPI, V>(acc, op, c, ldc, row0, block, op.blocks, 0, width);
+  // The tile's pixels are ldc / width rows of C apart (one block's: width is N); the affine
+  // of block b is row b % op.blocks of the epilogue's (1 row for an identity affine).
+  finish<P, NV, STREAM, EPI, V>(acc, op, c, ldc, row0, block % op.blocks, ldc / width, 0, width);
 }
 
 // MR rows of the pointwise product from row0 (PAIRS: one pair tile, N <= 8 with op.pairs set;
@@ -653,7 +655,7 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
         for (int64_t i = 0; i < cv.kh; ++i)
           for (int64_t j = 0; j < cv.kw; ++j) taps[i * cv.kw + j] = line[i] + column[j] + r * cv.K;
         const Rows a{taps.data(), static_cast<int>(T), cv.K};
-        const int64_t row = first + r, b0 = (EPI & SCALE) ? r % cv.blocks : 0;
+        const int64_t row = first + r, b0 = (EPI & SCALE) ? r % op.blocks : 0;
         float* c = C + row * N + n0;
 #if defined(__AVX512F__)
         if constexpr (NV < 0) {  // -NP: NP whole panels in 512-bit vectors

@@ -511,7 +511,8 @@ def prepare_conv2d(
     tensors), ``bt`` (kh·kw·K, N) the bank with its taps outermost
     (``weight.permute(2, 3, 1, 0).reshape(-1, N)``) or ``pack(bt)``, ``bias`` (N,). Block
     ``b`` of every output pixel is the bank applied to block ``b`` of the input pixels under
-    the filter. The epilogue as in :func:`prepare_pointwise`, ``residual`` laid out like ``out``.
+    the filter. The epilogue as in :func:`prepare_pointwise`, ``residual`` laid out like ``out``,
+    and ``scale``'s blocks a divisor of ``blocks`` (output block b takes its row b % blocks).
     ``winograd``: by Winograd's F(2×2, 3×3) (see ``_kernel.cpp``), where
     :func:`winograd_applies`; ``bt`` is then :func:`winograd_bank`'s.
 
@@ -542,6 +543,12 @@ def prepare_conv2d(
             f"{tuple(out.shape)} with blocks={blocks}, kernel_size={kernel_size}, "
             f"stride={stride}, padding={padding}, dilation={dilation} (output {ho}×{wo}), "
             f"dense: {x.is_contiguous()}, {out.is_contiguous()}."
+        )
+    if scale is not None and (scale.dim() == 0 or scale.shape[0] < 1 or blocks % scale.shape[0]):
+        raise ValueError(
+            "tieify's convolution kernel applies an epilogue of blocks that divide the conv's "
+            "(block b takes row b % rows of scale and shift), but got scale "
+            f"{tuple(scale.shape)} for blocks={blocks}; give one row per block of the conv."
         )
     rows = (x.view(-1, k), out.view(-1, n_out))
     res = None if residual is None else residual.view(-1, n_out)  # the kernel reads it

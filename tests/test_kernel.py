@@ -367,7 +367,9 @@ def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monk
 @pytest.mark.parametrize(
     "cin, cout, B, k, stride, padding, dilation, bias, batch, size",
     [
-        (32, 32, 4, 3, 1, 1, 1, True, 2, (5, 23)),  # N = 8, 3 wide: pixel tiles of 10, overlap
+        (32, 32, 4, 3, 1, 1, 1, True, 2, (5, 23)),  # K = N = 8: block pairs of 7 pixels
+        (24, 24, 3, 3, 1, 1, 1, True, 2, (5, 23)),  # K = N = 8, odd blocks: pixel tiles of 10
+        (64, 64, 8, 3, 1, 1, 1, True, 1, (6, 5)),  # K = N = 8, 5 wide: pixel tiles of 4
         (64, 64, 4, 3, 1, 1, 1, True, 2, (5, 23)),  # N = 16: AVX-512 pixel tiles of 14, overlap
         (64, 64, 2, 3, 1, 1, 1, False, 2, (5, 23)),  # N = 32: AVX-512 pixel tiles of 7, 2 vectors
         (64, 64, 4, 3, 1, 1, 1, False, 4, (40, 40)),  # N = 16, a 1.6 MiB output: streamed

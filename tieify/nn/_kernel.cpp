@@ -21,7 +21,9 @@
 // k×k: the same tiles with one stretch of rows per filter tap, read from a zero-padded copy
 // of the input rows under the filter (see run_conv), and, for thin banks of 3-wide filters,
 // tiles of pixels that reuse each input value for the three taps of its filter row
-// (pixel_tile). Rows of C are (output pixel, block) pairs, so C is again channels-last.
+// (pixel_tile; with AVX-512 and K = N = 8, two blocks a tile: block_pairs), or Winograd's
+// F(2×2, 3×3) (run_winograd). Rows of C are (output pixel, block) pairs, so C is again
+// channels-last.
 //
 // The epilogue applies a following batch norm's per-channel affine (which differs per block,
 // so it cannot be folded into the shared bank), a residual add and a ReLU while the tile is
@@ -137,6 +139,8 @@ struct Operands {
   int64_t ldb;
   int64_t krows;
   const float* pairs = nullptr;  // the bank in pairs of rows, for pair_tile (N <= 8)
+  const float* doubled = nullptr;  // a 3-wide bank of K = N = 8 twice a row, for block_pairs
+  const float* bias2 = nullptr;  // its bias twice (16 floats) or null
   const float* bias;
   const float* scale = nullptr;
   const float* shift = nullptr;
@@ -417,6 +421,47 @@ inline void pixel_tile(const float* const* lines, int64_t kh, int64_t offset, in
   finish<P, NV, STREAM, EPI, V>(acc, op, c, ldc, row0, block % op.blocks, ldc / width, 0, width);
 }
 
+#if defined(__AVX512F__)
+// Output pixels x0 .. x0 + P - 1 of two neighbouring blocks b, b + 1 at once, for a 3-wide
+// filter with stride and dilation 1 and a bank of K = N = 8 (ResNet-50's 64→64 3×3 at B = 8):
+// a pixel tile of 8 columns fills half a 512-bit vector (the 256-bit pixel tile ran at half
+// the peak rate). The 16 input channels of the two blocks at a pixel are one vector; for each
+// k a permutation spreads x[b][k] over lanes 0-7 and x[b + 1][k] over lanes 8-15, and each
+// spread value is multiplied by the three taps of its filter row (`doubled`: the bank's rows
+// twice, 16 floats each) into the three output pixels it reaches, accumulating both blocks'
+// 8 outputs in one vector: a pixel's 16 output channels, stored as they lie in C.
+template <int P, bool STREAM, int EPI>
+inline void block_pairs(const float* const* lines, int64_t kh, int64_t offset, int64_t pixel,
+                        const Operands& op, float* __restrict c, int64_t ldc, int64_t row0,
+                        int64_t block) {
+  v16 acc[P][1];
+  const v16 bias = op.bias2 ? load<v16>(op.bias2) : v16{};
+  for (int q = 0; q < P; ++q) acc[q][0] = bias;
+  for (int64_t i = 0; i < kh; ++i) {
+    const float* __restrict a0 = lines[i] + offset;
+    v16 px[P + 2];
+    for (int p = 0; p < P + 2; ++p) px[p] = load<v16>(a0 + p * pixel);
+    const float* __restrict bt = op.doubled + 3 * i * 8 * 16;  // taps (i, 0), (i, 1), (i, 2)
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      const v16 w0 = load<v16>(bt + k * 16), w1 = load<v16>(bt + (8 + k) * 16);
+      const v16 w2 = load<v16>(bt + (16 + k) * 16);
+      const __m512i spread = _mm512_set_epi32(k + 8, k + 8, k + 8, k + 8, k + 8, k + 8, k + 8,
+                                              k + 8, k, k, k, k, k, k, k, k);
+#pragma GCC unroll 16
+      for (int p = 0; p < P + 2; ++p) {
+        const v16 v = (v16)_mm512_permutexvar_ps(spread, (__m512)px[p]);
+        if (p < P) acc[p][0] += v * w0;
+        if (p >= 1 && p - 1 < P) acc[p - 1][0] += v * w1;
+        if (p >= 2) acc[p - 2][0] += v * w2;
+      }
+    }
+  }
+  // Pixels ldc / 8 rows of C apart; the affine's rows b, b + 1 (one per block) in one vector.
+  finish<P, 1, STREAM, EPI, v16>(acc, op, c, ldc, row0, block, ldc / 8, 0, 16);
+}
+#endif
+
 // MR rows of the pointwise product from row0 (PAIRS: one pair tile, N <= 8 with op.pairs set;
 // else row_block's tiles). Always inlined: called out of line, pair tiles of small K (8-16)
 // ran 1.3-1.5x slower (2 threads, interleaved A/B).
@@ -506,16 +551,18 @@ class InputRows {
     phase_cols_ = (cols + cv.sw - 1) / cv.sw;
     pixel_ = cv.blocks * cv.K;
     row_ = cv.sw * phase_cols_ * pixel_;
-    buf_.assign(slots_ * row_, 0.f);
-    zeros_.assign(row_, 0.f);
+    // 64-byte aligned rows (a cache line; padded rows are a multiple of a pixel): a 512-bit
+    // load of a pixel's channels then never spans two lines where a pixel is 16·j floats.
+    buf_.assign((slots_ + 1) * row_ + 16, 0.f);
+    base_ = buf_.data() + (16 - reinterpret_cast<uintptr_t>(buf_.data()) / 4 % 16) % 16;
     tag_.assign(slots_, -1);
   }
   // Input row iy of image img, padded and split into phases (zeros outside the image).
   const float* row(int64_t img, int64_t iy) {
-    if (iy < 0 || iy >= cv_.h) return zeros_.data();
+    if (iy < 0 || iy >= cv_.h) return base_ + slots_ * row_;  // a row of zeros
     const int64_t tag = img * cv_.h + iy;
     const int64_t slot = iy % slots_;
-    float* dst = &buf_[slot * row_];
+    float* dst = base_ + slot * row_;
     if (tag_[slot] != tag) {
       tag_[slot] = tag;
       const float* src = X_ + tag * cv_.w * pixel_;
@@ -560,7 +607,8 @@ class InputRows {
   const Conv& cv_;
   const float* X_;
   int64_t slots_, phase_cols_ = 0, pixel_ = 0, row_ = 0;
-  std::vector<float> buf_, zeros_;
+  std::vector<float> buf_;  // slots_ rows, then a row of zeros, from base_
+  float* base_ = nullptr;
   std::vector<int64_t> tag_;
 };
 
@@ -589,8 +637,13 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
     // else row tiles in every panel of columns (of 16, then 8, then the padded last one).
     const int64_t panels = WIDE ? N / 32 + N % 32 / 16 + N % 16 / 8 + (N % 8 != 0)
                                 : N / 16 + N % 16 / 8 + (N % 8 != 0);
-    const int64_t tiles =
-        pixels ? cv.blocks * covers(cv.wo, pixel_width) : panels * covers(rows, row_height);
+    // Two blocks a pixel tile (block_pairs) for K = N = 8, where the epilogue's affine, if
+    // any, has a row for each block (a tile reads two neighbouring rows).
+    const bool pairs = pixels && op.doubled && cv.wo >= 7 && cv.blocks % 2 == 0 &&
+                       (!op.scale || op.blocks == cv.blocks);
+    const int64_t tiles = pairs    ? cv.blocks / 2 * covers(cv.wo, 7)
+                          : pixels ? cv.blocks * covers(cv.wo, pixel_width)
+                                   : panels * covers(rows, row_height);
 #pragma omp for schedule(static)
     for (int64_t yr = 0; yr < image_rows; ++yr) {
       const int64_t img = yr / cv.ho, y = yr % cv.ho;
@@ -598,6 +651,23 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
       const int64_t first = yr * rows;  // this image row's first row of C
       const auto [next, floats] = input.next_rows(img, y);
       ahead.start(next, floats, tiles);
+#if defined(__AVX512F__)
+      if (pairs) {  // two blocks a tile (block_pairs), 7 pixels (ResNet's widths are multiples)
+        for (int64_t b = 0; b < cv.blocks; b += 2)
+          cover(cv.wo, 7, [&](int64_t x) {
+            ahead.step();
+            const int64_t row = first + x * cv.blocks + b;
+            const int64_t off = x * pixel + b * cv.K;
+            if (STREAM)
+              block_pairs<7, true, EPI>(line.data(), cv.kh, off, pixel, op, C + row * N, ldc,
+                                        row, b);
+            else
+              block_pairs<7, false, EPI>(line.data(), cv.kh, off, pixel, op, C + row * N, ldc,
+                                         row, b);
+          });
+        continue;
+      }
+#endif
       if (pixels) {
         for (int64_t b = 0; b < cv.blocks; ++b) {
           const auto pixels_from = [&](auto p, int64_t x) {  // pixel_tile<p> on pixels from x
@@ -1049,6 +1119,19 @@ void product(const Conv* conv, const float* A, const float* Bt, float* C, int64_
     for (int64_t k = 0; k < K; ++k)
       for (int64_t n = 0; n < N; ++n) pairs[(k / 2) * 16 + pair_slot(n, k & 1)] = Bt[k * 8 + n];
     op.pairs = pairs.data();
+  }
+  std::vector<float> doubled, bias2;
+  if (WIDE && conv && N == 8 && conv->K == 8 && conv->kw == 3 && conv->sw == 1 &&
+      conv->dw == 1) {  // the bank's rows twice, for block_pairs
+    doubled.resize(K * 16);
+    for (int64_t r = 0; r < K; ++r)
+      for (int j = 0; j < 16; ++j) doubled[r * 16 + j] = Bt[r * 8 + j % 8];
+    op.doubled = doubled.data();
+    if (bias) {
+      bias2.resize(16);
+      for (int j = 0; j < 16; ++j) bias2[j] = bias[j % 8];
+      op.bias2 = bias2.data();
+    }
   }
   op.blocks = affine ? blocks : 1;
   std::vector<float> unit;

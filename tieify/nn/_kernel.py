@@ -512,7 +512,8 @@ def prepare_conv2d(
     (``weight.permute(2, 3, 1, 0).reshape(-1, N)``) or ``pack(bt)``, ``bias`` (N,). Block
     ``b`` of every output pixel is the bank applied to block ``b`` of the input pixels under
     the filter. The epilogue as in :func:`prepare_pointwise`, ``residual`` laid out like ``out``,
-    and ``scale``'s blocks a divisor of ``blocks`` (output block b takes its row b % blocks).
+    ``scale`` and ``shift`` of rows that divide ``blocks`` (output block b takes their row
+    b % rows).
     ``winograd``: by Winograd's F(2×2, 3×3) (see ``_kernel.cpp``), where
     :func:`winograd_applies`; ``bt`` is then :func:`winograd_bank`'s.
 

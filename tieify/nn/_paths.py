@@ -145,15 +145,6 @@ PLANAR_MIN_CHANNELS = 4
 #: B = 2, all at B = 4; channels-last, batch 8, a probe timing both models interleaved) changed
 #: the model's time by 1.00× and 1.02×: unfused layers keep widen.
 KERNEL_CONV_MIN_WIDTH = 28
-
-_CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-#: PyTorch's native (non-oneDNN) CPU 2-D convolution, with autograd; see ``"native"`` above.
-_THNN_CONV2D: Callable[..., torch.Tensor] = torch._C._nn.thnn_conv2d  # type: ignore[attr-defined]
-
-
-# -- layout helpers (static: they never look at the batch size or the batch stride) --------
-
-
 #: The narrowest output a k×k layer that the kernel runs by Winograd's F(2×2, 3×3) takes the
 #: ``kernel`` path at by default (:func:`_kernel_conv_by_default`). On ResNet-50's 3×3 shapes
 #: at batch 8 (channels-last, 2 threads, AVX-512 Xeon, medians of 7 rounds of 15 calls,
@@ -163,6 +154,13 @@ _THNN_CONV2D: Callable[..., torch.Tensor] = torch._C._nn.thnn_conv2d  # type: ig
 #: 0.66; at 7×7, where the 2×2 tiles compute 64 outputs for 49, 256, 128 and 64 2.73 / 4.16 /
 #: 2.40, 1.01 / 1.48 / 1.15 and 0.61 / 0.64 / 0.59 (widen the fastest twice).
 KERNEL_WINOGRAD_MIN_WIDTH = 14
+
+_CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: PyTorch's native (non-oneDNN) CPU 2-D convolution, with autograd; see ``"native"`` above.
+_THNN_CONV2D: Callable[..., torch.Tensor] = torch._C._nn.thnn_conv2d  # type: ignore[attr-defined]
+
+
+# -- layout helpers (static: they never look at the batch size or the batch stride) --------
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -736,8 +734,9 @@ def _conv_geometry(layer: _TiedConvNd) -> dict[str, Any]:
 def kernel_conv_call(
     layer: _TiedConvNd, x: torch.Tensor, bias: torch.Tensor | None, **epilogue: Any
 ) -> torch.Tensor:
-    """The kernel's conv of ``x`` by ``layer`` with its kept tap bank, in an eager call that
-    records no gradient: ``bias`` the layer's, or None where the epilogue's shift holds it
+    """The kernel's conv of ``x`` by ``layer`` with its kept bank (:func:`_conv_bank`: its taps,
+    or Winograd's transformed banks), in an eager call that records no gradient: ``bias``
+    the layer's, or None where the epilogue's shift holds it
     (:func:`tieify.nn._fused.conv_bn_act`, which gives the epilogue)."""
     geometry = _conv_geometry(layer)
     bank, winograd = _conv_bank(layer, geometry, epilogue.get("scale"))
@@ -1100,8 +1099,9 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     per-call overhead, which decides small and pooled inputs), or widened on a CPU without
     AVX-512 once a float32 input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers
     on a channels-last input run tieify's ``kernel`` where it applies by Winograd's
-    F(2×2, 3×3) or at a batch of one (only ``fused`` where not :data:`_KERNEL_WINS_ALONE`),
-    and with ``fused`` (a layer whose
+    F(2×2, 3×3) with an output at least :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide or at a batch
+    of one (only ``fused`` where not :data:`_KERNEL_WINS_ALONE`), and with ``fused`` (a
+    layer whose
     batch norm, add and ReLU :func:`tieify.fuse` would apply in the kernel's epilogue) also
     where the output is at least :data:`KERNEL_CONV_MIN_WIDTH` wide
     (:func:`_kernel_conv_by_default`); else widened on CPU where that applies, else lifted

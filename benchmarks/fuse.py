@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import run_model_benchmark  # noqa: E402
-from models import CL, build_case, median_ratio, time_pair  # noqa: E402
+from models import CL, build_case, median_ratio, time_models, time_pair  # noqa: E402
 
 import tieify  # noqa: E402
 import tieify._fuse  # noqa: E402  (FUSED_MAX_BANK)
@@ -93,16 +93,11 @@ def model_rows(args) -> list[dict]:
                 tieify.optimize(plain, x)
             fused = tieify.fuse(plain, x)
             tied_only = tieify.fuse(plain, x, dense=False)
-            fns = {
-                "plain": lambda m=plain, x=x: m(x),
-                "tied_only": lambda m=tied_only, x=x: m(x),
-                "fused": lambda m=fused, x=x: m(x),
-            }
+            models = {"plain": plain, "tied_only": tied_only, "fused": fused}
             if args.max_bank is not None:
-                limited = _fused_with_max_bank(plain, x, args.max_bank)
-                fns["limited"] = lambda m=limited, x=x: m(x)
+                models["limited"] = _fused_with_max_bank(plain, x, args.max_bank)
             with torch.inference_mode():
-                samples = time_pair(fns, args.rounds, args.target_s)
+                samples = time_models(models, x, args.rounds, args.target_s)
 
             rows.append(
                 {
@@ -118,7 +113,7 @@ def model_rows(args) -> list[dict]:
                 }
             )
             if args.max_bank is not None:
-                rows[-1]["limited_chains"] = len(getattr(limited, "fused", {}))
+                rows[-1]["limited_chains"] = len(getattr(models["limited"], "fused", {}))
                 rows[-1]["fused_over_limited"] = median_ratio(samples, "fused", "limited")
             print(rows[-1], flush=True)
     return rows

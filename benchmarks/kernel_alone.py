@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import run_model_benchmark  # noqa: E402
-from models import CL, against, build_case, time_pair  # noqa: E402
+from models import CL, against, build_case, time_models  # noqa: E402
 
 import tieify  # noqa: E402
 from tieify.nn import _kernel, _paths  # noqa: E402
@@ -50,9 +50,7 @@ def case_rows(args) -> list[dict]:
                         models[variant](x)  # its layers' paths, chosen under this setting
                 models["rule"](x)
                 tieify.optimize(models["optimize"], x)
-                fns = {"dense": lambda m=dense, x=x: m(x)}
-                fns |= {v: (lambda m=m, x=x: m(x)) for v, m in models.items()}
-                samples = time_pair(fns, args.rounds, args.target_s)
+                samples = time_models({"dense": dense, **models}, x, args.rounds, args.target_s)
             row = {"case": case, "batch": batch, **against(samples, VARIANTS, "dense")}
             rows.append(row)
             print(row, flush=True)

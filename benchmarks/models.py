@@ -164,7 +164,7 @@ CASES = [
 
 
 def time_pair(fns: dict[str, Callable[[], object]], rounds: int, target_s: float):
-    """Median seconds and median per-round tied/dense ratio of interleaved samples."""
+    """Interleaved timing samples: each of ``fns``'s seconds a call, one per round."""
     for f in fns.values():
         f()
     iters = {n: calibrate_iters(f, target_s) for n, f in fns.items()}
@@ -173,6 +173,16 @@ def time_pair(fns: dict[str, Callable[[], object]], rounds: int, target_s: float
         for n, f in fns.items():
             samples[n].append(time_once(f, iters[n]))
     return samples
+
+
+def time_models(
+    models: dict[str, Callable[[torch.Tensor], object]],
+    x: torch.Tensor,
+    rounds: int,
+    target_s: float,
+):
+    """:func:`time_pair` of each model's forward on ``x``, under the names of ``models``."""
+    return time_pair({k: (lambda m=m: m(x)) for k, m in models.items()}, rounds, target_s)
 
 
 def median_ratio(samples: dict[str, list[float]], top: str, bottom: str) -> float:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import run_model_benchmark  # noqa: E402
-from models import CL, against, build_case, median_ratio, time_pair  # noqa: E402
+from models import CL, against, build_case, median_ratio, time_models  # noqa: E402
 
 import tieify  # noqa: E402
 from tieify.nn import _kernel  # noqa: E402
@@ -47,9 +47,7 @@ def case_rows(args) -> list[dict]:
                 fused["machine"](x)  # its kernel calls made ready with this machine's stores
                 with mock.patch.object(_kernel, "STREAM_MIN_BYTES", STREAM_FROM):
                     fused["from_1mib"](x)
-                fns = {"dense": lambda m=dense, x=x: m(x)}
-                fns |= {k: (lambda m=m, x=x: m(x)) for k, m in fused.items()}
-                samples = time_pair(fns, args.rounds, args.target_s)
+                samples = time_models({"dense": dense, **fused}, x, args.rounds, args.target_s)
             row = {
                 "case": case,
                 "batch": batch,

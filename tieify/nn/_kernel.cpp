@@ -68,7 +68,7 @@ typedef float v8 __attribute__((vector_size(32)));
 // on ResNet-50's pointwise shapes at batch 8 (AVX2 EPYC): 1.1-1.8x faster than none.
 constexpr int PREFETCH_TILES = 4;
 
-// A vector of type V (v8, or v16 with AVX-512) from p, any alignment.
+// A vector of type V (v8, or v16 with AVX-512; or a float) from p, any alignment.
 template <class V>
 inline V load(const float* p) {
   V v;
@@ -925,21 +925,14 @@ void dispatch(const Conv* conv, const float* A, float* C, int64_t R, int64_t K, 
 // is the rule. Its error against a float64 reference on those shapes of K >= 32 (and the
 // 7×7 ones; batch 2) was 2.2e-7 to 6.7e-7 of the largest output, the direct kernel's 5.7e-7
 // to 1.9e-6: each point's sum is K terms long, the direct one 9·K (the transforms'
-// coefficients 0, ±1/2, ±1 are exact). A NaN or an
-// infinity in the input reaches exactly the outputs whose 3×3 field holds it, as in the
-// direct convolution, but an infinity arrives as NaN: the transforms subtract it from itself.
+// coefficients 0, ±1/2, ±1 are exact). A NaN or an infinity in the input reaches exactly
+// the outputs whose 3×3 field holds it, as in the direct convolution, but an infinity
+// arrives as NaN: the transforms subtract it from itself.
 struct Winograd {
   int64_t n, h, w, blocks, K, N, ph, pw, ho, wo;
 };
 
-// T: float or a vector type (v8, v16), any alignment.
-template <class T>
-inline T get(const float* p) {
-  T v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
+// v at p, any alignment: T float or a vector type (v8, v16); load<T> reads them.
 template <class T>
 inline void put(float* p, T v) {
   std::memcpy(p, &v, sizeof v);
@@ -951,7 +944,7 @@ template <class T>
 inline void input_tile(const float* const (&src)[4][4], int64_t c, float* v, int64_t ps) {
   T d[4][4], t[4][4];
   for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) d[i][j] = get<T>(src[i][j] + c);
+    for (int j = 0; j < 4; ++j) d[i][j] = load<T>(src[i][j] + c);
   for (int j = 0; j < 4; ++j) {  // B^T d, B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
     t[0][j] = d[0][j] - d[2][j];
     t[1][j] = d[1][j] + d[2][j];
@@ -975,19 +968,19 @@ inline void output_tile(const float* m, int64_t ms, int64_t c, const float* scal
                         const float* const (&res)[2][2], bool relu) {
   T s0[4], s1[4];  // A^T M, A^T = [1 1 1 0; 0 1 -1 -1]
   for (int j = 0; j < 4; ++j) {
-    const T m0 = get<T>(m + j * ms + c), m1 = get<T>(m + (4 + j) * ms + c);
-    const T m2 = get<T>(m + (8 + j) * ms + c), m3 = get<T>(m + (12 + j) * ms + c);
+    const T m0 = load<T>(m + j * ms + c), m1 = load<T>(m + (4 + j) * ms + c);
+    const T m2 = load<T>(m + (8 + j) * ms + c), m3 = load<T>(m + (12 + j) * ms + c);
     s0[j] = m0 + m1 + m2;
     s1[j] = m1 - m2 - m3;
   }
   const T y[2][2] = {{s0[0] + s0[1] + s0[2], s0[1] - s0[2] - s0[3]},
                      {s1[0] + s1[1] + s1[2], s1[1] - s1[2] - s1[3]}};
-  const T a = get<T>(scale + c), b = get<T>(shift + c);
+  const T a = load<T>(scale + c), b = load<T>(shift + c);
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) {
       if (!dst[i][j]) continue;
       T out = y[i][j] * a + b;
-      if (res[i][j]) out += get<T>(res[i][j] + c);
+      if (res[i][j]) out += load<T>(res[i][j] + c);
       if (relu) out = out < T{} ? T{} : out;  // NaN stays NaN, as torch.relu keeps it
       put<T>(dst[i][j] + c, out);
     }
@@ -1008,14 +1001,10 @@ inline void over_channels(int64_t n, F&& f) {
 // C (R×N) = A (R×K) · the packed bank of op, no epilogue: the pointwise product's row tiles.
 inline void product_rows(const float* A, float* C, int64_t R, int64_t K, int64_t N,
                          const Operands& op) {
-  const auto rows_at = [&](auto mr, int64_t r) {
-    const float* at = A + r * K;
-    row_block<decltype(mr)::value, false, 0, false>(Rows{&at, 1, K}, op, C + r * N, N, r, 0);
-  };
   if (R >= WIDE_MR)
-    cover(R, WIDE_MR, [&](int64_t r) { rows_at(std::integral_constant<int, WIDE_MR>{}, r); });
+    cover(R, WIDE_MR, [&](int64_t r) { rows<WIDE_MR, false, 0, false, false>(A, C, K, N, op, r); });
   else
-    for (int64_t r = 0; r < R; ++r) rows_at(std::integral_constant<int, 1>{}, r);
+    for (int64_t r = 0; r < R; ++r) rows<1, false, 0, false, false>(A, C, K, N, op, r);
 }
 
 // U: the 16 packed banks (winograd_bank()), point p at p·K·ldb; scale and shift (blocks·N,

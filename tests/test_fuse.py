@@ -531,6 +531,8 @@ def test_fuse_with_example_inputs_times_chains_whose_conv_could_run_the_kernel(
 
     def timer(fns, **kwargs):
         calls.append(sorted(fns))
+        # Each candidate's fastest round decides, over FUSE_REPEATS rounds.
+        assert kwargs["best"] is True and kwargs["repeats"] == tieify._fuse.FUSE_REPEATS
         for fn in fns.values():  # both must run
             fn()
         return dict(faster)

@@ -542,6 +542,22 @@ def test_winograd_equals_the_reference_on_random_shapes(case, seed):
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize("tiles", [1, 3, 4, 5, 11, 12, 13, 15, 16, 24, 26, 28, 35])
+def test_winograd_products_of_every_row_count(tiles):
+    """A run's products take tiles of WIDE_MR rows (12 with AVX-512), then of 4 (the last
+    overlapping the rows before), or single rows below 4: one block and a 2-high image of
+    ``tiles`` 2×2 tiles gives products of that many rows (runs of at most 24 tiles: more
+    give a run of 24 and the rest), every remainder equal to the reference."""
+    torch.manual_seed(tiles)
+    layer = TiedConv2d(32, 32, 3, padding=1, B=1, bias=True)
+    x = channels_last(torch.randn(1, 32, 2, 2 * tiles))
+    with torch.no_grad():
+        y = _paths.run_path(layer, x, "kernel")
+    assert "winograd" in _paths._FORMS[layer]
+    torch.testing.assert_close(y, _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 def test_winograd_keeps_non_finite_values_to_the_outputs_that_see_them():
     """A NaN or an infinity in the input reaches exactly the outputs whose 3×3 field holds it,
     as in the direct convolution, though an infinity arrives there as NaN (the transforms

@@ -292,6 +292,18 @@ def test_rounds_extend_to_min_seconds_and_stop_at_the_cap():
     assert sum(samples["s"]) >= 0.1 - 0.01 * 2
 
 
+def test_interleaved_medians_or_each_candidates_fastest_round(monkeypatch):
+    """The median of each candidate's rounds, or with ``best`` its fastest round: a loaded
+    stretch that slows both alike moves their medians together, not their minimums."""
+    from tieify.latency import _timing
+
+    rounds = {"fused": [3.4, 16.9, 17.2, 17.1, 3.5], "separate": [5.2, 16.5, 16.7, 16.6, 5.0]}
+    monkeypatch.setattr(_timing, "interleaved_samples", lambda *args: rounds)
+    fns = dict.fromkeys(rounds, lambda: None)
+    assert _timing.interleaved_medians(fns) == {"fused": 16.9, "separate": 16.5}
+    assert _timing.interleaved_medians(fns, best=True) == {"fused": 3.4, "separate": 5.0}
+
+
 def test_another_machine_measures_its_own_table_and_remainder(fake_timing, monkeypatch):
     """A cache directory shared with another machine serves it none of this one's entries:
     the machine (CPU model, instruction set, CPU count) is part of every key."""

@@ -310,6 +310,16 @@ FUSED_MARGIN = 0.95
 #: cases fused the same chains (0.981–1.008: the noise). A throwaway run before it gave 0.938
 #: and 0.981 for the all-B = 4 model.
 FUSED_MAX_BANK: int | None = None if _kernel.KEEPS_OUTPUTS_CACHED else 32768
+#: Interleaved rounds of a chain's timing; the choice compares each candidate's fastest round
+#: (``interleaved_medians(best=True)``), not the medians: it is made once and cached, and a
+#: run under load kept a wrong one. ResNet-50's layer1.0.conv3 chain at B = 4, batch 8
+#: (1×1 64→256 at 56×56, batch norm, add, ReLU; AVX-512 Xeon, 2 threads) was cached as
+#: "separate 16.6 ms, fused 17.1 ms" by a median of 5 rounds under load, and left unfused;
+#: unloaded the medians are 4.7–5.3 ms and 3.45 ms (2026-12-02, 17:00 UTC). After
+#: ``optimize`` and ``fuse``, the all-B = 4 model took 0.383 of the folded dense model's time
+#: at batch 8 with that choice (and the same for the two chains after it), and 0.350 once
+#: they were timed this way (one interleaved run each, 17:00–17:08).
+FUSE_REPEATS = 7
 
 
 def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch.Tensor]) -> bool:
@@ -321,7 +331,8 @@ def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch
     separate modules) by :data:`FUSED_MARGIN`. In the second case the conv's ``path`` is
     pinned to ``"kernel"``.
     The choice is timed once per (layer configuration, input, threads, torch and tieify
-    versions, kernel build) and cached with :func:`tieify.optimize`'s. Pointwise chains the
+    versions, kernel build), on each candidate's fastest of :data:`FUSE_REPEATS` interleaved
+    rounds, and cached with :func:`tieify.optimize`'s. Pointwise chains the
     fused rule leaves on gemm are not timed: timed alone, the small ones (MobileNetV3-Large
     at batch 1: 11 chains) were faster fused, and the model 1.08× slower
     (``benchmarks/fuse.py``, 2026-12-01). Those it runs on the kernel are: on an AVX-512
@@ -347,7 +358,8 @@ def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch
         return False
     from .latency._optimize import PATH_CACHE, _timer, like, path_key
 
-    key = f"fuse|{path_key(conv, x)}|{chain.add is not None}|{chain.relu is not None}"
+    # "best": the choice is timed on each candidate's fastest round (FUSE_REPEATS rounds).
+    key = f"fuse|{path_key(conv, x)}|{chain.add is not None}|{chain.relu is not None}|best"
     hit = PATH_CACHE.get(key)
     if isinstance(hit, dict) and isinstance(hit.get("fuse"), bool):
         faster = bool(hit["fuse"])
@@ -363,7 +375,7 @@ def _fuses_faster(gm: fx.GraphModule, chain: _Chain, seen: dict[nn.Module, torch
             "fused": lambda: _fused_call(xx, conv, bn, r, relu),
         }
         with torch.inference_mode():
-            times = _timer(fns, repeats=5, warmup=1, target_s=0.005, device=None)
+            times = _timer(fns, repeats=FUSE_REPEATS, warmup=1, target_s=0.005, best=True)
         faster = times["fused"] < FUSED_MARGIN * times["separate"]
         PATH_CACHE.set(key, {"fuse": faster, "seconds": times})
     if faster:

@@ -92,11 +92,16 @@ def interleaved_medians(
     target_s: float = 0.02,
     device: torch.device | None = None,
     min_seconds: float = 0.0,
+    best: bool = False,
 ) -> dict[str, float]:
     """Median seconds per call of each candidate over interleaved rounds (see
-    :func:`interleaved_samples` for the arguments)."""
+    :func:`interleaved_samples` for the arguments); with ``best``, each candidate's fastest
+    round instead: the sample least slowed by other jobs, for a choice made once and kept
+    (under load that stays for several rounds, medians of two candidates drift towards each
+    other as both wait alike)."""
     samples = interleaved_samples(fns, repeats, warmup, target_s, device, min_seconds)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    reduce = min if best else statistics.median
+    return {name: reduce(v) for name, v in samples.items()}
 
 
 def median(values: Sequence[float]) -> float:

@@ -152,8 +152,12 @@ KERNEL_CONV_MIN_WIDTH = 28
 #: 32 at 56×56 2.09 / 2.35 / 2.49; 64 and 32 at 28×28 1.86 / 2.63 / 2.44 and 1.08 / 1.19 /
 #: 1.29; 128, 64 and 32 at 14×14 1.50 / 3.00 / 2.34, 0.90 / 1.27 / 1.22 and 0.50 / 0.59 /
 #: 0.66; at 7×7, where the 2×2 tiles compute 64 outputs for 49, 256, 128 and 64 2.73 / 4.16 /
-#: 2.40, 1.01 / 1.48 / 1.15 and 0.61 / 0.64 / 0.59 (widen the fastest twice).
-KERNEL_WINOGRAD_MIN_WIDTH = 14
+#: 2.40, 1.01 / 1.48 / 1.15 and 0.61 / 0.64 / 0.59 (widen the fastest twice). Since a run's
+#: last product rows take 4-row tiles (no longer a recomputing 12-row one), the 7×7 layers
+#: too: Winograd / ``widen`` 2.53-2.71 / 2.79-2.86, 1.08-1.17 / 1.29-1.35 and 0.56-0.60 /
+#: 0.64-0.68 ms in four runs of ``benchmarks/conv_paths.py`` (2026-12-02 17:53-17:55 UTC),
+#: where the kernel was the fastest path in 12 of 12 cases at batch 8 each time.
+KERNEL_WINOGRAD_MIN_WIDTH = 7
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 #: PyTorch's native (non-oneDNN) CPU 2-D convolution, with autograd; see ``"native"`` above.
@@ -998,7 +1002,9 @@ _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 #: kernel alone against oneDNN's paths by the rule, batch 1 / 8: all-B = 4 ResNet-50 0.369 /
 #: 0.476 against 0.416 / 0.482; ResNet-50 3×3-B2 0.840 / 0.852 against 0.854 / 0.858,
 #: ResNeXt-50 B2 0.596 / 0.713 against 0.599 / 0.710, MobileNetV3-Large B2 0.888 / 0.910
-#: against 0.899 / 0.886 (its one loss, 2.5%; 1% in an earlier run).
+#: against 0.899 / 0.886 (its one loss, 2.5%; 1% in an earlier run). The run at 17:55 UTC
+#: (the results file): 0.370 / 0.447 against 0.419 / 0.463, 0.812 / 0.819 against 0.861 /
+#: 0.840, 0.598 / 0.682 against 0.612 / 0.694, 0.882 / 0.879 against 0.882 / 0.870.
 _KERNEL_WINS_ALONE = not _CPU_HAS_AVX512 or _kernel.KEEPS_OUTPUTS_CACHED
 
 

@@ -156,8 +156,13 @@ KERNEL_CONV_MIN_WIDTH = 28
 #: last product rows take 4-row tiles (no longer a recomputing 12-row one), the 7×7 layers
 #: too: Winograd / ``widen`` 2.53-2.71 / 2.79-2.86, 1.08-1.17 / 1.29-1.35 and 0.56-0.60 /
 #: 0.64-0.68 ms in four runs of ``benchmarks/conv_paths.py`` (2026-12-02 17:53-17:55 UTC),
-#: where the kernel was the fastest path in 12 of 12 cases at batch 8 each time.
+#: where the kernel was the fastest path in 12 of 12 cases at batch 8 each time. With AVX-512
+#: only: :data:`KERNEL_WINOGRAD_MIN_WIDTH_256` holds elsewhere.
 KERNEL_WINOGRAD_MIN_WIDTH = 7
+#: :data:`KERNEL_WINOGRAD_MIN_WIDTH` on a CPU without AVX-512 (256-bit vectors, 6-row tiles,
+#: which overlapped by at most 5 rows before the 4-row tiles): kept at the 14 measured
+#: before, since no such host was at hand to measure the 7×7 layers again.
+KERNEL_WINOGRAD_MIN_WIDTH_256 = 14
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 #: PyTorch's native (non-oneDNN) CPU 2-D convolution, with autograd; see ``"native"`` above.
@@ -1079,14 +1084,16 @@ def output_size(layer: _TiedConvNd, x: torch.Tensor) -> tuple[int, ...]:
 def _kernel_conv_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool) -> bool:
     """Whether a k×k layer whose input the ``kernel`` takes runs it by default, where
     :data:`_KERNEL_WINS_ALONE` or ``fused``: by Winograd's F(2×2, 3×3) (:func:`_winograd`)
-    with an output at least :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide, at a batch of one, or,
+    with an output at least :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide (with AVX-512; else
+    :data:`KERNEL_WINOGRAD_MIN_WIDTH_256`), at a batch of one, or,
     ``fused``, with an output at least :data:`KERNEL_CONV_MIN_WIDTH` wide. Static tests: a
     symbolic batch (a dynamic-batch compile or export) is not taken for one."""
     if not (fused or _KERNEL_WINS_ALONE):
         return False
     width = output_size(layer, x)[-1]
     winograd = _winograd(layer.weight, layer.B, _conv_geometry(layer))
-    if winograd and statically_known_true(width >= KERNEL_WINOGRAD_MIN_WIDTH):
+    least = KERNEL_WINOGRAD_MIN_WIDTH if _CPU_HAS_AVX512 else KERNEL_WINOGRAD_MIN_WIDTH_256
+    if winograd and statically_known_true(width >= least):
         return True
     batch = x.shape[0]
     if isinstance(batch, (int, torch.SymInt)) and statically_known_true(batch == 1):
@@ -1105,7 +1112,8 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     per-call overhead, which decides small and pooled inputs), or widened on a CPU without
     AVX-512 once a float32 input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers
     on a channels-last input run tieify's ``kernel`` where it applies by Winograd's
-    F(2×2, 3×3) with an output at least :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide or at a batch
+    F(2×2, 3×3) with an output at least :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide (without
+    AVX-512 :data:`KERNEL_WINOGRAD_MIN_WIDTH_256`) or at a batch
     of one (only ``fused`` where not :data:`_KERNEL_WINS_ALONE`), and with ``fused`` (a
     layer whose
     batch norm, add and ReLU :func:`tieify.fuse` would apply in the kernel's epilogue) also

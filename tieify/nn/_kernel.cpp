@@ -281,7 +281,7 @@ inline void row_block(const Rows& a, const Operands& op, float* c, int64_t N, in
   // Only the first tile prefetches the rows ahead where rows are at least 32 floats: the
   // others read the same rows, in cache by then, and their prefetches only cost issue slots.
   // Against prefetching in every tile (interleaved A/B of the two builds, 2 threads, AVX-512
-  // Xeon): 1.04-1.11x on products of K >= 128 and 64-1,024 columns, 1.00-1.02x on the
+  // Xeon): 1.03-1.11x on products of K >= 128 and 64-1,024 columns, 0.99-1.04x on the
   // others of K >= 32. Thinner rows stream faster than the arithmetic uses them, and there
   // every tile prefetching was faster (0.90-1.01x without, K = 16, N = 64).
   const bool again = a.K < 32;

@@ -631,8 +631,8 @@ def conv2d_op(
 
     def prepare(rows: torch.Tensor, out: torch.Tensor) -> _kernel.Prepared:
         def make() -> _kernel.Prepared:
-            winograd = _winograd(weight, blocks, geometry)
-            bank = (_winograd_bank if winograd else _tap_bank)(weight, None, blocks)[0].clone()
+            kind, make_bank = _conv_form(weight, blocks, geometry, None)
+            bank, winograd = make_bank(weight, None, blocks)[0].clone(), kind == "winograd"
             return _kernel.prepare_conv2d(
                 rows, bank, _copy(bias), out, blocks=blocks, **geometry, winograd=winograd
             )
@@ -932,14 +932,23 @@ def _winograd(
     )  # fmt: skip
 
 
+def _conv_form(
+    weight: torch.Tensor, B: int, geometry: dict[str, Any], scale: torch.Tensor | None
+) -> tuple[str, Callable[[torch.Tensor, torch.Tensor | None, int], _Bank]]:
+    """The form of the bank the convolution kernel runs ``weight`` with, and what makes it:
+    ``"winograd"`` (:func:`_winograd`: the transformed banks), else ``"taps"``."""
+    if _winograd(weight, B, geometry, scale):
+        return "winograd", _winograd_bank
+    return "taps", _tap_bank
+
+
 def _conv_bank(
     layer: _TiedConvNd, geometry: dict[str, Any], scale: torch.Tensor | None
 ) -> tuple[torch.Tensor, bool]:
-    """The kept bank the convolution kernel runs ``layer`` with, and whether by Winograd's
-    F(2×2, 3×3) (:func:`_winograd`): its transformed banks, else its taps."""
-    if _winograd(layer.weight, layer.B, geometry, scale):
-        return _cached(layer, "winograd", _winograd_bank)[0], True
-    return _cached(layer, "taps", _tap_bank)[0], False
+    """The kept bank the convolution kernel runs ``layer`` with (:func:`_conv_form`), and
+    whether by Winograd's F(2×2, 3×3)."""
+    kind, make = _conv_form(layer.weight, layer.B, geometry, scale)
+    return _cached(layer, kind, make)[0], kind == "winograd"
 
 
 def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:

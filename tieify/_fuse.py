@@ -315,10 +315,10 @@ FUSED_MAX_BANK: int | None = None if _kernel.KEEPS_OUTPUTS_CACHED else 32768
 #: run under load kept a wrong one. ResNet-50's layer1.0.conv3 chain at B = 4, batch 8
 #: (1×1 64→256 at 56×56, batch norm, add, ReLU; AVX-512 Xeon, 2 threads) was cached as
 #: "separate 16.6 ms, fused 17.1 ms" by a median of 5 rounds under load, and left unfused;
-#: unloaded the medians are 4.7–5.3 ms and 3.45 ms (2026-12-02, 17:00 UTC). After
+#: unloaded the medians are 4.7–5.3 ms and 3.45 ms (2026-12-02, 16:58 UTC). After
 #: ``optimize`` and ``fuse``, the all-B = 4 model took 0.383 of the folded dense model's time
 #: at batch 8 with that choice (and the same for the two chains after it), and 0.350 once
-#: they were timed this way (one interleaved run each, 17:00–17:08).
+#: they were timed this way (one interleaved run each, 16:57–17:01).
 FUSE_REPEATS = 7
 
 

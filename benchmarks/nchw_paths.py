@@ -10,7 +10,13 @@ prints time ratios (> 1: ``native`` is faster):
    below;
 2. small 3×3 layers (the default search model's and a few more), B ∈ {2, 4}, batch 1, 2 and
    8: fold / native against the input's element count — the rule takes ``native`` for k×k
-   layers up to ``tieify.nn._paths.NATIVE_MAX_NUMEL`` elements, batch included.
+   layers up to ``tieify.nn._paths.NATIVE_MAX_NUMEL`` elements, batch included;
+3. ResNet-50's strided 1×1 (downsample) layers, B ∈ {2, 4, 8}, batch 1 and 8: kernel (the
+   channels-first product of the kept pixels, copied out) / native;
+4. ResNet-50's 3×3 layers (stride 1), B ∈ {2, 4, 8}, batch 1 and 8: fold, grouped and
+   native over the kernel (the convolution kernel on a channels-last copy, the output
+   copied back), with the rule's choice — it takes the kernel where Winograd applies
+   (at least ``WINOGRAD_MIN_CHANNELS`` channels a block) and the kernel wins alone.
 
 Usage::
 
@@ -45,6 +51,8 @@ POINTWISE = [  # (C_in, C_out, H): ResNet-50's, then MobileNetV3-Large's
     (960, 160, 7),
 ]
 SMALL_3X3 = [(16, 16), (32, 8), (64, 4), (16, 32), (32, 16), (64, 8), (128, 8), (64, 16)]
+DOWNSAMPLE = [(256, 512, 56), (512, 1024, 28), (1024, 2048, 14)]  # stride 2
+RESNET50_3X3 = [(64, 56), (128, 28), (256, 14), (512, 7)]
 
 
 def medians(layer: TiedConv2d, x: torch.Tensor, paths: tuple[str, ...], rounds: int):
@@ -87,6 +95,33 @@ def main(argv=None) -> int:
                 cells.append(t["fold"] / t["native"])
             row = " | ".join(f"{r:.2f}" for r in cells)
             print(f"| {batch} | {c} | {h} | {x.numel()} | {row} |", flush=True)
+
+    print("\nStrided 1×1 (stride 2), NCHW: kernel / native.\n")
+    print("| batch | C_in | C_out | H | B=2 | B=4 | B=8 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for batch in (1, 8):
+        for ci, co, h in DOWNSAMPLE:
+            x = torch.randn(batch, ci, h, h)
+            cells = []
+            for B in (2, 4, 8):
+                layer = TiedConv2d(ci, co, 1, stride=2, B=B, bias=False)
+                t = medians(layer, x, ("kernel", "native"), args.rounds)
+                cells.append(f"{t['kernel'] / t['native']:.2f}")
+            print(f"| {batch} | {ci} | {co} | {h} | {' | '.join(cells)} |", flush=True)
+
+    print("\n3×3, NCHW: fold / kernel, grouped / kernel, native / kernel; the rule's path.\n")
+    print("| batch | C | H | B | C/B | fold | grouped | native | rule |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for batch in (1, 8):
+        for c, h in RESNET50_3X3:
+            x = torch.randn(batch, c, h, h)
+            for B in (2, 4, 8):
+                layer = TiedConv2d(c, c, 3, padding=1, B=B, bias=False)
+                t = medians(layer, x, ("fold", "grouped", "native", "kernel"), args.rounds)
+                others = ("fold", "grouped", "native")
+                cells = " | ".join(f"{t[p] / t['kernel']:.2f}" for p in others)
+                rule = _paths.default_path(layer, x)
+                print(f"| {batch} | {c} | {h} | {B} | {c // B} | {cells} | {rule} |", flush=True)
     return 0
 
 

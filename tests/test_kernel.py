@@ -61,51 +61,124 @@ def test_kernel_equals_the_reference_forward_and_backward(
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 @pytest.mark.parametrize(
-    "nd,cin,cout,B,bias,batch,size",
+    "nd,cin,cout,B,bias,batch,size,stride",
     [
-        (2, 64, 256, 4, True, 2, 56),  # N = 64: 10 tiles of 6 and one of 4; streamed output
-        (2, 256, 64, 8, False, 2, 28),  # N = 8: a tile of 6 and one of 2
-        (2, 10, 18, 2, True, 2, (3, 7)),  # N = 9, 21 pixels: the last strip overlaps
-        (2, 12, 14, 2, False, 1, (4, 4)),  # 16 pixels: one strip
-        (2, 16, 8, 8, True, 3, (5, 9)),  # K = 2, N = 1
-        (2, 2, 2, 2, True, 2, (4, 4)),  # K = N = 1
-        (1, 8, 8, 2, True, 2, 40),
-        (3, 8, 12, 4, False, 1, (2, 3, 4)),
+        (2, 64, 256, 4, True, 2, 56, 1),  # N = 64: 10 tiles of 6 and one of 4; streamed output
+        (2, 256, 64, 8, False, 2, 28, 1),  # N = 8: a tile of 6 and one of 2
+        (2, 10, 18, 2, True, 2, (3, 7), 1),  # N = 9, 21 pixels: the last strip overlaps
+        (2, 12, 14, 2, False, 1, (4, 4), 1),  # 16 pixels: one strip
+        (2, 64, 128, 4, True, 2, (15, 14), 2),  # stride 2: 8×7 kept pixels, copied out
+        (2, 16, 24, 2, False, 1, (12, 12), 3),  # stride 3: 4×4 kept pixels
+        (2, 16, 8, 8, True, 3, (5, 9), 1),  # K = 2, N = 1
+        (2, 2, 2, 2, True, 2, (4, 4), 1),  # K = N = 1
+        (1, 8, 8, 2, True, 2, 40, 1),
+        (3, 8, 12, 4, False, 1, (2, 3, 4), 1),
     ],
 )
-def test_channels_first_kernel_equals_the_reference(nd, cin, cout, B, bias, batch, size):
+def test_channels_first_kernel_equals_the_reference(nd, cin, cout, B, bias, batch, size, stride):
     """The channels-first (NCHW) product of a pointwise layer: a kept call (twice), a call
     made anew (parameters made under inference_mode), and, while autograd records, the
     batched matrix multiply with the reference's gradients; the output is NCHW."""
     torch.manual_seed(0)
     size = size if isinstance(size, tuple) else (size,) * nd
-    layer = TIED[nd](cin, cout, 1, B=B, bias=bias).eval()
-    x = torch.randn(batch, cin, *size)
+    make = lambda: TIED[nd](cin, cout, 1, stride=stride, B=B, bias=bias).eval()  # noqa: E731
+    call = check_nchw_kernel(make, torch.randn(batch, cin, *size))
+    assert call.planar and not call.transposed
+
+
+def check_nchw_kernel(make, x: torch.Tensor):
+    """The kernel path of ``make()`` on the NCHW ``x`` equals the reference forward and
+    backward (every path's check), by a kept call (twice) and by one made anew (parameters
+    made under inference_mode, never kept); its output is NCHW. Returns the kept call."""
+    layer = make()
     assert "kernel" in check_all_paths(layer, x)
     ref = _paths.fold_forward(layer, x).detach()
     with torch.no_grad():
         for _ in range(2):
             y = _paths.run_path(layer, x, "kernel")
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
-            assert y.is_contiguous()
-        assert any(c.planar for c in _paths._CALLS[layer].values())
+            assert y.is_contiguous()  # NCHW in, NCHW out
+        (call,) = _paths._CALLS[layer].values()
+        torch.testing.assert_close(call(x), ref, rtol=1e-4, atol=1e-4)
     with torch.inference_mode():
-        frozen = TIED[nd](cin, cout, 1, B=B, bias=bias).eval()
+        frozen = make()
         frozen.load_state_dict(layer.state_dict())
-        torch.testing.assert_close(_paths.run_path(frozen, x, "kernel"), ref, rtol=1e-4, atol=1e-4)
+        y = _paths.run_path(frozen, x, "kernel")
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+        assert y.is_contiguous()
     assert frozen not in _paths._CALLS
+    return call
 
 
-def test_the_channels_first_kernel_takes_pointwise_layers_without_a_stride_only():
+def test_the_channels_first_kernel_takes_pointwise_and_2d_kxk_layers():
     layer = TiedConv2d(16, 32, 1, B=4)
     x = torch.randn(2, 16, 8, 8)
     kernel = _kernel.kernel_available()
     assert ("kernel" in _paths.applicable_paths(layer, x)) == kernel
-    assert "kernel" not in _paths.applicable_paths(TiedConv2d(16, 32, 1, stride=2, B=4), x)
-    assert "kernel" not in _paths.applicable_paths(TiedConv2d(16, 32, 3, padding=1, B=4), x)
+    # Strided: the kept pixels (4×4 of 8×8, 4×3 of 7×5) against the 16 a strip needs.
+    strided = TiedConv2d(16, 32, 1, stride=2, B=4)
+    assert ("kernel" in _paths.applicable_paths(strided, x)) == kernel
+    assert "kernel" not in _paths.applicable_paths(strided, torch.randn(2, 16, 7, 5))
+    # k×k: the convolution kernel on a channels-last copy, of any size and stride.
+    conv = TiedConv2d(16, 32, 3, stride=2, padding=1, B=4)
+    assert ("kernel" in _paths.applicable_paths(conv, torch.randn(1, 16, 3, 5))) == kernel
+    assert "kernel" not in _paths.applicable_paths(conv, x.transpose(2, 3))  # not dense
+    for other in (
+        TiedConv2d(16, 32, 3, padding=1, groups=2, B=4),  # TGC: the kernel has no groups
+        TiedConv2d(16, 32, 3, padding=1, padding_mode="reflect", B=4),
+    ):
+        assert "kernel" not in _paths.applicable_paths(other, x)
+    assert "kernel" not in _paths.applicable_paths(
+        TIED[1](16, 32, 3, padding=1, B=4), torch.randn(2, 16, 20)
+    )
     assert "kernel" not in _paths.applicable_paths(layer, x[..., :3, :5])  # 15 pixels
     assert "kernel" not in _paths.applicable_paths(layer, x.transpose(2, 3))  # not dense
     assert "kernel" not in _paths.applicable_paths(layer.double(), x.double())
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize(
+    "cin, cout, B, k, stride, padding, dilation, bias, batch, size",
+    [
+        (64, 64, 2, 3, 1, 1, 1, True, 2, (8, 10)),  # 32 channels a block: Winograd
+        (64, 128, 2, 3, 1, 0, 1, False, 1, (7, 7)),  # Winograd without padding
+        (16, 24, 4, 3, 2, 1, 1, True, 2, (9, 11)),  # the direct conv, strided
+        (12, 12, 3, 5, 1, 4, 2, False, 3, (6, 5)),  # 5×5, dilated
+        (8, 16, 2, (1, 3), 1, (0, 1), 1, True, 2, (4, 6)),
+    ],
+)
+def test_channels_first_conv_kernel_equals_the_reference(
+    cin, cout, B, k, stride, padding, dilation, bias, batch, size
+):
+    """A k×k layer on an NCHW input: the convolution kernel on a channels-last copy, the
+    output copied back to NCHW; forward and backward (autograd records: the operator), a
+    kept call (twice) and one made anew (parameters made under inference_mode)."""
+    torch.manual_seed(0)
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    make = lambda: TiedConv2d(cin, cout, k, **geometry, B=B, bias=bias).eval()  # noqa: E731
+    call = check_nchw_kernel(make, torch.randn(batch, cin, *size))
+    assert call.transposed and not call.planar
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize("alone", [False, True])
+def test_the_rule_takes_the_kernel_for_nchw_winograd_layers_only(monkeypatch, alone):
+    """On an NCHW input a k×k layer runs the kernel by default where Winograd applies (its
+    2.25x fewer multiply-adds pay for the copies) and the kernel wins alone; the direct
+    conv keeps the fold, at a batch of one too."""
+    monkeypatch.setattr(_paths, "_KERNEL_WINS_ALONE", alone)
+    winograd = TiedConv2d(64, 64, 3, padding=1, B=2)
+    direct = TiedConv2d(32, 32, 3, padding=1, B=2)  # 16 channels a block: no Winograd
+    for batch in (1, 8):
+        x = torch.randn(batch, 64, 14, 14)  # above NATIVE_MAX_NUMEL at a batch of one
+        assert _paths.default_path(winograd, x) == ("kernel" if alone else "fold")
+        assert _paths.default_path(direct, x[:, :32]) == "fold"
+        with torch.no_grad():
+            torch.testing.assert_close(winograd(x), _paths.fold_forward(winograd, x))
+    narrow = torch.randn(8, 64, 7, 6)  # 6 wide: below KERNEL_WINOGRAD_MIN_WIDTH
+    assert _paths.KERNEL_WINOGRAD_MIN_WIDTH == 7
+    monkeypatch.setattr(_paths, "_CPU_HAS_AVX512", True)
+    assert _paths.default_path(winograd, narrow) == "fold"
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())

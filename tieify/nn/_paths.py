@@ -459,8 +459,9 @@ def _kernel_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
     """A float32 CPU input and bank, a kernel that could be built on this machine, and either
     a channels-last input of a pointwise layer or of a 2-D convolution the kernel computes
     (:func:`_kernel_conv`), in a plain eager call (as for ``native``) or a ``torch.compile``
-    graph (:func:`_compiling`), or a channels-first input of a pointwise layer
-    (:func:`_planar_applies`) in a plain eager call."""
+    graph (:func:`_compiling`), or, in a plain eager call, a channels-first input of a
+    pointwise layer (:func:`_planar_applies`) or of a 2-D convolution the kernel computes
+    (:func:`_transposed_applies`)."""
     params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
     if not (
         x.device.type == "cpu"
@@ -471,19 +472,39 @@ def _kernel_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
     if is_channels_last(x):
         shape = _is_pointwise(layer) or _kernel_conv(layer)
         return shape and (_plain_eager(x) or _compiling()) and _kernel_ready()
-    return _planar_applies(layer, x) and _plain_eager(x) and _kernel_ready()
+    if not _plain_eager(x):
+        return False
+    return (_planar_applies(layer, x) or _transposed_applies(layer, x)) and _kernel_ready()
 
 
 def _planar_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
-    """A pointwise layer without a stride on a channels-first (NCHW) input of at least
+    """A pointwise layer on a channels-first (NCHW) input whose output has at least
     :data:`tieify.nn._kernel.PLANAR_MIN_PIXELS` pixels an image: the kernel's channels-first
-    product (a static test: the batch is not looked at)."""
+    product, of the input's kept pixels copied out where the layer strides (a static test:
+    the batch is not looked at)."""
+    kept = [-(-size // s) for size, s in zip(x.shape[2:], layer.stride, strict=True)]
     return (
         _is_pointwise(layer)
-        and all(s == 1 for s in layer.stride)
         and is_channels_first(x)
-        and math.prod(x.shape[2:]) >= _kernel.PLANAR_MIN_PIXELS
+        and math.prod(kept) >= _kernel.PLANAR_MIN_PIXELS
     )
+
+
+def _transposed_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
+    """A k×k layer the convolution kernel computes (:func:`_kernel_conv`) on a channels-first
+    (NCHW) input: the kernel runs on a channels-last copy of the input, and its output is
+    copied back to NCHW (:func:`to_channels_last`, :func:`to_channels_first`)."""
+    return not _is_pointwise(layer) and _kernel_conv(layer) and is_channels_first(x)
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A channels-last copy of the NCHW ``x`` (a 2-D kernel conv's input)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def to_channels_first(y: torch.Tensor) -> torch.Tensor:
+    """An NCHW copy of the channels-last ``y`` (the kernel conv's output, for an NCHW input)."""
+    return y.contiguous()
 
 
 class _OperatorCalls:
@@ -765,7 +786,10 @@ _NAMED = "named path"
 def kernel_forward(layer: _TiedConvNd, x: torch.Tensor, key: Any = _NAMED) -> torch.Tensor:
     """A tied conv on a channels-last input by tieify's compiled kernel (see the module doc).
     A pointwise layer is the ``gemm`` path's zero-copy ``(N·S·B, C/B)`` view, another matrix
-    multiply; others are convolutions (:func:`kernel_conv_forward`). An eager call that
+    multiply; others are convolutions (:func:`kernel_conv_forward`). On a channels-first
+    input (eager calls only) a pointwise layer runs the kernel's channels-first product and a
+    k×k one the convolution on a channels-last copy, its output copied back to NCHW
+    (:func:`_transposed_applies`). An eager call that
     records no gradient calls the kernel directly (the operator's dispatch costs a few µs, as
     much as a small layer's product) with the layer's kept packed bank; the others go through
     the ``tieify::pointwise`` operator. Eager no-grad calls keep their prepared call
@@ -778,11 +802,13 @@ def kernel_forward(layer: _TiedConvNd, x: torch.Tensor, key: Any = _NAMED) -> to
     )
     if call is not None:
         return call(x)
+    if not is_channels_last(x) and not _is_pointwise(layer):  # an NCHW k×k layer (eager)
+        return to_channels_first(kernel_conv_forward(layer, to_channels_last(x)))
     if not is_channels_last(x):  # a channels-first pointwise layer (eager calls only)
         if _records((x, weight, bias)):
             return bmm_forward(layer, x)  # the same product, differentiable
-        out = x.new_empty(x.shape[0], layer.out_channels, *x.shape[2:])
-        xc = x.contiguous()
+        xc = _subsample(layer, x).contiguous()
+        out = x.new_empty(x.shape[0], layer.out_channels, *xc.shape[2:])
         return _prepare_planar(layer, xc, bias, out).run(xc, out)
     if not _is_pointwise(layer):
         return kernel_conv_forward(layer, x)
@@ -1003,9 +1029,16 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
 #: Read once at import: ``torch.compile`` cannot trace the query.
 _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 #: Whether the kernel is the default of an unfused layer: on a CPU without AVX-512, and on
-#: one with AVX-512 where the kernel writes outputs of up to 32 MiB with regular stores,
-#: which leave them in the cache for the next layer
-#: (:data:`tieify.nn._kernel.KEEPS_OUTPUTS_CACHED`).
+#: one with AVX-512 where the kernel writes outputs of more than 1 MiB with regular stores
+#: (:data:`tieify.nn._kernel.STREAM_MIN_BYTES`, half the last-level cache), which leave
+#: them in the cache for the next layer.
+#: On a 2-vCPU AMD EPYC with AVX-512 (family 25, model 17; 32 MB of L3, outputs streamed
+#: from 16 MiB: only the 25.7 MB ones of ResNet-50's first stage at batch 8),
+#: ``python benchmarks/kernel_alone.py`` (2026-12-02 22:51-22:57 UTC, channels-last, tied / dense,
+#: batch 1 / 8) had the kernel alone against oneDNN's paths: all-B = 4 ResNet-50 0.310 /
+#: 0.386 against 0.370 / 0.506, ResNet-50 3×3-B2 0.815 / 0.796 against 0.846 / 0.843,
+#: ResNeXt-50 B2 0.568 / 0.721 against 0.596 / 0.838, MobileNetV3-Large B2 0.835 / 0.809
+#: against 0.875 / 0.963: faster in all eight.
 #: With AVX-512 and outputs from 1 MiB streamed past the cache, oneDNN's paths (``gemm``,
 #: ``widen``) ran most of ResNet-50's conv shapes at least as fast as the kernel alone
 #: (2-thread Xeon, batch 8, 2026-12-02: ``benchmarks/kernels.py`` had ``tieify.optimize``
@@ -1019,7 +1052,7 @@ _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 #: against 0.899 / 0.886 (its one loss, 2.5%; 1% in an earlier run). The run at 17:55 UTC
 #: (the results file): 0.370 / 0.447 against 0.419 / 0.463, 0.812 / 0.819 against 0.861 /
 #: 0.840, 0.598 / 0.682 against 0.612 / 0.694, 0.882 / 0.879 against 0.882 / 0.870.
-_KERNEL_WINS_ALONE = not _CPU_HAS_AVX512 or _kernel.KEEPS_OUTPUTS_CACHED
+_KERNEL_WINS_ALONE = not _CPU_HAS_AVX512 or _kernel.STREAM_MIN_BYTES > 1 << 20
 
 
 def _pixels(x: torch.Tensor) -> int:
@@ -1104,6 +1137,8 @@ def _kernel_conv_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool) ->
     least = KERNEL_WINOGRAD_MIN_WIDTH if _CPU_HAS_AVX512 else KERNEL_WINOGRAD_MIN_WIDTH_256
     if winograd and statically_known_true(width >= least):
         return True
+    if not is_channels_last(x):  # NCHW: the copies to channels-last and back pay off only
+        return False  # against Winograd's 2.25x fewer multiply-adds
     batch = x.shape[0]
     if isinstance(batch, (int, torch.SymInt)) and statically_known_true(batch == 1):
         return True
@@ -1128,10 +1163,13 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     batch norm, add and ReLU :func:`tieify.fuse` would apply in the kernel's epilogue) also
     where the output is at least :data:`KERNEL_CONV_MIN_WIDTH` wide
     (:func:`_kernel_conv_by_default`); else widened on CPU where that applies, else lifted
-    (1-D/2-D). On an NCHW input pointwise layers without a stride run tieify's ``kernel``
-    (its channels-first product, eager only) by the same rule (:func:`_kernel_by_default`),
-    else (eager, CPU, 2-D) ``native``, and k×k layers run ``native`` while the input has at
-    most :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the batched GEMM is
+    (1-D/2-D). On an NCHW input (eager calls only) pointwise layers run tieify's ``kernel``
+    (its channels-first product; a strided one on the kept pixels, copied out) by the same
+    rule (:func:`_kernel_by_default`), else (CPU, 2-D) ``native``; k×k layers run the
+    ``kernel`` on a channels-last copy where Winograd applies, from the same width and only
+    where :data:`_KERNEL_WINS_ALONE` (:func:`_kernel_conv_by_default`), else ``native`` while
+    the input has at most :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the
+    batched GEMM is
     slower than the fold on CPU). Measured in ``benchmarks/``; ``tieify.optimize`` times the
     candidates on the real input instead.
     """
@@ -1234,7 +1272,7 @@ class _KernelCall:
     177 for a 3×3; the dense conv 26 and 44); at batch 8 on ResNet-50's 1×1 layers, 1.09-1.21×
     the bare kernel's time kept against 1.11-1.24×."""
 
-    __slots__ = ("lib", "tokens", "run", "out_shape", "index", "K", "planar")
+    __slots__ = ("lib", "tokens", "run", "out_shape", "index", "K", "planar", "transposed")
 
     def __init__(
         self,
@@ -1244,11 +1282,13 @@ class _KernelCall:
         index: tuple[slice, ...] | None,
         K: int,
         planar: bool = False,
+        transposed: bool = False,
     ) -> None:
         self.lib = _kernel._state.get("lib")
         self.tokens = tuple(None if t is None else (t, t._version, t.data_ptr()) for t in tensors)
         self.run, self.out_shape, self.index, self.K = run, out_shape, index, K
         self.planar = planar  # the channels-first product: its output is NCHW as it is
+        self.transposed = transposed  # an NCHW k×k layer: the conv on channels-last copies
 
     def fresh(self, tensors: tuple[torch.Tensor | None, ...]) -> bool:
         """Whether ``tensors`` (the parameters and statistics the call was prepared with) are
@@ -1264,13 +1304,19 @@ class _KernelCall:
         return True
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.index is None:  # the input's own memory: a view for any layout it was made for
+        if self.transposed:  # an NCHW input: its channels-last copy
+            a = to_channels_last(x)
+        elif self.index is None:  # the input's own memory: a view for any layout it was made for
             a = x
+        elif self.planar:  # a strided pointwise layer on NCHW input: the kept pixels, copied
+            a = x[self.index].contiguous()
         else:  # a strided pointwise layer: the subsampled pixels, copied into rows
             a = _rows(x[self.index], self.K).contiguous()
         out = x.new_empty(self.out_shape)
         self.run(a.data_ptr(), out.data_ptr(), None if residual is None else residual.data_ptr())
-        return out if self.planar else channels_second(out)
+        if self.planar:
+            return out
+        return to_channels_first(channels_second(out)) if self.transposed else channels_second(out)
 
 
 #: The kept calls of each layer, by input layout (outside the layer's state: pickling and
@@ -1338,11 +1384,18 @@ def prepare_kernel_call(
     B = layer.B
     K, N = layer.in_channels // B, layer.out_channels // B
     index = None
-    if not is_channels_last(x):  # the channels-first product, no epilogue
+    transposed = not is_channels_last(x) and not _is_pointwise(layer)
+    if transposed:  # an NCHW k×k layer: the conv on a channels-last copy, no epilogue
         if epilogue or residual is not None or not x.is_contiguous():
             return None
-        out = x.new_empty(x.shape[0], layer.out_channels, *x.shape[2:])
-        call = _KernelCall(_prepare_planar(layer, x, bias, out), tensors, out.shape, None, K, True)
+    elif not is_channels_last(x):  # the channels-first product, no epilogue
+        if epilogue or residual is not None or not x.is_contiguous():
+            return None
+        index = _subsample_index(layer)
+        sub = x if index is None else x[index].contiguous()
+        out = x.new_empty(x.shape[0], layer.out_channels, *sub.shape[2:])
+        run = _prepare_planar(layer, sub, bias, out)
+        call = _KernelCall(run, tensors, out.shape, index, K, planar=True)
         return _keep_call(layer, x, extra, call)
     if _is_pointwise(layer):
         index = _subsample_index(layer)
@@ -1358,7 +1411,7 @@ def prepare_kernel_call(
         )
         out_shape = (x.shape[0], *sub.shape[2:], layer.out_channels)
     else:
-        xi = channels_inner(x)
+        xi = channels_inner(to_channels_last(x) if transposed else x)
         if not xi.is_contiguous():
             return None
         geometry = _conv_geometry(layer)
@@ -1368,7 +1421,8 @@ def prepare_kernel_call(
             xi, bank, bias, out, blocks=B, **geometry, residual=res, **epilogue, winograd=winograd
         )
         out_shape = tuple(out.shape)
-    return _keep_call(layer, x, extra, _KernelCall(run, tensors, out_shape, index, K))
+    call = _KernelCall(run, tensors, out_shape, index, K, transposed=transposed)
+    return _keep_call(layer, x, extra, call)
 
 
 def _keep_call(layer: _TiedConvNd, x: torch.Tensor, extra: Any, call: _KernelCall) -> _KernelCall:

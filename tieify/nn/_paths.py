@@ -789,10 +789,10 @@ def kernel_forward(layer: _TiedConvNd, x: torch.Tensor, key: Any = _NAMED) -> to
     multiply; others are convolutions (:func:`kernel_conv_forward`). On a channels-first
     input (eager calls only) a pointwise layer runs the kernel's channels-first product and a
     k×k one the convolution on a channels-last copy, its output copied back to NCHW
-    (:func:`_transposed_applies`). An eager call that
-    records no gradient calls the kernel directly (the operator's dispatch costs a few µs, as
-    much as a small layer's product) with the layer's kept packed bank; the others go through
-    the ``tieify::pointwise`` operator. Eager no-grad calls keep their prepared call
+    (:func:`_transposed_applies`). An eager call that records no gradient calls the kernel
+    directly (the operator's dispatch costs a few µs, as much as a small layer's product)
+    with the layer's kept packed bank; the others go through the ``tieify::pointwise``
+    operator. Eager no-grad calls keep their prepared call
     (:func:`kernel_call`) under ``key``: :data:`_NAMED` run as a named path (:func:`run_path`:
     timing the candidates), None from the layer's forward, whose calls stand for the path
     the layer selects (:func:`tied_conv_forward`)."""
@@ -1169,9 +1169,8 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     ``kernel`` on a channels-last copy where Winograd applies, from the same width and only
     where :data:`_KERNEL_WINS_ALONE` (:func:`_kernel_conv_by_default`), else ``native`` while
     the input has at most :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the
-    batched GEMM is
-    slower than the fold on CPU). Measured in ``benchmarks/``; ``tieify.optimize`` times the
-    candidates on the real input instead.
+    batched GEMM is slower than the fold on CPU). Measured in ``benchmarks/``;
+    ``tieify.optimize`` times the candidates on the real input instead.
     """
     paths = applicable_paths(layer, x)
     if "native" in paths and "gemm" in paths and _small_pointwise(layer, _pixels(x)):

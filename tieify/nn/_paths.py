@@ -482,11 +482,10 @@ def _planar_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
     :data:`tieify.nn._kernel.PLANAR_MIN_PIXELS` pixels an image: the kernel's channels-first
     product, of the input's kept pixels copied out where the layer strides (a static test:
     the batch is not looked at)."""
-    kept = [-(-size // s) for size, s in zip(x.shape[2:], layer.stride, strict=True)]
     return (
         _is_pointwise(layer)
         and is_channels_first(x)
-        and math.prod(kept) >= _kernel.PLANAR_MIN_PIXELS
+        and math.prod(output_size(layer, x)) >= _kernel.PLANAR_MIN_PIXELS
     )
 
 
@@ -802,10 +801,10 @@ def kernel_forward(layer: _TiedConvNd, x: torch.Tensor, key: Any = _NAMED) -> to
     )
     if call is not None:
         return call(x)
-    if not is_channels_last(x) and not _is_pointwise(layer):  # an NCHW k×k layer (eager)
-        return to_channels_first(kernel_conv_forward(layer, to_channels_last(x)))
-    if not is_channels_last(x):  # a channels-first pointwise layer (eager calls only)
-        if _records((x, weight, bias)):
+    if not is_channels_last(x):  # eager calls only
+        if not _is_pointwise(layer):  # k×k: the conv on a channels-last copy
+            return to_channels_first(kernel_conv_forward(layer, to_channels_last(x)))
+        if _records((x, weight, bias)):  # pointwise: the channels-first product
             return bmm_forward(layer, x)  # the same product, differentiable
         xc = _subsample(layer, x).contiguous()
         out = x.new_empty(x.shape[0], layer.out_channels, *xc.shape[2:])
@@ -1383,13 +1382,11 @@ def prepare_kernel_call(
     B = layer.B
     K, N = layer.in_channels // B, layer.out_channels // B
     index = None
-    transposed = not is_channels_last(x) and not _is_pointwise(layer)
-    if transposed:  # an NCHW k×k layer: the conv on a channels-last copy, no epilogue
-        if epilogue or residual is not None or not x.is_contiguous():
-            return None
-    elif not is_channels_last(x):  # the channels-first product, no epilogue
-        if epilogue or residual is not None or not x.is_contiguous():
-            return None
+    channels_first = not is_channels_last(x)
+    if channels_first and (epilogue or residual is not None or not x.is_contiguous()):
+        return None  # NCHW calls have no epilogue
+    transposed = channels_first and not _is_pointwise(layer)  # the conv on a channels-last copy
+    if channels_first and not transposed:  # the channels-first product
         index = _subsample_index(layer)
         sub = x if index is None else x[index].contiguous()
         out = x.new_empty(x.shape[0], layer.out_channels, *sub.shape[2:])
@@ -1410,7 +1407,9 @@ def prepare_kernel_call(
         )
         out_shape = (x.shape[0], *sub.shape[2:], layer.out_channels)
     else:
-        xi = channels_inner(to_channels_last(x) if transposed else x)
+        # An NCHW input's call is made for the layout of its copy (the data comes per call).
+        like = torch.empty_like(x, memory_format=torch.channels_last) if transposed else x
+        xi = channels_inner(like)
         if not xi.is_contiguous():
             return None
         geometry = _conv_geometry(layer)

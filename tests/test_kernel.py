@@ -55,8 +55,12 @@ def test_kernel_equals_the_reference_forward_and_backward(
     assert "kernel" in check_all_paths(layer, x)  # forward and backward (autograd records)
     with torch.no_grad():  # the other branch: the kept transposed bank, no autograd
         y = _paths.run_path(layer, x, "kernel")
+        kept = _paths.run_path(layer, x, "kernel")  # the call kept, its output allocated anew
+        gemm = _paths.run_path(layer, x, "gemm")  # a view of the same product's rows
     torch.testing.assert_close(y, _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kept, y, rtol=0, atol=0)
     assert _paths.is_channels_last(y)  # the output is channels-last, like the input
+    assert y.stride() == kept.stride() == gemm.stride()
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
@@ -1106,10 +1110,11 @@ def test_pack_lays_the_bank_out_in_the_panels_the_tiles_read():
     torch.testing.assert_close(bt.grad, torch.ones(4, 12))
 
 
-def test_outputs_stream_from_half_the_last_level_cache(tmp_path, monkeypatch):
+def test_outputs_stream_from_half_a_large_last_level_cache(tmp_path, monkeypatch):
     """The last-level cache as Linux reports it (the largest data or unified cache), and the
-    output size from which the kernel writes with non-temporal stores: half of it, at least
-    1 MiB; 1 MiB where it is not known. A prepared call streams by that size."""
+    output size from which the kernel writes with non-temporal stores: half of it where it
+    holds at least 64 MiB, else 1 MiB (also where it is not known). A prepared call streams
+    by that size."""
     caches = {"index0": ("Data", "48K"), "index1": ("Instruction", "64K")}
     caches |= {"index2": ("Unified", "2048K"), "index3": ("Unified", "491520K")}
     for name, (kind, size) in caches.items():
@@ -1122,8 +1127,10 @@ def test_outputs_stream_from_half_the_last_level_cache(tmp_path, monkeypatch):
     assert _kernel.last_level_cache_bytes(str(tmp_path / "absent")) is None
     assert _kernel.stream_min_bytes(None) == 1 << 20
     assert _kernel.stream_min_bytes(512 << 10) == 1 << 20
-    assert _kernel.stream_min_bytes(32 << 20) == 16 << 20
-    assert _kernel.stream_min_bytes(491520 << 10) == 240 << 20
+    assert _kernel.stream_min_bytes(32 << 20) == 1 << 20  # the AVX-512 EPYC's L3
+    assert _kernel.stream_min_bytes((64 << 20) - 1) == 1 << 20
+    assert _kernel.stream_min_bytes(64 << 20) == 32 << 20
+    assert _kernel.stream_min_bytes(491520 << 10) == 240 << 20  # the AVX-512 Xeon's
     if not _kernel.kernel_available():
         return
     a, out = torch.randn(8192, 32), torch.empty(8192, 64)  # a 2 MiB output

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import _transfer
 from ._checks import check_B, check_transfer
-from ._paths import tied_conv_forward
+from ._paths import kernel_call, tied_conv_forward
 
 __all__ = ["TiedConv1d", "TiedConv2d", "TiedConv3d"]
 
@@ -221,6 +221,12 @@ class _TiedConvNd(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # An eager inference call kept for this input's layout (the kernel path, checked
+        # when it was made): first, as each call's Python costs as much as a thin layer's
+        # arithmetic.
+        call = kernel_call(self, x, (self.weight, self.bias))
+        if call is not None:
+            return call(x)
         if x.dim() == self._ndim + 1:  # unbatched, as torch's convolutions accept
             return self.forward(x.unsqueeze(0)).squeeze(0)
         self._check_input(x)

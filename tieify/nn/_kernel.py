@@ -82,20 +82,26 @@ def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> 
 
 def stream_min_bytes(llc: int | None) -> int:
     """The output size from which the kernel writes with non-temporal stores: half the
-    last-level cache (``llc`` bytes), at least 1 MiB; 1 MiB where the cache is not known.
+    last-level cache (``llc`` bytes) where it holds at least 64 MiB, else (or where the cache
+    is not known) 1 MiB.
 
     A non-temporal store skips the cache: worth it for an output the next layer would read
-    from memory anyway, harmful for one the cache would have kept. On the AVX2 EPYC (a
-    per-core L2 of 512 KB) streamed outputs of ResNet-50's pointwise layers ran at 0.94-1.05
-    of the regular stores' time alone. On the AVX-512 Xeon (480 MB of L3), fused models,
-    channels-last, outputs streamed from 1 MiB against regular stores (``python
-    benchmarks/streaming.py``, 2026-12-02 13:05 UTC, ``benchmarks/results/streaming.md``):
-    the all-B = 4 ResNet-50 1.068x / 1.035x the time at batch 1 / 8 (0.329 / 0.373 of the
-    dense model against 0.307 / 0.356), ResNet-50 with 3×3 convs at B = 2 1.001x / 1.025x,
-    MobileNetV3-Large at B = 2 0.984x / 0.971x (streaming gained a little there). The
+    from memory anyway, harmful for one the cache would have kept. On the AVX-512 Xeon
+    (480 MB of L3), fused models, channels-last, outputs streamed from 1 MiB against regular
+    stores (``python benchmarks/streaming.py``, 2026-12-02 13:05 UTC,
+    ``benchmarks/results/streaming.md``): the all-B = 4 ResNet-50 1.068x / 1.035x the time
+    at batch 1 / 8 (0.329 / 0.373 of the dense model against 0.307 / 0.356), ResNet-50 with
+    3×3 convs at B = 2 1.001x / 1.025x, MobileNetV3-Large at B = 2 0.984x / 0.971x. The
     ResNets' outputs (6-26 MB at batch 8) fit that L3 many times over: regular stores leave
-    them there for the next layer, which a stream makes read them from memory."""
-    return max(1 << 20, (llc or 0) // 2)
+    them there for the next layer, which a stream makes read them from memory. A cache of
+    32 MB does not keep them: on the AVX-512 EPYC (32 MB of L3, 1 MB of L2 a core) the same
+    run, streamed from 1 MiB against from 16 MiB (half its L3; 2026-12-03 03:36 UTC,
+    ``benchmarks/results/epyc_avx512/streaming.md``), took 0.999x / 0.886x, 0.991x /
+    0.994x and 0.966x / 0.990x the time, and ResNet-50's pointwise layers alone at batch 8
+    ran 1.05-1.22x slower with regular stores (``python benchmarks/call_overhead.py``,
+    03:35). On the AVX2 EPYC (512 KB of L2 a core) streamed outputs of those layers ran at
+    0.94-1.05 of the regular stores' time alone."""
+    return llc // 2 if llc is not None and llc >= 64 << 20 else 1 << 20
 
 
 #: Outputs of at least this many bytes are written with non-temporal stores

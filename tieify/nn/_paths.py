@@ -72,7 +72,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils import _python_dispatch
 
 from . import _kernel
 
@@ -390,8 +389,8 @@ def _traced() -> bool:
     count ``thnn_conv2d``): no ``native`` path, and no memo of an eager call's choice."""
     return (
         torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or _python_dispatch._get_current_dispatch_mode() is not None
+        or torch._C._is_tracing()  # torch.jit.is_tracing() outside TorchScript
+        or torch._C._len_torch_dispatch_stack() > 0  # a dispatch mode is active
     )
 
 
@@ -1027,31 +1026,36 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
 
 #: Read once at import: ``torch.compile`` cannot trace the query.
 _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-#: Whether the kernel is the default of an unfused layer: on a CPU without AVX-512, and on
-#: one with AVX-512 where the kernel writes outputs of more than 1 MiB with regular stores
-#: (:data:`tieify.nn._kernel.STREAM_MIN_BYTES`, half the last-level cache), which leave
-#: them in the cache for the next layer.
-#: On a 2-vCPU AMD EPYC with AVX-512 (family 25, model 17; 32 MB of L3, outputs streamed
-#: from 16 MiB: only the 25.7 MB ones of ResNet-50's first stage at batch 8),
-#: ``python benchmarks/kernel_alone.py`` (2026-12-02 22:51-22:57 UTC, channels-last, tied / dense,
-#: batch 1 / 8) had the kernel alone against oneDNN's paths: all-B = 4 ResNet-50 0.310 /
-#: 0.386 against 0.370 / 0.506, ResNet-50 3×3-B2 0.815 / 0.796 against 0.846 / 0.843,
-#: ResNeXt-50 B2 0.568 / 0.721 against 0.596 / 0.838, MobileNetV3-Large B2 0.835 / 0.809
-#: against 0.875 / 0.963: faster in all eight.
-#: With AVX-512 and outputs from 1 MiB streamed past the cache, oneDNN's paths (``gemm``,
-#: ``widen``) ran most of ResNet-50's conv shapes at least as fast as the kernel alone
+#: Whether the kernel is the default of an unfused layer (where the rule's other conditions
+#: hold; a layer :func:`tieify.fuse` fused takes it either way). True on every host measured,
+#: with the kernel's stores as :func:`tieify.nn._kernel.stream_min_bytes` sets them; False
+#: gives unfused layers oneDNN's paths (``gemm``, ``widen``), which
+#: ``benchmarks/kernel_alone.py`` times against it. Whole models, channels-last, tied /
+#: dense, batch 1 / 8, the kernel alone against oneDNN's paths:
+#:
+#: - 2-vCPU AMD EPYC with AVX-512 (family 25, model 17; 32 MB of L3, outputs streamed from
+#:   1 MiB; 2026-12-03 04:14-04:16 UTC, ``benchmarks/results/epyc_avx512/kernel_alone.md``):
+#:   all-B = 4 ResNet-50 0.316 / 0.350 against 0.367 / 0.481, ResNet-50 3×3-B2 0.778 /
+#:   0.780 against 0.824 / 0.829, ResNeXt-50 B2 0.572 / 0.701 against 0.602 / 0.872,
+#:   MobileNetV3-Large B2 0.878 / 0.796 against 0.947 / 0.967: faster in all eight (and in
+#:   all eight at 03:41, and with outputs streamed from 16 MiB, 2026-12-02 22:51-22:57).
+#: - AVX-512 Xeon (480 MB of L3, outputs streamed from 240 MiB; 2026-12-02,
+#:   ``benchmarks/results/kernel_alone.md``): 0.369 / 0.476 against 0.416 / 0.482, 0.840 /
+#:   0.852 against 0.854 / 0.858, 0.596 / 0.713 against 0.599 / 0.710, MobileNetV3-Large
+#:   0.888 / 0.910 against 0.899 / 0.886 (its one loss, 2.5%; 1% in an earlier run). The
+#:   run at 17:55 UTC (the results file): 0.370 / 0.447 against 0.419 / 0.463, 0.812 / 0.819
+#:   against 0.861 / 0.840, 0.598 / 0.682 against 0.612 / 0.694, 0.882 / 0.879 against
+#:   0.882 / 0.870.
+#: - AVX2 EPYC: the kernel was the fastest path of most layers measured alone
+#:   (:data:`KERNEL_MIN_PIXELS`, :data:`KERNEL_WINOGRAD_MIN_WIDTH_256`).
+#:
+#: The one configuration that lost was that Xeon with outputs streamed from 1 MiB, past a
+#: cache that would have kept them for the next layer (which the stores no longer do there):
+#: oneDNN's paths ran most of ResNet-50's conv shapes at least as fast as the kernel alone
 #: (2-thread Xeon, batch 8, 2026-12-02: ``benchmarks/kernels.py`` had ``tieify.optimize``
 #: take the kernel on 5 of 36 cases), and the all-B = 4 ResNet-50 unfused by the rule took
-#: 0.488 and 0.509 of the dense channels-last time at batch 8. On that Xeon (480 MB of L3)
-#: with regular stores, whole models, channels-last, tied / dense (``python
-#: benchmarks/kernel_alone.py``, 2026-12-02, ``benchmarks/results/kernel_alone.md``), the
-#: kernel alone against oneDNN's paths by the rule, batch 1 / 8: all-B = 4 ResNet-50 0.369 /
-#: 0.476 against 0.416 / 0.482; ResNet-50 3×3-B2 0.840 / 0.852 against 0.854 / 0.858,
-#: ResNeXt-50 B2 0.596 / 0.713 against 0.599 / 0.710, MobileNetV3-Large B2 0.888 / 0.910
-#: against 0.899 / 0.886 (its one loss, 2.5%; 1% in an earlier run). The run at 17:55 UTC
-#: (the results file): 0.370 / 0.447 against 0.419 / 0.463, 0.812 / 0.819 against 0.861 /
-#: 0.840, 0.598 / 0.682 against 0.612 / 0.694, 0.882 / 0.879 against 0.882 / 0.870.
-_KERNEL_WINS_ALONE = not _CPU_HAS_AVX512 or _kernel.STREAM_MIN_BYTES > 1 << 20
+#: 0.488 and 0.509 of the dense channels-last time at batch 8.
+_KERNEL_WINS_ALONE = True
 
 
 def _pixels(x: torch.Tensor) -> int:
@@ -1247,12 +1251,9 @@ def run_path(layer: _TiedConvNd, x: torch.Tensor, path: str) -> torch.Tensor:
 
 
 def tied_conv_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
-    """Run ``layer`` on ``x`` (already validated, batched) with the path it selects: an eager
-    inference call of the ``kernel`` path by the call kept for the input's layout
-    (:func:`kernel_call`), the rest by the path's function."""
-    call = kernel_call(layer, x, (layer.weight, layer.bias))
-    if call is not None:
-        return call(x)
+    """Run ``layer`` on ``x`` (already validated, batched) with the path it selects, by the
+    path's function (the layer's forward runs an eager inference call of the ``kernel`` path
+    kept for the input's layout first: :func:`kernel_call`)."""
     path = select_path(layer, x)
     return kernel_forward(layer, x, None) if path == "kernel" else _FORWARD[path](layer, x)
 
@@ -1270,7 +1271,9 @@ class _KernelCall:
     177 for a 3×3; the dense conv 26 and 44); at batch 8 on ResNet-50's 1×1 layers, 1.09-1.21×
     the bare kernel's time kept against 1.11-1.24×."""
 
-    __slots__ = ("lib", "tokens", "run", "out_shape", "index", "K", "planar", "transposed")
+    __slots__ = (
+        "lib", "tokens", "run", "out_shape", "index", "K", "planar", "transposed", "layout"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -1284,9 +1287,17 @@ class _KernelCall:
     ) -> None:
         self.lib = _kernel._state.get("lib")
         self.tokens = tuple(None if t is None else (t, t._version, t.data_ptr()) for t in tensors)
-        self.run, self.out_shape, self.index, self.K = run, out_shape, index, K
+        self.run, self.index, self.K = run, index, K
         self.planar = planar  # the channels-first product: its output is NCHW as it is
         self.transposed = transposed  # an NCHW k×k layer: the conv on channels-last copies
+        # The kernel writes (N, *S, C) rows: for a 2-D or 3-D layer the output is allocated
+        # as the (N, C, *S) tensor in channels-last memory, which lays them out so (one op:
+        # the permuted view of a new (N, *S, C) tensor is two, and each call's Python
+        # counts); a 1-D layer's is that view.
+        self.layout = None if planar else _CHANNELS_LAST.get(len(out_shape))
+        self.out_shape = out_shape
+        if self.layout is not None:
+            self.out_shape = (out_shape[0], out_shape[-1], *out_shape[1:-1])
 
     def fresh(self, tensors: tuple[torch.Tensor | None, ...]) -> bool:
         """Whether ``tensors`` (the parameters and statistics the call was prepared with) are
@@ -1310,12 +1321,20 @@ class _KernelCall:
             a = x[self.index].contiguous()
         else:  # a strided pointwise layer: the subsampled pixels, copied into rows
             a = _rows(x[self.index], self.K).contiguous()
-        out = x.new_empty(self.out_shape)
+        if self.layout is None:
+            out = x.new_empty(self.out_shape)
+        else:
+            out = torch.empty(self.out_shape, dtype=x.dtype, memory_format=self.layout)
         self.run(a.data_ptr(), out.data_ptr(), None if residual is None else residual.data_ptr())
         if self.planar:
             return out
-        return to_channels_first(channels_second(out)) if self.transposed else channels_second(out)
+        if self.layout is None:
+            out = channels_second(out)
+        return to_channels_first(out) if self.transposed else out
 
+
+#: The channels-last memory format of a tensor of this many dims (batch, channels, spatial).
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 #: The kept calls of each layer, by input layout (outside the layer's state: pickling and
 #: ``deepcopy`` do not carry them, and they hold the library's functions).

@@ -186,6 +186,47 @@ def test_the_rule_takes_the_kernel_for_nchw_winograd_layers_only(monkeypatch, al
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 64, 56, 56),  # whole strips of 16 channels, 8-pixel steps
+        (3, 19, 5, 7),  # a strip of 16 channels and one of 3; 35 pixels: a 3-pixel tail
+        (1, 7, 4, 4),  # fewer than 16 channels: the element-wise loop only
+        (2, 33, 1, 9),
+        (2, 16, 1, 1),  # one pixel: both layouts describe the same memory
+    ],
+)
+def test_the_kernels_layout_copies_equal_pytorchs(monkeypatch, shape):
+    """The kernel's copies between NCHW and channels-last hold the same values in the same
+    layout as PyTorch's; an NCHW layer's kernel conv makes them so in eager inference and
+    leaves them to PyTorch where autograd records."""
+    copies = []
+    relayout = _kernel.relayout
+    monkeypatch.setattr(
+        _kernel,
+        "relayout",
+        lambda t, channels_last: copies.append(channels_last) or relayout(t, channels_last),
+    )
+    x = torch.randn(shape)
+    cl = _kernel.relayout(x, channels_last=True)
+    torch.testing.assert_close(cl, x, rtol=0, atol=0)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    back = _kernel.relayout(cl, channels_last=False)
+    torch.testing.assert_close(back, x, rtol=0, atol=0)
+    assert back.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(_paths.to_channels_last(x), x, rtol=0, atol=0)
+        torch.testing.assert_close(_paths.to_channels_first(cl), x, rtol=0, atol=0)
+    assert copies == [True, False, True, False]  # the two above, then the two in no_grad
+    grad = x.clone().requires_grad_()
+    copied = _paths.to_channels_last(grad)  # PyTorch's copy: differentiable
+    assert copied.requires_grad and copied.is_contiguous(memory_format=torch.channels_last)
+    copied.sum().backward()
+    torch.testing.assert_close(grad.grad, torch.ones(shape))
+    assert len(copies) == 4
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 def test_the_channels_first_kernel_refuses_operands_it_would_read_past():
     x, weight = torch.randn(2, 8, 4, 4), torch.randn(6, 4)
     wp, out = _kernel.pack_planar(weight), torch.empty(2, 12, 4, 4)

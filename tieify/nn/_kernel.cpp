@@ -1159,6 +1159,69 @@ void product(const Conv* conv, const float* A, const float* Bt, float* C, int64_
     dispatch<false>(conv, A, C, R, K, N, op, threads);
 }
 
+// The layout copies of a tied layer on NCHW input (its k×k kernel conv runs on a
+// channels-last copy, its output copied back): each of `planes` (R×C) row-major matrices of
+// src transposed into dst, dst[p][c][r] = src[p][r][c] (NCHW to channels-last: R channels,
+// C = H·W pixels; back: R pixels, C channels). Strips of 16 rows of src, 8 columns a step,
+// two 8×8 blocks transposed in registers (three rounds of shuffles): each step reads 32
+// bytes of 16 rows and writes a whole 64-byte line of 8 rows of dst. PyTorch's copy to and
+// from channels-last took 7-9x a plain copy of the same tensor (8×64×56×56: 0.67 and 0.91 ms
+// against 0.10; AVX-512 EPYC, 2 threads, in cache).
+#if defined(TIEIFY_SHUFFLE)
+inline void transpose8(const float* s, int64_t ls, float* d, int64_t ld) {
+#define TIEIFY_LO(a, b) __builtin_shufflevector(a, b, 0, 8, 1, 9, 4, 12, 5, 13)
+#define TIEIFY_HI(a, b) __builtin_shufflevector(a, b, 2, 10, 3, 11, 6, 14, 7, 15)
+#define TIEIFY_LO2(a, b) __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13)
+#define TIEIFY_HI2(a, b) __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15)
+#define TIEIFY_LO4(a, b) __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11)
+#define TIEIFY_HI4(a, b) __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15)
+  v8 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = load8(s + i * ls);
+  for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved: (0 1), (2 3), (4 5), (6 7)
+    t[i] = TIEIFY_LO(r[i], r[i + 1]);
+    t[i + 1] = TIEIFY_HI(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // then pairs of pairs, within each 128-bit half
+    u[i] = TIEIFY_LO2(t[i], t[i + 2]);
+    u[i + 1] = TIEIFY_HI2(t[i], t[i + 2]);
+    u[i + 2] = TIEIFY_LO2(t[i + 1], t[i + 3]);
+    u[i + 3] = TIEIFY_HI2(t[i + 1], t[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // then the halves: column j and j + 4 of the 8 rows
+    store8<false>(d + j * ld, TIEIFY_LO4(u[j], u[j + 4]));
+    store8<false>(d + (j + 4) * ld, TIEIFY_HI4(u[j], u[j + 4]));
+  }
+#undef TIEIFY_LO
+#undef TIEIFY_HI
+#undef TIEIFY_LO2
+#undef TIEIFY_HI2
+#undef TIEIFY_LO4
+#undef TIEIFY_HI4
+}
+#endif
+
+void transpose(const float* src, float* dst, int64_t planes, int64_t R, int64_t C,
+               int threads) {
+  constexpr int64_t RB = 16;
+  const int64_t strips = (R + RB - 1) / RB;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t u = 0; u < planes * strips; ++u) {
+    const int64_t r0 = (u % strips) * RB, rows = std::min(RB, R - r0);
+    const float* s = src + (u / strips) * R * C + r0 * C;
+    float* d = dst + (u / strips) * R * C + r0;
+    int64_t c0 = 0;
+#if defined(TIEIFY_SHUFFLE)
+    if (rows == RB)
+      for (; c0 + 8 <= C; c0 += 8) {
+        transpose8(s + c0, C, d + c0 * R, R);
+        transpose8(s + 8 * C + c0, C, d + c0 * R + 8, R);
+      }
+#endif
+    for (int64_t c = c0; c < C; ++c)  // the rest: a strip of fewer rows, the last columns
+      for (int64_t r = 0; r < rows; ++r) d[c * R + r] = s[r * C + c];
+  }
+}
+
 #endif  // part 0
 
 }  // namespace tieify_kernel
@@ -1171,7 +1234,7 @@ using namespace tieify_kernel;
 extern "C" {
 
 // Bumped whenever the signature or the contract of an entry point changes.
-TIEIFY_API int tieify_kernel_abi(void) { return 6; }
+TIEIFY_API int tieify_kernel_abi(void) { return 7; }
 
 // Whether the build has OpenMP (threads > 1 run in parallel) and non-temporal stores.
 TIEIFY_API int tieify_kernel_features(void) {
@@ -1196,6 +1259,13 @@ TIEIFY_API void tieify_pointwise(const float* A, const float* Bt, float* C, int6
                                  const float* residual, int relu) {
   product(nullptr, A, Bt, C, R, K, N, bias, threads, stream, scale, shift, blocks, residual,
           relu);
+}
+
+// dst[p][c][r] = src[p][r][c] for `planes` dense (R×C) matrices of src: a tensor's copy
+// between NCHW (R channels, C pixels) and channels-last (R pixels, C channels); see transpose.
+TIEIFY_API void tieify_transpose(const float* src, float* dst, int64_t planes, int64_t R,
+                                 int64_t C, int threads) {
+  transpose(src, dst, planes, R, C, threads);
 }
 
 // The pointwise product on channels-first tensors (run_planar): X (n, blocks·K, S) and

@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name("_kernel.cpp")
-ABI = 6
+ABI = 7
 
 
 def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
@@ -305,6 +305,8 @@ def _check(lib: ctypes.CDLL) -> str:
     planar = lib.tieify_pointwise_planar
     planar.restype = None
     planar.argtypes = [*[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 5, *_EPILOGUE_TYPES]
+    lib.tieify_transpose.restype = None
+    lib.tieify_transpose.argtypes = [*[ctypes.c_void_p] * 2, *[ctypes.c_int64] * 3, ctypes.c_int]
     if not _self_test(lib):
         return "it computed a wrong result in its self-test"
     return ""
@@ -338,7 +340,19 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         and _conv_self_test(lib, gen, stride=2, n_out=9)  # the row tiles, phases, a padded bank
         and _conv_self_test(lib, gen, stride=1, n_out=9, winograd=True)
         and _planar_self_test(lib, gen)
+        and _transpose_self_test(lib, gen)
     )
+
+
+def _transpose_self_test(lib: ctypes.CDLL, gen: torch.Generator) -> bool:
+    """A 2×19×3×7 tensor (a strip of 16 channels and one of 3; 21 pixels: 8-column steps and
+    a tail) to channels-last and back."""
+    x = torch.randn(2, 19, 3, 7, generator=gen)
+    cl = torch.empty_like(x, memory_format=torch.channels_last)
+    back = torch.empty_like(x)
+    lib.tieify_transpose(x.data_ptr(), cl.data_ptr(), 2, 19, 21, 1)
+    lib.tieify_transpose(cl.data_ptr(), back.data_ptr(), 2, 21, 19, 1)
+    return torch.equal(cl, x) and torch.equal(back, x)
 
 
 def _planar_self_test(lib: ctypes.CDLL, gen: torch.Generator) -> bool:
@@ -446,6 +460,26 @@ def reset() -> None:
     """Forget the loaded library and its status (tests; after installing a compiler)."""
     with _lock:
         _state.clear()
+
+
+def relayout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A copy of the dense 4-D float32 CPU ``x`` in channels-last memory from NCHW
+    (``channels_last``), or in NCHW from channels-last, by the kernel's transposing copy:
+    PyTorch's copy between the two layouts took 7-9x the time of a plain copy of the tensor
+    (8×64×56×56: 0.67 ms to channels-last and 0.91 back, against 0.10; AVX-512 EPYC, 2
+    threads, 2026-12-03). The caller checks :func:`kernel_available` and the layout (the
+    kernel reads raw memory); not differentiable."""
+    lib = _library()
+    assert lib is not None
+    n, c, h, w = x.shape
+    if channels_last:
+        out = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last)
+        rows, cols = c, h * w
+    else:
+        out = torch.empty(x.shape, dtype=x.dtype)
+        rows, cols = h * w, c
+    lib.tieify_transpose(x.data_ptr(), out.data_ptr(), n, rows, cols, torch.get_num_threads())
+    return out
 
 
 def pointwise(

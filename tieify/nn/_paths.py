@@ -496,13 +496,34 @@ def _transposed_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """A channels-last copy of the NCHW ``x`` (a 2-D kernel conv's input)."""
+    """A channels-last copy of the NCHW ``x`` (a 2-D kernel conv's input): by the kernel's
+    transposing copy in a plain eager call that records no gradient (:func:`_relayouts`),
+    else by PyTorch's."""
+    if _relayouts(x) and x.is_contiguous():
+        return _kernel.relayout(x, channels_last=True)
     return x.contiguous(memory_format=torch.channels_last)
 
 
 def to_channels_first(y: torch.Tensor) -> torch.Tensor:
-    """An NCHW copy of the channels-last ``y`` (the kernel conv's output, for an NCHW input)."""
+    """An NCHW copy of the channels-last ``y`` (the kernel conv's output, for an NCHW input),
+    as :func:`to_channels_last` makes its copy."""
+    if _relayouts(y) and y.is_contiguous(memory_format=torch.channels_last):
+        return _kernel.relayout(y, channels_last=False)
     return y.contiguous()
+
+
+def _relayouts(x: torch.Tensor) -> bool:
+    """Whether the kernel's transposing copy (:func:`tieify.nn._kernel.relayout`) may copy
+    ``x`` between NCHW and channels-last: a 4-D float32 CPU tensor in a plain eager call
+    that records no gradient, the kernel built."""
+    return (
+        x.dim() == 4
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and _plain_eager(x)
+        and not _records((x,))
+        and _kernel.kernel_available()
+    )
 
 
 class _OperatorCalls:

@@ -95,12 +95,12 @@ def stream_min_bytes(llc: int | None) -> int:
     ResNets' outputs (6-26 MB at batch 8) fit that L3 many times over: regular stores leave
     them there for the next layer, which a stream makes read them from memory. A cache of
     32 MB does not keep them: on the AVX-512 EPYC (32 MB of L3, 1 MB of L2 a core) the same
-    run, streamed from 1 MiB against from 16 MiB (half its L3; 2026-12-03 03:36 UTC,
-    ``benchmarks/results/epyc_avx512/streaming.md``), took 0.999x / 0.886x, 0.991x /
-    0.994x and 0.966x / 0.990x the time, and ResNet-50's pointwise layers alone at batch 8
-    ran 1.05-1.22x slower with regular stores (``python benchmarks/call_overhead.py``,
-    03:35). On the AVX2 EPYC (512 KB of L2 a core) streamed outputs of those layers ran at
-    0.94-1.05 of the regular stores' time alone."""
+    run, streamed from 1 MiB against from 16 MiB (half its L3; 2026-12-03 04:20 UTC,
+    ``benchmarks/results/epyc_avx512/streaming.md``), took 0.918x / 0.899x, 0.997x /
+    1.007x and 1.015x / 0.985x the time (at 03:36: 0.999x / 0.886x, 0.991x / 0.994x,
+    0.966x / 0.990x). On the AVX2 EPYC (512 KB of L2 a core) streamed
+    outputs of ResNet-50's pointwise layers ran at 0.94-1.05 of the regular stores' time
+    alone."""
     return llc // 2 if llc is not None and llc >= 64 << 20 else 1 << 20
 
 

@@ -1316,9 +1316,9 @@ class _KernelCall:
         # the permuted view of a new (N, *S, C) tensor is two, and each call's Python
         # counts); a 1-D layer's is that view.
         self.layout = None if planar else _CHANNELS_LAST.get(len(out_shape))
-        self.out_shape = out_shape
         if self.layout is not None:
-            self.out_shape = (out_shape[0], out_shape[-1], *out_shape[1:-1])
+            out_shape = (out_shape[0], out_shape[-1], *out_shape[1:-1])
+        self.out_shape = out_shape
 
     def fresh(self, tensors: tuple[torch.Tensor | None, ...]) -> bool:
         """Whether ``tensors`` (the parameters and statistics the call was prepared with) are
@@ -1334,8 +1334,8 @@ class _KernelCall:
         return True
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.transposed:  # an NCHW input: its channels-last copy
-            a = to_channels_last(x)
+        if self.transposed:  # an NCHW input: its channels-last copy, by the kernel (the call
+            a = _kernel.relayout(x, channels_last=True)  # is eager, dense float32: checked)
         elif self.index is None:  # the input's own memory: a view for any layout it was made for
             a = x
         elif self.planar:  # a strided pointwise layer on NCHW input: the kept pixels, copied
@@ -1351,7 +1351,7 @@ class _KernelCall:
             return out
         if self.layout is None:
             out = channels_second(out)
-        return to_channels_first(out) if self.transposed else out
+        return _kernel.relayout(out, channels_last=False) if self.transposed else out
 
 
 #: The channels-last memory format of a tensor of this many dims (batch, channels, spatial).

@@ -9,7 +9,10 @@ Cases (torchvision models, random weights, eval mode):
 - ``mobilenet_v3_large_TiedSE``: only the squeeze-and-excitation convs, at B = 8 (TiedSE).
 
 For each case and batch size (1 and 8) the dense and tied models run in interleaved rounds
-(medians) in four modes: ``eager`` (NCHW), ``channels_last`` (after ``tieify.optimize``),
+(medians) in five modes: ``eager`` (NCHW inputs, the tied model after ``tieify.optimize`` on
+them, which may run its tied layers in channels-last: one copy in, no copies back),
+``eager_unoptimized`` (NCHW, the tied model as ``tieify.tieify`` returns it),
+``channels_last`` (both models and the input in channels-last, after ``tieify.optimize``),
 ``fused`` (channels-last inference fusion, each model with its own tool: the dense one with
 torch.fx's conv-BN folding, the tied one with ``tieify.fuse``) and ``compile``
 (``torch.compile(dynamic=False)`` of the channels-last models, once per batch size, for
@@ -202,6 +205,7 @@ def run_case(case: str, args) -> list[dict]:
     dense, tied = build_case(case)
     dense_cl = copy.deepcopy(dense).to(memory_format=CL)
     tied_cl = copy.deepcopy(tied).to(memory_format=CL)
+    tied_eager = copy.deepcopy(tied)  # tieify.optimize'd for the NCHW inputs
     compile_case = args.compile and case in args.compile_cases
     rows = []
     # Inference fusion of the dense model with its own tool, torch.fx's conv-BN folding (BN
@@ -213,12 +217,14 @@ def run_case(case: str, args) -> list[dict]:
         xc = x.contiguous(memory_format=CL)
         with torch.inference_mode():
             tieify.optimize(tied_cl, xc)
+            tieify.optimize(tied_eager, x)
         # The tied model fused for this input's paths (tieify.fuse: BN, residual add and
         # ReLU in the kernel's epilogue; the weights stay tied).
         tied_fused = tieify.fuse(tied_cl, xc)
         fns = {
             "eager|dense": lambda x=x: dense(x),
-            "eager|tied": lambda x=x: tied(x),
+            "eager|tied": lambda x=x: tied_eager(x),
+            "eager_unoptimized|tied": lambda x=x: tied(x),
             "channels_last|dense": lambda m=dense_cl, x=xc: m(x),
             "channels_last|tied": lambda m=tied_cl, x=xc: m(x),
             "fused|dense": lambda m=dense_fused, x=xc: m(x),
@@ -227,6 +233,7 @@ def run_case(case: str, args) -> list[dict]:
         # mode: (dense, tied) series; "fused_vs_channels_last" is the fused tied model against
         # the plain channels-last dense one (the user's model as it is), same rounds.
         pairs = {mode: (f"{mode}|dense", f"{mode}|tied") for mode in MODES}
+        pairs["eager_unoptimized"] = ("eager|dense", "eager_unoptimized|tied")
         pairs["fused_vs_channels_last"] = ("channels_last|dense", "fused|tied")
         if compile_case:
             # A static-shape compile per batch size, after tieify.optimize pinned the paths

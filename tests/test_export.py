@@ -40,6 +40,8 @@ def make(layout: str, path: str = "auto") -> tuple[nn.Module, torch.Tensor]:
     for m in net.modules():
         if isinstance(m, TiedConv2d):
             m.path = path
+            # NCHW inputs, the tied layers in channels-last (as tieify.optimize may set them)
+            m.channels_last = layout == "nchw_in_channels_last"
     x = torch.randn(3, 16, 8, 8)
     if layout == "channels_last":
         net = net.to(memory_format=CL)
@@ -69,6 +71,7 @@ CASES = [
     ("channels_last", "widen"),
     ("channels_last", "lift"),
     ("contiguous", "bmm"),
+    ("nchw_in_channels_last", "auto"),
 ]
 
 
@@ -98,7 +101,7 @@ def test_torch_export_dynamic_batch(layout, path):
         torch.testing.assert_close(mod(xn), net(xn), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "nchw_in_channels_last"])
 def test_torch_compile_fullgraph_matches_eager(layout):
     net, x = make(layout)
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager", dynamic=True)

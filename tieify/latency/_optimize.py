@@ -8,8 +8,10 @@ in interleaved rounds and the fastest is stored; later calls, in this process or
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -95,6 +97,15 @@ def like(x: torch.Tensor) -> torch.Tensor:
 def _capture_inputs(
     model: nn.Module, example_inputs: Any, types: tuple[type, ...]
 ) -> dict[nn.Module, torch.Tensor]:
+    """The first input each module of ``types`` computes on in one forward pass of ``model``
+    on ``example_inputs`` (batched; a tied conv's as it runs it, :func:`_paths.run_layout`)."""
+    return _capture(model, example_inputs, types)[0]
+
+
+def _capture(
+    model: nn.Module, example_inputs: Any, types: tuple[type, ...]
+) -> tuple[dict[nn.Module, torch.Tensor], Any]:
+    """:func:`_capture_inputs` and the model's output."""
     seen: dict[nn.Module, torch.Tensor] = {}
 
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -102,16 +113,18 @@ def _capture_inputs(
             x = args[0]
             if x.dim() == getattr(module, "_ndim", x.dim() - 2) + 1:
                 x = x.unsqueeze(0)
+            if isinstance(module, _TiedConvNd):
+                x = _paths.run_layout(module, x)
             seen[module] = x.detach()
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, types)]
     try:  # eval: no running-statistics update from this look-only pass
         with eval_mode(model), torch.no_grad():
-            run_model(model, example_inputs)
+            out = run_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
-    return seen
+    return seen, out
 
 
 def run_model(model: nn.Module, example_inputs: Any) -> Any:
@@ -163,6 +176,7 @@ def optimize(
     repeats: int = 5,
     cache: bool = True,
     threads: int | None = None,
+    layout: str = "auto",
 ) -> nn.Module:
     """Pin the fastest forward path of every tied convolution in ``model``, in place.
 
@@ -173,9 +187,23 @@ def optimize(
     the kernel's build where it is a candidate), in memory and on disk under the tieify cache
     directory (``$TIEIFY_CACHE_DIR``, else ``$XDG_CACHE_HOME/tieify``, else
     ``~/.cache/tieify``), so it is measured once per machine.
-    Only ``layer.path`` changes (no weights); a pinned path that does not apply to a later
-    input (another memory layout) falls back to the cheap rule. Forward time is what is
-    measured (inference); the paths are equally valid for training.
+    Only ``layer.path`` and ``layer.channels_last`` change (no weights); a pinned path that
+    does not apply to a later input (another memory layout) falls back to the cheap rule.
+    Forward time is what is measured (inference); the paths are equally valid for training.
+
+    Where tied 2-D or 3-D convolutions receive inputs that are not channels-last (a model
+    run on NCHW inputs), ``layout`` decides whether they run in channels-last
+    (:attr:`~tieify.nn.TiedConv2d.channels_last`: the layer copies its input once and
+    returns channels-last, so the layers after it compute on channels-last activations and
+    the copies back and forth of an NCHW layer are gone): ``"auto"`` times the model both
+    ways on ``example_inputs`` (interleaved rounds, each way on its own fastest paths;
+    cached like the paths) and keeps the faster; ``"channels_last"`` sets it without
+    timing; ``"input"`` keeps each layer in its input's layout. Either of the first two
+    first runs the model that way: if it raises (code that needs NCHW memory, e.g.
+    ``x.view(n, -1)`` on a feature map) or returns other values, the layers keep their
+    inputs' layout, with a warning that says why; under ``"auto"`` they keep it too where
+    the model would return a feature map in another layout than it did (a backbone's NCHW
+    features stay NCHW; ``"channels_last"`` accepts channels-last ones).
 
     Args:
         model: a module holding tied convolutions (others are left alone).
@@ -184,6 +212,7 @@ def optimize(
         repeats: interleaved timing rounds per layer configuration.
         cache: read and write the on-disk cache.
         threads: time with this many threads (default: ``torch.get_num_threads()``).
+        layout: ``"auto"``, ``"channels_last"`` or ``"input"`` (above).
 
     Returns:
         ``model`` itself.
@@ -203,9 +232,211 @@ def optimize(
             f"tieify.optimize expects an nn.Module, but got {type(model).__name__}; pass the "
             "model whose tied layers should be tuned."
         )
-    inputs = _capture_inputs(model, example_inputs, (_TiedConvNd,))
-    for layer, x in inputs.items():
-        if not isinstance(layer, _TiedConvNd):
-            continue
-        layer.path = choose_path(layer, x, repeats=repeats, cache=cache, threads=threads)
+    if layout not in LAYOUTS:
+        raise ValueError(
+            f"tieify.optimize: layout must be one of {', '.join(map(repr, LAYOUTS))}, but got "
+            f"{layout!r}; 'auto' times the model with its tied layers in channels-last and in "
+            "their inputs' layout and keeps the faster."
+        )
+    convs = [m for m in model.modules() if isinstance(m, _TiedConvNd)]
+    for layer in convs:  # each layer in its input's layout, the reference
+        layer.channels_last = False
+    inputs, reference = _capture(model, example_inputs, (_TiedConvNd,))
+    kept = _choose_paths(inputs, repeats=repeats, cache=cache, threads=threads)
+    movable = [
+        layer
+        for layer, x in inputs.items()
+        if isinstance(layer, _TiedConvNd)
+        and layer._ndim in (2, 3)
+        and not _paths.is_channels_last(x)
+    ]
+    if layout == "input" or not movable:
+        return model
+    moved = _channels_last_config(
+        model, example_inputs, movable, reference, layout == "auto", repeats, cache, threads
+    )
+    if moved is None:  # it does not run channels-last (the warning says why)
+        _apply(kept, movable, False)
+        return model
+    if layout == "auto" and not _faster(
+        model, example_inputs, movable, kept, moved, repeats=repeats, threads=threads, cache=cache
+    ):
+        _apply(kept, movable, False)
+        return model
+    _apply(moved, movable, True)
     return model
+
+
+#: ``optimize``'s layouts: timed, channels-last, the inputs'.
+LAYOUTS = ("auto", "channels_last", "input")
+
+#: Each tied conv's pinned path, in one layout configuration.
+_Paths = dict[_TiedConvNd, str]
+
+
+def _choose_paths(inputs: dict[nn.Module, torch.Tensor], **kw: Any) -> _Paths:
+    """Pin each tied conv's fastest path on its captured input (:func:`choose_path`)."""
+    paths = {}
+    for layer, x in inputs.items():
+        if isinstance(layer, _TiedConvNd):
+            layer.path = paths[layer] = choose_path(layer, x, **kw)
+    return paths
+
+
+def _apply(paths: _Paths, movable: list[_TiedConvNd], channels_last: bool) -> None:
+    """Pin ``paths``, with the ``movable`` layers in channels-last or in their inputs' layout."""
+    for layer, path in paths.items():
+        layer.path = path
+    for layer in movable:
+        layer.channels_last = channels_last
+
+
+def _channels_last_config(
+    model: nn.Module,
+    example_inputs: Any,
+    movable: list[_TiedConvNd],
+    reference: Any,
+    layouts: bool,
+    repeats: int,
+    cache: bool,
+    threads: int | None,
+) -> _Paths | None:
+    """With ``movable`` in channels-last: the model run once on ``example_inputs`` and its
+    output checked against ``reference``, then each tied conv's path chosen on the inputs it
+    now receives. None where the model does not run so: it raises or returns other values
+    (with a warning that says why), or, with ``layouts``, returns a tensor laid out
+    otherwise (``"auto"``'s rule: a feature map is returned as the model returned it)."""
+    for layer in movable:
+        layer.channels_last = True
+    problem: str | None
+    try:
+        inputs, out = _capture(model, example_inputs, (_TiedConvNd,))
+    except Exception as e:  # noqa: BLE001 - the user's code may raise anything
+        problem = f"the model raised {type(e).__name__}: {e}"
+    else:
+        problem = _output_difference(out, reference)
+    relaid = problem is None and layouts and _relaid(out, reference)
+    if problem is not None or relaid:
+        for layer in movable:
+            layer.channels_last = False
+    if problem is not None:
+        warnings.warn(
+            f"tieify.optimize: the tied convolutions keep their inputs' (NCHW) layout: with "
+            f"them in channels-last, {problem}. Code that needs NCHW memory after a tied "
+            "layer (x.view(n, -1) on a feature map) works on both layouts as x.reshape or "
+            "torch.flatten; layout='input' skips this check.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if problem is not None or relaid:
+        return None
+    return _choose_paths(inputs, repeats=repeats, cache=cache, threads=threads)
+
+
+class _Mismatch(ValueError):
+    """The model's output has another structure than the reference run's."""
+
+
+def _tensor_pairs(out: Any, reference: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The tensors of ``out`` (the model run with tied convs in channels-last) paired with
+    those of ``reference`` (run in its inputs' layout), walking tuples, lists and dicts;
+    :class:`_Mismatch` where the structures differ."""
+    if isinstance(reference, torch.Tensor):
+        if not isinstance(out, torch.Tensor):
+            raise _Mismatch(f"it returned {type(out).__name__} instead of a tensor")
+        yield out, reference
+    elif isinstance(reference, (tuple, list)):
+        if not isinstance(out, (tuple, list)) or len(out) != len(reference):
+            raise _Mismatch(f"it returned {type(out).__name__} instead of {reference!r:.60}")
+        for o, r in zip(out, reference, strict=True):
+            yield from _tensor_pairs(o, r)
+    elif isinstance(reference, Mapping):
+        if not isinstance(out, Mapping) or set(out) != set(reference):
+            raise _Mismatch(f"it returned other keys than {sorted(map(str, reference))}")
+        for k in reference:
+            yield from _tensor_pairs(out[k], reference[k])
+
+
+def _output_difference(out: Any, reference: Any) -> str | None:
+    """Why ``out`` differs from ``reference``, or None: the same structure, each tensor of
+    the same shape and dtype and close in value (the layouts' paths sum in other orders)."""
+    try:
+        pairs = list(_tensor_pairs(out, reference))
+    except _Mismatch as e:
+        return str(e)
+    for o, r in pairs:
+        if o.shape != r.shape or o.dtype != r.dtype:
+            return (
+                f"it returned a {o.dtype} tensor of shape {tuple(o.shape)} instead of "
+                f"{r.dtype} {tuple(r.shape)}"
+            )
+        if r.is_floating_point() or r.is_complex():
+            scale = float(r.abs().max()) if r.numel() else 0.0
+            close = torch.allclose(o, r, rtol=1e-3, atol=1e-4 * max(scale, 1.0))
+        else:
+            close = torch.equal(o, r)
+        if not close:
+            return f"its output {tuple(o.shape)} differs from the NCHW run's"
+    return None
+
+
+def _relaid(out: Any, reference: Any) -> bool:
+    """Whether a tensor of ``out`` (of ``reference``'s structure) with spatial dims is laid
+    out otherwise than the reference run's."""
+    return any(
+        o.dim() >= 3 and _paths.layout_of(o) != _paths.layout_of(r)
+        for o, r in _tensor_pairs(out, reference)
+    )
+
+
+def _faster(
+    model: nn.Module,
+    example_inputs: Any,
+    movable: list[_TiedConvNd],
+    kept: _Paths,
+    moved: _Paths,
+    *,
+    repeats: int,
+    cache: bool,
+    threads: int | None,
+) -> bool:
+    """Whether ``model`` runs faster on ``example_inputs`` in the ``moved`` configuration
+    (its layers in channels-last) than in ``kept``: whole-model forwards in interleaved
+    rounds (ties keep the inputs' layout), cached per model structure, inputs, threads,
+    versions and machine."""
+    if isinstance(example_inputs, Mapping):
+        values = list(example_inputs.values())
+    else:
+        values = (
+            list(example_inputs) if isinstance(example_inputs, (tuple, list)) else [example_inputs]
+        )
+    tensors = [t for t in values if isinstance(t, torch.Tensor)]
+    key = json.dumps(
+        {
+            "model": hashlib.sha256(repr(model).encode()).hexdigest()[:24],
+            "inputs": [input_signature(t) for t in tensors],
+            "threads": torch.get_num_threads() if threads is None else threads,
+            **software_key(kernel=True),
+            "machine": machine_key(tensors[0].device if tensors else "cpu"),
+        },
+        sort_keys=True,
+    )
+    if cache:
+        hit = PATH_CACHE.get(key)
+        if isinstance(hit, dict) and hit.get("layout") in ("input", "channels_last"):
+            return hit["layout"] == "channels_last"
+
+    def run(paths: _Paths, channels_last: bool) -> Callable[[], Any]:
+        def call() -> Any:
+            _apply(paths, movable, channels_last)
+            return run_model(model, example_inputs)
+
+        return call
+
+    fns = {"input": run(kept, False), "channels_last": run(moved, True)}
+    with eval_mode(model), num_threads(threads), torch.inference_mode():
+        times = _timer(fns, repeats=repeats, warmup=1, target_s=0.05)
+    faster = times["channels_last"] < times["input"]
+    if cache:
+        PATH_CACHE.set(key, {"layout": "channels_last" if faster else "input", "seconds": times})
+    return faster

@@ -51,6 +51,9 @@ def layer_key(layer: nn.Module, x: torch.Tensor, threads: int | None = None) -> 
         # The forward that actually runs on x ("auto" resolves by layout, and the rule
         # changes when tieify gains a path), so an entry is never another path's time.
         batched = x.unsqueeze(0) if x.dim() == layer._ndim + 1 else x
+        if _paths.relays(layer, batched):  # a layer in channels-last: its input's copy too
+            sig["copies_to"] = "channels_last"
+            batched = torch.empty_like(batched, memory_format=_paths.CHANNELS_LAST[batched.dim()])
         sig["path"] = "dense" if layer.B == 1 else _paths.select_path(layer, batched)
     elif hasattr(layer, "path"):
         sig["path"] = layer.path

@@ -10,7 +10,13 @@ from torch import nn
 
 from . import _transfer
 from ._checks import check_B, check_transfer
-from ._paths import kernel_call, tied_conv_forward
+from ._paths import (
+    forget_calls,
+    is_channels_last,
+    kernel_call,
+    tied_conv_forward,
+    to_channels_last,
+)
 
 __all__ = ["TiedConv1d", "TiedConv2d", "TiedConv3d"]
 
@@ -99,6 +105,34 @@ class _TiedConvNd(nn.Module):
         # Forward path: "auto" lets tieify.nn._paths choose per input; tieify.optimize() pins
         # the fastest measured one.
         self.path = "auto"
+        self._channels_last = False
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the layer computes in channels-last whatever its input's layout: an input
+        laid out otherwise (NCHW) is copied to channels-last first, so the output is
+        channels-last and the layers after it receive channels-last activations (a 2-D or
+        3-D layer; False, the default, keeps the input's layout). The values are the same
+        either way; :func:`tieify.optimize` sets it where the whole model runs faster so and
+        still runs. Code after the layer that needs NCHW memory (``x.view(n, -1)`` on a
+        feature map) fails on channels-last activations; ``x.reshape`` or ``flatten`` works.
+        """
+        return getattr(self, "_channels_last", False)  # False for a layer pickled without it
+
+    @channels_last.setter
+    def channels_last(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"{type(self).__name__}.channels_last must be True or False, but got {value!r}."
+            )
+        if value and self._ndim == 1:
+            raise ValueError(
+                f"{type(self).__name__}.channels_last: a 1-D layer's (N, C, L) input has no "
+                "channels-last layout; only 2-D and 3-D tied convolutions can run in it."
+            )
+        if value != self.channels_last:
+            forget_calls(self)  # the kept eager calls return the old layout
+        self._channels_last = value
 
     # -- construction from and to dense layers -------------------------------------------
 
@@ -230,6 +264,8 @@ class _TiedConvNd(nn.Module):
         if x.dim() == self._ndim + 1:  # unbatched, as torch's convolutions accept
             return self.forward(x.unsqueeze(0)).squeeze(0)
         self._check_input(x)
+        if self.channels_last and not is_channels_last(x):  # to its layout, then its kept call
+            return self.forward(to_channels_last(x))
         if self.B == 1:  # nothing to fold: exactly the dense layer's computation
             return self.thin_conv(x)
         return tied_conv_forward(self, x)

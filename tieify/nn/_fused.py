@@ -67,6 +67,8 @@ def conv_bn_act(
     relu: bool = False,
 ) -> torch.Tensor:
     """``relu(bn(conv(x)) + residual)``, fused where it can be (see the module doc)."""
+    if isinstance(conv, _TiedConvNd):  # a layer that runs channels-last: its input copied so
+        x = _paths.run_layout(conv, x)
     call = _kept_call(x, conv, bn, residual, relu)
     if call is not None:
         return call(x, residual)

@@ -170,6 +170,9 @@ _THNN_CONV2D: Callable[..., torch.Tensor] = torch._C._nn.thnn_conv2d  # type: ig
 
 # -- layout helpers (static: they never look at the batch size or the batch stride) --------
 
+#: The channels-last memory format of a tensor of this many dims (batch, channels, spatial).
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
 
 def is_channels_last(x: torch.Tensor) -> bool:
     """Whether the non-batch dims of ``x`` are laid out (*S, C) with C innermost, dense.
@@ -496,12 +499,25 @@ def _transposed_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """A channels-last copy of the NCHW ``x`` (a 2-D kernel conv's input): by the kernel's
-    transposing copy in a plain eager call that records no gradient (:func:`_relayouts`),
-    else by PyTorch's."""
+    """A channels-last copy of the 4-D or 5-D ``x`` (e.g. a 2-D kernel conv's NCHW input): by
+    the kernel's transposing copy of a dense NCHW float32 tensor in a plain eager call that
+    records no gradient (:func:`_relayouts`), else by PyTorch's."""
     if _relayouts(x) and x.is_contiguous():
         return _kernel.relayout(x, channels_last=True)
-    return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=CHANNELS_LAST[x.dim()])
+
+
+def relays(layer: _TiedConvNd, x: torch.Tensor) -> bool:
+    """Whether ``layer`` copies the batched ``x`` to channels-last before computing: it runs
+    in channels-last (``layer.channels_last``, a 2-D or 3-D layer) and ``x`` is laid out
+    otherwise."""
+    return layer.channels_last and x.dim() == layer._ndim + 2 and not is_channels_last(x)
+
+
+def run_layout(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``layer`` computes on it: its channels-last copy where :func:`relays`, else
+    ``x`` itself."""
+    return to_channels_last(x) if relays(layer, x) else x
 
 
 def to_channels_first(y: torch.Tensor) -> torch.Tensor:
@@ -1315,7 +1331,7 @@ class _KernelCall:
         # as the (N, C, *S) tensor in channels-last memory, which lays them out so (one op:
         # the permuted view of a new (N, *S, C) tensor is two, and each call's Python
         # counts); a 1-D layer's is that view.
-        self.layout = None if planar else _CHANNELS_LAST.get(len(out_shape))
+        self.layout = None if planar else CHANNELS_LAST.get(len(out_shape))
         if self.layout is not None:
             out_shape = (out_shape[0], out_shape[-1], *out_shape[1:-1])
         self.out_shape = out_shape
@@ -1353,9 +1369,6 @@ class _KernelCall:
             out = channels_second(out)
         return _kernel.relayout(out, channels_last=False) if self.transposed else out
 
-
-#: The channels-last memory format of a tensor of this many dims (batch, channels, spatial).
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 #: The kept calls of each layer, by input layout (outside the layer's state: pickling and
 #: ``deepcopy`` do not carry them, and they hold the library's functions).
@@ -1472,3 +1485,8 @@ def _keep_call(layer: _TiedConvNd, x: torch.Tensor, extra: Any, call: _KernelCal
         calls.clear()
     calls[_call_key(layer, x, extra)] = call
     return call
+
+
+def forget_calls(layer: _TiedConvNd) -> None:
+    """Drop ``layer``'s kept eager calls (they are made again on the next calls)."""
+    _CALLS.pop(layer, None)

@@ -1,0 +1,295 @@
+"""Tied convolutions that run in channels-last whatever their input's layout, and
+``tieify.optimize``'s choice of that layout for models run on NCHW inputs."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import tieify
+from tieify.latency import _optimize, _table
+from tieify.latency._cache import JsonCache
+from tieify.nn import TiedConv1d, TiedConv2d, TiedConv3d, _kernel, _paths
+
+CL = torch.channels_last
+
+
+class LayoutTimer:
+    """Deterministic timings by candidate name (1.0 s unless given); records each call's
+    candidates."""
+
+    def __init__(self, times: dict[str, float]) -> None:
+        self.times = times
+        self.calls: list[tuple[str, ...]] = []
+
+    def __call__(self, fns, **kwargs):
+        self.calls.append(tuple(fns))
+        for fn in fns.values():  # the candidates must run
+            fn()
+        return {name: self.times.get(name, 1.0) for name in fns}
+
+    def layout_calls(self) -> int:
+        return sum(names == ("input", "channels_last") for names in self.calls)
+
+
+@pytest.fixture
+def cache_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIEIFY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_optimize, "PATH_CACHE", JsonCache("paths.json"))
+    return tmp_path
+
+
+def classifier() -> nn.Module:
+    """Tied convs on an NCHW image, pooled to a 2-D output (its layout is not a question)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        TiedConv2d(8, 16, 1, B=4),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        TiedConv2d(16, 16, 3, padding=1, B=2),
+        TiedConv2d(16, 32, 3, stride=2, padding=1, B=4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    ).eval()
+
+
+class ViewNet(nn.Module):
+    """A hand-written net that flattens a feature map with ``view``: NCHW memory only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = TiedConv2d(8, 16, 3, padding=1, B=2)
+        self.fc = nn.Linear(16 * 5 * 5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def tied_convs(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (TiedConv2d, TiedConv3d))]
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: TiedConv2d(16, 32, 1, B=4), (2, 16, 7, 9)),
+        (lambda: TiedConv2d(16, 32, 1, stride=2, B=8), (2, 16, 9, 9)),
+        (lambda: TiedConv2d(16, 16, 3, padding=1, B=2), (3, 16, 8, 6)),
+        (lambda: TiedConv2d(16, 32, 3, stride=2, padding=1, groups=2, B=2), (1, 16, 9, 9)),
+        (lambda: TiedConv3d(8, 16, 3, padding=1, B=2), (2, 8, 4, 5, 3)),
+    ],
+)
+def test_a_layer_in_channels_last_returns_channels_last_with_the_same_values(make, shape):
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(shape, requires_grad=True)
+    ref = layer(x)
+    grads = torch.autograd.grad(ref.square().sum(), (x, layer.weight))
+    layer.channels_last = True
+    y = layer(x)
+    memory_format = _paths.CHANNELS_LAST[len(shape)]
+    assert y.is_contiguous(memory_format=memory_format) and not y.is_contiguous()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(y.square().sum(), (x, layer.weight))
+    for g, r in zip(got, grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():  # the eager inference calls (the kernel's, where built)
+        for _ in range(2):
+            out = layer(x.detach())
+            assert out.is_contiguous(memory_format=memory_format)
+            torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+    # Unbatched inputs, as torch's convolutions take them.
+    torch.testing.assert_close(layer(x[0].detach()), ref[0].detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_setting_the_layout_drops_the_calls_kept_for_the_old_one():
+    layer = TiedConv2d(64, 64, 3, padding=1, B=2)  # NCHW: the kernel on copies, where built
+    x = torch.randn(2, 64, 12, 12)
+    with torch.no_grad():
+        ref = layer(x)
+        layer(x)
+        assert ref.is_contiguous()
+        if _kernel.kernel_available():  # the call kept for NCHW inputs returns NCHW
+            assert _paths._CALLS[layer]
+        layer.channels_last = True
+        y = layer(x)
+        assert y.is_contiguous(memory_format=CL) and not y.is_contiguous()
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        layer.channels_last = False
+        assert layer(x).is_contiguous()
+
+
+def test_the_layout_flag_names_its_rule():
+    with pytest.raises(ValueError, match="1-D layer"):
+        TiedConv1d(8, 8, 3, B=2).channels_last = True
+    TiedConv1d(8, 8, 3, B=2).channels_last = False  # the default, allowed
+    with pytest.raises(TypeError, match="True or False"):
+        TiedConv2d(8, 8, 3, B=2).channels_last = 1  # type: ignore[assignment]
+    layer = TiedConv2d(8, 8, 3, B=2)
+    del layer.__dict__["_channels_last"]  # a layer pickled before the flag existed
+    assert layer.channels_last is False
+
+
+def test_a_pickled_layer_keeps_its_layout():
+    import copy
+    import io
+
+    layer = TiedConv2d(8, 8, 3, padding=1, B=2)
+    layer.channels_last = True
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.channels_last and copy.deepcopy(layer).channels_last
+    assert loaded(torch.randn(1, 8, 5, 5)).is_contiguous(memory_format=CL)
+
+
+def test_optimize_moves_an_nchw_model_to_channels_last_where_faster(cache_tmp, monkeypatch):
+    timer = LayoutTimer({"channels_last": 0.5})
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    net = classifier()
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        ref = net(x)
+    assert tieify.optimize(net, x) is net
+    assert all(layer.channels_last for layer in tied_convs(net))
+    assert timer.layout_calls() == 1
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-4)
+        inner = net[:4](x)  # the activations after the first tied layer: channels-last
+        assert inner.is_contiguous(memory_format=CL) and not inner.is_contiguous()
+    # The layout's choice is cached like the paths': not timed again, here or after a
+    # restart (the on-disk cache).
+    net2 = classifier()
+    tieify.optimize(net2, x)
+    monkeypatch.setattr(_optimize, "PATH_CACHE", JsonCache("paths.json"))
+    net3 = classifier()
+    tieify.optimize(net3, x)
+    assert timer.layout_calls() == 1
+    assert all(layer.channels_last for layer in tied_convs(net2) + tied_convs(net3))
+    entries = json.loads((cache_tmp / "paths.json").read_text())["entries"]
+    assert [v["layout"] for v in entries.values() if "layout" in v] == ["channels_last"]
+
+
+def test_optimize_keeps_the_inputs_layout_where_it_is_not_slower(cache_tmp, monkeypatch):
+    timer = LayoutTimer({})  # a tie: the inputs' layout is kept
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    net = classifier()
+    tieify.optimize(net, torch.randn(2, 8, 10, 10))
+    assert timer.layout_calls() == 1
+    assert not any(layer.channels_last for layer in tied_convs(net))
+    # Each layer is pinned to the path timed on the input it receives that way.
+    assert all(layer.path in _paths.PATHS for layer in tied_convs(net))
+
+
+def test_optimize_leaves_a_channels_last_model_alone(cache_tmp, monkeypatch):
+    timer = LayoutTimer({"channels_last": 0.5})
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    net = classifier().to(memory_format=CL)
+    tieify.optimize(net, torch.randn(2, 8, 10, 10).contiguous(memory_format=CL))
+    assert timer.layout_calls() == 0  # nothing to move
+    assert not any(layer.channels_last for layer in tied_convs(net))
+
+
+def test_optimize_keeps_nchw_with_a_warning_where_the_model_needs_it(cache_tmp, monkeypatch):
+    monkeypatch.setattr(_optimize, "_timer", LayoutTimer({"channels_last": 0.5}))
+    net = ViewNet().eval()
+    x = torch.randn(2, 8, 5, 5)
+    for layout in ("auto", "channels_last"):
+        with pytest.warns(RuntimeWarning, match=r"raised RuntimeError: view size .*reshape"):
+            tieify.optimize(net, x, layout=layout)
+        assert not net.conv.channels_last
+        net(x)  # still runs as before
+
+
+def test_optimize_keeps_a_returned_feature_maps_layout_unless_asked(cache_tmp, monkeypatch):
+    timer = LayoutTimer({"channels_last": 0.5})
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    backbone = classifier()[:5]  # returns the (N, 32, 5, 5) feature map
+    x = torch.randn(2, 8, 10, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a choice, not a failure: no warning
+        tieify.optimize(backbone, x)
+    assert not any(layer.channels_last for layer in tied_convs(backbone))
+    assert backbone(x).is_contiguous()
+    tieify.optimize(backbone, x, layout="channels_last")  # asked: no timing
+    assert all(layer.channels_last for layer in tied_convs(backbone))
+    assert backbone(x).is_contiguous(memory_format=CL)
+    assert timer.layout_calls() == 0
+    tieify.optimize(backbone, x, layout="input")  # back to the inputs' layout
+    assert not any(layer.channels_last for layer in tied_convs(backbone))
+
+
+def test_optimize_names_the_layouts_it_takes():
+    with pytest.raises(ValueError, match="'auto', 'channels_last', 'input'"):
+        tieify.optimize(classifier(), torch.randn(1, 8, 4, 4), layout="nhwc")
+
+
+def test_optimize_warns_where_channels_last_changes_the_values(cache_tmp, monkeypatch):
+    """Code that reads memory as if it were NCHW (here: through ``as_strided``) computes
+    other values on channels-last activations; the check against the NCHW run catches it."""
+
+    class Strided(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = TiedConv2d(4, 4, 1, B=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return y.as_strided((y.shape[0], y[0].numel()), (y[0].numel(), 1))
+
+    monkeypatch.setattr(_optimize, "_timer", LayoutTimer({"channels_last": 0.5}))
+    net = Strided()
+    with pytest.warns(RuntimeWarning, match="differs from the NCHW run"):
+        tieify.optimize(net, torch.randn(2, 4, 3, 3), layout="channels_last")
+    assert not net.conv.channels_last
+
+
+def test_fused_model_in_channels_last_on_nchw_inputs(cache_tmp, monkeypatch):
+    monkeypatch.setattr(_optimize, "_timer", LayoutTimer({"channels_last": 0.5}))
+    net = classifier()
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        ref = net(x)
+    tieify.optimize(net, x)
+    fused = tieify.fuse(net, x)
+    with torch.inference_mode():
+        for _ in range(2):
+            torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_latency_table_keys_a_layer_in_channels_last_by_the_path_it_runs():
+    layer = TiedConv2d(16, 32, 3, padding=1, B=4)
+    x = torch.randn(2, 16, 8, 8)
+    nchw = json.loads(_table.layer_key(layer, x))
+    layer.channels_last = True
+    moved = json.loads(_table.layer_key(layer, x))
+    assert "copies_to" not in nchw["op"] and moved["op"]["copies_to"] == "channels_last"
+    assert moved["op"]["path"] == _paths.select_path(layer, x.contiguous(memory_format=CL))
+    assert moved["input"] == nchw["input"]  # the input the model gives it
+    cl = json.loads(_table.layer_key(layer, x.contiguous(memory_format=CL)))
+    assert "copies_to" not in cl["op"]  # nothing to copy
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_the_first_layer_copies_its_input_by_the_kernels_transposing_copy(monkeypatch):
+    copies = []
+    relayout = _kernel.relayout
+
+    def counting(x, channels_last):
+        copies.append(channels_last)
+        return relayout(x, channels_last=channels_last)
+
+    monkeypatch.setattr(_kernel, "relayout", counting)
+    net = classifier()
+    for layer in tied_convs(net):
+        layer.channels_last = True
+    with torch.inference_mode():
+        net(torch.randn(2, 8, 10, 10))
+    assert copies == [True]  # one copy in, none back: the rest is channels-last

@@ -293,3 +293,50 @@ def test_the_first_layer_copies_its_input_by_the_kernels_transposing_copy(monkey
     with torch.inference_mode():
         net(torch.randn(2, 8, 10, 10))
     assert copies == [True]  # one copy in, none back: the rest is channels-last
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "alexnet",  # flatten after an adaptive pool
+        "densenet121",  # concatenations
+        "googlenet",
+        "inception_v3",
+        "shufflenet_v2_x0_5",  # channel shuffle: view, transpose, contiguous, view
+        "squeezenet1_0",
+        "efficientnet_b0",  # squeeze-excitation
+        "regnet_y_400mf",
+    ],
+)
+def test_torchvision_models_run_with_their_tied_layers_in_channels_last(
+    name, cache_tmp, monkeypatch
+):
+    import torchvision
+
+    monkeypatch.setattr(_optimize, "_timer", LayoutTimer({}))
+    torch.manual_seed(0)
+    kwargs = {"init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    size = 80 if name == "inception_v3" else 64
+    x = torch.randn(2, 3, size, size)
+    tied = tieify.tieify(model, B=4)
+    with torch.no_grad():
+        ref = tied(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it runs so: no warning
+        tieify.optimize(tied, x, layout="channels_last", cache=False)
+    # Every tied conv computes in channels-last: it runs so, or its input already is (a
+    # squeeze-excitation's 1×1 map is both layouts at once).
+    seen = []
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, a: seen.append(m.channels_last or _paths.is_channels_last(a[0]))
+        )
+        for layer in tied_convs(tied)
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(tied(x), ref, rtol=1e-4, atol=1e-4)
+    for h in hooks:
+        h.remove()
+    assert seen and all(seen)
+    assert any(layer.channels_last for layer in tied_convs(tied))

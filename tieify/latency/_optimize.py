@@ -416,7 +416,7 @@ def _faster(
             "model": hashlib.sha256(repr(model).encode()).hexdigest()[:24],
             "inputs": [input_signature(t) for t in tensors],
             "threads": torch.get_num_threads() if threads is None else threads,
-            **software_key(kernel=True),
+            **software_key(kernel="kernel" in {*kept.values(), *moved.values()}),
             "machine": machine_key(tensors[0].device if tensors else "cpu"),
         },
         sort_keys=True,
@@ -434,8 +434,9 @@ def _faster(
         return call
 
     fns = {"input": run(kept, False), "channels_last": run(moved, True)}
+    device = tensors[0].device if tensors and tensors[0].device.type == "cuda" else None
     with eval_mode(model), num_threads(threads), torch.inference_mode():
-        times = _timer(fns, repeats=repeats, warmup=1, target_s=0.05)
+        times = _timer(fns, repeats=repeats, warmup=1, target_s=0.05, device=device)
     faster = times["channels_last"] < times["input"]
     if cache:
         PATH_CACHE.set(key, {"layout": "channels_last" if faster else "input", "seconds": times})

@@ -340,3 +340,37 @@ def test_torchvision_models_run_with_their_tied_layers_in_channels_last(
         h.remove()
     assert seen and all(seen)
     assert any(layer.channels_last for layer in tied_convs(tied))
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_search_latency_times_candidates_after_optimize_where_the_recipe_says(
+    optimize, cache_tmp, monkeypatch
+):
+    import tieify.latency
+    from tieify.search._objective import Evaluator
+    from tieify.search._recipe import recipe_from_dict
+
+    calls = []
+    real = tieify.latency.optimize
+    monkeypatch.setattr(
+        tieify.latency, "optimize", lambda m, x, **kw: calls.append(kw) or real(m, x, **kw)
+    )
+    monkeypatch.setattr(_optimize, "_timer", LayoutTimer({"channels_last": 0.5}))
+    ev = Evaluator.__new__(Evaluator)  # only what _latency reads: no data, no training
+    ev.recipe = recipe_from_dict(
+        {"latency": {"optimize": optimize, "repeats": 2, "allocator": "system", "threads": 1}}
+    )
+    ev.latency_input = torch.randn(1, 8, 10, 10)
+    ev.latency_mode = "measured"
+    net = classifier()
+    assert ev._latency(net) > 0
+    assert calls == ([{"threads": 1}] if optimize else [])
+    assert all(layer.channels_last == optimize for layer in tied_convs(net))
+
+
+def test_recipe_optimize_key_takes_booleans_only():
+    from tieify.search._recipe import RecipeError, recipe_from_dict
+
+    assert recipe_from_dict({}).latency.optimize is False
+    with pytest.raises(RecipeError, match="latency.optimize"):
+        recipe_from_dict({"latency": {"optimize": "yes"}})

@@ -344,6 +344,10 @@ class Evaluator:
     def _latency(self, model: nn.Module) -> float:
         lat = self.recipe.latency
         self._prepare_allocator()
+        if lat.optimize:
+            from ..latency import optimize
+
+            optimize(model, self.latency_input, threads=lat.threads)
         if self.latency_mode == "predicted":
             predicted = _predicted_ms(model, self.latency_input, lat.threads)
             if predicted is not None:

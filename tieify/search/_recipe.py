@@ -116,6 +116,12 @@ class LatencyConfig:
     ``allocator: tuned`` calls :func:`tieify.tune_allocator` in the process that times (a
     search trial's), so large activations do not page-fault on every forward; ``system``
     times under the allocator as the process has it.
+
+    ``optimize: true`` runs :func:`tieify.optimize` on each candidate with the latency
+    input before timing or predicting it (each tied layer on its fastest measured path and,
+    for the NCHW input, the tied layers in channels-last where the model runs faster so):
+    the latency of the candidate as deployed after ``optimize``, at the cost of its
+    timings (cached per layer configuration, so later candidates mostly reuse them).
     """
 
     mode: str = "auto"
@@ -124,6 +130,7 @@ class LatencyConfig:
     repeats: int = 20
     warmup: int = 3
     allocator: str = "tuned"
+    optimize: bool = False
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,20 @@ def test_a_layer_in_channels_last_returns_channels_last_with_the_same_values(mak
     torch.testing.assert_close(layer(x[0].detach()), ref[0].detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_bfloat16_layer_in_channels_last():
+    torch.manual_seed(0)
+    layer = TiedConv2d(16, 32, 3, padding=1, B=4).to(torch.bfloat16)
+    x = torch.randn(2, 16, 9, 9, dtype=torch.bfloat16, requires_grad=True)
+    ref = layer(x)
+    (grad_ref,) = torch.autograd.grad(ref.float().square().sum(), x)
+    layer.channels_last = True
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+    (grad,) = torch.autograd.grad(y.float().square().sum(), x)
+    torch.testing.assert_close(grad, grad_ref, rtol=5e-2, atol=5e-2)
+
+
 def test_setting_the_layout_drops_the_calls_kept_for_the_old_one():
     layer = TiedConv2d(64, 64, 3, padding=1, B=2)  # NCHW: the kernel on copies, where built
     x = torch.randn(2, 64, 12, 12)

@@ -142,6 +142,18 @@ def run_model(model: nn.Module, example_inputs: Any) -> Any:
     )
 
 
+def example_tensors(example_inputs: Any) -> list[torch.Tensor]:
+    """The tensors among ``example_inputs`` as :func:`run_model` passes them: a tensor, the
+    tensors of a tuple/list of positional inputs, or of a dict of keyword inputs."""
+    if isinstance(example_inputs, torch.Tensor):
+        return [example_inputs]
+    if isinstance(example_inputs, Mapping):
+        values = list(example_inputs.values())
+    else:
+        values = list(example_inputs) if isinstance(example_inputs, (tuple, list)) else []
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
 def choose_path(
     layer: _TiedConvNd,
     x: torch.Tensor,
@@ -305,7 +317,9 @@ def _channels_last_config(
     output checked against ``reference``, then each tied conv's path chosen on the inputs it
     now receives. None where the model does not run so: it raises or returns other values
     (with a warning that says why), or, with ``layouts``, returns a tensor laid out
-    otherwise (``"auto"``'s rule: a feature map is returned as the model returned it)."""
+    otherwise (``"auto"``'s rule: a feature map is returned as the model returned it).
+    The layers are left in channels-last either way: the caller applies the configuration
+    it keeps."""
     for layer in movable:
         layer.channels_last = True
     problem: str | None
@@ -316,9 +330,6 @@ def _channels_last_config(
     else:
         problem = _output_difference(out, reference)
     relaid = problem is None and layouts and _relaid(out, reference)
-    if problem is not None or relaid:
-        for layer in movable:
-            layer.channels_last = False
     if problem is not None:
         warnings.warn(
             f"tieify.optimize: the tied convolutions keep their inputs' (NCHW) layout: with "
@@ -404,13 +415,7 @@ def _faster(
     (its layers in channels-last) than in ``kept``: whole-model forwards in interleaved
     rounds (ties keep the inputs' layout), cached per model structure, inputs, threads,
     versions and machine."""
-    if isinstance(example_inputs, Mapping):
-        values = list(example_inputs.values())
-    else:
-        values = (
-            list(example_inputs) if isinstance(example_inputs, (tuple, list)) else [example_inputs]
-        )
-    tensors = [t for t in values if isinstance(t, torch.Tensor)]
+    tensors = example_tensors(example_inputs)
     key = json.dumps(
         {
             "model": hashlib.sha256(repr(model).encode()).hexdigest()[:24],

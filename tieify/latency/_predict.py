@@ -38,7 +38,7 @@ from torch import nn
 from .._modes import eval_mode
 from ._allocator import allocator_state
 from ._machine import machine_key, software_key
-from ._optimize import input_signature, run_model
+from ._optimize import example_tensors, input_signature, run_model
 from ._table import TABLE, LatencyTable, is_layer
 from ._timing import interleaved_samples, num_threads
 
@@ -64,17 +64,7 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _example_tensor(example_inputs: Any) -> torch.Tensor | None:
-    if isinstance(example_inputs, torch.Tensor):
-        return example_inputs
-    if isinstance(example_inputs, (tuple, list)):
-        for v in example_inputs:
-            if isinstance(v, torch.Tensor):
-                return v
-    if isinstance(example_inputs, dict):
-        for v in example_inputs.values():
-            if isinstance(v, torch.Tensor):
-                return v
-    return None
+    return next(iter(example_tensors(example_inputs)), None)
 
 
 def _capture(model: nn.Module, example_inputs: Any, layers: list[tuple[str, nn.Module]]):

@@ -12,8 +12,8 @@ from . import _transfer
 from ._checks import check_B, check_transfer
 from ._paths import (
     forget_calls,
-    is_channels_last,
     kernel_call,
+    relays,
     tied_conv_forward,
     to_channels_last,
 )
@@ -264,7 +264,7 @@ class _TiedConvNd(nn.Module):
         if x.dim() == self._ndim + 1:  # unbatched, as torch's convolutions accept
             return self.forward(x.unsqueeze(0)).squeeze(0)
         self._check_input(x)
-        if self.channels_last and not is_channels_last(x):  # to its layout, then its kept call
+        if relays(self, x):  # to its layout (channels-last), then its kept call
             return self.forward(to_channels_last(x))
         if self.B == 1:  # nothing to fold: exactly the dense layer's computation
             return self.thin_conv(x)

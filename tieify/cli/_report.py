@@ -81,7 +81,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--optimize",
         action="store_true",
-        help="run tieify.optimize on the tied model before timing it (--latency)",
+        help="run tieify.optimize on the tied model before timing it: its layers' fastest "
+        "paths and, on an NCHW input, its tied layers in channels-last where faster (--latency)",
     )
     p.add_argument("--format", default="table", choices=FORMATS, help="output format (table)")
     p.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE")

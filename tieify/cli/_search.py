@@ -61,7 +61,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="latency from the model (a per-layer table cached on this machine) or measured; "
         "auto (the recipes' default): predicted when the table is already warm for the dense "
         "model, else measured. Either way timed after tieify.tune_allocator() unless the "
-        "recipe sets latency.allocator: system",
+        "recipe sets latency.allocator: system, and after tieify.optimize of each candidate "
+        "where it sets latency.optimize: true",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
     m = p.add_argument_group("model and budgets (override the recipe)")

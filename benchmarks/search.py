@@ -72,6 +72,7 @@ def main() -> int:
                     "accuracy",
                     "accuracy_drop",
                     "latency_ms",
+                    "latency_ratio",
                     "params",
                     "macs",
                 )
@@ -112,14 +113,15 @@ def _markdown(r: dict) -> str:
         f"{r['machine']['load_average_before']} / {r['machine']['load_average_after']} "
         "(shared machine)",
         "",
-        "| trial | decisions | accuracy | drop | latency ms | params | MACs |",
-        "|---|---|---|---|---|---|---|",
+        "| trial | decisions | accuracy | drop | latency ms | x dense | params | MACs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in r["front"]:
         dec = " ".join(f"{k.removeprefix('B_')}={v}" for k, v in p["decisions"].items())
         lines.append(
             f"| {p['trial']} | {dec} | {100 * p['accuracy']:.2f}% | "
-            f"{100 * p['accuracy_drop']:+.2f} pt | {p['latency_ms']:.3f} | {p['params']} | "
+            f"{100 * p['accuracy_drop']:+.2f} pt | {p['latency_ms']:.3f} | "
+            f"{p['latency_ratio']:.3f} | {p['params']} | "
             f"{p['macs']} |"
         )
     return "\n".join(lines) + "\n"

@@ -24,6 +24,12 @@ def test_default_recipe_loads_and_round_trips() -> None:
 def test_overrides_dotted_and_nested() -> None:
     r = load_recipe("default", {"budgets.max_params": 1234, "search": {"trials": 3}})
     assert r.budgets.max_params == 1234 and r.search.trials == 3
+    ratio = load_recipe(
+        "default",
+        {"budgets.max_latency_ratio": 0.5, "search.objectives": ["accuracy", "latency_ratio"]},
+    )
+    assert ratio.budgets.max_latency_ratio == 0.5
+    assert ratio.directions == ["maximize", "minimize"]
     # None values (unset CLI flags) are ignored
     assert load_recipe("default", {"budgets.max_params": None}).budgets.max_params == 60000
 
@@ -39,6 +45,11 @@ def test_overrides_dotted_and_nested() -> None:
         ({"budgets": {"min_accuracy": 1.5}}, ["budgets.min_accuracy", "1.5"]),
         ({"budgets": {"max_params": 0}}, ["budgets.max_params", "> 0", "0"]),
         ({"budgets": {"max_latency_ms": -1.0}}, ["budgets.max_latency_ms", "-1.0"]),
+        ({"budgets": {"max_latency_ratio": 0}}, ["budgets.max_latency_ratio", "> 0", "0"]),
+        (
+            {"budgets": {"max_latency_ratio": 50}},
+            ["budgets.max_latency_ratio", "(0, 2]", "50", "0.5 for 50%"],
+        ),
         ({"train": {"optimizer": "adam"}}, ["train.optimizer", "sgd, adamw", "'adam'"]),
         ({"data": {"dataset": "mnist"}}, ["data.dataset", "digits", "'mnist'"]),
         ({"search": {"objectives": ["accuracy", "speed"]}}, ["search.objectives", "'speed'"]),
@@ -113,4 +124,14 @@ def test_cli_rejects_bad_budget_before_training(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert code == 2
     assert "budgets.max_accuracy_drop" in err and "3.0" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_max_latency_ratio_reaches_the_recipe(tmp_path: Path, capsys) -> None:
+    from tieify.cli import main
+
+    code = main(["search", "--max-latency-ratio", "60", "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "budgets.max_latency_ratio" in err and "60.0" in err and "0.5 for 50%" in err
     assert not (tmp_path / "o").exists()

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,58 @@ def test_latency_mode_auto_predicts_once_the_table_is_warm(tmp_path: Path, monke
     # An explicit mode wins over the table.
     explicit = dataclasses.replace(r, latency=dataclasses.replace(r.latency, mode="measured"))
     assert Evaluator(explicit, tmp_path / "c", log=False).latency_mode == "measured"
+
+
+def test_side_by_side_ratio_is_the_median_of_the_rounds_ratios(monkeypatch) -> None:
+    from tieify.latency import _predict
+    from tieify.search import _objective
+
+    calls = []
+
+    def fake(models, x, **kwargs):
+        calls.append((sorted(models), kwargs))
+        # Per round: 2/4, 4/4, 3/6 -> ratios 0.5, 1.0, 0.5; the ratio of the medians is 0.75.
+        return {"model": [2e-3, 4e-3, 3e-3], "dense": [4e-3, 4e-3, 6e-3]}
+
+    monkeypatch.setattr(_predict, "measure_side_by_side", fake)
+    tied, dense = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    ms, ratio = _objective._side_by_side_ms(tied, dense, torch.randn(1, 2), 1, 3, 1)
+    assert (ms, ratio) == (3.0, 0.5)
+    assert calls == [
+        (["dense", "model"], {"repeats": 3, "threads": 1, "warmup": 1, "sample_seconds": 0.005})
+    ]
+
+
+def test_latency_ratio_metric_and_budget(tmp_path: Path, monkeypatch) -> None:
+    from tieify.latency import predict_latency
+
+    monkeypatch.setenv("TIEIFY_CACHE_DIR", str(tmp_path / "cache"))
+    raw = tiny_recipe(budgets={"max_latency_ratio": 0.8})
+    r = load_recipe(_write(tmp_path, raw), {"latency.mode": "measured"})
+    ev = Evaluator(r, tmp_path / "m", log=False)
+    assert ev.baseline["latency_ratio"] == 1.0
+    assert ev.constraint_names == ["max_latency_ratio"]
+    # The budget is a relative overshoot of the ratio: 0.6 / 0.8 - 1 and 1.0 / 0.8 - 1.
+    assert ev.constraints({"accuracy": 0.5, "latency_ratio": 0.6}) == [-0.25]
+    assert ev.constraints({"accuracy": 0.5, "latency_ratio": 1.0}) == [0.25]
+    params = {d.name: 4 for d in ev.space.decisions}
+    measured = ev.evaluate(params)
+    assert math.isfinite(measured["latency_ratio"]) and measured["latency_ratio"] > 0
+    # Predicted: the ratio of the candidate's prediction to the dense model's (lookups once
+    # the table holds both), whatever the machine does meanwhile.
+    predicted_recipe = load_recipe(_write(tmp_path, raw), {"latency.mode": "predicted"})
+    ev = Evaluator(predicted_recipe, tmp_path / "p", log=False)
+    metrics = ev.evaluate(params)
+    tied = replay(ev.dense, metrics["plan"])
+    threads = predicted_recipe.latency.threads
+    p_tied = predict_latency(tied, ev.latency_input, threads=threads)
+    p_dense = predict_latency(ev.dense, ev.latency_input, threads=threads)
+    assert metrics["latency_ms"] == round(1000.0 * p_tied, 5)
+    assert metrics["latency_ratio"] == pytest.approx(p_tied / p_dense, rel=1e-4)
+    # The search writes it to the trials table beside latency_ms.
+    out = tmp_path / "out"
+    search(_write(tmp_path, raw), out_dir=out, trials=2, progress=False)
+    rows = _rows(out)
+    assert all(float(row["latency_ratio"]) > 0 for row in rows)
+    assert all((row["feasible"] == "True") == (float(row["latency_ratio"]) <= 0.8) for row in rows)
+    assert "x dense" in (out / "report.md").read_text()

@@ -75,6 +75,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--max-accuracy-drop", type=float, help="max drop against the dense model (fraction)"
     )
     m.add_argument("--max-latency-ms", type=float, help="max latency in milliseconds")
+    m.add_argument(
+        "--max-latency-ratio",
+        type=float,
+        help="max latency over the dense model's (0.5: half its time); measured side by side "
+        "with it in interleaved rounds, so a shared machine's drift over a long search "
+        "moves both alike",
+    )
     m.add_argument("--max-params", type=int, help="max parameters")
     m.add_argument("--max-macs", type=int, help="max multiply-adds per sample")
     r = p.add_argument_group("Ray backend")
@@ -98,6 +105,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "budgets.min_accuracy": args.min_accuracy,
         "budgets.max_accuracy_drop": args.max_accuracy_drop,
         "budgets.max_latency_ms": args.max_latency_ms,
+        "budgets.max_latency_ratio": args.max_latency_ratio,
         "budgets.max_params": args.max_params,
         "budgets.max_macs": args.max_macs,
     }

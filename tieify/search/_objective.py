@@ -12,6 +12,12 @@ Metrics of a trial (all plain JSON values, stored as Optuna user attributes):
   ``latency.threads`` threads, warm-up excluded (``measured``), or the latency model's
   prediction (``predicted``); ``auto`` resolves to one of them once per search
   (:class:`~tieify.search._recipe.LatencyConfig`);
+- ``latency_ratio``: the candidate's latency over the dense model's. Measured, the two are
+  timed side by side in interleaved rounds and this is the median of the rounds' ratios:
+  a shared machine's speed moves between trials (by a third within minutes on the 2-core
+  development host, see ``benchmarks/results``) and moves ``latency_ms`` with it, but
+  slows both models of a round alike, so the ratio (and the ``max_latency_ratio`` budget)
+  compares trials fairly across a long search. Predicted, it is the two predictions' ratio;
 - ``params`` (de-duplicated) and ``macs`` (per sample, fvcore's unit) from :func:`tieify.count`;
 - ``plan`` (replayable plan dict), ``assignment`` (per-layer factors), ``failed_reason`` for a
   trial that could not be built or diverged, ``pruned`` for a trial a pruner stopped.
@@ -34,6 +40,7 @@ import hashlib
 import json
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -59,6 +66,7 @@ CONSTRAINT_NAMES = (
     "min_accuracy",
     "max_accuracy_drop",
     "max_latency_ms",
+    "max_latency_ratio",
     "max_params",
     "max_macs",
 )
@@ -208,8 +216,8 @@ class Evaluator:
     def constraints(self, metrics: Mapping[str, Any]) -> list[float]:
         """One value per configured budget; ``<= 0`` means the budget is met.
 
-        Accuracy budgets are in accuracy units (fractions); latency, params and MACs are
-        relative overshoots (``value / budget - 1``).
+        Accuracy budgets are in accuracy units (fractions); latency (in ms or as a ratio to
+        the dense model), params and MACs are relative overshoots (``value / budget - 1``).
         """
         b = self.recipe.budgets
         acc = float(metrics["accuracy"])
@@ -267,7 +275,7 @@ class Evaluator:
             metrics.setdefault("plan", {"B": bs, "groups": gs})
             return metrics
         metrics["params"], metrics["macs"] = _count(tied, self.example)
-        metrics["latency_ms"] = self._latency(tied)
+        metrics["latency_ms"], metrics["latency_ratio"] = self._latency(tied)
         try:
             metrics["accuracy"] = self._accuracy(tied, report)
         except Diverged as exc:
@@ -341,27 +349,48 @@ class Evaluator:
         )
         return mode
 
-    def _latency(self, model: nn.Module) -> float:
+    def _latency(self, model: nn.Module) -> tuple[float, float]:
+        """``model``'s latency in milliseconds and its ratio to the dense model's (1.0 for
+        the dense model itself): predicted, both from the latency model, or measured, side
+        by side with the dense model (see ``latency_ratio`` in the module docstring)."""
         lat = self.recipe.latency
         self._prepare_allocator()
         if lat.optimize:
             from ..latency import optimize
 
             optimize(model, self.latency_input, threads=lat.threads)
+            if model is not self.dense and not self._dense_optimized:
+                optimize(self.dense, self.latency_input, threads=lat.threads)
+            self._dense_optimized = self._dense_optimized or model is self.dense
         if self.latency_mode == "predicted":
             predicted = _predicted_ms(model, self.latency_input, lat.threads)
-            if predicted is not None:
-                return predicted
-        return round(
-            measure_latency(
+            dense = predicted if model is self.dense else self._dense_predicted()
+            if predicted is not None and dense:
+                return predicted, round(predicted / dense, 5)
+        if model is self.dense:
+            ms = measure_latency(
                 model,
                 self.latency_input,
                 threads=lat.threads,
                 repeats=lat.repeats,
                 warmup=lat.warmup,
-            ),
-            5,
+            )
+            return round(ms, 5), 1.0
+        return _side_by_side_ms(
+            model, self.dense, self.latency_input, lat.threads, lat.repeats, lat.warmup
         )
+
+    _dense_optimized = False
+    _dense_ms: float | None = None
+
+    def _dense_predicted(self) -> float | None:
+        """The dense model's predicted milliseconds, predicted once (lookups after the first
+        call fill the table)."""
+        if self._dense_ms is None:
+            self._dense_ms = _predicted_ms(
+                self.dense, self.latency_input, self.recipe.latency.threads
+            )
+        return self._dense_ms
 
     def _cache_key(self) -> str:
         d = self.recipe.to_dict()
@@ -435,9 +464,10 @@ class Evaluator:
                 )
             if cached.get("latency_mode") != self.latency_mode:
                 # Same training, another latency mode: only the latency is redone.
-                cached["latency_ms"] = self._latency(self.dense)
+                cached["latency_ms"] = self._latency(self.dense)[0]
                 cached["latency_mode"] = self.latency_mode
                 path.write_text(json.dumps(cached, indent=2))
+            cached.setdefault("latency_ratio", 1.0)  # a baseline written before ratios
             return cached
         dense = copy.deepcopy(self.dense)
         try:
@@ -452,7 +482,8 @@ class Evaluator:
             "pretrained_accuracy": accuracy(self.dense, self.data.val),
             "params": params,
             "macs": macs,
-            "latency_ms": self._latency(self.dense),
+            "latency_ms": self._latency(self.dense)[0],
+            "latency_ratio": 1.0,
             "latency_input": list(self.latency_input.shape),
             "latency_mode": self.latency_mode,
             "machine": machine,
@@ -462,6 +493,29 @@ class Evaluator:
         folder.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(metrics, indent=2))
         return metrics
+
+
+def _side_by_side_ms(
+    model: nn.Module, dense: nn.Module, x: torch.Tensor, threads: int, repeats: int, warmup: int
+) -> tuple[float, float]:
+    """``model``'s median milliseconds per forward and the median over interleaved rounds
+    of its time over ``dense``'s in the same round (samples of about 5 ms, as
+    :func:`measure_latency`)."""
+    from ..latency._predict import measure_side_by_side
+
+    samples = measure_side_by_side(
+        {"model": model, "dense": dense},
+        x,
+        repeats=repeats,
+        threads=threads,
+        warmup=warmup,
+        sample_seconds=0.005,
+    )
+    ms = 1000.0 * statistics.median(samples["model"])
+    ratio = statistics.median(
+        m / d for m, d in zip(samples["model"], samples["dense"], strict=True)
+    )
+    return round(ms, 5), round(ratio, 5)
 
 
 def _predicted_ms(model: nn.Module, x: torch.Tensor, threads: int) -> float | None:

@@ -44,6 +44,7 @@ RECIPE_VERSION = 1
 OBJECTIVES = {
     "accuracy": "maximize",
     "latency_ms": "minimize",
+    "latency_ratio": "minimize",
     "params": "minimize",
     "macs": "minimize",
 }
@@ -52,6 +53,9 @@ OPTIMIZERS = ("sgd", "adamw")
 SAMPLERS = ("nsga2", "tpe")
 PRUNERS = ("median", "none")
 LATENCY_MODES = ("auto", "measured", "predicted")
+#: The largest ``budgets.max_latency_ratio``: a tied model up to twice the dense model's time
+#: (larger values are taken for percentages, e.g. 50 for 0.5).
+MAX_LATENCY_RATIO = 2.0
 #: ``tuned``: tieify.tune_allocator() before timing (no page faults on large outputs).
 ALLOCATORS = ("tuned", "system")
 BUILTIN_SPACES = ("uniform", "per_stage", "per_layer", "roots")
@@ -140,6 +144,8 @@ class Budgets:
     min_accuracy: float | None = None
     max_accuracy_drop: float | None = None
     max_latency_ms: float | None = None
+    #: Latency over the dense model's (0.5: at most half its time), timed side by side.
+    max_latency_ratio: float | None = None
     max_params: int | None = None
     max_macs: int | None = None
 
@@ -332,6 +338,7 @@ def _validate(r: Recipe, base_dir: Path | None) -> None:
         ("search.trials", s.trials),
         ("search.timeout", s.timeout),
         ("budgets.max_latency_ms", b.max_latency_ms),
+        ("budgets.max_latency_ratio", b.max_latency_ratio),
         ("budgets.max_params", b.max_params),
         ("budgets.max_macs", b.max_macs),
     ):
@@ -349,6 +356,12 @@ def _validate(r: Recipe, base_dir: Path | None) -> None:
     _fraction("train.kd_alpha", t.kd_alpha)
     _fraction("budgets.min_accuracy", b.min_accuracy)
     _fraction("budgets.max_accuracy_drop", b.max_accuracy_drop)
+    if b.max_latency_ratio is not None and b.max_latency_ratio > MAX_LATENCY_RATIO:
+        raise RecipeError(
+            f"recipe key 'budgets.max_latency_ratio' is a candidate's latency over the dense "
+            f"model's (0.5: at most half its time) and must lie in (0, {MAX_LATENCY_RATIO:g}], "
+            f"but got {b.max_latency_ratio!r}; a percentage? Write 0.5 for 50%."
+        )
     if s.population_size < 2 and s.sampler == "nsga2":
         raise RecipeError(
             f"recipe key 'search.population_size' must be >= 2 for NSGA-II, "

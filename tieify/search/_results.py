@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["write_results", "pareto_front", "print_front", "SearchProgress", "describe"]
 
-_METRICS = ("accuracy", "accuracy_drop", "latency_ms", "params", "macs")
+_METRICS = ("accuracy", "accuracy_drop", "latency_ms", "latency_ratio", "params", "macs")
 
 
 def describe(params: Mapping[str, Any]) -> str:
@@ -237,6 +237,8 @@ def _fmt(value: Any, kind: str) -> str:
         return f"{100 * float(value):+.2f} pt"
     if kind == "latency_ms":
         return f"{float(value):.3f}"
+    if kind == "latency_ratio":
+        return f"{float(value):.3f}x"
     v = float(value)
     if math.isnan(v):
         return "nan"
@@ -255,6 +257,7 @@ def _table_rows(points: list[dict[str, Any]]) -> list[list[str]]:
             _fmt(p.get("accuracy"), "accuracy"),
             _fmt(p.get("accuracy_drop"), "accuracy_drop"),
             _fmt(p.get("latency_ms"), "latency_ms"),
+            _fmt(p.get("latency_ratio"), "latency_ratio"),
             _fmt(p.get("params"), "params"),
             _fmt(p.get("macs"), "macs"),
         ]
@@ -262,7 +265,7 @@ def _table_rows(points: list[dict[str, Any]]) -> list[list[str]]:
     ]
 
 
-_HEAD = ["#", "trial", "decisions", "accuracy", "drop", "latency ms", "params", "MACs"]
+_HEAD = ["#", "trial", "decisions", "accuracy", "drop", "latency ms", "x dense", "params", "MACs"]
 
 
 def _markdown(summary: dict[str, Any], recipe: Recipe) -> str:
@@ -414,6 +417,7 @@ def _log_line(
     acc = _fmt(metrics.get("accuracy"), "accuracy")
     text = (
         f"{head} acc {acc} lat {_fmt(metrics.get('latency_ms'), 'latency_ms')} ms "
+        f"({_fmt(metrics.get('latency_ratio'), 'latency_ratio')} dense) "
         f"params {_fmt(metrics.get('params'), 'p')}"
     )
     if state == "PRUNED":

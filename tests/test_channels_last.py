@@ -376,10 +376,15 @@ def test_search_latency_times_candidates_after_optimize_where_the_recipe_says(
     )
     ev.latency_input = torch.randn(1, 8, 10, 10)
     ev.latency_mode = "measured"
+    ev.dense = classifier()  # a stand-in for the dense model, timed beside each candidate
     net = classifier()
-    assert ev._latency(net) > 0
-    assert calls == ([{"threads": 1}] if optimize else [])
+    ms, ratio = ev._latency(net)
+    assert ms > 0 and ratio > 0
+    # Optimized: the candidate, and the dense model once (its layout then kept for the rest).
+    assert calls == ([{"threads": 1}] * 2 if optimize else [])
     assert all(layer.channels_last == optimize for layer in tied_convs(net))
+    ev._latency(classifier())
+    assert len(calls) == (3 if optimize else 0)
 
 
 def test_recipe_optimize_key_takes_booleans_only():

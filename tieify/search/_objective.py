@@ -359,9 +359,10 @@ class Evaluator:
             from ..latency import optimize
 
             optimize(model, self.latency_input, threads=lat.threads)
-            if model is not self.dense and not self._dense_optimized:
-                optimize(self.dense, self.latency_input, threads=lat.threads)
-            self._dense_optimized = self._dense_optimized or model is self.dense
+            if not self._dense_optimized:  # the dense model, timed beside each candidate
+                if model is not self.dense:
+                    optimize(self.dense, self.latency_input, threads=lat.threads)
+                self._dense_optimized = True
         if self.latency_mode == "predicted":
             predicted = _predicted_ms(model, self.latency_input, lat.threads)
             dense = predicted if model is self.dense else self._dense_predicted()

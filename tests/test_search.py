@@ -372,3 +372,28 @@ def test_latency_ratio_metric_and_budget(tmp_path: Path, monkeypatch) -> None:
     assert all(float(row["latency_ratio"]) > 0 for row in rows)
     assert all((row["feasible"] == "True") == (float(row["latency_ratio"]) <= 0.8) for row in rows)
     assert "x dense" in (out / "report.md").read_text()
+
+
+def test_front_table_keeps_decisions_and_numbers_whole_in_80_columns() -> None:
+    from rich.console import Console
+
+    from tieify.search._results import print_front
+
+    point = {
+        "index": 0,
+        "trial": 32,
+        "decisions": {"B_layer1": 1, "B_layer2": 2, "B_layer3": 4},
+        "accuracy": 0.9916,
+        "accuracy_drop": 0.0028,
+        "latency_ms": 0.522,
+        "latency_ratio": 0.909,
+        "params": 24282,
+        "macs": 2480000,
+    }
+    summary = {"front": [point], "closest": [], "trials": 40, "baseline": {}}
+    console = Console(width=80, record=True)
+    print_front(summary, console)
+    text = console.export_text()
+    for word in ("layer1=1", "layer2=2", "layer3=4", "99.16%", "0.522", "0.909x", "24.28k"):
+        assert word in text, word
+    assert "2.48M" in text and "…" not in text

@@ -306,6 +306,7 @@ def _markdown(summary: dict[str, Any], recipe: Recipe) -> str:
 
 def print_front(summary: Mapping[str, Any], console: Any = None) -> None:
     """Print the feasible front (or the closest candidates) as a rich table."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -318,9 +319,15 @@ def print_front(summary: Mapping[str, Any], console: Any = None) -> None:
             f"No feasible point in {summary['trials']} trials; closest candidates "
             f"(budgets {summary['budgets']})"
         )
-    table = Table(title=title)
+    # The numbers keep their width and the decisions wrap between them (one per line in an
+    # 80-column terminal) rather than being cut to "layer1…".
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    short = {"accuracy": "acc", "latency ms": "ms"}
     for h in _HEAD:
-        table.add_column(h, justify="left" if h == "decisions" else "right")
+        if h == "decisions":
+            table.add_column(h, justify="left", min_width=8, overflow="fold")
+        else:
+            table.add_column(short.get(h, h), justify="right", no_wrap=True)
     for r in _table_rows(list(points)):
         table.add_row(*r)
     b = summary.get("baseline") or {}

@@ -111,6 +111,11 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
     setattr(parent, attr, nn.Linear(m.in_features, num_classes, bias=m.bias is not None))
 
 
+#: Seconds a latency sample of a trial spans: a trial's latency is one of many in a search,
+#: and cheap to take.
+SAMPLE_SECONDS = 0.005
+
+
 def measure_latency(
     model: nn.Module, x: torch.Tensor, *, threads: int = 1, repeats: int = 20, warmup: int = 3
 ) -> float:
@@ -126,9 +131,8 @@ def measure_latency(
     """
     from ..latency import measure_latency as seconds
 
-    # 5 ms samples: a trial's latency is one of many in a search, and cheap to take.
     return 1000.0 * seconds(
-        model, x, repeats=repeats, threads=threads, warmup=warmup, sample_seconds=0.005
+        model, x, repeats=repeats, threads=threads, warmup=warmup, sample_seconds=SAMPLE_SECONDS
     )
 
 
@@ -365,7 +369,9 @@ class Evaluator:
                 self._dense_optimized = True
         if self.latency_mode == "predicted":
             predicted = _predicted_ms(model, self.latency_input, lat.threads)
-            dense = predicted if model is self.dense else self._dense_predicted()
+            if model is self.dense:  # the baseline: kept for the candidates' ratios
+                self._dense_ms = predicted
+            dense = self._dense_predicted()
             if predicted is not None and dense:
                 return predicted, round(predicted / dense, 5)
         if model is self.dense:
@@ -385,8 +391,8 @@ class Evaluator:
     _dense_ms: float | None = None
 
     def _dense_predicted(self) -> float | None:
-        """The dense model's predicted milliseconds, predicted once (lookups after the first
-        call fill the table)."""
+        """The dense model's predicted milliseconds, predicted once per evaluator (by the
+        baseline's timing where this process did it)."""
         if self._dense_ms is None:
             self._dense_ms = _predicted_ms(
                 self.dense, self.latency_input, self.recipe.latency.threads
@@ -500,8 +506,7 @@ def _side_by_side_ms(
     model: nn.Module, dense: nn.Module, x: torch.Tensor, threads: int, repeats: int, warmup: int
 ) -> tuple[float, float]:
     """``model``'s median milliseconds per forward and the median over interleaved rounds
-    of its time over ``dense``'s in the same round (samples of about 5 ms, as
-    :func:`measure_latency`)."""
+    of its time over ``dense``'s in the same round (samples as :func:`measure_latency`'s)."""
     from ..latency._predict import measure_side_by_side
 
     samples = measure_side_by_side(
@@ -510,7 +515,7 @@ def _side_by_side_ms(
         repeats=repeats,
         threads=threads,
         warmup=warmup,
-        sample_seconds=0.005,
+        sample_seconds=SAMPLE_SECONDS,
     )
     ms = 1000.0 * statistics.median(samples["model"])
     ratio = statistics.median(

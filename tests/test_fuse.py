@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 import tieify
+from tieify import _fuse, _trace
 from tieify.nn import TiedConv2d, _fused, _kernel, _paths
 
 needs_kernel = pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
@@ -179,8 +180,15 @@ def test_conv_bn_act_keeps_its_call_until_the_modules_change(monkeypatch, k):
     check(x, res)
     assert kept not in _paths._CALLS[conv].values()
     check(x, None, relu=False)  # another key: no residual, no ReLU
-    check(x, res.contiguous())  # an NCHW residual: the separate modules, no kernel epilogue
-    assert calls[-1] == ({"conv": True} if k == 3 else {})
+    fused = {"scale": True, "shift": True, "residual": True, "relu": True}
+    fused |= {"conv": True} if k == 3 else {}
+    check(x, res.contiguous())  # an NCHW residual: its channels-last copy, still fused
+    assert calls[-1] == fused
+    nchw = res.contiguous()
+    with torch.no_grad():
+        _fused.conv_bn_act(x, conv, bn, nchw, True)
+    torch.testing.assert_close(nchw, res, rtol=0, atol=0)  # the residual itself is not changed
+    assert nchw.is_contiguous()
     check(x, res.double())  # float64, laid out like the kept call's: the modules again
     assert calls[-1] == ({"conv": True} if k == 3 else {})
     bn.train()  # training mode: the modules, which update the running statistics
@@ -200,7 +208,7 @@ def test_conv_bn_act_runs_the_modules_where_it_cannot_fuse(monkeypatch):
     calls = epilogue_calls(monkeypatch)
     cases = {
         "NCHW input": (x.contiguous(), res),
-        "NCHW residual": (x, res.contiguous()),
+        "float64 residual": (x, res.double()),
         "broadcast residual": (x, torch.randn(64, 1, 1)),
     }
     for name, (xi, ri) in cases.items():
@@ -454,6 +462,52 @@ def test_fuse_restores_the_in_place_residual_adds_that_tracing_loses():
     x = channels_last(torch.randn(2, 3, 64, 64))
     with torch.no_grad():
         torch.testing.assert_close(fused(x), tied(x), rtol=1e-4, atol=1e-4)
+
+
+class _Shortcut(nn.Module):
+    """A basic block's end: a 1×1 shortcut conv → bn first in the graph, then conv → bn, the
+    add of the two and a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down, self.down_bn = TiedConv2d(8, 16, 1, B=2), nn.BatchNorm2d(16)
+        self.conv, self.bn = TiedConv2d(8, 16, 3, padding=1, B=2), nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        s = self.down_bn(self.down(x))
+        return torch.relu(self.bn(self.conv(x)) + s)
+
+
+def test_an_add_goes_to_the_other_chain_where_its_first_claimant_does_not_fuse():
+    """The shortcut's chain comes first in the graph and claims the add and the ReLU; where
+    it is not fused (e.g. timed slower on the example input), the conv's chain takes them
+    instead of leaving the add and the ReLU as separate passes."""
+    model = _Shortcut()
+    graph, why = _trace.trace(model)
+    assert graph is not None, why
+    gm = torch.fx.GraphModule(model, graph)
+    chains = _fuse._chains(gm, dense=True)
+    assert [(str(c.conv.target), c.add is not None, c.relu is not None) for c in chains] == [
+        ("down", True, True),
+        ("conv", False, False),
+    ]
+    kept = _fuse._chains(gm, True, keep=lambda c: str(c.conv.target) != "down")
+    assert [(str(c.conv.target), c.add is not None, c.relu is not None) for c in kept] == [
+        ("conv", True, True)
+    ]
+
+
+@needs_kernel
+def test_fuse_with_example_inputs_gives_the_add_to_the_chain_that_fuses(monkeypatch):
+    torch.manual_seed(0)
+    model = random_stats(_Shortcut()).eval().to(memory_format=torch.channels_last)
+    model.conv.path = "kernel"  # the shortcut: gemm, its chain not timed here
+    monkeypatch.setattr(tieify._fuse, "FUSED_MAX_BANK", 0)
+    x = channels_last(torch.randn(2, 8, 6, 6))
+    fused = tieify.fuse(model, x)
+    assert fused.fused == {"conv": "bn + add + relu"}
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 @needs_kernel

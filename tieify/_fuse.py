@@ -7,7 +7,9 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -80,10 +82,13 @@ def _is_relu(gm: nn.Module, node: fx.Node, value: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_") and not node.kwargs
 
 
-def _chains(gm: fx.GraphModule, dense: bool) -> list[_Chain]:
+def _chains(
+    gm: fx.GraphModule, dense: bool, keep: Callable[[_Chain], bool] | None = None
+) -> list[_Chain]:
     """The fusable chains (with ``dense``, also those of a dense conv whose batch norm folds
-    into it), in graph order. An add of two such chains' outputs (a bottleneck's last conv
-    and its downsample) goes to the first one; the other keeps conv → bn."""
+    into it) that ``keep`` accepts, in graph order. An add of two such chains' outputs (a
+    bottleneck's last conv and its downsample) goes to the first one; the other keeps conv →
+    bn. A chain ``keep`` refuses claims nothing: its add goes to the other chain."""
     found: list[_Chain] = []
     claimed: set[fx.Node] = set()
     for node in gm.graph.nodes:
@@ -105,6 +110,8 @@ def _chains(gm: fx.GraphModule, dense: bool) -> list[_Chain]:
             user = _only_user(tail)
         if user is not None and _is_relu(gm, user, tail):
             chain.relu = user
+        if keep is not None and not keep(chain):
+            continue
         found.append(chain)
         claimed.update(chain.nodes)
     return found
@@ -219,12 +226,13 @@ def fuse(
         )
         return _unfused(model)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    chains = _chains(gm, dense)
+    keep: Callable[[_Chain], bool] | None = None
     if example_inputs is not None:
         from .latency._optimize import _capture_inputs
 
         seen = _capture_inputs(model, example_inputs, (_TiedConvNd,))
-        chains = [c for c in chains if _fuses_faster(gm, c, seen)]
+        keep = partial(_fuses_faster, gm, seen=seen)
+    chains = _chains(gm, dense, keep)
     if not chains:
         return _unfused(model)
     fused: dict[str, str] = {}

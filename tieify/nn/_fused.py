@@ -69,6 +69,8 @@ def conv_bn_act(
     """``relu(bn(conv(x)) + residual)``, fused where it can be (see the module doc)."""
     if isinstance(conv, _TiedConvNd):  # a layer that runs channels-last: its input copied so
         x = _paths.run_layout(conv, x)
+        if residual is not None and _paths.is_channels_last(x):
+            residual = _residual_layout(residual)
     call = _kept_call(x, conv, bn, residual, relu)
     if call is not None:
         return call(x, residual)
@@ -81,6 +83,21 @@ def conv_bn_act(
         same = isinstance(residual, torch.Tensor) and residual.shape == y.shape
         y = y.add_(residual) if same and residual.dtype == y.dtype else y + residual
     return y.relu_() if relu else y
+
+
+def _residual_layout(residual: Any) -> Any:
+    """The residual of a chain whose conv computes on a channels-last input, as the kernel's
+    epilogue reads it: its channels-last copy where it is a 4-D float32 tensor in another
+    layout (the output of a layer before that runs NCHW, e.g. a dense stem), else itself.
+    One pass over the residual, where the unfused chain makes three over the output."""
+    if (
+        type(residual) is torch.Tensor
+        and residual.dim() == 4
+        and residual.dtype == torch.float32
+        and not _paths.is_channels_last(residual)
+    ):
+        return _paths.to_channels_last(residual)
+    return residual
 
 
 def _fuses(x: torch.Tensor, conv: nn.Module, bn: nn.Module, residual: torch.Tensor | None) -> bool:
@@ -185,8 +202,8 @@ def add_into(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         and _paths._plain_eager(a)
         and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
         and a.dtype == torch.result_type(a, b)
-        and a.shape == torch.broadcast_shapes(a.shape, b.shape)
-    ):
+        and (a.shape == b.shape or a.shape == torch.broadcast_shapes(a.shape, b.shape))
+    ):  # equal shapes first: torch.broadcast_shapes costs ~13 µs of Python
         return a.add_(b)
     return a + b
 

@@ -166,17 +166,26 @@ def test_channels_first_conv_kernel_equals_the_reference(
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 @pytest.mark.parametrize("alone", [False, True])
-def test_the_rule_takes_the_kernel_for_nchw_winograd_layers_only(monkeypatch, alone):
-    """On an NCHW input a k×k layer runs the kernel by default where Winograd applies (its
-    2.25x fewer multiply-adds pay for the copies) and the kernel wins alone; the direct
-    conv keeps the fold, at a batch of one too."""
+def test_the_rule_takes_the_kernel_for_nchw_winograd_layers_and_at_a_batch_of_one(
+    monkeypatch, alone
+):
+    """On an NCHW input a k×k layer runs the kernel by default where the kernel wins alone
+    and Winograd applies (its 2.25x fewer multiply-adds pay for the copies) or the batch is
+    one; a direct conv at a larger batch keeps the fold."""
     monkeypatch.setattr(_paths, "_KERNEL_WINS_ALONE", alone)
     winograd = TiedConv2d(64, 64, 3, padding=1, B=2)
     direct = TiedConv2d(32, 32, 3, padding=1, B=2)  # 16 channels a block: no Winograd
     for batch in (1, 8):
         x = torch.randn(batch, 64, 14, 14)  # above NATIVE_MAX_NUMEL at a batch of one
         assert _paths.default_path(winograd, x) == ("kernel" if alone else "fold")
-        assert _paths.default_path(direct, x[:, :32]) == "fold"
+        expected = "kernel" if alone and batch == 1 else "fold"
+        assert _paths.default_path(direct, x[:, :32]) == expected
+        small = x[:, :32, :6, :6].contiguous()  # up to NATIVE_MAX_NUMEL at a batch of one
+        assert _paths.default_path(direct, small) == (
+            "kernel" if alone and batch == 1 else "native" if batch == 1 else "fold"
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(direct(x[:, :32]), _paths.fold_forward(direct, x[:, :32]))
         with torch.no_grad():
             torch.testing.assert_close(winograd(x), _paths.fold_forward(winograd, x))
     narrow = torch.randn(8, 64, 7, 6)  # 6 wide: below KERNEL_WINOGRAD_MIN_WIDTH

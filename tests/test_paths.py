@@ -258,13 +258,14 @@ def test_pooled_inputs_run_native_while_the_larger_side_is_small():
 
 
 def test_native_is_never_taken_under_a_dispatch_mode():
-    """An eager call remembers native for a small NCHW input; the same input under a
-    dispatch mode (torch's flop counter, which tieify.count uses and which cannot count
-    this kernel) must fold instead of reusing that choice."""
+    """An eager call remembers native for a small NCHW input (a batch of two: at a batch of
+    one the rule takes tieify's kernel); the same input under a dispatch mode (torch's flop
+    counter, which tieify.count uses and which cannot count this kernel) must fold instead
+    of reusing that choice."""
     from torch.utils.flop_counter import FlopCounterMode
 
     layer = TiedConv2d(16, 32, 3, padding=1, B=4)
-    x = torch.randn(1, 16, 6, 6)
+    x = torch.randn(2, 16, 6, 6)
     ref = layer(x)
     assert _paths.select_path(layer, x) == "native"
     counter = FlopCounterMode(display=False)
@@ -272,7 +273,7 @@ def test_native_is_never_taken_under_a_dispatch_mode():
         assert _paths.select_path(layer, x) == "fold"
         y = layer(x)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
-    assert counter.get_total_flops() == 2 * 32 * 36 * 4 * 9  # 2·O·HW·(C/B)·k², batch 1
+    assert counter.get_total_flops() == 2 * 2 * 32 * 36 * 4 * 9  # 2·N·O·HW·(C/B)·k²
 
 
 def test_layout_detection_ignores_batch_and_unit_dims():
@@ -287,7 +288,7 @@ def test_layout_detection_ignores_batch_and_unit_dims():
 
 def test_pinned_path_is_used_when_it_applies_and_falls_back_otherwise(monkeypatch):
     layer = TiedConv2d(16, 32, 3, padding=1, B=4)
-    x = torch.randn(1, 16, 20, 20)  # above NATIVE_MAX_NUMEL: the rule folds
+    x = torch.randn(2, 16, 20, 20)  # above NATIVE_MAX_NUMEL, a batch above one: the rule folds
     calls = []
     for name in ("fold", "grouped", "lift"):
         orig = _paths._FORWARD[name]
@@ -320,7 +321,7 @@ def test_path_choice_is_remembered_per_input_layout(monkeypatch):
     assert _paths.select_path(layer, torch.randn(9, 16, 6, 6)) == "fold"
     assert len(checks) == n
     # A batch small enough for the native kernel is another entry.
-    assert _paths.select_path(layer, torch.randn(1, 16, 6, 6)) == "native"
+    assert _paths.select_path(layer, torch.randn(2, 16, 6, 6)) == "native"
     assert len(checks) == n + 1
     # Another layout, another path; pinning a path is seen at once (it is part of the key).
     assert _paths.select_path(layer, xc) == "widen"

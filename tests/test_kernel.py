@@ -1145,6 +1145,35 @@ def test_the_builds_without_avx512_compute_the_same(fresh_kernel, tmp_path, arch
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@pytest.mark.parametrize(
+    "k, batch, size, layout",
+    [
+        (3, 1, 4, "channels_last"),  # the direct conv at a batch of one
+        (3, 1, 1, "contiguous"),  # NCHW at a batch of one: its copy back is the output itself
+        (3, 4, 14, "channels_last"),  # Winograd
+        (1, 2, 28, "channels_last"),  # the pointwise operator
+    ],
+)
+def test_a_kernel_output_can_be_changed_in_place_in_training(k, batch, size, layout):
+    """A tied conv on the kernel path while autograd records, then an in-place ReLU (VGG's
+    ``ReLU(inplace=True)`` right after a conv): the forward and the gradients equal the
+    reference's. The operator's output is a tensor of its own: a view made inside it
+    could not be changed in place."""
+    torch.manual_seed(0)
+    layer = TiedConv2d(64, 64, k, padding=k // 2, B=2, bias=True)
+    x = to_layout(torch.randn(batch, 64, size, size), layout).requires_grad_()
+    assert _paths.select_path(layer, x) == "kernel"
+    y = torch.relu_(layer(x))
+    ref = torch.relu(_paths.fold_forward(layer, x))
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, [x, layer.weight, layer.bias], g)
+    ref_grads = torch.autograd.grad(ref, [x, layer.weight, layer.bias], g)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 def test_the_kernel_refuses_tensors_it_would_read_past():
     a, bt, out = torch.randn(10, 4), torch.randn(4, 8), torch.empty(10, 8)
     torch.testing.assert_close(_kernel.pointwise(a, bt, None, out), a @ bt)

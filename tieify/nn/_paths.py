@@ -707,12 +707,20 @@ def _conv_output(
     padding: Any,
     dilation: Any,
 ) -> torch.Tensor:
-    """An empty channels-last output of the conv of ``x``, shaped (N, O, Ho, Wo)."""
+    """An empty channels-last output of the conv of ``x``, shaped (N, O, Ho, Wo): a tensor
+    of its own, not a permuted view of an (N, Ho, Wo, O) one, which autograd would treat as
+    a view made inside the ``tieify::conv2d`` operator and refuse to modify in place (a
+    ``ReLU(inplace=True)`` after a tied conv in training)."""
     size = [
         _kernel.conv_size(x.shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d])
         for d in range(2)
     ]
-    return x.new_empty(x.shape[0], *size, out_channels).permute(0, 3, 1, 2)
+    return torch.empty(
+        (x.shape[0], out_channels, *size),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last,
+    )
 
 
 @conv2d_op.register_fake

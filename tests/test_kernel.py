@@ -208,7 +208,9 @@ def test_the_rule_takes_the_kernel_for_nchw_winograd_layers_and_at_a_batch_of_on
 def test_the_kernels_layout_copies_equal_pytorchs(monkeypatch, shape):
     """The kernel's copies between NCHW and channels-last hold the same values in the same
     layout as PyTorch's; an NCHW layer's kernel conv makes them so in eager inference and
-    leaves them to PyTorch where autograd records."""
+    leaves them to PyTorch where autograd records. (The kernel's copy for every size here:
+    by default tensors below RELAYOUT_MIN_NUMEL elements take PyTorch's.)"""
+    monkeypatch.setattr(_kernel, "RELAYOUT_MIN_NUMEL", 0)
     copies = []
     relayout = _kernel.relayout
     monkeypatch.setattr(
@@ -233,6 +235,23 @@ def test_the_kernels_layout_copies_equal_pytorchs(monkeypatch, shape):
     copied.sum().backward()
     torch.testing.assert_close(grad.grad, torch.ones(shape))
     assert len(copies) == 4
+
+
+def test_small_tensors_take_pytorchs_layout_copy(monkeypatch):
+    """Below RELAYOUT_MIN_NUMEL elements relayout copies with PyTorch (less per-call cost):
+    the library is not reached, and the result is a new tensor in the asked layout even
+    where both layouts describe the input's memory."""
+    monkeypatch.setattr(_kernel, "_library", lambda: None)  # reaching it would fail
+    for shape in ((1, 16, 16, 16), (2, 16, 1, 1), (1, 7, 4, 4)):
+        x = torch.randn(shape)
+        assert x.numel() < _kernel.RELAYOUT_MIN_NUMEL
+        cl = _kernel.relayout(x, channels_last=True)
+        assert cl.is_contiguous(memory_format=torch.channels_last)
+        back = _kernel.relayout(cl, channels_last=False)
+        assert back.is_contiguous() and back.data_ptr() != cl.data_ptr()
+        assert cl.data_ptr() != x.data_ptr()
+        torch.testing.assert_close(cl, x, rtol=0, atol=0)
+        torch.testing.assert_close(back, x, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())

@@ -480,17 +480,13 @@ def relayout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     caller checks :func:`kernel_available` and the layout (the kernel reads raw memory); not
     differentiable."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
     if x.numel() < RELAYOUT_MIN_NUMEL:
-        return torch.empty(x.shape, dtype=x.dtype, memory_format=fmt).copy_(x)
+        return out.copy_(x)
     lib = _library()
     assert lib is not None
     n, c, h, w = x.shape
-    if channels_last:
-        out = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
-        rows, cols = c, h * w
-    else:
-        out = torch.empty(x.shape, dtype=x.dtype)
-        rows, cols = h * w, c
+    rows, cols = (c, h * w) if channels_last else (h * w, c)
     lib.tieify_transpose(x.data_ptr(), out.data_ptr(), n, rows, cols, torch.get_num_threads())
     return out
 

@@ -191,6 +191,45 @@ def test_optimize_moves_an_nchw_model_to_channels_last_where_faster(cache_tmp, m
     assert [v["layout"] for v in entries.values() if "layout" in v] == ["channels_last"]
 
 
+def test_optimize_for_a_fused_model_times_the_layouts_fused(cache_tmp, monkeypatch):
+    """fused=True: each layout configuration is fused on a copy (tieify.fuse, with the
+    example input) and the copies are timed; the choice is cached apart from the unfused
+    one, and the model itself is not fused."""
+    from tieify import _fuse
+
+    fused_as = []
+    real_fuse = _fuse.fuse
+
+    def spy(model, example_inputs=None, **kw):
+        fused_as.append([layer.channels_last for layer in tied_convs(model)])
+        out = real_fuse(model, example_inputs, **kw)
+        assert out is not model and example_inputs is x and not kw  # a copy, on the input
+        return out
+
+    monkeypatch.setattr(_fuse, "fuse", spy)
+    x = torch.randn(2, 8, 10, 10)
+    net = classifier()
+    monkeypatch.setattr(_optimize, "_timer", LayoutTimer({}))
+    tieify.optimize(net, x)  # unfused: a tie keeps the inputs' layout (cached)
+    timer = LayoutTimer({"channels_last": 0.5})
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    assert fused_as == []
+    assert not any(layer.channels_last for layer in tied_convs(net))
+    fresh = classifier()
+    with torch.inference_mode():  # as a user may call it: the copies are made outside it
+        tieify.optimize(fresh, x, fused=True)
+    assert timer.layout_calls() == 1  # not the unfused choice from the cache
+    assert fused_as == [[False] * 3, [True] * 3]  # the inputs' layout, then channels-last
+    assert all(layer.channels_last for layer in tied_convs(fresh))
+    assert type(fresh) is nn.Sequential  # the model is configured, not fused
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), classifier()(x), rtol=1e-4, atol=1e-4)
+    again = classifier()
+    tieify.optimize(again, x, fused=True)  # cached: neither fused nor timed again
+    assert timer.layout_calls() == 1 and len(fused_as) == 2
+    assert all(layer.channels_last for layer in tied_convs(again))
+
+
 def test_optimize_keeps_the_inputs_layout_where_it_is_not_slower(cache_tmp, monkeypatch):
     timer = LayoutTimer({})  # a tie: the inputs' layout is kept
     monkeypatch.setattr(_optimize, "_timer", timer)

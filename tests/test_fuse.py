@@ -288,6 +288,22 @@ def test_fuse_a_tied_resnet50_equals_it_and_keeps_its_state(monkeypatch):
     torch.testing.assert_close(g, torch.autograd.grad(ref.sum(), xg)[0], rtol=1e-4, atol=1e-4)
 
 
+def test_fuse_under_inference_mode_copies_real_parameters():
+    """A copy made under inference_mode holds inference tensors (no version counter), whose
+    fused calls would be prepared anew on every call: fuse copies outside it."""
+    torch.manual_seed(0)
+    tied = random_stats(tieify.tieify(torchvision.models.resnet18(num_classes=10), B=2))
+    tied = tied.eval().to(memory_format=torch.channels_last)
+    x = channels_last(torch.randn(1, 3, 32, 32))
+    with torch.inference_mode():
+        fused = tieify.fuse(tied, x)
+        y = fused(x)
+    assert fused.fused and not any(p.is_inference() for p in fused.parameters())
+    assert not any(b.is_inference() for b in fused.buffers())
+    with torch.no_grad():
+        torch.testing.assert_close(y, tied(x), rtol=1e-4, atol=1e-4)
+
+
 @needs_kernel
 def test_fuse_inplace_shares_the_modules():
     tied = tied_resnet50()

@@ -215,7 +215,11 @@ def fuse(
             "the unfused model for training."
         )
     if not inplace:
-        model = copy.deepcopy(model)
+        # Copied outside inference_mode: parameters copied under it are inference tensors,
+        # which have no version counter, so the fused calls could not be kept (every call
+        # would prepare its kernel call and fold its weights anew).
+        with torch.inference_mode(False):
+            model = copy.deepcopy(model)
     graph, why = trace(model)
     if graph is None:
         warnings.warn(

@@ -69,6 +69,25 @@ def test_inplace() -> None:
     assert model.tieify_plan.layer("2").action == "tie"
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_tieify_inside_inference_mode_gives_a_trainable_model(inplace: bool) -> None:
+    """Tensors made under inference_mode have no version counter and cannot enter autograd:
+    the tied model is built outside it, equal to one built outside, and trains."""
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    reference = tieify.tieify(_net().eval(), B=2)
+    torch.manual_seed(0)
+    model = _net().eval()
+    with torch.inference_mode():
+        tied = tieify.tieify(model, B=2, inplace=inplace)
+    assert not any(t.is_inference() for t in [*tied.parameters(), *tied.buffers()])
+    with torch.no_grad():
+        torch.testing.assert_close(tied(x), reference(x))
+    tied.train()
+    tied(x).square().mean().backward()
+    assert all(m.weight.grad is not None for m in tied.modules() if isinstance(m, TiedConv2d))
+
+
 def test_B1_keeps_outputs() -> None:
     model = torchvision.models.resnet18().eval()
     same = tieify.tieify(model, B=1)

@@ -241,7 +241,14 @@ def apply_plan(plan: Plan, model: nn.Module, inplace: bool = False) -> nn.Module
         )
     if not isinstance(inplace, bool):
         raise TypeError(f"`inplace` must be a bool, but got {inplace!r}.")
-    target = model if inplace else copy.deepcopy(model)
+    # Outside inference_mode even when called inside it: tensors made there have no version
+    # counter and cannot take part in autograd, so the tied model could not be trained and
+    # its layers could keep nothing between calls.
+    with torch.inference_mode(False):
+        return _apply_plan(plan, model, model if inplace else copy.deepcopy(model))
+
+
+def _apply_plan(plan: Plan, model: nn.Module, target: nn.Module) -> nn.Module:
     for lp in plan.layers:
         if lp.action == "leave":
             continue

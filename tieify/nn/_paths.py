@@ -783,8 +783,7 @@ def kernel_conv_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     """A 2-D k×k tied conv on a channels-last input by tieify's kernel (:func:`_kernel_conv`
     layers): eager calls that record no gradient call it directly
     (:func:`kernel_conv_call`); the others go through the ``tieify::conv2d`` operator."""
-    params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
-    if _traced() or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))):
+    if _traced() or _records((x, layer.weight, layer.bias)):
         geometry = _conv_geometry(layer)
         args = [list(geometry[k]) for k in ("stride", "padding", "dilation")]
         return conv2d_op(x, layer.weight, layer.bias, layer.B, *args)
@@ -931,7 +930,7 @@ def kept(
     calls that record no gradient for them; made on every call otherwise. The lookup costs
     ~3 µs for six tensors (6 µs when it also compared each one's dtype, device and shape):
     a folded dense chain of :func:`tieify.fuse` pays it on every call."""
-    if _traced() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if _traced() or _records(tensors):
         return make()
     try:
         key = tuple([(t._version, t.data_ptr()) for t in tensors])

@@ -69,6 +69,30 @@ typedef float v8 __attribute__((vector_size(32)));
 // on ResNet-50's pointwise shapes at batch 8 (AVX2 EPYC): 1.1-1.8x faster than none.
 constexpr int PREFETCH_TILES = 4;
 
+// Line k of each row of the tile `tiles` tiles of MR rows after the one at `at` (rows of K
+// floats), fetched into L2 where `l2`, else into L1. Requests for L1 wait on its few miss
+// buffers, which the tiles' own loads need; requests for L2 do not, but arrive one cache
+// level short, so they pay only from far enough ahead. Row tiles (tile()) ask for L2 from
+// K = 64 (4 tiles of 12 rows: 12 KB ahead), pair tiles from K = 32, then 8 tiles ahead (6
+// KB). On the AVX-512 EPYC (2026-12-03, 2 threads, the input evicted from the cache by a
+// 64 MB write before each call, medians of 31 interleaved rounds, against L1 at 4 tiles for
+// every K), ResNet-50's pointwise products at batch 8 of K = 64, N = 16 (256→64 at 56×56,
+// B = 4; 512→128 at 28×28, B = 8) took 0.71-0.96x the time (two runs), K = 128, N = 32
+// 0.87-0.95x, K = 256 0.94-0.97x, the others 0.97-1.05x; the pair tile of K = 32, N = 8
+// (256→64 at 56×56, B = 8) 0.92-0.96x in three runs (1.08-1.15x with L2 at 4 tiles), of
+// K = 64, N = 8 0.96-1.00x, of K = 16 1.03-1.06x (kept in L1).
+template <int MR>
+__attribute__((always_inline)) inline void prefetch_tile(const float* at, int64_t K, int64_t k,
+                                                         int64_t tiles, bool l2) {
+  for (int i = 0; i < MR; ++i) {
+    const float* p = at + (tiles * MR + i) * K + k;
+    if (l2)
+      __builtin_prefetch(p, 0, 2);
+    else
+      __builtin_prefetch(p);
+  }
+}
+
 // A vector of type V (v8, or v16 with AVX-512; or a float) from p, any alignment.
 template <class V>
 inline V load(const float* p) {
@@ -294,7 +318,7 @@ __attribute__((always_inline)) inline void tile(const Rows& a, const Operands& o
 #pragma GCC unroll 2
     for (int64_t k = 0; k < K; ++k) {
       if (PREFETCH && (k & 15) == 0)  // each row's next cache line, PREFETCH_TILES tiles ahead
-        for (int i = 0; i < MR; ++i) __builtin_prefetch(at + (PREFETCH_TILES * MR + i) * K + k);
+        prefetch_tile<MR>(at, K, k, PREFETCH_TILES, K >= 64);
       V b[NV];
       for (int j = 0; j < NV; ++j) b[j] = load<V>(bt + j * next + k * W);
 #pragma GCC unroll 16  // the accumulators live in registers only when these loops are unrolled
@@ -407,9 +431,10 @@ __attribute__((always_inline)) inline void pair_tile(const float* at, int64_t K,
   const float* __restrict at2 = at + 2 * K;
   const float* __restrict at3 = at + 3 * K;
   const float* __restrict bp = op.pairs;
+  const bool far = K >= 32;  // prefetches into L2, 8 tiles ahead (prefetch_tile)
   for (int64_t k = 0; k + 1 < K; k += 2) {
     if (PREFETCH && (k & 15) == 0)  // as in tile(): each row's next line, tiles ahead
-      for (int i = 0; i < MR; ++i) __builtin_prefetch(at + (PREFETCH_TILES * MR + i) * K + k);
+      prefetch_tile<MR>(at, K, k, far ? 2 * PREFETCH_TILES : PREFETCH_TILES, far);
     const v8 lo = load8(bp + 8 * k), hi = load8(bp + 8 * k + 8);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {

@@ -865,8 +865,12 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
 // each output channel's weight (the bank packed in tiles of output channels, k-major:
 // pack_planar() in tieify/nn/_kernel.py), twelve accumulators. A strip of 16 pixels of the
 // block's K input channels is read by every tile of output channels from cache; the first
-// tile prefetches the strip PLANAR_AHEAD strips on (K rows, each far from the next: more
-// streams than the hardware prefetcher follows). The last strip of an image starts at S - 16,
+// tile prefetches the strip PLANAR_AHEAD strips on into L2 (K rows, each far from the next:
+// more streams than the hardware prefetcher follows). Into L2 rather than L1 (AVX-512 EPYC,
+// 2026-12-03, 2 threads, the input evicted from the cache before each call, medians of 21
+// interleaved rounds, two runs): ResNet-50's 1×1 layers 256→64 and 512→128 at batch 8,
+// B = 4 and 8, took 0.65-0.82x the time, 1024→256 0.88-0.98x, the others 0.95-0.99x; at
+// batch 1 (with MobileNetV3-Large's shapes) 0.77-1.01x. The last strip of an image starts at S - 16,
 // overlapping the one before (S >= 16). On ResNet-50's and MobileNetV3-Large's 1×1 shapes
 // (benchmarks/nchw_paths.py, batch 1 and 8, 2 threads, AVX2 EPYC) it took 0.24-1.80 of the
 // time of PyTorch's native NCHW convolution of the folded input (the `native` path), below 1
@@ -887,7 +891,7 @@ __attribute__((always_inline)) inline void planar_tile(const float* __restrict x
 #pragma GCC unroll 2
   for (int64_t k = 0; k < K; ++k) {
     const float* xr = x + k * S;
-    if (AHEAD) __builtin_prefetch(xr + 16 * PLANAR_AHEAD);
+    if (AHEAD) __builtin_prefetch(xr + 16 * PLANAR_AHEAD, 0, 2);  // into L2: see prefetch_tile
     const v8 x0 = load8(xr), x1 = load8(xr + 8);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {

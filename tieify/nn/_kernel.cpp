@@ -80,7 +80,7 @@ constexpr int PREFETCH_TILES = 4;
 // B = 4; 512→128 at 28×28, B = 8) took 0.71-0.96x the time (two runs), K = 128, N = 32
 // 0.87-0.95x, K = 256 0.94-0.97x, the others 0.97-1.05x; the pair tile of K = 32, N = 8
 // (256→64 at 56×56, B = 8) 0.92-0.96x in three runs (1.08-1.15x with L2 at 4 tiles), of
-// K = 64, N = 8 0.96-1.00x, of K = 16 1.03-1.06x (kept in L1).
+// K = 64, N = 8 0.61-0.67x (two runs), of K = 16 1.03-1.06x (kept in L1).
 template <int MR>
 __attribute__((always_inline)) inline void prefetch_tile(const float* at, int64_t K, int64_t k,
                                                          int64_t tiles, bool l2) {
@@ -870,11 +870,11 @@ void run_conv(const Conv& cv, const float* X, float* C, int64_t N, const Operand
 // 2026-12-03, 2 threads, the input evicted from the cache before each call, medians of 21
 // interleaved rounds, two runs): ResNet-50's 1×1 layers 256→64 and 512→128 at batch 8,
 // B = 4 and 8, took 0.65-0.82x the time, 1024→256 0.88-0.98x, the others 0.95-0.99x; at
-// batch 1 (with MobileNetV3-Large's shapes) 0.77-1.01x. The last strip of an image starts at S - 16,
-// overlapping the one before (S >= 16). On ResNet-50's and MobileNetV3-Large's 1×1 shapes
-// (benchmarks/nchw_paths.py, batch 1 and 8, 2 threads, AVX2 EPYC) it took 0.24-1.80 of the
-// time of PyTorch's native NCHW convolution of the folded input (the `native` path), below 1
-// in 48 of the 51 cases of 784 pixels or more.
+// batch 1 (with MobileNetV3-Large's shapes) 0.77-1.01x. The last strip of an image starts
+// at S - 16, overlapping the one before (S >= 16). On ResNet-50's and MobileNetV3-Large's
+// 1×1 shapes (benchmarks/nchw_paths.py, batch 1 and 8, 2 threads, AVX2 EPYC) it took
+// 0.24-1.80 of the time of PyTorch's native NCHW convolution of the folded input (the
+// `native` path), below 1 in 48 of the 51 cases of 784 pixels or more.
 constexpr int PLANAR_ROWS = 6;
 constexpr int64_t PLANAR_AHEAD = 4;
 

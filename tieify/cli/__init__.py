@@ -1,4 +1,4 @@
-"""The ``tieify`` command line: ``tieify report`` and ``tieify search``.
+"""The ``tieify`` command line: ``tieify report``, ``tieify search`` and ``tieify cache``.
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)``, which registers
 the subcommand and sets ``func(args) -> int`` as its handler. Errors tieify raises on purpose
@@ -16,7 +16,7 @@ from .._version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import _report, _search
+    from . import _cache, _report, _search
 
     parser = argparse.ArgumentParser(
         prog="tieify",
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _report.add_parser(sub)
     _search.add_parser(sub)
+    _cache.add_parser(sub)
     return parser
 
 

@@ -10,11 +10,12 @@
   faults that otherwise slow (and scatter) CPU forward times; :func:`allocator_state` says
   which allocator serves the process.
 - :func:`cache_dir` is where measurements are kept (``$TIEIFY_CACHE_DIR``, else
-  ``$XDG_CACHE_HOME/tieify``, else ``~/.cache/tieify``).
+  ``$XDG_CACHE_HOME/tieify``, else ``~/.cache/tieify``); :func:`cache_info` says what each
+  cache holds and :func:`clear_cache` deletes them (``tieify cache [clear]``).
 """
 
 from ._allocator import AllocatorState, allocator_state, tune_allocator
-from ._cache import cache_dir
+from ._cache import CacheInfo, cache_dir, cache_info, clear_cache
 from ._optimize import optimize
 from ._predict import is_warm, latency_breakdown, measure_latency, predict_latency
 from ._table import LatencyTable
@@ -27,6 +28,9 @@ __all__ = [
     "is_warm",
     "LatencyTable",
     "cache_dir",
+    "cache_info",
+    "clear_cache",
+    "CacheInfo",
     "tune_allocator",
     "allocator_state",
     "AllocatorState",

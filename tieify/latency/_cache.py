@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +106,91 @@ class JsonCache:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+
+#: What tieify keeps under :func:`cache_dir`: name -> (file or folder, what it holds).
+CACHES: dict[str, tuple[str, str]] = {
+    "latency": (
+        "latency.json",
+        "latency table: layer times and model remainders (predict_latency, search)",
+    ),
+    "paths": ("paths.json", "forward paths and fused chains timed by optimize / fuse"),
+    "kernels": ("kernels", "compiled builds of tieify's CPU kernel"),
+}
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """One of tieify's on-disk caches (see :data:`CACHES`)."""
+
+    name: str
+    path: Path
+    description: str
+    exists: bool
+    size: int  # bytes on disk
+    entries: int | None  # JSON entries or kernel builds; None where the file is unreadable
+    remainders: int = 0  # of the latency table's entries, the model remainders
+
+
+def cache_info(name: str) -> CacheInfo:
+    """What the cache ``name`` (a key of :data:`CACHES`) holds now; never raises on a
+    corrupted file (its ``entries`` is ``None``: it is rebuilt on its next use)."""
+    filename, description = _cache_entry(name)
+    path = cache_dir() / filename
+    if path.is_dir():
+        builds = [f for f in path.iterdir() if f.is_file() and f.suffix == ".so"]
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        return CacheInfo(name, path, description, True, size, len(builds))
+    if not path.is_file():
+        return CacheInfo(name, path, description, False, 0, 0)
+    size = path.stat().st_size
+    try:
+        data = json.loads(path.read_text())
+        entries = data["entries"] if data.get("version") == CACHE_VERSION else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        entries = None
+    if not isinstance(entries, dict):
+        return CacheInfo(name, path, description, True, size, None)
+    remainders = sum(1 for key in entries if _is_remainder_key(key))
+    return CacheInfo(name, path, description, True, size, len(entries), remainders)
+
+
+def clear_cache(*names: str) -> list[CacheInfo]:
+    """Delete the named caches (all of :data:`CACHES` when none is named) and forget their
+    entries in this process too; returns what each held before.
+
+    Raises:
+        ValueError: a name that is not one of :data:`CACHES`.
+    """
+    for name in names:
+        _cache_entry(name)
+    removed = []
+    for name in names or tuple(CACHES):
+        info = cache_info(name)
+        removed.append(info)
+        if name == "latency":
+            from ._table import TABLE
+
+            TABLE.store.clear()
+        elif name == "paths":
+            from ._optimize import PATH_CACHE
+
+            PATH_CACHE.clear()
+        if info.path.is_dir():
+            shutil.rmtree(info.path)
+        elif info.path.exists():
+            info.path.unlink()
+    return removed
+
+
+def _cache_entry(name: str) -> tuple[str, str]:
+    if name not in CACHES:
+        raise ValueError(f"unknown cache {name!r}: choose from {', '.join(CACHES)}")
+    return CACHES[name]
+
+
+def _is_remainder_key(key: str) -> bool:
+    try:
+        return "remainder" in json.loads(key)
+    except (ValueError, TypeError):
+        return False

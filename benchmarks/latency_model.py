@@ -135,6 +135,17 @@ def run_model(name: str, args, table: LatencyTable) -> list[dict]:
         for p in plans:
             samples[p["plan"]].append(measure_latency(p["_module"], x, repeats=3))
     for p in plans:
+        del p["_module"]
+    return score_plans(plans, samples, remainder, stubbed)
+
+
+def score_plans(
+    plans: list[dict], samples: dict[object, list[float]], remainder: dict, stubbed: dict
+) -> list[dict]:
+    """Each plan's errors from its rounds' measured ``samples`` (seconds, in time order) and
+    its ``predicted_ms``; ``plans[0]`` is the dense model. ``remainder`` is the calibrated
+    (two-point) remainder the predictions used, ``stubbed`` the one-point one."""
+    for p in plans:
         p["measured_ms"] = statistics.median(samples[p["plan"]]) * 1e3
         p["measured_best_ms"] = min(samples[p["plan"]]) * 1e3
         # How much the ground truth itself moves between rounds (its noise).
@@ -143,7 +154,6 @@ def run_model(name: str, args, table: LatencyTable) -> list[dict]:
         )
         p["ape"] = abs(p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]
         p["ape_best"] = abs(p["predicted_ms"] - p["measured_best_ms"]) / p["measured_best_ms"]
-        del p["_module"]
     # The same predictions rescaled by the dense model's measured / predicted time in these
     # rounds, instead of calibrated once before them: what the error is without the host's
     # drift between the calibration and the ground truth (the layer table's own error). A

@@ -73,3 +73,48 @@ def test_the_streamed_write_covers_the_output(kernels, numel):
     out = kernels.stream_writer(numel)()
     assert out.numel() >= numel and out.numel() - numel < kernels.STREAM_WIDTH
     torch.testing.assert_close(out, torch.ones_like(out))
+
+
+@pytest.fixture(scope="module")
+def latency_model():
+    path = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "latency_model", BENCHMARKS / "latency_model.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # puts benchmarks/ on sys.path itself
+        yield module
+    finally:
+        sys.path[:] = path
+
+
+def test_latency_model_scores_separate_host_drift(latency_model):
+    """A host that runs every plan 1.5× slower in the second half of the rounds: the error
+    against the median is the drift, the in-round (rescaled) error is zero, and the ground
+    truth measured twice differs from itself by the same third."""
+    predicted = {"dense": 10.0, 0: 5.0, 1: 8.0}  # ms
+    slowdown = [1.0, 1.0, 1.0, 1.5, 1.5, 1.5, 1.5]
+    plans = [
+        {"model": "m", "plan": k, "predicted_ms": v, "new_entries": 1} for k, v in predicted.items()
+    ]
+    samples = {k: [v / 1e3 * f for f in slowdown] for k, v in predicted.items()}
+    remainder = {"nonlayer": 0.002, "scale": 1.0}
+    stubbed = {"nonlayer": 0.001, "scale": 2.0}
+    rows = latency_model.score_plans(plans, samples, remainder, stubbed)
+    for r in rows:
+        assert r["measured_ms"] == pytest.approx(1.5 * r["predicted_ms"])
+        assert r["measured_best_ms"] == pytest.approx(r["predicted_ms"])
+        assert r["ape"] == pytest.approx(1 / 3)  # |p − 1.5 p| / 1.5 p
+        assert r["ape_best"] == pytest.approx(0.0)
+        assert r["ape_in_rounds"] == pytest.approx(0.0)  # rescaled by the dense model's 1.5
+        assert r["ape_self"] == pytest.approx(1 / 3)  # first half 1.0 p, second half 1.5 p
+        assert r["spread"] == pytest.approx(1 / 3)
+    # Σ entries of the 8 ms plan = (8 − 2) / 1 ms; stubbed: 1 + 2 · 6 = 13 ms.
+    assert rows[2]["predicted_stubbed_ms"] == pytest.approx(13.0)
+    summary = latency_model.summarize(rows, ["m"])
+    assert summary["n"] == 2  # the dense row calibrated and is not counted
+    assert summary["mdape"] == pytest.approx(1 / 3)
+    assert summary["mdape_in_rounds"] == pytest.approx(0.0)
+    assert summary["mdape_self"] == pytest.approx(1 / 3)
+    assert latency_model.split_halves([1.0, 2.0, 3.0, 10.0, 20.0]) == (1.5, 10.0)

@@ -49,11 +49,6 @@ def run(args: argparse.Namespace) -> int:
     from .._errors import TieifyError
     from ..latency._cache import CACHES, CacheInfo, cache_dir, cache_info, clear_cache
 
-    unknown = [n for n in args.names if n not in CACHES]
-    if unknown:
-        raise TieifyError(
-            f"unknown cache {', '.join(map(repr, unknown))}: choose from {', '.join(CACHES)}"
-        )
     if args.action == "show" and args.names:
         raise TieifyError(
             f"names ({' '.join(args.names)}) go with 'clear': tieify cache clear {args.names[0]}"
@@ -74,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
         return f"  {info.name:<8} {_size(info.size):>9}  {held:<38} {where}"
 
     if args.action == "clear":
-        removed = clear_cache(*args.names)
+        try:
+            removed = clear_cache(*args.names)  # checks every name before it deletes
+        except ValueError as err:
+            raise TieifyError(str(err)) from None
         print(f"cleared in {cache_dir()}:")
         for info in removed:
             print(line(info))

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class JsonCache:
         self.persist = persist
         self._entries: dict[str, Any] | None = None
         self._loaded_from: Path | None = None
+        _LIVE.add(self)
 
     @property
     def path(self) -> Path:
@@ -54,12 +56,7 @@ class JsonCache:
         entries: dict[str, Any] = {}
         if self.persist and path.exists():
             try:
-                data = json.loads(path.read_text())
-                if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
-                    raise ValueError(f"expected version {CACHE_VERSION}")
-                if not isinstance(data.get("entries"), dict):
-                    raise ValueError("no 'entries' mapping")
-                entries = data["entries"]
+                entries = _read_entries(path)
             except (OSError, ValueError) as err:
                 warnings.warn(
                     f"tieify: the cache file {path} is unreadable or corrupted ({err}); "
@@ -108,6 +105,21 @@ class JsonCache:
             )
 
 
+#: Every :class:`JsonCache` alive in this process (:func:`clear_cache` empties them too).
+_LIVE: weakref.WeakSet[JsonCache] = weakref.WeakSet()
+
+
+def _read_entries(path: Path) -> dict[str, Any]:
+    """The entries of the cache file ``path``; ``OSError`` / ``ValueError`` where it cannot
+    be read, is not JSON or has another version."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+        raise ValueError(f"expected version {CACHE_VERSION}")
+    if not isinstance(data.get("entries"), dict):
+        raise ValueError("no 'entries' mapping")
+    return data["entries"]
+
+
 #: What tieify keeps under :func:`cache_dir`: name -> (file or folder, what it holds).
 CACHES: dict[str, tuple[str, str]] = {
     "latency": (
@@ -138,18 +150,16 @@ def cache_info(name: str) -> CacheInfo:
     filename, description = _cache_entry(name)
     path = cache_dir() / filename
     if path.is_dir():
-        builds = [f for f in path.iterdir() if f.is_file() and f.suffix == ".so"]
-        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        return CacheInfo(name, path, description, True, size, len(builds))
+        files = [f for f in path.iterdir() if f.is_file()]
+        builds = sum(1 for f in files if f.suffix == ".so")
+        size = sum(f.stat().st_size for f in files)
+        return CacheInfo(name, path, description, True, size, builds)
     if not path.is_file():
         return CacheInfo(name, path, description, False, 0, 0)
     size = path.stat().st_size
     try:
-        data = json.loads(path.read_text())
-        entries = data["entries"] if data.get("version") == CACHE_VERSION else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        entries = None
-    if not isinstance(entries, dict):
+        entries = _read_entries(path)
+    except (OSError, ValueError):
         return CacheInfo(name, path, description, True, size, None)
     remainders = sum(1 for key in entries if _is_remainder_key(key))
     return CacheInfo(name, path, description, True, size, len(entries), remainders)
@@ -168,14 +178,9 @@ def clear_cache(*names: str) -> list[CacheInfo]:
     for name in names or tuple(CACHES):
         info = cache_info(name)
         removed.append(info)
-        if name == "latency":
-            from ._table import TABLE
-
-            TABLE.store.clear()
-        elif name == "paths":
-            from ._optimize import PATH_CACHE
-
-            PATH_CACHE.clear()
+        for cache in list(_LIVE):  # the process's tables and path choices, not written back
+            if cache.persist and cache.name == info.path.name:
+                cache.clear()
         if info.path.is_dir():
             shutil.rmtree(info.path)
         elif info.path.exists():

@@ -75,18 +75,27 @@ def test_the_streamed_write_covers_the_output(kernels, numel):
     torch.testing.assert_close(out, torch.ones_like(out))
 
 
-@pytest.fixture(scope="module")
-def latency_model():
+def _load(name: str):
+    """Import ``benchmarks/<name>.py`` (which puts benchmarks/ on sys.path itself), with
+    sys.path restored afterwards."""
     path = list(sys.path)
     try:
-        spec = importlib.util.spec_from_file_location(
-            "latency_model", BENCHMARKS / "latency_model.py"
-        )
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)  # puts benchmarks/ on sys.path itself
+        spec.loader.exec_module(module)
         yield module
     finally:
         sys.path[:] = path
+
+
+@pytest.fixture(scope="module")
+def latency_model():
+    yield from _load("latency_model")
+
+
+@pytest.fixture(scope="module")
+def entry_timing():
+    yield from _load("entry_timing")
 
 
 def test_latency_model_scores_separate_host_drift(latency_model):
@@ -118,3 +127,28 @@ def test_latency_model_scores_separate_host_drift(latency_model):
     assert summary["mdape_in_rounds"] == pytest.approx(0.0)
     assert summary["mdape_self"] == pytest.approx(1 / 3)
     assert latency_model.split_halves([1.0, 2.0, 3.0, 10.0, 20.0]) == (1.5, 10.0)
+
+
+def test_entry_timing_scores_and_times_one_entry_at_a_time(entry_timing, monkeypatch):
+    """The in-round error rescales by the dense model's measured / predicted time; the
+    one-by-one table calls the timer once per entry, without the spread."""
+    # Dense predicted 10, measured 12 (factor 1.2); plans predicted 5 and 10, measured 6.6, 9.
+    e = entry_timing.errors([10.0, 5.0, 10.0], [12.0, 6.6, 9.0])
+    assert e["dense_ratio"] == pytest.approx(10 / 12)
+    # In-round: |6 − 6.6| / 6.6 and |12 − 9| / 9, median of the two.
+    assert e["in_round"] == pytest.approx((0.6 / 6.6 + 3 / 9) / 2)
+    assert e["total"] == pytest.approx((1.6 / 6.6 + 1 / 9) / 2)
+    from tieify.latency import _table
+
+    calls = []
+
+    def fake(items, *, threads=None, repeats=7, min_seconds=None):
+        calls.append((len(items), min_seconds))
+        return dict.fromkeys(items, 1e-3)
+
+    monkeypatch.setattr(_table, "time_modules", fake)
+    convs = [torch.nn.Conv2d(4, 4, k) for k in (1, 3)]
+    x = torch.randn(1, 4, 6, 6)
+    table = entry_timing.OneByOneTable(persist=False)
+    assert table.lookup_many([(c, x) for c in convs]) == [1e-3, 1e-3]
+    assert calls == [(1, 0.0), (1, 0.0)] and table.measured == 2

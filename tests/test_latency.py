@@ -35,9 +35,9 @@ def fake_timing(tmp_path, monkeypatch):
         groups = getattr(module, "groups", 1)
         return out.numel() * cin // (groups * B) * k * 1e-6
 
-    def fake_time_module(module, x, *, threads=None, repeats=7):
-        calls["layers"] += 1
-        return layer_cost(module, x)
+    def fake_time_modules(items, *, threads=None, repeats=7):
+        calls["layers"] += len(items)
+        return {key: layer_cost(module, x) for key, (module, x) in items.items()}
 
     def model_time(model: nn.Module, x: torch.Tensor) -> float:
         total = [100e-6]
@@ -68,7 +68,7 @@ def fake_timing(tmp_path, monkeypatch):
     fake_measure.in_model = 1.0
     fake_measure.per_call = 0.0
 
-    monkeypatch.setattr(_table, "time_module", fake_time_module)
+    monkeypatch.setattr(_table, "time_modules", fake_time_modules)
     monkeypatch.setattr(_predict, "measure_latency", fake_measure)
     monkeypatch.setattr(_predict, "measure_side_by_side", fake_side_by_side)
     return calls, layer_cost
@@ -440,3 +440,95 @@ def test_a_variant_that_does_not_run_falls_back_to_the_stubbed_calibration(
     parts = latency_breakdown(deep_net(), x, table=LatencyTable())
     assert calls == {"layers": 4, "models": 2}  # the model alone, then the stubbed model
     assert parts["<remainder>"] == pytest.approx(100e-6)
+
+
+def test_entries_are_timed_together_in_interleaved_rounds_spread_over_time(monkeypatch):
+    """Layers timed together share every round (A B A B ...), and the rounds are spread over
+    ``min_seconds`` by waits between them, so that all entries see the same phases of a
+    shared machine; each entry is its fastest round."""
+    order: list[str] = []
+
+    class Logged(nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            order.append(self.name)
+            return x
+
+    waits: list[float] = []
+    monkeypatch.setattr(_table, "calibrate_iters", lambda *args: 1)
+    monkeypatch.setattr(_table.time, "sleep", waits.append)
+    x = torch.randn(1, 4, 3, 3)
+    items = {"k1": (Logged("a"), x), "k2": (Logged("b"), x)}
+    seconds = _table.time_modules(items, repeats=5, min_seconds=1.0)
+    assert set(seconds) == {"k1", "k2"} and all(0 < s < 1 for s in seconds.values())
+    assert order == ["a", "a", "b", "b"] + ["a", "b"] * 5  # warm-up, then 5 rounds
+    # Round r waits until r / 5 of the second (the sleeps here return at once).
+    assert waits[0] == 0.002
+    assert waits[1:] == pytest.approx([0.2, 0.4, 0.6, 0.8], abs=0.05)
+
+
+def test_entries_timed_together_share_inputs_within_a_memory_bound(monkeypatch):
+    """Layers on equal input shapes share one random input; inputs beyond
+    ``MAX_INPUT_BYTES`` are timed in another group (and one input larger than the bound
+    still gets its own)."""
+    a, c = torch.randn(1, 8, 6, 6), torch.randn(1, 8, 36, 1)  # equal bytes, other shapes
+    d, big = torch.randn(1, 8, 1, 36), torch.randn(1, 8, 12, 12)
+    monkeypatch.setattr(_table, "MAX_INPUT_BYTES", 2 * a.numel() * a.element_size())
+    conv = nn.Identity()
+    items = {
+        "k1": (conv, a),
+        "k2": (conv, torch.randn(1, 8, 6, 6)),
+        "k3": (conv, c),
+        "k4": (conv, d),
+        "k5": (conv, a),
+        "k6": (conv, big),
+    }
+    assert [list(g) for g in _table._groups(items)] == [["k1", "k2", "k3"], ["k4", "k5"], ["k6"]]
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(_table, "calibrate_iters", lambda *args: 1)
+    monkeypatch.setattr(_table.time, "sleep", lambda s: None)
+
+    class Record(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x)
+            return x
+
+    rec = Record()
+    _table.time_modules({k: (rec, x) for k, (_, x) in items.items()}, repeats=1)
+    inputs = {id(t) for t in seen}
+    assert len(inputs) == 5  # k1 and k2 share one; k5 (again a's shape) is in another group
+    assert all(t is not a for t in seen)  # random inputs, not the caller's tensors
+
+
+def test_a_prediction_times_its_missing_entries_in_one_batch(fake_timing, monkeypatch):
+    """All layer configurations a model is missing are timed in one call (each distinct
+    configuration once); a warm table times none."""
+    calls, layer_cost = fake_timing
+    batches: list[list[str]] = []
+    fake = _table.time_modules
+
+    def recording(items, **kwargs):
+        batches.append(list(items))
+        return fake(items, **kwargs)
+
+    monkeypatch.setattr(_table, "time_modules", recording)
+    torch.manual_seed(0)
+    twin = [nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)]  # three equal configurations
+    model = nn.Sequential(*twin, nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 8, 6, 6)
+    table = LatencyTable()
+    values = table.lookup_many([(m, x) for m in twin], measure=False)
+    assert values == [None, None, None] and batches == []
+    latency_breakdown(model, x, table=table)
+    # One batch: the model's two distinct configurations and the one its calibration variant
+    # adds (the middle convs tied at B = 4; tieify keeps the first and the last layer dense).
+    assert [len(b) for b in batches] == [3]
+    assert {json.loads(k)["op"].get("B", 1) for k in batches[0]} == {1, 4}
+    entries = table.lookup_many([(m, x) for m in twin])
+    assert entries[0] == entries[1] == entries[2] == pytest.approx(layer_cost(twin[0], x))
+    before = len(batches)
+    latency_breakdown(model, x, table=table)
+    assert len(batches) == before  # warm: nothing timed

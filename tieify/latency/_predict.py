@@ -3,7 +3,8 @@
 predicted latency = nonlayer + scale · Σ table[layer]
 
 - The table (:mod:`tieify.latency._table`) holds the fastest sampled forward time of every
-  layer configuration (convolutions, linears, tied layers) on its own input.
+  layer configuration (convolutions, linears, tied layers) on its own input; the entries a
+  model is missing are measured together, in interleaved rounds.
 - The remainder is everything else, in two numbers: ``scale``, how much slower the layers run
   inside the model than alone (cold caches, idle threads), and ``nonlayer``, what the norms,
   activations, pooling, residual adds and Python overhead cost, plus whatever each layer
@@ -142,17 +143,25 @@ def latency_breakdown(
     with num_threads(threads), eval_mode(model):
         n_threads = torch.get_num_threads()
         layers, ins, outs = _traced_layers(model, example_inputs)
-        out: dict[str, float] = {}
-        for name, layer in layers:
-            seconds = table.lookup(layer, ins[name], threads=n_threads, repeats=repeats)
-            out[name] = float(seconds or 0.0)
+        pairs = [(layer, ins[name]) for name, layer in layers]
         if layers == [("", model)]:
-            out["<remainder>"] = 0.0
-            return out
+            (entry,) = table.lookup_many(pairs, threads=n_threads, repeats=repeats)
+            return {"": float(entry or 0.0), "<remainder>": 0.0}
         key = _remainder_key(model, outs, _example_tensor(example_inputs), n_threads)
         rem = table.get_value(key)
-        if not _is_remainder(rem):
-            rem = _calibrate(model, example_inputs, layers, ins, outs, out, table, repeats)
+        calibrating = not _is_remainder(rem)
+        variant = _traced_variant(model, example_inputs, layers, outs) if calibrating else None
+        v_pairs = variant[1] if variant is not None else []
+        # The model's missing entries and its calibration variant's are timed together, so
+        # that the two points of the calibration line share the machine's phases.
+        entries = table.lookup_many(pairs + v_pairs, threads=n_threads, repeats=repeats)
+        seconds = [float(s or 0.0) for s in entries]
+        out = {name: seconds[i] for i, (name, _) in enumerate(layers)}
+        if calibrating:
+            two_point = None if variant is None else (variant[0], sum(seconds[len(pairs) :]))
+            rem = _calibrate(
+                model, example_inputs, layers, ins, outs, out, two_point, table, repeats
+            )
             table.set_value(key, rem)
         scale = float(rem["scale"])
         for name in out:
@@ -187,9 +196,9 @@ def is_warm(
     with num_threads(threads):
         n_threads = torch.get_num_threads()
         layers, ins, outs = _traced_layers(model, example_inputs)
-        for name, layer in layers:
-            if table.lookup(layer, ins[name], threads=n_threads, measure=False) is None:
-                return False
+        pairs = [(layer, ins[name]) for name, layer in layers]
+        if None in table.lookup_many(pairs, threads=n_threads, measure=False):
+            return False
         if layers == [("", model)]:
             return True
         key = _remainder_key(model, outs, _example_tensor(example_inputs), n_threads)
@@ -216,6 +225,7 @@ def _calibrate(
     ins: dict[str, torch.Tensor],
     outs: dict[str, Any],
     out: dict[str, float],
+    two_point: tuple[nn.Module, float] | None,
     table: LatencyTable,
     repeats: int,
 ) -> dict[str, float]:
@@ -231,7 +241,8 @@ def _calibrate(
 
     - two-point (preferred): ``model`` and a variant with its dense layers tied at
       :data:`VARIANT_B` (built with :func:`tieify.tieify`), when the variant's layers do at
-      most :data:`MAX_VARIANT_MACS` of ``model``'s multiply-adds;
+      most :data:`MAX_VARIANT_MACS` of ``model``'s multiply-adds (``two_point``: the variant and
+      the sum of its layers' entries, see :func:`_traced_variant`);
     - stubbed: ``model`` and ``model`` with every layer replaced by a stub that returns the
       layer's recorded output (Σ entries = 0), when there is no such variant (``model`` is
       tied already, or tieify leaves it as it is), or the line's slope is out of
@@ -241,24 +252,16 @@ def _calibrate(
       different inputs) or its scale is out of :data:`SCALE_RANGE`.
     """
     n_threads = torch.get_num_threads()
-    variant = _variant(model, example_inputs, layers, outs)
-    v_sum = 0.0
-    if variant is not None:
-        try:
-            v_layers, v_ins, _ = _traced_layers(variant, example_inputs)
-        except Exception:  # noqa: BLE001 - a variant that does not run: no two-point line
-            variant = None
-        else:
-            for name, layer in v_layers:
-                entry = table.lookup(layer, v_ins[name], threads=n_threads, repeats=repeats)
-                v_sum += float(entry or 0.0)
+    variant, v_sum = two_point if two_point is not None else (None, 0.0)
     models = {"model": model} if variant is None else {"model": model, "variant": variant}
     totals = _calibration_totals(models, example_inputs, repeats)
     if sum(out.values()) > totals["model"]:
         # The layers alone cannot take longer than the whole model: their entries were
         # timed in other conditions (a heavier load). Time them again now.
-        for name, layer in layers:
-            out[name] = table.remeasure(layer, ins[name], threads=n_threads, repeats=repeats)
+        again = table.remeasure_many(
+            [(layer, ins[name]) for name, layer in layers], threads=n_threads, repeats=repeats
+        )
+        out.update(zip((name for name, _ in layers), again, strict=True))
         totals = _calibration_totals(models, example_inputs, repeats)
     total, layer_sum = totals["model"], sum(out.values())
     if variant is not None:
@@ -289,6 +292,24 @@ VARIANT_B = 4
 #: The variant is used when its layers do at most this fraction of ``model``'s
 #: multiply-adds (else the two points are too close for a line).
 MAX_VARIANT_MACS = 0.7
+
+
+def _traced_variant(
+    model: nn.Module,
+    example_inputs: Any,
+    layers: list[tuple[str, nn.Module]],
+    outs: dict[str, Any],
+) -> tuple[nn.Module, list[tuple[nn.Module, torch.Tensor]]] | None:
+    """The calibration's variant of ``model`` (:func:`_variant`) and its layers with their
+    inputs, or ``None`` where there is no variant or it does not run."""
+    variant = _variant(model, example_inputs, layers, outs)
+    if variant is None:
+        return None
+    try:
+        v_layers, v_ins, _ = _traced_layers(variant, example_inputs)
+    except Exception:  # noqa: BLE001 - a variant that does not run: no two-point line
+        return None
+    return variant, [(layer, v_ins[name]) for name, layer in v_layers]
 
 
 def _layer_macs(layer: nn.Module, out: Any) -> int:

@@ -7,13 +7,18 @@ layout and device, the thread count, the torch and tieify versions (and the kern
 for a layer that runs it), the machine (CPU model, instruction set and CPU count; the GPU for
 CUDA inputs) and whether the allocator is tuned (:func:`tieify.tune_allocator`). Entries are
 measured lazily, the first time a key is asked for, and kept on disk (``latency.json`` in the
-tieify cache directory), so a search pays for each distinct layer once per machine.
+tieify cache directory), so a search pays for each distinct layer once per machine. The
+entries one prediction is missing are measured together (:func:`time_modules`): in
+interleaved rounds spread over at least :data:`ENTRY_SECONDS`, so that they share the
+machine's phases instead of each catching its own.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -92,21 +97,61 @@ class LatencyTable:
 
         With ``measure=False`` a missing entry gives ``None`` instead.
         """
-        key = layer_key(layer, x, threads)
-        hit = self.store.get(key)
-        if isinstance(hit, (int, float)):
-            return float(hit)
-        if not measure:
-            return None
-        return self.remeasure(layer, x, threads=threads, repeats=repeats)
+        return self.lookup_many([(layer, x)], threads=threads, repeats=repeats, measure=measure)[0]
+
+    def lookup_many(
+        self,
+        pairs: Iterable[tuple[nn.Module, torch.Tensor]],
+        *,
+        threads: int | None = None,
+        repeats: int = 7,
+        measure: bool = True,
+    ) -> list[float | None]:
+        """:meth:`lookup` of each ``(layer, x)``; the missing entries are measured together
+        (see :func:`time_modules`), each distinct configuration once."""
+        pairs = list(pairs)
+        keys = [layer_key(layer, x, threads) for layer, x in pairs]
+        found: dict[str, float | None] = {}
+        for key in keys:
+            hit = self.store.get(key)
+            found[key] = float(hit) if isinstance(hit, (int, float)) else None
+        missing = {key: pair for key, pair in zip(keys, pairs, strict=True) if found[key] is None}
+        if missing and measure:
+            found.update(self._measure(missing, threads=threads, repeats=repeats))
+        return [found[key] for key in keys]
 
     def remeasure(
         self, layer: nn.Module, x: torch.Tensor, *, threads: int | None = None, repeats: int = 7
     ) -> float:
         """Time ``layer`` on inputs like ``x`` now and store the entry (replacing any)."""
-        seconds = time_module(layer, x, threads=threads, repeats=repeats)
-        self.store.set(layer_key(layer, x, threads), seconds)
-        self.measured += 1
+        return self.remeasure_many([(layer, x)], threads=threads, repeats=repeats)[0]
+
+    def remeasure_many(
+        self,
+        pairs: Iterable[tuple[nn.Module, torch.Tensor]],
+        *,
+        threads: int | None = None,
+        repeats: int = 7,
+    ) -> list[float]:
+        """:meth:`remeasure` of each ``(layer, x)``, measured together."""
+        pairs = list(pairs)
+        keys = [layer_key(layer, x, threads) for layer, x in pairs]
+        seconds = self._measure(
+            dict(zip(keys, pairs, strict=True)), threads=threads, repeats=repeats
+        )
+        return [seconds[key] for key in keys]
+
+    def _measure(
+        self,
+        items: Mapping[str, tuple[nn.Module, torch.Tensor]],
+        *,
+        threads: int | None,
+        repeats: int,
+    ) -> dict[str, float]:
+        seconds = time_modules(items, threads=threads, repeats=repeats)
+        for key, value in seconds.items():
+            self.store.set(key, value)
+        self.measured += len(seconds)
         return seconds
 
     def get_value(self, key: str) -> Any:
@@ -116,24 +161,100 @@ class LatencyTable:
         self.store.set(key, value)
 
 
+#: The rounds of one :func:`time_modules` call span at least this long (idle waits between
+#: rounds when the modules are few and fast). A shared machine's speed moves in phases of
+#: about a second (on the 2-core development host a 128→128 3×3 convolution ran 0.46 or
+#: 0.97 ms a call, switching every few seconds); an entry whose samples all fall in one
+#: phase carries that phase into every prediction that uses it.
+ENTRY_SECONDS = 1.0
+
+#: At most this many bytes of random inputs are alive at once; more modules are measured in
+#: consecutive groups.
+MAX_INPUT_BYTES = 256 * 2**20
+
+
+def time_modules(
+    items: Mapping[Any, tuple[nn.Module, torch.Tensor]],
+    *,
+    threads: int | None = None,
+    repeats: int = 7,
+    min_seconds: float | None = None,
+) -> dict[Any, float]:
+    """Seconds of ``module(x')`` for each ``key: (module, x)``, ``x'`` random and shaped and
+    laid out like ``x``: the fastest of ``repeats`` samples (on a shared machine only
+    interference makes a sample slower; the model's remainder, calibrated against a median
+    end-to-end time, absorbs the typical interference).
+
+    The modules are sampled in interleaved rounds (A B C A B C ...) spread over at least
+    ``min_seconds`` (default :data:`ENTRY_SECONDS`), so that every entry sees the same phases
+    of the machine, and entries measured together are consistent with each other. Modules
+    with equal input shapes share one random input; inputs beyond :data:`MAX_INPUT_BYTES`
+    are measured in further groups.
+    """
+    spread = ENTRY_SECONDS if min_seconds is None else min_seconds
+    out: dict[Any, float] = {}
+    for group in _groups(items):
+        out.update(_time_group(group, threads, repeats, spread))
+    return out
+
+
 def time_module(
     module: nn.Module, x: torch.Tensor, *, threads: int | None = None, repeats: int = 7
 ) -> float:
-    """Seconds of ``module(x')`` for a random ``x'`` shaped and laid out like ``x``: the fastest
-    of ``repeats`` samples (on a shared machine only interference makes a sample slower; the
-    model's remainder, calibrated against a median end-to-end time, absorbs the typical
-    interference)."""
-    xx = like(x)
-    device = x.device if x.device.type == "cuda" else None
+    """:func:`time_modules` of one module."""
+    return time_modules({0: (module, x)}, threads=threads, repeats=repeats)[0]
+
+
+def _input_id(x: torch.Tensor) -> tuple:
+    return (tuple(x.shape), x.stride(), x.dtype, x.device)
+
+
+def _groups(
+    items: Mapping[Any, tuple[nn.Module, torch.Tensor]],
+) -> list[dict[Any, tuple[nn.Module, torch.Tensor]]]:
+    groups: list[dict[Any, tuple[nn.Module, torch.Tensor]]] = []
+    shapes: set[tuple] = set()
+    size = 0
+    for key, (module, x) in items.items():
+        nbytes = x.numel() * x.element_size()
+        if not groups or (_input_id(x) not in shapes and size + nbytes > MAX_INPUT_BYTES):
+            groups.append({})
+            shapes, size = set(), 0
+        if _input_id(x) not in shapes:
+            shapes.add(_input_id(x))
+            size += nbytes
+        groups[-1][key] = (module, x)
+    return groups
+
+
+def _time_group(
+    items: Mapping[Any, tuple[nn.Module, torch.Tensor]],
+    threads: int | None,
+    repeats: int,
+    min_seconds: float,
+) -> dict[Any, float]:
+    inputs: dict[tuple, torch.Tensor] = {}
+    calls, devices = {}, {}
+    for key, (module, x) in items.items():
+        if _input_id(x) not in inputs:
+            inputs[_input_id(x)] = like(x)
+        xx = inputs[_input_id(x)]
+        calls[key] = lambda module=module, xx=xx: module(xx)
+        devices[key] = x.device if x.device.type == "cuda" else None
     with num_threads(threads), torch.inference_mode():
-        for _ in range(2):
-            module(xx)
-        iters = calibrate_iters(lambda: module(xx), 0.002, device)
-        samples = []
-        for _ in range(repeats):
-            time.sleep(0.002)  # decorrelate samples from other processes' time slices
-            samples.append(time_once(lambda: module(xx), iters, device))
-    return min(samples)
+        for call in calls.values():
+            call()
+            call()
+        iters = {key: calibrate_iters(call, 0.002, devices[key]) for key, call in calls.items()}
+        best = dict.fromkeys(calls, math.inf)
+        start = time.perf_counter()
+        for r in range(repeats):
+            # Round r starts no earlier than r / repeats of min_seconds, and after a short
+            # wait that decorrelates it from other processes' time slices.
+            time.sleep(max(0.002, start + r * min_seconds / repeats - time.perf_counter()))
+            for key, call in calls.items():
+                best[key] = min(best[key], time_once(call, iters[key], devices[key]))
+    return best
 
 
 TABLE = LatencyTable()

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 import tieify
-from tieify.latency import LatencyTable, _predict, _table, latency_breakdown, measure_latency
+from tieify.latency import (
+    LatencyTable,
+    _predict,
+    _table,
+    _timing,
+    latency_breakdown,
+    measure_latency,
+)
 from tieify.nn import TiedConv2d, _kernel, _paths
 
 
@@ -297,8 +304,6 @@ def test_rounds_extend_to_min_seconds_and_stop_at_the_cap():
 def test_interleaved_medians_or_each_candidates_fastest_round(monkeypatch):
     """The median of each candidate's rounds, or with ``best`` its fastest round: a loaded
     stretch that slows both alike moves their medians together, not their minimums."""
-    from tieify.latency import _timing
-
     rounds = {"fused": [3.4, 16.9, 17.2, 17.1, 3.5], "separate": [5.2, 16.5, 16.7, 16.6, 5.0]}
     monkeypatch.setattr(_timing, "interleaved_samples", lambda *args: rounds)
     fns = dict.fromkeys(rounds, lambda: None)
@@ -458,8 +463,8 @@ def test_entries_are_timed_together_in_interleaved_rounds_spread_over_time(monke
             return x
 
     waits: list[float] = []
-    monkeypatch.setattr(_table, "calibrate_iters", lambda *args: 1)
-    monkeypatch.setattr(_table.time, "sleep", waits.append)
+    monkeypatch.setattr(_timing, "calibrate_iters", lambda *args: 1)
+    monkeypatch.setattr(_timing.time, "sleep", waits.append)
     x = torch.randn(1, 4, 3, 3)
     items = {"k1": (Logged("a"), x), "k2": (Logged("b"), x)}
     seconds = _table.time_modules(items, repeats=5, min_seconds=1.0)
@@ -488,8 +493,8 @@ def test_entries_timed_together_share_inputs_within_a_memory_bound(monkeypatch):
     }
     assert [list(g) for g in _table._groups(items)] == [["k1", "k2", "k3"], ["k4", "k5"], ["k6"]]
     seen: list[torch.Tensor] = []
-    monkeypatch.setattr(_table, "calibrate_iters", lambda *args: 1)
-    monkeypatch.setattr(_table.time, "sleep", lambda s: None)
+    monkeypatch.setattr(_timing, "calibrate_iters", lambda *args: 1)
+    monkeypatch.setattr(_timing.time, "sleep", lambda s: None)
 
     class Record(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

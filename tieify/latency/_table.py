@@ -16,9 +16,8 @@ machine's phases instead of each catching its own.
 from __future__ import annotations
 
 import json
-import math
-import time
 from collections.abc import Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from ._allocator import allocator_state
 from ._cache import JsonCache
 from ._machine import machine_key, software_key
 from ._optimize import input_signature, layer_signature, like
-from ._timing import calibrate_iters, num_threads, time_once
+from ._timing import interleaved_samples, num_threads
 
 __all__ = ["LAYER_TYPES", "is_layer", "layer_key", "LatencyTable", "TABLE"]
 
@@ -198,13 +197,6 @@ def time_modules(
     return out
 
 
-def time_module(
-    module: nn.Module, x: torch.Tensor, *, threads: int | None = None, repeats: int = 7
-) -> float:
-    """:func:`time_modules` of one module."""
-    return time_modules({0: (module, x)}, threads=threads, repeats=repeats)[0]
-
-
 def _input_id(x: torch.Tensor) -> tuple:
     return (tuple(x.shape), x.stride(), x.dtype, x.device)
 
@@ -216,12 +208,12 @@ def _groups(
     shapes: set[tuple] = set()
     size = 0
     for key, (module, x) in items.items():
-        nbytes = x.numel() * x.element_size()
-        if not groups or (_input_id(x) not in shapes and size + nbytes > MAX_INPUT_BYTES):
+        ident, nbytes = _input_id(x), x.numel() * x.element_size()
+        if not groups or (ident not in shapes and size + nbytes > MAX_INPUT_BYTES):
             groups.append({})
             shapes, size = set(), 0
-        if _input_id(x) not in shapes:
-            shapes.add(_input_id(x))
+        if ident not in shapes:
+            shapes.add(ident)
             size += nbytes
         groups[-1][key] = (module, x)
     return groups
@@ -234,27 +226,18 @@ def _time_group(
     min_seconds: float,
 ) -> dict[Any, float]:
     inputs: dict[tuple, torch.Tensor] = {}
-    calls, devices = {}, {}
+    calls = {}
     for key, (module, x) in items.items():
-        if _input_id(x) not in inputs:
-            inputs[_input_id(x)] = like(x)
-        xx = inputs[_input_id(x)]
-        calls[key] = lambda module=module, xx=xx: module(xx)
-        devices[key] = x.device if x.device.type == "cuda" else None
+        ident = _input_id(x)
+        if ident not in inputs:
+            inputs[ident] = like(x)
+        calls[key] = partial(module, inputs[ident])
+    device = next((x.device for _, x in items.values() if x.device.type == "cuda"), None)
     with num_threads(threads), torch.inference_mode():
-        for call in calls.values():
-            call()
-            call()
-        iters = {key: calibrate_iters(call, 0.002, devices[key]) for key, call in calls.items()}
-        best = dict.fromkeys(calls, math.inf)
-        start = time.perf_counter()
-        for r in range(repeats):
-            # Round r starts no earlier than r / repeats of min_seconds, and after a short
-            # wait that decorrelates it from other processes' time slices.
-            time.sleep(max(0.002, start + r * min_seconds / repeats - time.perf_counter()))
-            for key, call in calls.items():
-                best[key] = min(best[key], time_once(call, iters[key], devices[key]))
-    return best
+        samples = interleaved_samples(
+            calls, repeats=repeats, warmup=2, target_s=0.002, device=device, spread=min_seconds
+        )
+    return {key: min(v) for key, v in samples.items()}
 
 
 TABLE = LatencyTable()

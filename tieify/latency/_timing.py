@@ -59,6 +59,7 @@ def interleaved_samples(
     target_s: float = 0.02,
     device: torch.device | None = None,
     min_seconds: float = 0.0,
+    spread: float | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each candidate, one sample per interleaved round (ABAB...).
 
@@ -70,6 +71,10 @@ def interleaved_samples(
         device: a CUDA device to synchronize around each sample, or ``None``.
         min_seconds: keep adding rounds (up to ``10 * repeats``) until the rounds span at
             least this long, so that a median is not one short burst of a shared machine.
+        spread: wait before each round instead (at least 2 ms, to decorrelate it from other
+            processes' time slices, and until round r starts r / ``repeats`` of ``spread``
+            seconds after the first), so that ``repeats`` rounds cover the machine's phases
+            over that long at little cost; ``None``: rounds back to back.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -79,6 +84,8 @@ def interleaved_samples(
     start = time.perf_counter()
     rounds = 0
     while rounds < repeats or (rounds < 10 * repeats and time.perf_counter() - start < min_seconds):
+        if spread is not None:
+            time.sleep(max(0.002, start + rounds * spread / repeats - time.perf_counter()))
         for name, fn in fns.items():
             samples[name].append(time_once(fn, iters[name], device))
         rounds += 1

@@ -447,32 +447,88 @@ def test_a_variant_that_does_not_run_falls_back_to_the_stubbed_calibration(
     assert parts["<remainder>"] == pytest.approx(100e-6)
 
 
+class Logged(nn.Module):
+    """The identity, noting its name in ``order`` at every call."""
+
+    def __init__(self, name: str, order: list[str]) -> None:
+        super().__init__()
+        self.name, self.order = name, order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.order.append(self.name)
+        return x
+
+
 def test_entries_are_timed_together_in_interleaved_rounds_spread_over_time(monkeypatch):
     """Layers timed together share every round (A B A B ...), and the rounds are spread over
     ``min_seconds`` by waits between them, so that all entries see the same phases of a
     shared machine; each entry is its fastest round."""
     order: list[str] = []
-
-    class Logged(nn.Module):
-        def __init__(self, name: str) -> None:
-            super().__init__()
-            self.name = name
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            order.append(self.name)
-            return x
-
     waits: list[float] = []
     monkeypatch.setattr(_timing, "calibrate_iters", lambda *args: 1)
     monkeypatch.setattr(_timing.time, "sleep", waits.append)
     x = torch.randn(1, 4, 3, 3)
-    items = {"k1": (Logged("a"), x), "k2": (Logged("b"), x)}
+    items = {"k1": (Logged("a", order), x), "k2": (Logged("b", order), x)}
     seconds = _table.time_modules(items, repeats=5, min_seconds=1.0)
     assert set(seconds) == {"k1", "k2"} and all(0 < s < 1 for s in seconds.values())
     assert order == ["a", "a", "b", "b"] + ["a", "b"] * 5  # warm-up, then 5 rounds
     # Round r waits until r / 5 of the second (the sleeps here return at once).
     assert waits[0] == 0.002
     assert waits[1:] == pytest.approx([0.2, 0.4, 0.6, 0.8], abs=0.05)
+
+
+def test_calibration_rounds_are_spread_over_its_span_and_each_sample_is_warm(monkeypatch):
+    """The remainder's end-to-end times come from ``CALIBRATION_ROUNDS`` interleaved rounds
+    spread evenly over ``CALIBRATION_SECONDS`` (a phase of a shared machine then weighs one
+    round, not the whole calibration), and after each wait every model runs once untimed
+    before its sample, as the back-to-back calls of ``measure_latency`` run warm."""
+    order: list[str] = []
+    waits: list[float] = []
+    monkeypatch.setattr(_timing, "calibrate_iters", lambda *args: 1)
+    monkeypatch.setattr(_timing.time, "sleep", waits.append)
+    models = {"model": Logged("m", order), "variant": Logged("v", order)}
+    totals = _predict._calibration_totals(models, torch.randn(1, 4, 3, 3), repeats=7)
+    n, span = _predict.CALIBRATION_ROUNDS, _predict.CALIBRATION_SECONDS
+    assert set(totals) == {"model", "variant"} and all(0 < t < 1 for t in totals.values())
+    # Warm-up (two calls each), then every round: an untimed call and the timed one, each.
+    assert order == ["m", "m", "v", "v"] + ["m", "m", "v", "v"] * n
+    assert len(waits) == n and waits[0] == 0.002
+    assert waits[1:] == pytest.approx([r * span / n for r in range(1, n)], abs=0.05)
+
+
+def test_spread_rounds_of_a_slow_candidate_stop_after_the_span(monkeypatch):
+    """Rounds slower than the spread's schedule run back to back and stop at ``min_repeats``
+    once the span has passed; a candidate whose samples last ``REWARM_BELOW_S`` or more is
+    re-warmed only before its first (on a fake clock: each call takes 0.15 s)."""
+    clock = [0.0]
+    calls: list[str] = []
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter() -> float:
+            return clock[0]
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            clock[0] += seconds
+
+    def slow() -> None:
+        calls.append("slow")
+        clock[0] += 0.15
+
+    monkeypatch.setattr(_timing, "time", FakeTime)
+    monkeypatch.setattr(_timing, "calibrate_iters", lambda *args: 1)
+    samples = _timing.interleaved_samples(
+        {"slow": slow}, repeats=10, warmup=0, spread=0.2, rewarm=True, min_repeats=3
+    )
+    assert samples["slow"] == pytest.approx([0.15] * 3)
+    assert len(calls) == 4  # one re-warming call, three timed ones
+    # A fast candidate is re-warmed before every sample, and all ``repeats`` rounds run.
+    calls.clear()
+    samples = _timing.interleaved_samples(
+        {"fast": lambda: calls.append("fast")}, repeats=4, warmup=0, spread=1.0, rewarm=True
+    )
+    assert len(samples["fast"]) == 4 and len(calls) == 8
 
 
 def test_entries_timed_together_share_inputs_within_a_memory_bound(monkeypatch):

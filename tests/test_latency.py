@@ -477,31 +477,13 @@ def test_entries_are_timed_together_in_interleaved_rounds_spread_over_time(monke
     assert waits[1:] == pytest.approx([0.2, 0.4, 0.6, 0.8], abs=0.05)
 
 
-def test_calibration_rounds_are_spread_over_its_span_and_each_sample_is_warm(monkeypatch):
-    """The remainder's end-to-end times come from ``CALIBRATION_ROUNDS`` interleaved rounds
-    spread evenly over ``CALIBRATION_SECONDS`` (a phase of a shared machine then weighs one
-    round, not the whole calibration), and after each wait every model runs once untimed
-    before its sample, as the back-to-back calls of ``measure_latency`` run warm."""
-    order: list[str] = []
-    waits: list[float] = []
-    monkeypatch.setattr(_timing, "calibrate_iters", lambda *args: 1)
-    monkeypatch.setattr(_timing.time, "sleep", waits.append)
-    models = {"model": Logged("m", order), "variant": Logged("v", order)}
-    totals = _predict._calibration_totals(models, torch.randn(1, 4, 3, 3), repeats=7)
-    n, span = _predict.CALIBRATION_ROUNDS, _predict.CALIBRATION_SECONDS
-    assert set(totals) == {"model", "variant"} and all(0 < t < 1 for t in totals.values())
-    # Warm-up (two calls each), then every round: an untimed call and the timed one, each.
-    assert order == ["m", "m", "v", "v"] + ["m", "m", "v", "v"] * n
-    assert len(waits) == n and waits[0] == 0.002
-    assert waits[1:] == pytest.approx([r * span / n for r in range(1, n)], abs=0.05)
-
-
-def test_spread_rounds_of_a_slow_candidate_stop_after_the_span(monkeypatch):
-    """Rounds slower than the spread's schedule run back to back and stop at ``min_repeats``
-    once the span has passed; a candidate whose samples last ``REWARM_BELOW_S`` or more is
-    re-warmed only before its first (on a fake clock: each call takes 0.15 s)."""
+def test_calibration_runs_back_to_back_rounds_until_its_span_has_passed(monkeypatch):
+    """The remainder's end-to-end times come from interleaved rounds run back to back (no
+    waits: a model is timed warm, as plans are measured) for at least
+    ``CALIBRATION_SECONDS`` and at least ``CALIBRATION_ROUNDS`` rounds (on a fake clock:
+    each call takes 1/16 s)."""
     clock = [0.0]
-    calls: list[str] = []
+    order: list[str] = []
 
     class FakeTime:
         @staticmethod
@@ -510,25 +492,32 @@ def test_spread_rounds_of_a_slow_candidate_stop_after_the_span(monkeypatch):
 
         @staticmethod
         def sleep(seconds: float) -> None:
-            clock[0] += seconds
+            raise AssertionError(f"the calibration waited {seconds} s between rounds")
 
-    def slow() -> None:
-        calls.append("slow")
-        clock[0] += 0.15
+    class Ticking(nn.Module):
+        def __init__(self, name: str, seconds: float = 0.0625) -> None:
+            super().__init__()
+            self.name, self.seconds = name, seconds
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            order.append(self.name)
+            clock[0] += self.seconds
+            return x
 
     monkeypatch.setattr(_timing, "time", FakeTime)
     monkeypatch.setattr(_timing, "calibrate_iters", lambda *args: 1)
-    samples = _timing.interleaved_samples(
-        {"slow": slow}, repeats=10, warmup=0, spread=0.2, rewarm=True, min_repeats=3
-    )
-    assert samples["slow"] == pytest.approx([0.15] * 3)
-    assert len(calls) == 4  # one re-warming call, three timed ones
-    # A fast candidate is re-warmed before every sample, and all ``repeats`` rounds run.
-    calls.clear()
-    samples = _timing.interleaved_samples(
-        {"fast": lambda: calls.append("fast")}, repeats=4, warmup=0, spread=1.0, rewarm=True
-    )
-    assert len(samples["fast"]) == 4 and len(calls) == 8
+    models = {"model": Ticking("m"), "variant": Ticking("v")}
+    totals = _predict._calibration_totals(models, torch.randn(1, 4, 3, 3), repeats=7)
+    assert totals == {"model": 0.0625, "variant": 0.0625}
+    # Warm-up (two calls each), then rounds of 1/8 s until 8 s have passed: 64 rounds.
+    span = _predict.CALIBRATION_SECONDS
+    rounds = round(span / 0.125)
+    assert rounds > _predict.CALIBRATION_ROUNDS
+    assert order == ["m", "m", "v", "v"] + ["m", "v"] * rounds
+    # A model slower than the span still gets CALIBRATION_ROUNDS rounds, no more.
+    order.clear()
+    _predict._calibration_totals({"model": Ticking("s", 1.0)}, torch.randn(1, 4, 3, 3), 7)
+    assert len(order) == 2 + _predict.CALIBRATION_ROUNDS
 
 
 def test_entries_timed_together_share_inputs_within_a_memory_bound(monkeypatch):

@@ -14,8 +14,8 @@ predicted latency = nonlayer + scale · Σ table[layer]
   models' measured times against their Σ table entries, that model and a thinner variant
   of it (its dense layers tied at :data:`VARIANT_B`); where no such variant exists, the
   model timed end to end and with every layer stubbed out. Each time is the median of
-  :data:`CALIBRATION_ROUNDS` interleaved rounds spread over :data:`CALIBRATION_SECONDS`,
-  each sample warm. The pair is cached under a key made of the model's
+  at least :data:`CALIBRATION_ROUNDS` back-to-back interleaved rounds spanning at least
+  :data:`CALIBRATION_SECONDS`. The pair is cached under a key made of the model's
   non-layer structure (and layer output shapes), the input, the thread count, the torch and
   tieify versions, the machine (:func:`~tieify.latency._machine.machine_key`) and the allocator
   state (:func:`tieify.tune_allocator`).
@@ -112,7 +112,7 @@ def _remainder_key(model: nn.Module, outs: dict[str, Any], x: Any, threads: int)
     return json.dumps(
         {
             "remainder": digest,
-            "method": f"two-point-spread-{CALIBRATION_SECONDS:g}s",
+            "method": f"two-point-busy-{CALIBRATION_SECONDS:g}s",
             "input": sig,
             "threads": threads,
             **software_key(kernel=False),
@@ -367,18 +367,21 @@ def _stubbed_total(
                 layer.forward = forward
 
 
-#: The remainder's end-to-end times are medians of :data:`CALIBRATION_ROUNDS` interleaved
-#: rounds spread evenly over this long (waits between rounds; a model too slow for the
-#: schedule runs its rounds back to back and stops after ``repeats + 4`` once the span has
-#: passed). The remainder is cached for every later plan of the model, and a shared
-#: machine's speed moves in phases of seconds (on the 2-core development host, ResNet-50's
-#: 2-second medians at 2 threads ranged over 25.7-37.2 ms within two minutes, while
-#: 1-thread ones stayed within 43.7-51.0 ms), so a calibration within one phase would bias
-#: every prediction alike. Spread rounds sample several phases at the CPU cost of a few
-#: back-to-back ones: against the earlier 2 s of back-to-back rounds, the latency-model
-#: benchmark's error fell from 14.3% to 10.3% (3 + 3 alternating runs, 360 plans each).
+#: The remainder's end-to-end times are medians of interleaved rounds run back to back
+#: for at least this long (and at least :data:`CALIBRATION_ROUNDS` rounds). The remainder
+#: is cached for every later plan of the model, and a shared machine's speed moves in
+#: phases of seconds (on the 2-core development host, ResNet-50's 1-second medians at 2
+#: threads stayed within 27-34 ms for 24 s, then within 36-52 ms), so a short calibration
+#: within one phase would bias every prediction alike (against 2 s of back-to-back
+#: rounds, 24 rounds spread over 8 s took the latency-model benchmark's error from 14.3% to
+#: 10.3%). The rounds run back to back, as plans are measured: spread by waits (each sample
+#: re-warmed after its wait), they timed the models slower than back-to-back calls do. In
+#: three alternating pairs of benchmark runs, the median signed error of the predictions
+#: was +13.5% spread against -7% back to back for 8 s, and the error 12.0%, 22.0% and
+#: 12.8% against 9.6%, 14.0% and 8.0%.
 CALIBRATION_SECONDS = 8.0
-#: Interleaved rounds of the calibration, spread evenly over :data:`CALIBRATION_SECONDS`.
+#: The least number of interleaved rounds of the calibration (a slow model's rounds may
+#: take longer than :data:`CALIBRATION_SECONDS`).
 CALIBRATION_ROUNDS = 24
 
 
@@ -389,8 +392,7 @@ def _calibration_totals(
         models,
         example_inputs,
         repeats=max(CALIBRATION_ROUNDS, repeats + 4),
-        spread=CALIBRATION_SECONDS,
-        min_repeats=repeats + 4,
+        min_seconds=CALIBRATION_SECONDS,
     )
     return {name: statistics.median(v) for name, v in samples.items()}
 
@@ -500,16 +502,11 @@ def measure_side_by_side(
     min_seconds: float = 0.0,
     warmup: int = 2,
     sample_seconds: float = 0.02,
-    spread: float | None = None,
-    min_repeats: int | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per forward of each model, one sample per interleaved round (A B A B ...), so
     that a burst of load on a shared machine hits every model alike; arguments as in
-    :func:`measure_latency`. With ``spread``, the ``repeats`` rounds are spread over that
-    many seconds by waits between them (from ``min_repeats`` rounds on, they stop once it
-    has passed), each model called once untimed before a short sample (see
-    :func:`~tieify.latency._timing.interleaved_samples`). Each model is timed in eval and
-    inference mode, and every one of its modules gets its own training flag back."""
+    :func:`measure_latency`. Each model is timed in eval and inference mode, and every one
+    of its modules gets its own training flag back."""
     x = example_inputs
     device = None
     t = _example_tensor(x)
@@ -527,7 +524,4 @@ def measure_side_by_side(
             target_s=sample_seconds,
             device=device,
             min_seconds=min_seconds,
-            spread=spread,
-            rewarm=spread is not None,
-            min_repeats=min_repeats,
         )

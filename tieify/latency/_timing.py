@@ -60,8 +60,6 @@ def interleaved_samples(
     device: torch.device | None = None,
     min_seconds: float = 0.0,
     spread: float | None = None,
-    rewarm: bool = False,
-    min_repeats: int | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each candidate, one sample per interleaved round (ABAB...).
 
@@ -77,13 +75,6 @@ def interleaved_samples(
             processes' time slices, and until round r starts r / ``repeats`` of ``spread``
             seconds after the first), so that ``repeats`` rounds cover the machine's phases
             over that long at little cost; ``None``: rounds back to back.
-        rewarm: call each candidate once, untimed, right before each of its samples that
-            last less than :data:`REWARM_BELOW_S` (after a wait its threads and caches have
-            gone cold; the sample then times the warm steady state, as back-to-back calls
-            would, where a longer one is that already).
-        min_repeats: with ``spread``, stop after this many rounds once ``spread`` seconds
-            have passed (rounds slower than the schedule: a heavy model), else after
-            ``repeats``.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -92,26 +83,13 @@ def interleaved_samples(
     samples: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0
-
-    def more() -> bool:
-        elapsed = time.perf_counter() - start
-        if spread is not None and rounds >= (min_repeats or repeats) and elapsed >= spread:
-            return False
-        return rounds < repeats or (rounds < 10 * repeats and elapsed < min_seconds)
-
-    while more():
+    while rounds < repeats or (rounds < 10 * repeats and time.perf_counter() - start < min_seconds):
         if spread is not None:
             time.sleep(max(0.002, start + rounds * spread / repeats - time.perf_counter()))
         for name, fn in fns.items():
-            if rewarm and (not rounds or samples[name][-1] * iters[name] < REWARM_BELOW_S):
-                fn()
             samples[name].append(time_once(fn, iters[name], device))
         rounds += 1
     return samples
-
-
-#: :func:`interleaved_samples` re-warms a candidate only before samples shorter than this.
-REWARM_BELOW_S = 0.1
 
 
 def interleaved_medians(

@@ -494,15 +494,14 @@ def test_calibration_runs_back_to_back_rounds_until_its_span_has_passed(monkeypa
         def sleep(seconds: float) -> None:
             raise AssertionError(f"the calibration waited {seconds} s between rounds")
 
-    class Ticking(nn.Module):
+    class Ticking(Logged):
         def __init__(self, name: str, seconds: float = 0.0625) -> None:
-            super().__init__()
-            self.name, self.seconds = name, seconds
+            super().__init__(name, order)
+            self.seconds = seconds
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            order.append(self.name)
             clock[0] += self.seconds
-            return x
+            return super().forward(x)
 
     monkeypatch.setattr(_timing, "time", FakeTime)
     monkeypatch.setattr(_timing, "calibrate_iters", lambda *args: 1)

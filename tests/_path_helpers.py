@@ -35,6 +35,8 @@ def check_all_paths(layer, x: torch.Tensor) -> list[str]:
     ref_grads = torch.autograd.grad(ref, [x, *params], g_out)
     paths = _paths.applicable_paths(layer, x)
     assert paths[0] == "fold" and "grouped" in paths
+    # Offered off the CPU only, but computed the same way on any device: checked here too.
+    paths = (*paths, "expanded") if "expanded" not in paths else paths
     tol = tolerances(x.dtype)
     slack = _rounding_slack(layer, x, g_out)
     channels_last_in = _paths.is_channels_last(x) and not _paths.is_channels_first(x)

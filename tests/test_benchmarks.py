@@ -152,3 +152,56 @@ def test_entry_timing_scores_and_times_one_entry_at_a_time(entry_timing, monkeyp
     table = entry_timing.OneByOneTable(persist=False)
     assert table.lookup_many([(c, x) for c in convs]) == [1e-3, 1e-3]
     assert calls == [(1, 0.0), (1, 0.0)] and table.measured == 2
+
+
+@pytest.fixture(scope="module")
+def gpu_timing():
+    yield from _load("gpu_timing")
+
+
+def test_gpu_timing_scores_the_rule_and_the_timed_choice_against_the_fastest_path(gpu_timing):
+    """Per dtype, layout and B: the fastest single path (not ``auto``/``optimized``, which
+    run one of them), and the two choices' times over its time; the Markdown names the path
+    each choice ran."""
+
+    def row(op, factor, path, ms, runs=None):
+        return {
+            "dtype": "bfloat16",
+            "layout": "channels_last",
+            "op": op,
+            "factor": factor,
+            "path": path,
+            "ms": ms,
+            "speedup_vs_dense": 8.0 / ms,
+            "ideal_speedup": factor,
+            "runs": runs or path,
+        }
+
+    rows = [
+        row("group", 1, "-", 8.0),
+        row("tied", 4, "fold", 4.0),
+        row("tied", 4, "lift", 2.0),
+        row("tied", 4, "grouped", 2.5),
+        row("tied", 4, "auto", 2.5, runs="grouped"),
+        row("tied", 4, "optimized", 1.9, runs="lift"),  # timed apart: may beat its path's row
+    ]
+    (s,) = gpu_timing.summarize(rows)
+    assert (s["B"], s["fastest"], s["fastest_ms"], s["fastest_speedup"]) == (4, "lift", 2.0, 4.0)
+    assert (s["auto"], s["auto_over_fastest"]) == ("grouped", 1.25)
+    assert (s["optimized"], s["optimized_over_fastest"]) == ("lift", 0.95)
+    res = {
+        "feature_map": {"N": 1, "C": 8, "H": 4, "W": 4},
+        "device": "cpu",
+        "torch": torch.__version__,
+        "note": "n",
+        "rows": rows,
+        "summary": [s],
+    }
+    md = gpu_timing.markdown(res).splitlines()
+    assert "| tied | 4 | auto (grouped) | 2.500 | 3.20 | 4 |" in md
+    assert (
+        "| bfloat16 | channels_last | 4 | lift | 2.000 | 4.00 | grouped | 1.25 | lift | 0.95 |"
+        in md
+    )
+    header = md.index("| op | G or B | path | ms | speed-up vs dense | ideal |")
+    assert md[header + 1] == "|---|---:|---|---:|---:|---:|"  # numbers right-aligned

@@ -304,6 +304,57 @@ def test_optimize_warns_where_channels_last_changes_the_values(cache_tmp, monkey
     assert not net.conv.channels_last
 
 
+@pytest.fixture
+def tf32_flags():
+    """Restores PyTorch's two TF32 flags (properties monkeypatch cannot delete and set)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_layout_check_allows_its_dtypes_rounding(tf32_flags):
+    """The check compares relative norms against the dtype's rounding: eight epsilons
+    (bfloat16 2**-8 → 0.0625, float16 2**-10 → 0.0078125, float32 TF32's 2**-10 on CUDA
+    while TF32 is allowed), at least 1e-3."""
+    tol = _optimize.rounding_tolerance
+    assert tol(torch.bfloat16) == 0.0625
+    assert tol(torch.float16) == 0.0078125
+    assert tol(torch.float32) == tol(torch.float64) == 1e-3
+    torch.backends.cudnn.allow_tf32 = True
+    assert tol(torch.float32, "cuda") == 0.0078125
+    assert tol(torch.float32) == 1e-3  # CPU: no TF32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    assert tol(torch.float32, "cuda") == 1e-3
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(64, 1000, generator=g)
+    noise = torch.randn(64, 1000, generator=g)
+    # 2% relative noise: bfloat16 rounding, beyond float32's.
+    rounded = (ref * (1 + 0.02 * noise)).bfloat16()
+    assert _optimize._output_difference(rounded, ref.bfloat16()) is None
+    problem = _optimize._output_difference(ref * (1 + 0.02 * noise), ref)
+    assert problem is not None and "beyond float32 rounding's 0.001" in problem
+    assert _optimize._output_difference(ref * (1 + 1e-5 * noise), ref) is None
+    # A permutation (NCHW memory read as channels-last) is a difference of order 1.
+    scrambled = ref.bfloat16().flatten()[torch.randperm(ref.numel(), generator=g)]
+    problem = _optimize._output_difference(scrambled.view(64, 1000), ref.bfloat16())
+    assert problem is not None and "beyond bfloat16 rounding's 0.0625" in problem
+    relative = float(problem.split("relative difference ")[1].split(",")[0])
+    assert 1.2 < relative < 1.6  # ‖a − b‖ of two independent draws: √2 ‖a‖
+
+    # Non-finite values: the same ones in both runs agree, others differ.
+    special = ref.clone()
+    special[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    assert _optimize._output_difference(special.clone(), special) is None
+    moved = special.clone()
+    moved[0, 0] = 1.0
+    assert _optimize._output_difference(moved, special) is not None
+    # Integer outputs compare exactly.
+    labels = torch.arange(10)
+    assert _optimize._output_difference(labels.clone(), labels) is None
+    assert _optimize._output_difference(labels.flip(0), labels) is not None
+
+
 def test_fused_model_in_channels_last_on_nchw_inputs(cache_tmp, monkeypatch):
     monkeypatch.setattr(_optimize, "_timer", LayoutTimer({"channels_last": 0.5}))
     net = classifier()

@@ -131,6 +131,50 @@ def test_a_layer_made_under_inference_mode_runs_and_sees_in_place_updates(path):
         torch.testing.assert_close(flipped, -first + 2 * bias, rtol=1e-5, atol=1e-5)
 
 
+def test_expanded_runs_the_convolution_the_layer_was_tied_from(monkeypatch):
+    """``expanded``: one conv with the layer's groups and ``to_dense(expand=True)``'s
+    weight (the bank on each group's diagonal blocks), kept between no-grad calls; offered
+    off the CPU only, in eager calls and compiled graphs, never to an export or a count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    layer = TiedConv2d(128, 64, 3, padding=1, groups=32, B=2, bias=True).eval()
+    x = torch.randn(2, 128, 7, 7)
+    calls: list[tuple[torch.Tensor, int]] = []
+    conv2d = _paths._CONV_FN[2]
+
+    def recorded(x, weight, bias, stride, padding, dilation, groups):
+        calls.append((weight, groups))
+        return conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    monkeypatch.setitem(_paths._CONV_FN, 2, recorded)
+    with torch.no_grad():
+        y = _paths.run_path(layer, x, "expanded")
+        torch.testing.assert_close(y, _paths.fold_forward(layer, x), rtol=1e-5, atol=1e-5)
+        _paths.run_path(layer, x, "expanded")
+        (w1, g1), (w2, g2) = calls
+        assert g1 == g2 == 32 and w2 is w1  # the dense layer's groups; the bank kept
+        torch.testing.assert_close(w1, layer.to_dense(expand=True).weight, rtol=0, atol=0)
+        layer.weight.mul_(2.0)  # in place: a new bank
+        _paths.run_path(layer, x, "expanded")
+        assert calls[2][0] is not w1
+        torch.testing.assert_close(calls[2][0], 2 * w1, rtol=0, atol=0)
+
+    assert "expanded" not in _paths.applicable_paths(layer, x)  # CPU: the thin paths win
+    layer.path = "expanded"  # pinned where it does not apply: the rule
+    assert _paths.select_path(layer, x) == _paths.default_path(layer, x)
+    meta = torch.empty(2, 128, 7, 7, device="meta")
+    assert "expanded" in _paths.applicable_paths(layer, meta)  # eager, off the CPU
+    assert _paths.select_path(layer, meta) == "expanded"
+    with FlopCounterMode(display=False):  # tieify.count: the tied arithmetic
+        assert "expanded" not in _paths.applicable_paths(layer, meta)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: False)
+    assert "expanded" in _paths.applicable_paths(layer, meta)  # torch.compile
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert "expanded" not in _paths.applicable_paths(layer, meta)  # torch.export: compact
+
+
 def test_grouped_repeat_is_kept_between_no_grad_calls_and_follows_the_weights():
     import copy
     import pickle

@@ -25,6 +25,18 @@ differ only in how the work is laid out for the kernels underneath:
 - ``"grouped"``: the compact dense form, a ``groups·B``-group convolution with the filter
   bank repeated B times (part of the graph while autograd records and under tracing; kept
   and reused between eager no-grad calls; parameters stay compact).
+- ``"expanded"``: the layer as the convolution it was tied from: ``groups`` groups (the
+  dense layer's), the filter bank on the B diagonal blocks of each group, zeros elsewhere
+  (kept between eager no-grad calls like ``grouped``'s bank). B times the multiply-adds of
+  the other paths, at the dense layer's speed: a floor for the timed choice where the
+  device's kernels run thin or narrow-grouped convolutions slower than the dense one (an
+  H200, bfloat16, batch 64: ResNeXt-50's 128→128 3×3 conv of 32 groups tied at B = 2, two
+  channels per thin group, took 0.85-1.44 ms on every other path against the dense conv's
+  0.094 ms, ``benchmarks/results/gpu_timing_gpu_h200.md``). Offered on accelerators only
+  (on CPU the thin paths' B-fold saving wins), in eager calls and ``torch.compile``
+  graphs, never to ``torch.export``/ONNX (which keep the weights compact) nor to
+  ``tieify.count`` (which counts the tied arithmetic); only ``tieify.optimize`` or a pinned
+  ``layer.path`` takes it.
 - ``"kernel"``: 1×1 convolution on a channels-last float32 CPU input: the same matrix
   product as ``gemm``, run by tieify's own compiled kernel (:mod:`tieify.nn._kernel`, built
   on first use with the machine's C++ compiler), written for its shape (millions of rows,
@@ -73,12 +85,12 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from . import _kernel
+from . import _kernel, _transfer
 
 if TYPE_CHECKING:
     from ._conv import _TiedConvNd
 
-PATHS = ("fold", "gemm", "bmm", "lift", "grouped", "widen", "native", "kernel")
+PATHS = ("fold", "gemm", "bmm", "lift", "grouped", "widen", "native", "kernel", "expanded")
 
 #: Largest input (elements, batch included) on which an NCHW k×k layer takes ``native`` by
 #: default: above it oneDNN's per-call cost is paid off and its kernels win. 3×3 layers at
@@ -1021,18 +1033,51 @@ def _conv_bank(
     return _cached(layer, kind, make)[0], kind == "winograd"
 
 
-def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
-    """The compact dense form: a ``groups·B``-group conv with the filter bank repeated B times
-    (kept between eager no-grad calls, see :func:`_cached`)."""
-    B = layer.B
-    weight, bias = _cached(layer, "repeated", _repeat_bank)
+def _dense_conv(
+    layer: _TiedConvNd,
+    x: torch.Tensor,
+    bank: _Bank,
+    groups: int,
+) -> torch.Tensor:
+    """The standard ``groups``-group convolution of ``x`` with ``bank`` (weight, bias) and
+    the layer's stride, padding (and padding mode) and dilation, laid out like ``x``."""
+    weight, bias = bank
     conv = _CONV_FN[layer._ndim]
-    groups = layer.groups * B
     if layer.padding_mode != "zeros":
         xp = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
         return keep_layout(conv(xp, weight, bias, layer.stride, 0, layer.dilation, groups), x)
     y = conv(x, weight, bias, layer.stride, layer.padding, layer.dilation, groups)
     return keep_layout(y, x)
+
+
+def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
+    """The compact dense form: a ``groups·B``-group conv with the filter bank repeated B times
+    (kept between eager no-grad calls, see :func:`_cached`)."""
+    return _dense_conv(layer, x, _cached(layer, "repeated", _repeat_bank), layer.groups * layer.B)
+
+
+def _expanded_bank(groups: int) -> Callable[[torch.Tensor, torch.Tensor | None, int], _Bank]:
+    """What makes the ``groups``-group bank of ``expanded``: the filter bank on the B
+    diagonal blocks of each group (:func:`tieify.nn._transfer.scatter_blocks`)."""
+
+    def make(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
+        dense = _transfer.scatter_blocks(_transfer.expand_weight(weight, B), B, groups)
+        return dense, _transfer.expand_bias(bias, B)
+
+    return make
+
+
+def _expanded_applies(x: torch.Tensor) -> bool:
+    """An input off the CPU, in a plain eager call or a ``torch.compile`` graph (not an
+    export, a trace or a count: see ``"expanded"`` in the module doc)."""
+    return x.device.type != "cpu" and (_plain_eager(x) or _compiling())
+
+
+def expanded_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
+    """The layer as the ``groups``-group convolution it was tied from, its bank on the
+    diagonal blocks of each group (kept between eager no-grad calls, see :func:`_cached`)."""
+    bank = _cached(layer, "expanded", _expanded_bank(layer.groups))
+    return _dense_conv(layer, x, bank, layer.groups)
 
 
 _FORWARD: dict[str, Callable[[_TiedConvNd, torch.Tensor], torch.Tensor]] = {
@@ -1044,6 +1089,7 @@ _FORWARD: dict[str, Callable[[_TiedConvNd, torch.Tensor], torch.Tensor]] = {
     "widen": widen_forward,
     "native": native_forward,
     "kernel": kernel_forward,
+    "expanded": expanded_forward,
 }
 
 
@@ -1067,6 +1113,8 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
         paths.append("native")
     if _kernel_applies(layer, x):
         paths.append("kernel")
+    if _expanded_applies(x):
+        paths.append("expanded")
     return tuple(p for p in PATHS if p in paths)
 
 

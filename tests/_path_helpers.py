@@ -26,6 +26,16 @@ def tolerances(dtype: torch.dtype) -> dict[str, float]:
     return {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 4e-2, "atol": 4e-2}
 
 
+def assert_matches_reference(y: torch.Tensor, ref: torch.Tensor, inputs: list, tol=1e-4) -> None:
+    """``y`` equals ``ref``, and so do their gradients for ``inputs`` (one random output
+    gradient for both), within ``tol``."""
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+    g = torch.randn_like(ref)
+    got, want = torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
 def check_all_paths(layer, x: torch.Tensor) -> list[str]:
     """Every applicable path equals the reference fold, forward and backward."""
     x = x.detach().requires_grad_()

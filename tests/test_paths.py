@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from _path_helpers import CL, TIED, check_all_paths, to_layout
+from _path_helpers import CL, TIED, assert_matches_reference, check_all_paths, to_layout
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -173,6 +173,18 @@ def test_expanded_runs_the_convolution_the_layer_was_tied_from(monkeypatch):
     assert "expanded" in _paths.applicable_paths(layer, meta)  # torch.compile
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     assert "expanded" not in _paths.applicable_paths(layer, meta)  # torch.export: compact
+
+
+def test_expanded_traces_into_one_compiled_graph_with_its_gradients():
+    """Where ``torch.compile`` takes it (a GPU's graphs), the bank's scatter is part of the
+    graph: one graph (fullgraph), the reference's values and gradients."""
+    torch.manual_seed(0)
+    layer = TiedConv2d(32, 16, 3, padding=1, groups=4, B=2)
+    x = torch.randn(2, 32, 6, 6, requires_grad=True)
+    run = torch.compile(
+        lambda x: _paths.run_path(layer, x, "expanded"), fullgraph=True, backend="aot_eager"
+    )
+    assert_matches_reference(run(x), _paths.fold_forward(layer, x), [x, layer.weight, layer.bias])
 
 
 def test_grouped_repeat_is_kept_between_no_grad_calls_and_follows_the_weights():

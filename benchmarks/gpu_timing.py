@@ -506,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True  # dense and tied alike, as users run on GPU
     res = run(args)
     tag = args.tag or ("gpu" if gpu else "cpu")
+    # Written after each part, so a run cut short (a lent GPU's time limit) keeps what it did.
     write_results(args.out, f"gpu_timing_{tag}", res, markdown(res))
     if args.models:
         res["models"] = run_models(args)

@@ -403,9 +403,9 @@ def rounding_tolerance(dtype: torch.dtype, device_type: str = "cpu") -> float:
     taken as rounding: :data:`LAYOUT_TOLERANCE_EPS` epsilons of the dtype, or of TF32 (10
     mantissa bits) for float32 on CUDA while PyTorch allows TF32 there."""
     eps = torch.finfo(dtype).eps
-    if device_type == "cuda" and dtype in (torch.float32, torch.complex64):
-        tf32 = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
-        eps = max(eps, 2.0**-10) if tf32 else eps
+    tf32 = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
+    if device_type == "cuda" and dtype in (torch.float32, torch.complex64) and tf32:
+        eps = max(eps, 2.0**-10)
     return max(LAYOUT_MIN_TOLERANCE, LAYOUT_TOLERANCE_EPS * eps)
 
 

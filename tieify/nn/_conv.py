@@ -225,9 +225,10 @@ class _TiedConvNd(nn.Module):
             dtype=self.weight.dtype,
         )
         with torch.no_grad():
-            weight = _transfer.expand_weight(self.weight, self.B)
             if expand:
-                weight = _transfer.scatter_blocks(weight, self.B, self.groups)
+                weight = _transfer.block_diagonal_weight(self.weight, self.B, self.groups)
+            else:
+                weight = _transfer.expand_weight(self.weight, self.B)
             bias = _transfer.expand_bias(self.bias, self.B)
         return _transfer.load_like(dense, weight, bias, self)
 

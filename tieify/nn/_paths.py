@@ -32,7 +32,7 @@ differ only in how the work is laid out for the kernels underneath:
   device's kernels run thin or narrow-grouped convolutions slower than the dense one (an
   H200, bfloat16, batch 64: ResNeXt-50's 128→128 3×3 conv of 32 groups tied at B = 2, two
   channels per thin group, took 0.85-1.44 ms on every other path against the dense conv's
-  0.094 ms, ``benchmarks/results/gpu_timing_gpu_h200.md``). Offered on accelerators only
+  0.094 ms, ``benchmarks/results/h200/expanded.md``). Offered on accelerators only
   (on CPU the thin paths' B-fold saving wins), in eager calls and ``torch.compile``
   graphs, never to ``torch.export``/ONNX (which keep the weights compact) nor to
   ``tieify.count`` (which counts the tied arithmetic); only ``tieify.optimize`` or a pinned
@@ -969,7 +969,7 @@ _FORMS: weakref.WeakKeyDictionary[
 
 
 def _repeat_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
-    return weight.repeat(B, *([1] * (weight.dim() - 1))), None if bias is None else bias.repeat(B)
+    return _transfer.expand_weight(weight, B), _transfer.expand_bias(bias, B)
 
 
 def _planar_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
@@ -1058,11 +1058,10 @@ def grouped_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
 
 def _expanded_bank(groups: int) -> Callable[[torch.Tensor, torch.Tensor | None, int], _Bank]:
     """What makes the ``groups``-group bank of ``expanded``: the filter bank on the B
-    diagonal blocks of each group (:func:`tieify.nn._transfer.scatter_blocks`)."""
+    diagonal blocks of each group (:func:`tieify.nn._transfer.block_diagonal_weight`)."""
 
     def make(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
-        dense = _transfer.scatter_blocks(_transfer.expand_weight(weight, B), B, groups)
-        return dense, _transfer.expand_bias(bias, B)
+        return _transfer.block_diagonal_weight(weight, B, groups), _transfer.expand_bias(bias, B)
 
     return make
 

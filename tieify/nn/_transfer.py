@@ -42,6 +42,12 @@ def scatter_blocks(grouped: torch.Tensor, B: int, groups: int) -> torch.Tensor:
     return out.reshape(c_out, B * ci, *k)
 
 
+def block_diagonal_weight(weight: torch.Tensor, B: int, groups: int) -> torch.Tensor:
+    """The ``groups``-group weight of the convolution a tied bank ``weight`` was tied from:
+    the bank on the B diagonal blocks of each group, zeros elsewhere."""
+    return scatter_blocks(expand_weight(weight, B), B, groups)
+
+
 def diagonal_blocks(weight: torch.Tensor, B: int, groups: int) -> torch.Tensor:
     """The ``G·B`` diagonal sub-blocks of a dense conv weight, shaped ``(B, G, co, ci, *k)``.
 

@@ -8,11 +8,12 @@ same random plans and the same ground truth, alternately first and second in eac
 
 Per trial: a dense model and ``--plans`` random plans of it (as in ``latency_model.py``);
 both ways predict every model from an empty table; then all models are measured in
-interleaved rounds. Reported per way: the median absolute percentage error of the plans
-rescaled by the dense model's measured / predicted time in the same rounds ("in-round": the
-table's own error, which is what a latency ratio to the dense model depends on), and
-without the rescaling ("total": mostly the host's drift between the one-off calibration and
-the measurement), and in how many trials each way was the closer one.
+interleaved rounds (each model's fastest, what ``predict_latency`` predicts). Reported per
+way: the median absolute percentage error of the plans rescaled by the dense model's
+measured / predicted time in the same rounds ("in-round": the table's own error, which is
+what a latency ratio to the dense model depends on), and without the rescaling ("total":
+mostly the host's drift between the one-off calibration and the measurement), and in how
+many trials each way was the closer one.
 
 Usage::
 
@@ -90,7 +91,7 @@ def trial(index: int, args) -> dict:
     for _ in range(args.rounds):
         for i, m in enumerate(models):
             samples[i].append(measure_latency(m, x, repeats=3))
-    measured = [statistics.median(s) for s in samples]
+    measured = [min(s) for s in samples]  # the fastest round: what predict_latency predicts
     row = {"trial": index, "first": order[0], "time": time.strftime("%H:%M:%S")}
     for way in WAYS:
         row[way] = errors(predicted[way], measured)

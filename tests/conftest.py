@@ -21,6 +21,17 @@ def _stream_from_one_mib(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_kernel, "STREAM_MIN_BYTES", 1 << 20)
 
 
+@pytest.fixture(autouse=True)
+def _short_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The latency model calibrates a model's remainder over 2 s of rounds instead of the
+    package's :data:`~tieify.latency._predict.CALIBRATION_SECONDS` (tens of seconds, for a
+    shared machine's slow phases), so that the tests' predictions of toy models stay quick;
+    the span itself is tested on a fake clock (``test_latency.py``)."""
+    from tieify.latency import _predict
+
+    monkeypatch.setattr(_predict, "CALIBRATION_SECONDS", 2.0)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Latency tables, path choices and the kernel's build go to a cache of the test
     session's own, so the user's ``~/.cache/tieify`` neither changes a test's outcome

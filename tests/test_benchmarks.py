@@ -99,34 +99,59 @@ def entry_timing():
 
 
 def test_latency_model_scores_separate_host_drift(latency_model):
-    """A host that runs every plan 1.5× slower in the second half of the rounds: the error
-    against the median is the drift, the in-round (rescaled) error is zero, and the ground
-    truth measured twice differs from itself by the same third."""
+    """A host that runs every plan 1.5× slower in the second half of the rounds: the
+    fastest sample is the prediction (no error), the median sample is the slow half's (an
+    error of a third), and the ground truth measured twice differs from itself by that third."""
     predicted = {"dense": 10.0, 0: 5.0, 1: 8.0}  # ms
     slowdown = [1.0, 1.0, 1.0, 1.5, 1.5, 1.5, 1.5]
     plans = [
         {"model": "m", "plan": k, "predicted_ms": v, "new_entries": 1} for k, v in predicted.items()
     ]
-    samples = {k: [v / 1e3 * f for f in slowdown] for k, v in predicted.items()}
+    # Three samples a round: the round's speed, 10% and 20% slower.
+    samples = {
+        k: [[v / 1e3 * f * g for g in (1.0, 1.1, 1.2)] for f in slowdown]
+        for k, v in predicted.items()
+    }
     remainder = {"nonlayer": 0.002, "scale": 1.0}
     stubbed = {"nonlayer": 0.001, "scale": 2.0}
     rows = latency_model.score_plans(plans, samples, remainder, stubbed)
     for r in rows:
-        assert r["measured_ms"] == pytest.approx(1.5 * r["predicted_ms"])
-        assert r["measured_best_ms"] == pytest.approx(r["predicted_ms"])
-        assert r["ape"] == pytest.approx(1 / 3)  # |p − 1.5 p| / 1.5 p
-        assert r["ape_best"] == pytest.approx(0.0)
-        assert r["ape_in_rounds"] == pytest.approx(0.0)  # rescaled by the dense model's 1.5
-        assert r["ape_self"] == pytest.approx(1 / 3)  # first half 1.0 p, second half 1.5 p
+        assert r["measured_ms"] == pytest.approx(r["predicted_ms"])
+        # 21 samples: 9 of the fast rounds below 12 of the slow ones, the 11th is 1.5 p.
+        assert r["measured_median_ms"] == pytest.approx(1.5 * r["predicted_ms"])
+        assert r["ape"] == pytest.approx(0.0)
+        assert r["ape_median"] == pytest.approx(1 / 3)  # |p − 1.5 p| / 1.5 p
+        assert r["ape_in_rounds"] == pytest.approx(0.0)
+        assert r["ape_self"] == pytest.approx(1 / 3)  # first half's fastest p, second's 1.5 p
+        # Per-round medians 1.1 p and 1.65 p: (1.65 − 1.1) / 1.65.
         assert r["spread"] == pytest.approx(1 / 3)
     # Σ entries of the 8 ms plan = (8 − 2) / 1 ms; stubbed: 1 + 2 · 6 = 13 ms.
     assert rows[2]["predicted_stubbed_ms"] == pytest.approx(13.0)
     summary = latency_model.summarize(rows, ["m"])
     assert summary["n"] == 2  # the dense row calibrated and is not counted
-    assert summary["mdape"] == pytest.approx(1 / 3)
-    assert summary["mdape_in_rounds"] == pytest.approx(0.0)
+    assert summary["mdape"] == pytest.approx(0.0)
+    assert summary["mdape_median"] == pytest.approx(1 / 3)
     assert summary["mdape_self"] == pytest.approx(1 / 3)
-    assert latency_model.split_halves([1.0, 2.0, 3.0, 10.0, 20.0]) == (1.5, 10.0)
+    assert latency_model.split_halves([[3.0], [1.0, 2.0], [9.0, 8.0], [10.0]]) == (1.0, 8.0)
+
+
+def test_latency_model_rescales_in_rounds_by_the_dense_models_drift(latency_model):
+    """A calibration taken when the host was 1.25× faster than in the plans' rounds: every
+    prediction is a fifth low, and the in-round rescaling (by the dense model's measured /
+    predicted) removes exactly that."""
+    predicted = {"dense": 8.0, 0: 4.0, 1: 6.0}
+    plans = [
+        {"model": "m", "plan": k, "predicted_ms": v, "new_entries": 0} for k, v in predicted.items()
+    ]
+    samples = {k: [[v * 1.25 / 1e3]] * 4 for k, v in predicted.items()}
+    rows = latency_model.score_plans(
+        plans, samples, {"nonlayer": 0.0, "scale": 1.0}, {"nonlayer": 0.0, "scale": 1.0}
+    )
+    for r in rows:
+        assert r["ape"] == pytest.approx(0.2)  # |p − 1.25 p| / 1.25 p
+        assert r["ape_in_rounds"] == pytest.approx(0.0)
+        assert r["ape_stubbed"] == pytest.approx(0.2)
+        assert r["ape_self"] == 0.0 and r["spread"] == 0.0
 
 
 def test_entry_timing_scores_and_times_one_entry_at_a_time(entry_timing, monkeypatch):
@@ -205,3 +230,41 @@ def test_gpu_timing_scores_the_rule_and_the_timed_choice_against_the_fastest_pat
     )
     header = md.index("| op | G or B | path | ms | speed-up vs dense | ideal |")
     assert md[header + 1] == "|---|---:|---|---:|---:|---:|"  # numbers right-aligned
+
+
+@pytest.fixture(scope="module")
+def host_noise():
+    yield from _load("host_noise")
+
+
+def test_host_noise_reads_each_window_and_drops_the_partial_one(host_noise):
+    """Calls every second for 20 s, 10 ms except a slow stretch (20 ms) from second 10 to 15
+    and one 5 ms call at second 12: in 10-s windows the first is flat, the second's median is
+    slow and its fastest call the 5 ms one; the last call starts a window that is dropped."""
+    times = [0.020 if 10 <= t < 16 else 0.010 for t in range(20)]
+    times[12] = 0.005
+    calls = [(100.0 + t, s) for t, s in enumerate(times)] + [(120.0, 0.5)]
+    ws = host_noise.windows(calls, 10)
+    assert [len(w) for w in ws] == [10, 10]
+    (row,) = host_noise.summarize(calls, lengths=(10,))
+    assert row["windows"] == 2
+    assert row["median"]["min"] == pytest.approx(10.0)  # ms
+    assert row["median"]["max"] == pytest.approx(15.0)  # five 20 ms, four 10 ms, one 5 ms
+    assert row["fastest"]["min"] == pytest.approx(5.0) and row["fastest"]["max"] == 10.0
+    assert row["fastest"]["cv"] == pytest.approx(2.5 / 7.5)  # pstdev of 5 and 10 over 7.5
+    res = {
+        "model": "m",
+        "size": 8,
+        "threads": 1,
+        "seconds": 21,
+        "start": "now",
+        "calls": 21,
+        "median_ms": 10.0,
+        "fastest_ms": 5.0,
+        "torch": "t",
+        "machine": "x",
+        "loadavg_start": [0, 0, 0],
+        "loadavg_end": [0, 0, 0],
+        "rows": [row],
+    }
+    assert "| 10 s | 2 | 10.00–15.00 (20.0%) |" in host_noise.markdown(res)

@@ -280,7 +280,8 @@ def test_table_key_names_the_path_that_runs():
 
 
 def test_rounds_extend_to_min_seconds_and_stop_at_the_cap():
-    """A calibration median spans ``min_seconds`` of rounds, never more than 10× ``repeats``."""
+    """Rounds span ``min_seconds``, never more than 10× ``repeats`` unless ``max_rounds`` says
+    otherwise."""
     from tieify.latency._timing import interleaved_samples
 
     calls = []
@@ -291,6 +292,10 @@ def test_rounds_extend_to_min_seconds_and_stop_at_the_cap():
     samples = interleaved_samples(fns, repeats=3, warmup=0, target_s=0.0, min_seconds=100.0)
     assert [len(v) for v in samples.values()] == [30, 30]
     assert calls[-60:] == ["a", "b"] * 30
+    samples = interleaved_samples(
+        fns, repeats=3, warmup=0, target_s=0.0, min_seconds=100.0, max_rounds=50
+    )
+    assert [len(v) for v in samples.values()] == [50, 50]
 
     def slow() -> None:
         time.sleep(0.01)
@@ -478,10 +483,11 @@ def test_entries_are_timed_together_in_interleaved_rounds_spread_over_time(monke
 
 
 def test_calibration_runs_back_to_back_rounds_until_its_span_has_passed(monkeypatch):
-    """The remainder's end-to-end times come from interleaved rounds run back to back (no
-    waits: a model is timed warm, as plans are measured) for at least
-    ``CALIBRATION_SECONDS`` and at least ``CALIBRATION_ROUNDS`` rounds (on a fake clock:
-    each call takes 1/16 s)."""
+    """The remainder's end-to-end times are each model's fastest of interleaved rounds run
+    back to back (no waits: a model is timed warm, as plans are measured) for at least
+    ``CALIBRATION_SECONDS`` and at least ``CALIBRATION_ROUNDS`` rounds, however many rounds
+    that takes (on a fake clock: each call takes 1/16 s)."""
+    monkeypatch.setattr(_predict, "CALIBRATION_SECONDS", 40.0)  # longer than 10 × 24 rounds
     clock = [0.0]
     order: list[str] = []
 
@@ -508,15 +514,28 @@ def test_calibration_runs_back_to_back_rounds_until_its_span_has_passed(monkeypa
     models = {"model": Ticking("m"), "variant": Ticking("v")}
     totals = _predict._calibration_totals(models, torch.randn(1, 4, 3, 3), repeats=7)
     assert totals == {"model": 0.0625, "variant": 0.0625}
-    # Warm-up (two calls each), then rounds of 1/8 s until 8 s have passed: 64 rounds.
+    # Warm-up (two calls each), then rounds of 1/8 s until 40 s have passed: 320 rounds,
+    # more than the ten times the requested rounds that bound other timings.
     span = _predict.CALIBRATION_SECONDS
     rounds = round(span / 0.125)
-    assert rounds > _predict.CALIBRATION_ROUNDS
+    assert rounds > 10 * _predict.CALIBRATION_ROUNDS
     assert order == ["m", "m", "v", "v"] + ["m", "v"] * rounds
     # A model slower than the span still gets CALIBRATION_ROUNDS rounds, no more.
     order.clear()
-    _predict._calibration_totals({"model": Ticking("s", 1.0)}, torch.randn(1, 4, 3, 3), 7)
+    _predict._calibration_totals({"model": Ticking("s", 2.0)}, torch.randn(1, 4, 3, 3), 7)
     assert len(order) == 2 + _predict.CALIBRATION_ROUNDS
+
+    # The fastest round, not the median: a model slowed to 1/4 s in every round but its
+    # sixth (its eighth call, after the two warm-up calls).
+    class Slowed(Ticking):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seconds = 0.03125 if len(order) == 7 else 0.25
+            return super().forward(x)
+
+    order.clear()
+    assert _predict._calibration_totals({"model": Slowed("f")}, torch.randn(1, 4, 3, 3), 7) == {
+        "model": 0.03125
+    }
 
 
 def test_entries_timed_together_share_inputs_within_a_memory_bound(monkeypatch):
@@ -581,3 +600,23 @@ def test_a_prediction_times_its_missing_entries_in_one_batch(fake_timing, monkey
     before = len(batches)
     latency_breakdown(model, x, table=table)
     assert len(batches) == before  # warm: nothing timed
+
+
+def test_measured_latency_is_the_fastest_round_or_the_median(monkeypatch):
+    """``measure_latency`` reads the fastest of its rounds (what ``predict_latency``
+    predicts), the median round on request, and names the choices for anything else."""
+    rounds = {"model": [0.031, 0.012, 0.030, 0.011, 0.029]}
+    seen = []
+
+    def fake(models, x, **kwargs):
+        seen.append(kwargs)
+        return rounds
+
+    monkeypatch.setattr(_predict, "measure_side_by_side", fake)
+    x = torch.randn(1, 4)
+    assert measure_latency(nn.Linear(4, 4), x, repeats=5) == 0.011
+    assert measure_latency(nn.Linear(4, 4), x, repeats=5, statistic="median") == 0.029
+    assert seen[0]["repeats"] == 5
+    with pytest.raises(ValueError, match=r"statistic must be one of 'best', 'median'.*'mean'"):
+        measure_latency(nn.Linear(4, 4), x, statistic="mean")
+    assert len(seen) == 2  # a bad statistic is refused before anything is timed

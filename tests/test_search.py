@@ -319,7 +319,9 @@ def test_latency_mode_auto_predicts_once_the_table_is_warm(tmp_path: Path, monke
     assert Evaluator(explicit, tmp_path / "c", log=False).latency_mode == "measured"
 
 
-def test_side_by_side_ratio_is_the_median_of_the_rounds_ratios(monkeypatch) -> None:
+def test_side_by_side_ms_is_the_fastest_round_and_the_ratio_the_rounds_median(
+    monkeypatch,
+) -> None:
     from tieify.latency import _predict
     from tieify.search import _objective
 
@@ -327,13 +329,14 @@ def test_side_by_side_ratio_is_the_median_of_the_rounds_ratios(monkeypatch) -> N
 
     def fake(models, x, **kwargs):
         calls.append((sorted(models), kwargs))
-        # Per round: 2/4, 4/4, 3/6 -> ratios 0.5, 1.0, 0.5; the ratio of the medians is 0.75.
-        return {"model": [2e-3, 4e-3, 3e-3], "dense": [4e-3, 4e-3, 6e-3]}
+        # Per round: 4/8, 2/2, 3/6 -> ratios 0.5, 1.0, 0.5, median 0.5 (the fastest rounds'
+        # ratio would be 2/2 = 1.0); the model's fastest round is 2 ms (its median 3 ms).
+        return {"model": [4e-3, 2e-3, 3e-3], "dense": [8e-3, 2e-3, 6e-3]}
 
     monkeypatch.setattr(_predict, "measure_side_by_side", fake)
     tied, dense = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     ms, ratio = _objective._side_by_side_ms(tied, dense, torch.randn(1, 2), 1, 3, 1)
-    assert (ms, ratio) == (3.0, 0.5)
+    assert (ms, ratio) == (2.0, 0.5)
     assert calls == [
         (["dense", "model"], {"repeats": 3, "threads": 1, "warmup": 1, "sample_seconds": 0.005})
     ]

@@ -6,7 +6,8 @@ Units: **params** (stored scalars, shared storage counted once), **MACs (multipl
 **FLOPs = 2·MACs**. Counting is :func:`tieify.count`'s (fvcore, falling back to
 ``torch.utils.flop_counter``). Latency (``latency="measured"`` or ``"predicted"``) is the
 whole model's forward time on this machine, in milliseconds: measured side by side
-(interleaved rounds, medians) or predicted by :func:`tieify.predict_latency`.
+(interleaved rounds: each model's fastest, the median of the rounds' ratios) or predicted
+by :func:`tieify.predict_latency`.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ class ReportLatency:
 
     def describe(self) -> str:
         how = (
-            f"measured side by side, medians of {self.rounds} interleaved rounds"
+            f"measured side by side in {self.rounds} interleaved rounds (each model's fastest, "
+            "the median of the rounds' ratios)"
             if self.mode == "measured"
             else "predicted by tieify.predict_latency (per-layer table + calibrated remainder)"
         )
@@ -632,7 +634,8 @@ def report(
         title: a heading for the rendered tables.
         latency: ``None`` (counts only, the default: exact and quick), ``"measured"`` (both
             models timed side by side on ``example_inputs``, in interleaved rounds spanning
-            at least :data:`MEASURE_SECONDS`; medians) or ``"predicted"``
+            at least :data:`MEASURE_SECONDS`: each model's fastest round, the median of the
+            rounds' ratios) or ``"predicted"``
             (:func:`tieify.predict_latency`, which times only layer configurations its
             on-disk table does not hold yet). Inference in eval mode; both models are left as
             they were. Pass inputs (and models) in the memory layout, dtype and device to
@@ -717,8 +720,7 @@ def _latency(
             samples = _predict.measure_side_by_side(
                 {"before": model, "after": tied}, example_inputs, min_seconds=MEASURE_SECONDS
             )
-            before = statistics.median(samples["before"])
-            after = statistics.median(samples["after"])
+            before, after = min(samples["before"]), min(samples["after"])
             ratio = statistics.median(
                 a / b for a, b in zip(samples["after"], samples["before"], strict=True)
             )

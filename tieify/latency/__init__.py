@@ -4,7 +4,7 @@
   the fastest (cached on disk, like ``cudnn.benchmark``).
 - :func:`predict_latency` predicts a model's (or a plan's) forward latency from a per-layer
   lookup table measured on this machine plus the model's non-layer remainder.
-- :func:`measure_latency` measures it directly (median of interleaved rounds);
+- :func:`measure_latency` measures it directly (the fastest of interleaved rounds);
   :func:`is_warm` says whether a prediction would be table lookups only.
 - :func:`tune_allocator` stops glibc's allocator from unmapping freed activations, the page
   faults that otherwise slow (and scatter) CPU forward times; :func:`allocator_state` says

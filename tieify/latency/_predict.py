@@ -13,7 +13,7 @@ predicted latency = nonlayer + scale · Σ table[layer]
   first model seen with a given structure (see :func:`_calibrate`): a line through two
   models' measured times against their Σ table entries, that model and a thinner variant
   of it (its dense layers tied at :data:`VARIANT_B`); where no such variant exists, the
-  model timed end to end and with every layer stubbed out. Each time is the median of
+  model timed end to end and with every layer stubbed out. Each time is the fastest of
   at least :data:`CALIBRATION_ROUNDS` back-to-back interleaved rounds spanning at least
   :data:`CALIBRATION_SECONDS`. The pair is cached under a key made of the model's
   non-layer structure (and layer output shapes), the input, the thread count, the torch and
@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import statistics
 import warnings
 from typing import Any, Callable
 
@@ -41,7 +40,7 @@ from ._allocator import allocator_state
 from ._machine import machine_key, software_key
 from ._optimize import example_tensors, input_signature, run_model
 from ._table import TABLE, LatencyTable, is_layer
-from ._timing import interleaved_samples, num_threads
+from ._timing import check_statistic, interleaved_samples, num_threads, reduce_samples
 
 __all__ = ["predict_latency", "measure_latency", "latency_breakdown", "is_warm"]
 
@@ -112,7 +111,7 @@ def _remainder_key(model: nn.Module, outs: dict[str, Any], x: Any, threads: int)
     return json.dumps(
         {
             "remainder": digest,
-            "method": f"two-point-busy-{CALIBRATION_SECONDS:g}s",
+            "method": f"two-point-best-{CALIBRATION_SECONDS:g}s",
             "input": sig,
             "threads": threads,
             **software_key(kernel=False),
@@ -367,19 +366,19 @@ def _stubbed_total(
                 layer.forward = forward
 
 
-#: The remainder's end-to-end times are medians of interleaved rounds run back to back
-#: for at least this long (and at least :data:`CALIBRATION_ROUNDS` rounds). The remainder
-#: is cached for every later plan of the model, and a shared machine's speed moves in
-#: phases of seconds (on the 2-core development host, ResNet-50's 1-second medians at 2
-#: threads stayed within 27-34 ms for 24 s, then within 36-52 ms), so a short calibration
-#: within one phase would bias every prediction alike (against 2 s of back-to-back
-#: rounds, 24 rounds spread over 8 s took the latency-model benchmark's error from 14.3% to
-#: 10.3%). The rounds run back to back, as plans are measured: spread by waits (each sample
-#: re-warmed after its wait), they timed the models slower than back-to-back calls do. In
-#: three alternating pairs of benchmark runs, the median signed error of the predictions
-#: was +13.5% spread against -7% back to back for 8 s, and the error 12.0%, 22.0% and
-#: 12.8% against 9.6%, 14.0% and 8.0%.
-CALIBRATION_SECONDS = 8.0
+#: The remainder's end-to-end times are each model's fastest round of interleaved rounds run
+#: back to back for at least this long (and at least :data:`CALIBRATION_ROUNDS` rounds). The
+#: remainder is cached for every later plan of the model, so it must not carry the phase of
+#: the machine it was timed in: a shared machine's speed moves in phases of seconds to
+#: minutes, and only the fastest round is stable across them. On the 2-core development host
+#: (``benchmarks/host_noise.py``: a ResNet-50 at 96×96, batch 1, 2 threads, timed call after
+#: call for 4 minutes; ``benchmarks/results/epyc_zen5/host_noise.md``) the median call of
+#: each 60-s window was 22.4-29.2 ms (of 10-s windows 20.1-32.8 ms), so no calibration
+#: reproduces a median; the fastest call of each 10-s window was within 18.4-23.7 ms (7.1%
+#: of the mean), of each 60-s window 18.4-20.6 ms (4.7%). The rounds run back to back, as
+#: plans are measured: spread by waits (each sample re-warmed after its wait), they timed
+#: the models slower than back-to-back calls do.
+CALIBRATION_SECONDS = 30.0
 #: The least number of interleaved rounds of the calibration (a slow model's rounds may
 #: take longer than :data:`CALIBRATION_SECONDS`).
 CALIBRATION_ROUNDS = 24
@@ -393,8 +392,9 @@ def _calibration_totals(
         example_inputs,
         repeats=max(CALIBRATION_ROUNDS, repeats + 4),
         min_seconds=CALIBRATION_SECONDS,
+        max_rounds=100_000,  # a fast model's rounds still span CALIBRATION_SECONDS
     )
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return {name: reduce_samples(v, "best") for name, v in samples.items()}
 
 
 def _resolve(model_or_plan: Any, model: nn.Module | None) -> nn.Module:
@@ -424,7 +424,9 @@ def predict_latency(
     table: LatencyTable | None = None,
     repeats: int = 7,
 ) -> float:
-    """Predicted forward latency in seconds (inference, ``eval()`` mode) on this machine.
+    """Predicted forward latency in seconds (inference, ``eval()`` mode) on this machine: the
+    model's fastest round, as :func:`measure_latency` measures it (the time a forward takes
+    when no other process slows it down; a busy machine's typical time is longer).
 
     A per-layer lookup table (each layer configuration timed once on its own and cached on
     disk), scaled to the layers' in-model speed, plus the model's non-layer time (both
@@ -469,11 +471,19 @@ def measure_latency(
     min_seconds: float = 0.0,
     warmup: int = 2,
     sample_seconds: float = 0.02,
+    statistic: str = "best",
 ) -> float:
-    """Measured forward latency in seconds: the median of ``repeats`` timed rounds (eval mode,
-    inference mode, after ``warmup`` untimed calls), or of more rounds until they span
+    """Measured forward latency in seconds: the fastest of ``repeats`` timed rounds (eval
+    mode, inference mode, after ``warmup`` untimed calls), or of more rounds until they span
     ``min_seconds``. Each round times enough back-to-back calls to last about
     ``sample_seconds``.
+
+    The fastest round is what :func:`predict_latency` predicts: on a shared machine only
+    other processes make a round slower, so it is the model's own time and reproduces from
+    one run to the next, where the median follows the machine's load of the moment (see
+    :data:`~tieify.latency._predict.CALIBRATION_SECONDS`). ``statistic="median"`` gives the
+    median round instead. On a busy machine the fastest round of rounds spread over tens of
+    seconds (``min_seconds``) is the stable figure; a few rounds back to back see one phase.
 
     Example:
         >>> import torch
@@ -481,6 +491,7 @@ def measure_latency(
         >>> measure_latency(torch.nn.ReLU(), torch.randn(8)) > 0
         True
     """
+    check_statistic(statistic)
     samples = measure_side_by_side(
         {"model": model},
         example_inputs,
@@ -490,7 +501,7 @@ def measure_latency(
         warmup=warmup,
         sample_seconds=sample_seconds,
     )
-    return statistics.median(samples["model"])
+    return reduce_samples(samples["model"], statistic)
 
 
 def measure_side_by_side(
@@ -502,11 +513,13 @@ def measure_side_by_side(
     min_seconds: float = 0.0,
     warmup: int = 2,
     sample_seconds: float = 0.02,
+    max_rounds: int | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per forward of each model, one sample per interleaved round (A B A B ...), so
     that a burst of load on a shared machine hits every model alike; arguments as in
-    :func:`measure_latency`. Each model is timed in eval and inference mode, and every one
-    of its modules gets its own training flag back."""
+    :func:`measure_latency` (``max_rounds``: the most rounds ``min_seconds`` may add, see
+    :func:`~tieify.latency._timing.interleaved_samples`). Each model is timed in eval and
+    inference mode, and every one of its modules gets its own training flag back."""
     x = example_inputs
     device = None
     t = _example_tensor(x)
@@ -524,4 +537,5 @@ def measure_side_by_side(
             target_s=sample_seconds,
             device=device,
             min_seconds=min_seconds,
+            max_rounds=max_rounds,
         )

@@ -1,7 +1,7 @@
-"""Wall-clock timing helpers: warm-up, interleaved repetitions, medians.
+"""Wall-clock timing helpers: warm-up, interleaved repetitions, fastest rounds and medians.
 
 Timings on a shared machine are noisy; every helper here interleaves the candidates
-(A B C A B C ...) so that a burst of load hits all of them alike, and reports medians.
+(A B C A B C ...) so that a burst of load hits all of them alike.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def interleaved_samples(
     device: torch.device | None = None,
     min_seconds: float = 0.0,
     spread: float | None = None,
+    max_rounds: int | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each candidate, one sample per interleaved round (ABAB...).
 
@@ -69,12 +70,13 @@ def interleaved_samples(
         warmup: untimed calls of each candidate first (allocator, kernel selection).
         target_s: each timed sample runs a candidate about this long (several calls).
         device: a CUDA device to synchronize around each sample, or ``None``.
-        min_seconds: keep adding rounds (up to ``10 * repeats``) until the rounds span at
+        min_seconds: keep adding rounds (up to ``max_rounds``) until the rounds span at
             least this long, so that a median is not one short burst of a shared machine.
         spread: wait before each round instead (at least 2 ms, to decorrelate it from other
             processes' time slices, and until round r starts r / ``repeats`` of ``spread``
             seconds after the first), so that ``repeats`` rounds cover the machine's phases
             over that long at little cost; ``None``: rounds back to back.
+        max_rounds: the most rounds ``min_seconds`` may add up to (default ``10 * repeats``).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -83,7 +85,8 @@ def interleaved_samples(
     samples: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0
-    while rounds < repeats or (rounds < 10 * repeats and time.perf_counter() - start < min_seconds):
+    most = 10 * repeats if max_rounds is None else max(repeats, max_rounds)
+    while rounds < repeats or (rounds < most and time.perf_counter() - start < min_seconds):
         if spread is not None:
             time.sleep(max(0.002, start + rounds * spread / repeats - time.perf_counter()))
         for name, fn in fns.items():
@@ -114,3 +117,25 @@ def interleaved_medians(
 def median(values: Sequence[float]) -> float:
     """The median of ``values``."""
     return statistics.median(values)
+
+
+#: How a latency is read off timed samples. ``best``, the fastest sample: on a shared machine
+#: only other processes make a sample slower, so the fastest is the model's own time and
+#: reproduces from one run to the next (the latency model predicts it). ``median``: the
+#: typical sample of this run, which follows the machine's load of the moment.
+STATISTICS = ("best", "median")
+
+
+def reduce_samples(samples: Sequence[float], statistic: str) -> float:
+    """``samples`` (seconds) reduced by ``statistic`` (one of :data:`STATISTICS`)."""
+    check_statistic(statistic)
+    return min(samples) if statistic == "best" else statistics.median(samples)
+
+
+def check_statistic(statistic: str) -> None:
+    """Raise a ``ValueError`` naming the choices unless ``statistic`` is one of them."""
+    if statistic not in STATISTICS:
+        raise ValueError(
+            f"statistic must be one of {', '.join(map(repr, STATISTICS))} (how a latency is "
+            f"read off timed rounds), but got {statistic!r}."
+        )

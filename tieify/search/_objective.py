@@ -8,10 +8,10 @@ Metrics of a trial (all plain JSON values, stored as Optuna user attributes):
 
 - ``accuracy``: top-1 on the held-out split (fraction) after fine-tuning the tied model
   (weights transferred from the dense baseline) with the recipe's ``train`` settings;
-- ``latency_ms``: median milliseconds per forward pass at ``latency.batch_size`` with
-  ``latency.threads`` threads, warm-up excluded (``measured``), or the latency model's
-  prediction (``predicted``); ``auto`` resolves to one of them once per search
-  (:class:`~tieify.search._recipe.LatencyConfig`);
+- ``latency_ms``: milliseconds per forward pass at ``latency.batch_size`` with
+  ``latency.threads`` threads, the fastest of the timed rounds, warm-up excluded
+  (``measured``), or the latency model's prediction of it (``predicted``); ``auto``
+  resolves to one of them once per search (:class:`~tieify.search._recipe.LatencyConfig`);
 - ``latency_ratio``: the candidate's latency over the dense model's. Measured, the two are
   timed side by side in interleaved rounds and this is the median of the rounds' ratios:
   a shared machine's speed moves between trials (by a third within minutes on the 2-core
@@ -119,9 +119,9 @@ SAMPLE_SECONDS = 0.005
 def measure_latency(
     model: nn.Module, x: torch.Tensor, *, threads: int = 1, repeats: int = 20, warmup: int = 3
 ) -> float:
-    """Median milliseconds per forward pass of ``model(x)`` (eval mode, inference mode):
-    :func:`tieify.latency.measure_latency` in milliseconds (samples of about 5 ms), the
-    estimator the latency model's remainder is calibrated with, so ``measured`` and
+    """Milliseconds per forward pass of ``model(x)`` (eval mode, inference mode), its fastest
+    round: :func:`tieify.latency.measure_latency` in milliseconds (samples of about 5 ms),
+    the estimator the latency model's remainder is calibrated with, so ``measured`` and
     ``predicted`` agree on what they estimate.
 
     Example:
@@ -505,7 +505,7 @@ class Evaluator:
 def _side_by_side_ms(
     model: nn.Module, dense: nn.Module, x: torch.Tensor, threads: int, repeats: int, warmup: int
 ) -> tuple[float, float]:
-    """``model``'s median milliseconds per forward and the median over interleaved rounds
+    """``model``'s fastest round in milliseconds per forward and the median over interleaved rounds
     of its time over ``dense``'s in the same round (samples as :func:`measure_latency`'s)."""
     from ..latency._predict import measure_side_by_side
 
@@ -517,7 +517,7 @@ def _side_by_side_ms(
         warmup=warmup,
         sample_seconds=SAMPLE_SECONDS,
     )
-    ms = 1000.0 * statistics.median(samples["model"])
+    ms = 1000.0 * min(samples["model"])
     ratio = statistics.median(
         m / d for m, d in zip(samples["model"], samples["dense"], strict=True)
     )

@@ -107,7 +107,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LatencyConfig:
-    """How latency is obtained: measured median of forward passes, or predicted.
+    """How latency is obtained: measured (the fastest of timed rounds), or predicted.
 
     ``mode``: ``measured`` times every candidate; ``predicted`` asks
     :func:`tieify.predict_latency` (a per-layer table cached on this machine: the first

@@ -2,10 +2,11 @@
 
 A latency is only as reproducible as the machine under it. This script runs a torchvision
 model (ResNet-50 at 96×96, batch 1, 2 threads by default) call after call for ``--seconds``
-and cuts the calls into consecutive windows of 5 s to 2 minutes; per window length it reports
-how far three readings of a window move between windows: the median call, the 10th
-percentile and the fastest call (min–max over the windows and their coefficient of
-variation). On a machine of its own every reading is flat; on a shared one the median
+and cuts the calls into consecutive windows of 5 s to 2 minutes (a length is reported where
+the run holds two complete windows of it: 2 minutes needs more than the default 240 s); per
+window length it reports how far three readings of a window move between windows: the
+median call, the 10th percentile and the fastest call (min–max over the windows and their
+coefficient of variation). On a machine of its own every reading is flat; on a shared one the median
 follows the other tenants' load and the fastest call is what reproduces, which is why
 ``tieify.predict_latency`` predicts, and ``tieify.latency.measure_latency`` returns, the
 fastest round.

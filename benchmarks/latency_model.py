@@ -52,7 +52,6 @@ from tieify.latency import (  # noqa: E402
     predict_latency,
 )
 from tieify.latency._machine import describe_machine  # noqa: E402
-from tieify.latency._predict import measure_side_by_side  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_THREADS = 2
@@ -139,7 +138,7 @@ def run_model(name: str, args, table: LatencyTable) -> list[dict]:
     start = time.perf_counter()
     while len(samples["dense"]) < args.rounds or time.perf_counter() - start < args.seconds:
         for p in plans:
-            timed = measure_side_by_side({"m": p["_module"]}, x, repeats=SAMPLES_PER_ROUND)
+            timed = _predict.measure_side_by_side({"m": p["_module"]}, x, repeats=SAMPLES_PER_ROUND)
             samples[p["plan"]].append(timed["m"])
     for p in plans:
         del p["_module"]

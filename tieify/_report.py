@@ -711,7 +711,7 @@ def _latency(
     """Both models' forward latency (see :func:`report`'s ``latency``)."""
     from .latency import _predict
     from .latency._machine import describe_machine
-    from .latency._timing import num_threads
+    from .latency._timing import LATENCY_STATISTIC, num_threads, reduce_samples
 
     with num_threads(threads):
         n_threads = torch.get_num_threads()
@@ -720,7 +720,8 @@ def _latency(
             samples = _predict.measure_side_by_side(
                 {"before": model, "after": tied}, example_inputs, min_seconds=MEASURE_SECONDS
             )
-            before, after = min(samples["before"]), min(samples["after"])
+            before = reduce_samples(samples["before"], LATENCY_STATISTIC)
+            after = reduce_samples(samples["after"], LATENCY_STATISTIC)
             ratio = statistics.median(
                 a / b for a, b in zip(samples["after"], samples["before"], strict=True)
             )

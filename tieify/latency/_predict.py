@@ -40,7 +40,13 @@ from ._allocator import allocator_state
 from ._machine import machine_key, software_key
 from ._optimize import example_tensors, input_signature, run_model
 from ._table import TABLE, LatencyTable, is_layer
-from ._timing import check_statistic, interleaved_samples, num_threads, reduce_samples
+from ._timing import (
+    LATENCY_STATISTIC,
+    check_statistic,
+    interleaved_samples,
+    num_threads,
+    reduce_samples,
+)
 
 __all__ = ["predict_latency", "measure_latency", "latency_breakdown", "is_warm"]
 
@@ -394,7 +400,7 @@ def _calibration_totals(
         min_seconds=CALIBRATION_SECONDS,
         max_rounds=100_000,  # a fast model's rounds still span CALIBRATION_SECONDS
     )
-    return {name: reduce_samples(v, "best") for name, v in samples.items()}
+    return {name: reduce_samples(v, LATENCY_STATISTIC) for name, v in samples.items()}
 
 
 def _resolve(model_or_plan: Any, model: nn.Module | None) -> nn.Module:
@@ -471,7 +477,7 @@ def measure_latency(
     min_seconds: float = 0.0,
     warmup: int = 2,
     sample_seconds: float = 0.02,
-    statistic: str = "best",
+    statistic: str = LATENCY_STATISTIC,
 ) -> float:
     """Measured forward latency in seconds: the fastest of ``repeats`` timed rounds (eval
     mode, inference mode, after ``warmup`` untimed calls), or of more rounds until they span

@@ -110,8 +110,8 @@ def interleaved_medians(
     (under load that stays for several rounds, medians of two candidates drift towards each
     other as both wait alike)."""
     samples = interleaved_samples(fns, repeats, warmup, target_s, device, min_seconds)
-    reduce = min if best else statistics.median
-    return {name: reduce(v) for name, v in samples.items()}
+    statistic = "best" if best else "median"
+    return {name: reduce_samples(v, statistic) for name, v in samples.items()}
 
 
 def median(values: Sequence[float]) -> float:
@@ -124,6 +124,9 @@ def median(values: Sequence[float]) -> float:
 #: reproduces from one run to the next (the latency model predicts it). ``median``: the
 #: typical sample of this run, which follows the machine's load of the moment.
 STATISTICS = ("best", "median")
+#: What tieify calls a model's latency, measured (``measure_latency``, ``tieify report``,
+#: ``tieify search``) and predicted (the remainder's calibration) alike.
+LATENCY_STATISTIC = "best"
 
 
 def reduce_samples(samples: Sequence[float], statistic: str) -> float:

@@ -508,6 +508,7 @@ def _side_by_side_ms(
     """``model``'s fastest round in milliseconds per forward and the median over interleaved rounds
     of its time over ``dense``'s in the same round (samples as :func:`measure_latency`'s)."""
     from ..latency._predict import measure_side_by_side
+    from ..latency._timing import LATENCY_STATISTIC, reduce_samples
 
     samples = measure_side_by_side(
         {"model": model, "dense": dense},
@@ -517,7 +518,7 @@ def _side_by_side_ms(
         warmup=warmup,
         sample_seconds=SAMPLE_SECONDS,
     )
-    ms = 1000.0 * min(samples["model"])
+    ms = 1000.0 * reduce_samples(samples["model"], LATENCY_STATISTIC)
     ratio = statistics.median(
         m / d for m, d in zip(samples["model"], samples["dense"], strict=True)
     )

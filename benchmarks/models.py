@@ -26,7 +26,7 @@ Usage::
     python benchmarks/models.py                  # ~3-5 minutes here (20 compiles)
     python benchmarks/models.py --quick          # 128×128 inputs, no compile, ~3 minutes
     python benchmarks/models.py --compile-dynamic  # torch.compile(dynamic=True) instead
-    python benchmarks/models.py --profile --batches 8   # conv vs other time, torch.profiler
+    python benchmarks/models.py --profile --batches 8   # where the time goes, module by module
 """
 
 from __future__ import annotations
@@ -273,36 +273,144 @@ def run_case(case: str, args) -> list[dict]:
     return rows
 
 
-CONV_OPS = ("aten::mkldnn_convolution", "aten::mm", "aten::addmm", "aten::bmm", "aten::convolution")
+#: Modules whose time counts as the convolutions' (tied or dense, with the classifier).
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _is_conv(module: nn.Module) -> bool:
+    from tieify.nn import TiedConv1d, TiedConv3d, TiedLinear
+
+    return isinstance(module, (*CONV_MODULES, TiedConv1d, TiedConv2d, TiedConv3d, TiedLinear))
+
+
+def module_split(model: nn.Module, x: torch.Tensor, rounds: int) -> dict[str, float]:
+    """One forward's wall time split by module: convolutions (and the classifier),
+    normalization, activations, pooling, the other modules and the rest (the code between
+    modules: residual adds, flattening), in ms; the fastest of ``rounds`` forwards, each timed
+    whole and module by module (forward hooks). Hooks, not torch.profiler: tieify's kernel
+    runs outside PyTorch's operators in eager calls, so the profiler does not see its time."""
+    spans: dict[str, float] = {}
+    started: dict[int, float] = {}
+
+    def kind(module: nn.Module) -> str:
+        if _is_conv(module):
+            return "conv"
+        name = type(module).__name__
+        for group in ("Norm", "Pool"):
+            if group in name:
+                return group.lower()
+        if module.__module__.startswith("torch.nn.modules.activation"):
+            return "act"
+        return "other"
+
+    def pre(module, _inputs):
+        started[id(module)] = time.perf_counter()
+
+    def post(module, _inputs, _output):
+        key = kind(module)
+        spans[key] = spans.get(key, 0.0) + time.perf_counter() - started[id(module)]
+
+    counted = [m for m in model.modules() if _is_conv(m)]
+    inside = {id(c) for m in counted for c in m.modules() if c is not m}
+    leaves = [
+        m
+        for m in model.modules()
+        if id(m) not in inside and (_is_conv(m) or not list(m.children()))
+    ]
+    hooks = [
+        h for m in leaves for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))
+    ]
+    best: dict[str, float] | None = None
+    try:
+        for _ in range(rounds):
+            spans.clear()
+            t0 = time.perf_counter()
+            model(x)
+            total = time.perf_counter() - t0
+            row = {k: v * 1e3 for k, v in spans.items()}
+            row["rest"] = total * 1e3 - sum(row.values())
+            row["total"] = total * 1e3
+            if best is None or row["total"] < best["total"]:
+                best = row
+    finally:
+        for h in hooks:
+            h.remove()
+    assert best is not None
+    return {k: best.get(k, 0.0) for k in ("conv", "norm", "act", "pool", "other", "rest", "total")}
 
 
 def profile_case(case: str, args) -> dict:
-    """Self CPU time per forward, split into convolutions (and the GEMMs of tied 1×1 layers
-    and the classifier) and everything else, dense and tied, channels-last, eager."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """One forward's time split by module (:func:`module_split`), dense and tied,
+    channels-last, eager (the tied model after ``tieify.optimize``): where the tied model's
+    time goes against the dense one's. Everything but the convolutions costs both models the
+    same (the activations are the same size), so where it is a large part of the dense
+    time, the whole model's ratio stays above the MAC ratio however fast the tied layers."""
     dense, tied = build_case(case)
     dense, tied = dense.to(memory_format=CL), tied.to(memory_format=CL)
     x = torch.randn(args.batches[-1], 3, args.size, args.size).contiguous(memory_format=CL)
     out = {"case": case, "batch": args.batches[-1], "size": args.size}
     with torch.inference_mode():
         tieify.optimize(tied, x)
-        for name, model in (("dense", dense), ("tied", tied)):
-            model(x)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(args.rounds):
-                    model(x)
-            conv = other = 0.0
-            for event in prof.key_averages():
-                ms = event.self_cpu_time_total / args.rounds / 1e3
-                if event.key in CONV_OPS:
-                    conv += ms
-                else:
-                    other += ms
-            out[f"{name}_conv_ms"], out[f"{name}_other_ms"] = conv, other
+        for model in (dense, tied):
+            model(x)  # warm: paths chosen, kernels built, buffers allocated
+        splits = {"dense": [], "tied": []}
+        for _ in range(args.rounds):  # interleaved, one forward each at a time
+            for name, model in (("dense", dense), ("tied", tied)):
+                splits[name].append(module_split(model, x, 1))
+    for name, rows in splits.items():
+        for key in rows[0]:
+            out[f"{name}_{key}_ms"] = min(r[key] for r in rows)  # fastest round of each
+        fastest = min(rows, key=lambda r: r["total"])
+        out[f"{name}_fixed_ms"] = fastest["total"] - fastest["conv"]
+        out[f"{name}_total_ms"] = fastest["total"]
+        out[f"{name}_conv_ms"] = fastest["conv"]
     out["conv_ratio"] = out["tied_conv_ms"] / out["dense_conv_ms"]
+    out["latency_ratio"] = out["tied_total_ms"] / out["dense_total_ms"]
     out["mac_ratio"] = macs(tied, x) / macs(dense, x)
+    # The ratio the whole model would reach with its convolutions at the MAC ratio exactly.
+    out["bound_ratio"] = (out["mac_ratio"] * out["dense_conv_ms"] + out["tied_fixed_ms"]) / out[
+        "dense_total_ms"
+    ]
     return out
+
+
+def profile_markdown(rows: list[dict], args, allocator: str) -> str:
+    lines = [
+        "# Where a forward's time goes: dense and tied, module by module",
+        "",
+        f"Channels-last, eager, {args.threads} threads, the tied model after "
+        "`tieify.optimize`; each model's fastest forward of "
+        f"{args.rounds} interleaved rounds (the split's parts each their fastest), in ms, "
+        "timed by forward hooks on the modules. conv: convolutions and the classifier, "
+        "tied or dense; norm, act, pool: batch norms, activations, pooling; rest: the code "
+        "between modules (residual adds, flattening). 'bound' is the ratio the model "
+        "would reach with its convolutions exactly at the MAC ratio and the rest as measured "
+        f"in the tied model. {describe_machine()}; torch {torch.__version__}. Allocator: "
+        f"{allocator}.",
+        "",
+        "| case | batch | model | total | conv | norm | act | pool | other | rest |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        for name in ("dense", "tied"):
+            parts = " | ".join(
+                f"{r[f'{name}_{k}_ms']:.1f}"
+                for k in ("conv", "norm", "act", "pool", "other", "rest")
+            )
+            lines.append(
+                f"| {r['case']} | {r['batch']} | {name} | {r[f'{name}_total_ms']:.1f} | {parts} |"
+            )
+    lines += [
+        "",
+        "| case | batch | latency ratio | conv ratio | MAC ratio | bound |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['latency_ratio']:.3f} | {r['conv_ratio']:.3f} | "
+            f"{r['mac_ratio']:.3f} | {r['bound_ratio']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(res: dict) -> str:
@@ -351,8 +459,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="instead of timing: torch.profiler split of one forward (last batch size, "
-        "channels-last) into convolution time and the rest, dense and tied",
+        help="instead of timing: one forward (last batch size, channels-last) split module "
+        "by module into convolutions, batch norms, activations, pooling and the rest, dense "
+        "and tied; writes models_profile.json/.md",
     )
     p.add_argument("--quick", action="store_true", help="128×128, 3 rounds, no compile")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -363,19 +472,21 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     allocator = _allocator_flag.apply(args)
     if args.profile:
-        print(
-            "| case | batch | size | dense conv ms | dense other ms | tied conv ms | "
-            "tied other ms | conv ratio | MAC ratio |"
+        rows = [profile_case(case, args) for case in args.cases]
+        write_results(
+            args.out,
+            "models_profile",
+            {
+                "benchmark": "models_profile",
+                "threads": args.threads,
+                "rounds": args.rounds,
+                "torch": torch.__version__,
+                "machine": describe_machine(),
+                "allocator": allocator,
+                "rows": rows,
+            },
+            profile_markdown(rows, args, allocator),
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for case in args.cases:
-            r = profile_case(case, args)
-            print(
-                f"| {case} | {r['batch']} | {r['size']} | {r['dense_conv_ms']:.1f} | "
-                f"{r['dense_other_ms']:.1f} | {r['tied_conv_ms']:.1f} | "
-                f"{r['tied_other_ms']:.1f} | {r['conv_ratio']:.3f} | {r['mac_ratio']:.3f} |",
-                flush=True,
-            )
         return 0
     load_start = os.getloadavg()
     start = time.time()

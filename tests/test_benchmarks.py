@@ -268,3 +268,42 @@ def test_host_noise_reads_each_window_and_drops_the_partial_one(host_noise):
         "rows": [row],
     }
     assert "| 10 s | 2 | 10.00–15.00 (20.0%) |" in host_noise.markdown(res)
+
+
+@pytest.fixture(scope="module")
+def models():
+    yield from _load("models")
+
+
+def test_models_profile_splits_a_forward_by_module_on_a_fake_clock(models, monkeypatch):
+    """Each module advances a fake clock by a known time (a tied conv 5, a dense conv 7, a
+    batch norm 2, a ReLU 1, a pool 4) and the code between modules by 3: the split counts each
+    in its group, a tied conv once (not its children too), and the rest as what is left."""
+    from torch import nn
+
+    from tieify.nn import TiedConv2d
+
+    clock = [0.0]
+    monkeypatch.setattr(models.time, "perf_counter", lambda: clock[0])
+
+    def costs(module: nn.Module, seconds: float) -> nn.Module:
+        module.register_forward_hook(lambda m, i, o: clock.__setitem__(0, clock[0] + seconds))
+        return module
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tied = costs(TiedConv2d(4, 4, 1, B=2), 0.005)
+            self.conv = costs(nn.Conv2d(4, 4, 1), 0.007)
+            self.bn = costs(nn.BatchNorm2d(4), 0.002)
+            self.relu = costs(nn.ReLU(), 0.001)
+            self.pool = costs(nn.AdaptiveAvgPool2d(1), 0.004)
+
+        def forward(self, x):
+            y = self.relu(self.bn(self.conv(self.tied(x))))
+            clock[0] += 0.003  # a residual add between modules
+            return self.pool(y + x)
+
+    split = models.module_split(Net().eval(), torch.randn(1, 4, 3, 3), rounds=2)
+    expected = {"conv": 12.0, "norm": 2.0, "act": 1.0, "pool": 4.0, "other": 0.0, "rest": 3.0}
+    assert split == pytest.approx({**expected, "total": 22.0})

@@ -32,7 +32,12 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     [
         (2, 64, 256, 8, 1, False, 2, 9),  # N = 32: two 16-column tiles (AVX-512: one)
         (2, 96, 96, 2, 1, True, 2, 7),  # N = 48: AVX-512 tiles of 32 and 16 columns, 98 rows
-        (2, 256, 64, 8, 1, True, 3, 7),  # N = 8: pair tiles; rows not a multiple of 6
+        (2, 256, 64, 8, 1, True, 3, 7),  # N = 8: pair tiles (AVX-512: quad tiles); rows not a
+        # multiple of 6 (12)
+        (2, 66, 48, 3, 1, True, 1, 7),  # N = 16: AVX-512 quad tiles of 4 vectors; K = 22 (% 4)
+        (2, 4, 64, 4, 1, False, 1, 5),  # N = 16, K = 1: the single steps only
+        (2, 112, 128, 8, 1, False, 8, 32),  # N = 16 and a 4 MiB output: quad tiles streamed
+        (2, 20, 16, 2, 1, True, 1, 5),  # N = 8, K = 10: AVX-512 quads, then two single steps
         (2, 24, 36, 4, 2, False, 2, 11),  # N = 9: an 8-column tile and a 1-column tail
         (2, 12, 10, 2, 1, True, 1, 5),  # N = 5: pair tiles (N <= 8), K = 6
         (2, 21, 21, 3, 1, True, 2, 7),  # N = 7, odd K = 7: pairs, then one single step

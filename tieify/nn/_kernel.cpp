@@ -36,7 +36,8 @@
 // With AVX-512 (a build for such a CPU), panels of 16 columns run as 512-bit vectors: row
 // tiles of two panels and twelve rows (tile<..., v16>), and for 3-wide filters pixel tiles
 // of 14 pixels and one panel (N = 16) or 7 pixels and two (N = 32), whose widths divide
-// ResNet's 56, 28 and 14. On a 2-thread Xeon, ResNet-50's 1×1 and 3×3 shapes of more than 8
+// ResNet's 56, 28 and 14; pointwise products of N <= 8 and N = 16 columns run quad tiles
+// (quad_tile: four of the bank's rows a 512-bit vector). On a 2-thread Xeon, ResNet-50's 1×1 and 3×3 shapes of more than 8
 // columns a block at batch 8 (34 cases, one run before the row tiles and one after, not
 // interleaved) ran at E 0.25-0.75 with the 256-bit tiles and 0.23-1.21 with the row tiles,
 // a median 1.44x as fast; the 1×1 shapes at 56×56, bound by memory, 0.6-1.0x (their times
@@ -80,7 +81,8 @@ constexpr int PREFETCH_TILES = 4;
 // B = 4; 512→128 at 28×28, B = 8) took 0.71-0.96x the time (two runs), K = 128, N = 32
 // 0.87-0.95x, K = 256 0.94-0.97x, the others 0.97-1.05x; the pair tile of K = 32, N = 8
 // (256→64 at 56×56, B = 8) 0.92-0.96x in three runs (1.08-1.15x with L2 at 4 tiles), of
-// K = 64, N = 8 0.61-0.67x (two runs), of K = 16 1.03-1.06x (kept in L1).
+// K = 64, N = 8 0.61-0.67x (two runs), of K = 16 1.03-1.06x (kept in L1). (AVX-512 builds
+// have since run quad tiles for N <= 8 and N = 16, with distances of their own: quad_tile.)
 template <int MR>
 __attribute__((always_inline)) inline void prefetch_tile(const float* at, int64_t K, int64_t k,
                                                          int64_t tiles, bool l2) {
@@ -213,6 +215,7 @@ struct Operands {
   int64_t ldb;
   int64_t krows;
   const float* pairs = nullptr;  // the bank in pairs of rows, for pair_tile (N <= 8)
+  const float* quads = nullptr;  // the bank in fours of rows, for quad_tile (N <= 8, AVX-512)
   const float* doubled = nullptr;  // a 3-wide bank of K = N = 8 twice a row, for block_pairs
   const float* bias2 = nullptr;  // its bias twice (16 floats) or null
   const float* bias;
@@ -380,10 +383,11 @@ inline void row_block(const Rows& a, const Operands& op, float* c, int64_t N, in
     tile<MR, 1, false, EPI, PREFETCH>(a, op, c + n0, N, row0, b0, n0, static_cast<int>(N - n0));
 }
 
-// A pointwise product's rows in pairs of K: for a bank of N <= 8 columns, a tile of rows
-// broadcasts one A value per multiply-add (twelve broadcasts and one bank load for twelve
-// multiply-adds a step), and the broadcasts, not the arithmetic, were its limit: 45-60% of
-// the peak rate in cache (AVX2 EPYC, one thread). Here one broadcast of two neighbouring A
+// A pointwise product's rows in pairs of K (without AVX-512; with it, quad_tile below): for a
+// bank of N <= 8 columns, a tile of rows broadcasts one A value per multiply-add (twelve
+// broadcasts and one bank load for twelve multiply-adds a step), and the broadcasts, not the
+// arithmetic, were its limit: 45-60% of the peak rate in cache (AVX2 EPYC, one thread).
+// Here one broadcast of two neighbouring A
 // values (a_k, a_k+1) feeds two multiply-adds, each with a vector of the bank's rows k and
 // k+1 interleaved (`pairs`, 16 floats a pair of rows, zeros past N: (b_k,n b_k+1,n) for
 // columns n = 0, 1, 4, 5 in the first vector, 2, 3, 6, 7 in the second), into two
@@ -458,6 +462,87 @@ __attribute__((always_inline)) inline void pair_tile(const float* at, int64_t K,
   }
   finish<MR, 1, STREAM, EPI>(sum, op, c, ldc, row0, b0, 1, 0, width);
 }
+
+#if defined(__AVX512F__) && defined(TIEIFY_SHUFFLE)
+#define TIEIFY_QUADS 1
+#endif
+#if defined(TIEIFY_QUADS)
+// With AVX-512, the pair tile's idea four rows of the bank deep, in 512-bit vectors, for N <=
+// 8 and N = 16: one 128-bit broadcast of four neighbouring A values (a_k .. a_k+3, four
+// times) feeds NQ multiply-adds (2 for N <= 8, 4 for N = 16), each with a vector of four of
+// the bank's columns in its rows k .. k+3 interleaved (`quads`, 16·NQ floats a group of four
+// rows, zeros past N and K: lane 4q + j of vector v is b_k+j,4v+q), into NQ accumulators a
+// row of C of partial sums over k = j mod 4. At the end, two rounds of neighbour sums give
+// each pair of vectors' 8 columns in order. An odd K's last K % 4 rows: ordinary broadcast
+// steps after that.
+// Why: the 256-bit pair tile runs at most half the rate of AVX-512's full-width
+// multiply-adds, and a 16-column tile of rows broadcasts one A value per multiply-add, which
+// loads limit. On the Zen 5 EPYC (2 threads, 2026-12-04, best of 20 calls) 256→64 at 56×56,
+// B = 8 (K = 32, N = 8) took 0.69 ms a call with the pair tile (150 GFLOP/s; the dense
+// convolutions ran at 294-438) and 0.38-0.48 with this one; 256→64 at B = 4 (K = 64, N =
+// 16) 0.81 ms with the tile of rows, 0.49 with this one. In cache, K = 64, N = 16 ran at
+// 250-265 GFLOP/s in the tile of rows, 359-401 in this one (32 columns: 384-409).
+//
+// Rows a quad tile holds: 12 of two vectors (N <= 8) and 6 of four (N = 16), 24 of the 32
+// vector registers. Its rows are prefetched as the pair tile's are (into L2 from K = 32, 4
+// tiles ahead, else into L1, 2 tiles ahead). On the Zen 5 EPYC (2 threads, 15 interleaved
+// rounds, best of 5 calls each, 25.7 MB inputs), against these: 8 rows of N <= 8 1.02-1.07x
+// the time, 4 rows of N = 16 1.23-1.63x, 5 rows 0.87-1.01x; prefetching 8 tiles ahead
+// 0.97-1.04x, 2 tiles ahead 0.99-1.05x, into L2 only from K = 64 0.92-1.05x.
+constexpr int QUAD_MR = 12, QUAD16_MR = 6;
+constexpr int64_t QUAD_FAR_K = 32, QUAD_FAR_TILES = 4, QUAD_NEAR_TILES = 2;
+inline v8 quad_sums(v16 lo, v16 hi) {
+  const v16 two = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
+                                          24, 26, 28, 30) +
+                  __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23,
+                                          25, 27, 29, 31);
+  return __builtin_shufflevector(two, two, 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(two, two, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+// Where b_k,n goes in a group of four rows (k % 4 = j) of `quads` (see above).
+inline int64_t quad_slot(int64_t n, int64_t j) { return n / 4 * 16 + n % 4 * 4 + j; }
+
+template <int MR, int NQ, bool STREAM, int EPI, bool PREFETCH>
+__attribute__((always_inline)) inline void quad_tile(const float* at, int64_t K,
+                                                     const Operands& op, float* __restrict c,
+                                                     int64_t ldc, int64_t row0, int64_t b0,
+                                                     int width) {
+  constexpr int W = 4 * NQ;  // the bank's padded width: its row length in op.bt
+  v16 acc[MR][NQ] = {};
+  const int64_t K4 = 4 * K;
+  const float* __restrict at1 = at + K;
+  const float* __restrict at2 = at + 2 * K;
+  const float* __restrict at3 = at + 3 * K;
+  const float* __restrict bq = op.quads;
+  const bool far = K >= QUAD_FAR_K;
+  const int64_t K0 = K & ~int64_t{3};
+  for (int64_t k = 0; k < K0; k += 4) {
+    if (PREFETCH && (k & 15) == 0)  // as in tile(): each row's next line, tiles ahead
+      prefetch_tile<MR>(at, K, k, far ? QUAD_FAR_TILES : QUAD_NEAR_TILES, far);
+    v16 b[NQ];
+    for (int v = 0; v < NQ; ++v) b[v] = load<v16>(bq + W * k + 16 * v);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const float* row = i % 4 == 0 ? at : i % 4 == 1 ? at1 : i % 4 == 2 ? at2 : at3;
+      const v16 av = (v16)_mm512_broadcast_f32x4(_mm_loadu_ps(row + (i / 4) * K4 + k));
+#pragma GCC unroll 4
+      for (int v = 0; v < NQ; ++v) acc[i][v] += av * b[v];
+    }
+  }
+  v8 sum[MR][NQ / 2];
+  for (int j = 0; j < NQ / 2; ++j) {
+    const v8 bias = op.bias ? load8(op.bias + 8 * j) : v8{};
+    for (int i = 0; i < MR; ++i) sum[i][j] = quad_sums(acc[i][2 * j], acc[i][2 * j + 1]) + bias;
+  }
+  for (int64_t k = K0; k < K; ++k)  // the last K % 4 rows of the bank
+    for (int j = 0; j < NQ / 2; ++j) {
+      const v8 b = load8(op.bt + k * W + 8 * j);
+      for (int i = 0; i < MR; ++i) sum[i][j] += splat<v8>(at[i * K + k]) * b;
+    }
+  finish<MR, NQ / 2, STREAM, EPI>(sum, op, c, ldc, row0, b0, 1, 0, width);
+}
+#endif
 
 // Output pixels x0 .. x0 + P - 1 of one block in one image row, for a filter 3 wide with
 // stride and dilation 1 along the row and N <= 8 (one vector of columns; with AVX-512 also
@@ -552,35 +637,45 @@ inline void block_pairs(const float* const* lines, int64_t kh, int64_t offset, i
 }
 #endif
 
-// MR rows of the pointwise product from row0 (PAIRS: one pair tile, N <= 8 with op.pairs set;
-// else row_block's tiles). Always inlined: called out of line, pair tiles of small K (8-16)
-// ran 1.3-1.5x slower (2 threads, interleaved A/B).
-template <int MR, bool STREAM, int EPI, bool PREFETCH, bool PAIRS>
+// The pointwise product's tiles (the template argument TILE): tiles of rows (row_block), pair
+// tiles (N <= 8), or quad tiles of TILE 512-bit vectors a row (AVX-512: 2 for N <= 8, 4 for N
+// = 16).
+constexpr int ROW_TILES = 0, PAIR_TILES = 1;
+
+// MR rows of the pointwise product from row0, in tiles of the kind TILE. Always inlined:
+// called out of line, pair tiles of small K (8-16) ran 1.3-1.5x slower (2 threads,
+// interleaved A/B).
+template <int MR, bool STREAM, int EPI, bool PREFETCH, int TILE>
 __attribute__((always_inline)) inline void rows(const float* A, float* C, int64_t K, int64_t N,
                                                 const Operands& op, int64_t row0) {
   const float* at = A + row0 * K;
   const int64_t b0 = (EPI & SCALE) && op.blocks > 1 ? row0 % op.blocks : 0;
-  if constexpr (PAIRS)
+  if constexpr (TILE == PAIR_TILES)
     pair_tile<MR, STREAM, EPI, PREFETCH>(at, K, op, C + row0 * N, N, row0, b0,
                                          static_cast<int>(N));
+#if defined(TIEIFY_QUADS)
+  else if constexpr (TILE != ROW_TILES)
+    quad_tile<MR, TILE, STREAM, EPI, PREFETCH>(at, K, op, C + row0 * N, N, row0, b0,
+                                               static_cast<int>(N));
+#endif
   else
     row_block<MR, STREAM, EPI, PREFETCH>(Rows{&at, 1, K}, op, C + row0 * N, N, row0, b0);
 }
 
 // The pointwise product: C (R×N) = A (R×K) · Bt.
-template <int MR, bool STREAM, int EPI, bool PAIRS>
+template <int MR, bool STREAM, int EPI, int TILE>
 void run(const float* A, float* C, int64_t R, int64_t K, int64_t N, const Operands& op,
          int threads) {
   const int64_t blocks = R / MR;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < blocks; ++t) rows<MR, STREAM, EPI, true, PAIRS>(A, C, K, N, op, t * MR);
+    for (int64_t t = 0; t < blocks; ++t) rows<MR, STREAM, EPI, true, TILE>(A, C, K, N, op, t * MR);
 #if defined(__AVX__)
     if (STREAM) _mm_sfence();  // streamed stores visible before the threads join
 #endif
   }
-  for (int64_t r = blocks * MR; r < R; ++r) rows<1, false, EPI, false, PAIRS>(A, C, K, N, op, r);
+  for (int64_t r = blocks * MR; r < R; ++r) rows<1, false, EPI, false, TILE>(A, C, K, N, op, r);
 }
 
 // f(x) for tile starts x covering [0, n) with tiles of h (h <= n): 0, h, 2h, ..., then one that
@@ -943,13 +1038,23 @@ void run_planar(const float* X, const float* Wp, const float* bias, float* Y, in
 template <bool STREAM, int EPI>
 void with_height(const Conv* conv, const float* A, float* C, int64_t R, int64_t K, int64_t N,
                  const Operands& op, int threads) {
-  // Tiles of six rows, twelve with AVX-512 (WIDE_MR) where the columns are more than 8.
+  // Tiles of six rows, twelve with AVX-512 (WIDE_MR) where the columns are more than 8; pair
+  // tiles of six rows for N <= 8, or with AVX-512 quad tiles for N <= 8 and N = 16.
   if (conv)  // thin banks of a 3-wide filter run pixel tiles; the rest is rarer: one height
     run_conv<WIDE_MR, STREAM, EPI>(*conv, A, C, N, op, threads);
-  else if (N <= 8)  // six rows of two accumulators each
-    run<6, STREAM, EPI, true>(A, C, R, K, N, op, threads);
-  else
-    run<WIDE_MR, STREAM, EPI, false>(A, C, R, K, N, op, threads);
+#if defined(TIEIFY_QUADS)
+  else if (op.quads) {  // quad tiles (AVX-512): N <= 8 in two vectors a row, N = 16 in four
+    if (N <= 8)
+      run<QUAD_MR, STREAM, EPI, 2>(A, C, R, K, N, op, threads);
+    else
+      run<QUAD16_MR, STREAM, EPI, 4>(A, C, R, K, N, op, threads);
+  }
+#endif
+  else if (N <= 8) {  // six rows of two accumulators each
+    run<6, STREAM, EPI, PAIR_TILES>(A, C, R, K, N, op, threads);
+  } else {
+    run<WIDE_MR, STREAM, EPI, ROW_TILES>(A, C, R, K, N, op, threads);
+  }
 }
 
 // Built as two translation units compiled side by side (tieify/nn/_kernel.py passes
@@ -1099,13 +1204,13 @@ inline void over_channels(int64_t n, F&& f) {
 inline void product_rows(const float* A, float* C, int64_t R, int64_t K, int64_t N,
                          const Operands& op) {
   int64_t r = 0;
-  for (; r + WIDE_MR <= R; r += WIDE_MR) rows<WIDE_MR, false, 0, false, false>(A, C, K, N, op, r);
+  for (; r + WIDE_MR <= R; r += WIDE_MR) rows<WIDE_MR, false, 0, false, ROW_TILES>(A, C, K, N, op, r);
   if (R < 4) {
-    for (; r < R; ++r) rows<1, false, 0, false, false>(A, C, K, N, op, r);
+    for (; r < R; ++r) rows<1, false, 0, false, ROW_TILES>(A, C, K, N, op, r);
     return;
   }
-  for (; r + 4 <= R; r += 4) rows<4, false, 0, false, false>(A, C, K, N, op, r);
-  if (r < R) rows<4, false, 0, false, false>(A, C, K, N, op, R - 4);
+  for (; r + 4 <= R; r += 4) rows<4, false, 0, false, ROW_TILES>(A, C, K, N, op, r);
+  if (r < R) rows<4, false, 0, false, ROW_TILES>(A, C, K, N, op, R - 4);
 }
 
 // U: the 16 packed banks (winograd_bank()), point p at p·K·ldb; scale and shift (blocks·N,
@@ -1204,12 +1309,23 @@ void product(const Conv* conv, const float* A, const float* Bt, float* C, int64_
     op.shift = affine ? padded(shift, blocks, N, op.ldb, shift_pad) : nullptr;
   }
   std::vector<float> pairs;
+#if defined(TIEIFY_QUADS)
+  if (!conv && (N <= 8 || N == 16)) {  // the bank's rows in fours, interleaved (quad_tile)
+    const int64_t W = op.ldb;  // 8 or 16: the packed bank's one panel, (K, W) row-major
+    pairs.assign((K + 3) / 4 * 4 * W, 0.f);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < N; ++n)
+        pairs[(k / 4) * 4 * W + quad_slot(n, k & 3)] = Bt[k * W + n];
+    op.quads = pairs.data();
+  }
+#else
   if (!conv && N <= 8) {  // the bank's rows in pairs, interleaved (pair_tile)
     pairs.assign((K + 1) / 2 * 16, 0.f);
     for (int64_t k = 0; k < K; ++k)
       for (int64_t n = 0; n < N; ++n) pairs[(k / 2) * 16 + pair_slot(n, k & 1)] = Bt[k * 8 + n];
     op.pairs = pairs.data();
   }
+#endif
   std::vector<float> doubled, bias2;
   if (WIDE && conv && N == 8 && conv->K == 8 && conv->kw == 3 && conv->sw == 1 &&
       conv->dw == 1) {  // the bank's rows twice, for block_pairs

@@ -658,6 +658,43 @@ def test_winograd_rule_banks_and_an_epilogue_of_fewer_blocks():
 
 
 @st.composite
+def pointwise_cases(draw):
+    """A pointwise product the kernel runs in each of its tiles: K = 1-70 (with AVX-512 a
+    quad tile's groups of four rows and a tail of 0-3), N of up to 8 (pair or quad tiles),
+    16 (quad tiles with AVX-512), or wider (tiles of rows, with a narrow part), rows that
+    are not a multiple of a tile's, and an epilogue of 1-3 blocks or none."""
+    K = draw(st.integers(1, 70))
+    N = draw(st.sampled_from([1, 3, 5, 8, 12, 16, 16, 17, 24, 32, 40]))
+    blocks = draw(st.integers(1, 3))
+    rows = blocks * draw(st.integers(1, 30))
+    return K, N, rows, blocks, draw(st.sampled_from(["none", "bias", "affine", "all"]))
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pointwise_cases(), st.integers(0, 2**16))
+def test_pointwise_kernel_equals_a_matmul_on_random_shapes(case, seed):
+    """The product and its epilogue (per-block affine, residual, ReLU) against PyTorch's."""
+    K, N, rows, blocks, epilogue = case
+    gen = torch.Generator().manual_seed(seed)
+    a, bt = torch.randn(rows, K, generator=gen), torch.randn(K, N, generator=gen)
+    bias = torch.randn(N, generator=gen) if epilogue != "none" else None
+    expected = a @ bt + (bias if bias is not None else 0)
+    kw: dict = {}
+    if epilogue in ("affine", "all"):
+        scale, shift = torch.randn(blocks, N, generator=gen), torch.randn(blocks, N, generator=gen)
+        block = torch.arange(rows) % blocks
+        expected = expected * scale[block] + shift[block]
+        kw |= {"scale": scale, "shift": shift}
+    if epilogue == "all":
+        residual = torch.randn(rows, N, generator=gen)
+        expected = torch.relu(expected + residual)
+        kw |= {"residual": residual, "relu": True}
+    out = _kernel.pointwise(a, bt, bias, torch.empty(rows, N), **kw)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@st.composite
 def winograd_cases(draw):
     """A 3×3 tied conv the kernel runs by Winograd: 32-40 channels a block in and out, 1-3
     blocks, padding 0-2, odd and even sizes (tiles partly outside), one or two images."""

@@ -33,7 +33,7 @@ class LayoutTimer:
         return {name: self.times.get(name, 1.0) for name in fns}
 
     def layout_calls(self) -> int:
-        return sum(names == ("input", "channels_last") for names in self.calls)
+        return sum(names[:2] == ("input", "channels_last") for names in self.calls)
 
 
 @pytest.fixture
@@ -189,6 +189,105 @@ def test_optimize_moves_an_nchw_model_to_channels_last_where_faster(cache_tmp, m
     assert all(layer.channels_last for layer in tied_convs(net2) + tied_convs(net3))
     entries = json.loads((cache_tmp / "paths.json").read_text())["entries"]
     assert [v["layout"] for v in entries.values() if "layout" in v] == ["channels_last"]
+
+
+def stem_classifier() -> nn.Module:
+    """A dense stem (conv, batch norm, ReLU, max pooling) before the tied convs."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+        *classifier(),
+    ).eval()
+
+
+def test_optimize_makes_the_inputs_channels_last_at_the_entry_where_faster(cache_tmp, monkeypatch):
+    """'auto' times a third way, the model's inputs made channels-last as it is called (a
+    pre-hook): kept where faster than both others, with the outputs unchanged; cached like
+    the rest; kept by deepcopy and torch.save; removed by a later layout='input'."""
+    import copy
+    import io
+
+    timer = LayoutTimer({"channels_last": 0.5, "entry": 0.3})
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    seen = []
+    net = stem_classifier()
+
+    def spy(module, args):
+        seen.append(_paths.layout_of(args[0]))
+
+    handle = net[0].register_forward_pre_hook(spy)
+    x = torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        ref = net(x)
+    tieify.optimize(net, x)
+    assert timer.calls[-1] == ("input", "channels_last", "entry")
+    assert _optimize.has_entry(net) and all(layer.channels_last for layer in tied_convs(net))
+    seen.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-4)
+    assert seen == ["channels_last", "channels_last"]  # the dense stem computes on it too
+    assert x.is_contiguous()  # the caller's input is not changed
+    tieify.optimize(net, x)  # again: one hook, and the choice from the cache
+    assert sum(h is _optimize._to_channels_last for h in net._forward_pre_hooks.values()) == 1
+    assert timer.layout_calls() == 1
+    handle.remove()  # a local function: not picklable
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert _optimize.has_entry(loaded) and _optimize.has_entry(copy.deepcopy(net))
+    entries = json.loads((cache_tmp / "paths.json").read_text())["entries"]
+    assert [v["layout"] for v in entries.values() if "layout" in v] == ["entry"]
+    tieify.optimize(net, x, layout="input")
+    assert not _optimize.has_entry(net)
+    net[0].register_forward_pre_hook(spy)
+    seen.clear()
+    with torch.no_grad():
+        net(x)
+    assert seen == ["contiguous"]
+
+
+@pytest.mark.parametrize(
+    "times, kept",
+    [({"channels_last": 0.3, "entry": 0.5}, "channels_last"), ({"entry": 1.0}, "input")],
+)
+def test_optimize_keeps_the_entry_only_where_it_beats_both_others(
+    cache_tmp, monkeypatch, times, kept
+):
+    monkeypatch.setattr(_optimize, "_timer", LayoutTimer(times))
+    net = stem_classifier()
+    tieify.optimize(net, torch.randn(2, 3, 20, 20))
+    assert not _optimize.has_entry(net)
+    assert all(layer.channels_last == (kept == "channels_last") for layer in tied_convs(net))
+
+
+def test_optimize_skips_the_entry_where_the_model_returns_what_it_changes(cache_tmp, monkeypatch):
+    """A model that returns its NCHW input beside the logits: made channels-last at the
+    entry, that output would be laid out otherwise, so the entry is not a candidate; nor
+    is it under fused=True (tieify.fuse's traced copy has no hook) or for a channels-last
+    input (nothing to change)."""
+
+    class Echo(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = stem_classifier()
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.net(x), x * 1
+
+    timer = LayoutTimer({"channels_last": 0.5, "entry": 0.1})
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    x = torch.randn(2, 3, 20, 20)
+    echo = Echo().eval()
+    tieify.optimize(echo, x)
+    assert timer.calls[-1] == ("input", "channels_last") and not _optimize.has_entry(echo)
+    fused = stem_classifier()
+    tieify.optimize(fused, x, fused=True)
+    assert timer.calls[-1] == ("input", "channels_last") and not _optimize.has_entry(fused)
 
 
 def test_optimize_for_a_fused_model_times_the_layouts_fused(cache_tmp, monkeypatch):

@@ -609,8 +609,6 @@ def remove_entry(model: nn.Module) -> None:
 
 def _entry_applies(example_inputs: Any) -> bool:
     """Whether :func:`add_entry` would change any of ``example_inputs``."""
-    if isinstance(example_inputs, torch.Tensor):
-        return _entry_tensor(example_inputs)
     return any(_entry_tensor(t) for t in example_tensors(example_inputs))
 
 

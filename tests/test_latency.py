@@ -132,6 +132,37 @@ def test_layers_are_scaled_to_their_in_model_speed(fake_timing):
     assert additive > 1.3 * measured
 
 
+def test_inputs_made_channels_last_at_the_entry_calibrate_their_own_remainder(
+    fake_timing, monkeypatch
+):
+    """``tieify.optimize`` may make a model's inputs channels-last as it is called
+    (``add_entry``): its modules between the layers then run in another layout, at another
+    speed (NCHW pooling 13x slower on the Zen 5 EPYC), so that model's remainder is its own,
+    not the one calibrated on the model as given."""
+    from tieify.latency._optimize import add_entry, has_entry
+
+    calls, layer_cost = fake_timing
+    timed = _predict.measure_side_by_side
+
+    def slower_nchw(models, example_inputs, **kwargs):  # 50 µs more without the entry
+        samples = timed(models, example_inputs, **kwargs)
+        return {n: [t + 50e-6 * (not has_entry(models[n])) for t in s] for n, s in samples.items()}
+
+    monkeypatch.setattr(_predict, "measure_side_by_side", slower_nchw)
+    x = torch.randn(2, 8, 6, 6)
+    plain, entered = net(), net()
+    add_entry(entered)
+    mac0, mac1 = 2 * 16 * 36 * 8 * 9, 2 * 16 * 36 * 16
+    table = LatencyTable()
+    assert tieify.predict_latency(plain, x, table=table) == pytest.approx(
+        (mac0 + mac1) * 1e-6 + 150e-6
+    )
+    assert tieify.predict_latency(entered, x, table=table) == pytest.approx(
+        (mac0 + mac1) * 1e-6 + 100e-6
+    )
+    assert calls["models"] == 4  # two calibrations, each a model and its tied variant
+
+
 def test_a_model_that_cannot_be_stubbed_keeps_an_additive_remainder(fake_timing, monkeypatch):
     calls, layer_cost = fake_timing
     fake = _predict.measure_latency

@@ -17,8 +17,9 @@ predicted latency = nonlayer + scale · Σ table[layer]
   at least :data:`CALIBRATION_ROUNDS` back-to-back interleaved rounds spanning at least
   :data:`CALIBRATION_SECONDS`. The pair is cached under a key made of the model's
   non-layer structure (and layer output shapes), the input, the thread count, the torch and
-  tieify versions, the machine (:func:`~tieify.latency._machine.machine_key`) and the allocator
-  state (:func:`tieify.tune_allocator`).
+  tieify versions, the machine (:func:`~tieify.latency._machine.machine_key`), the allocator
+  state (:func:`tieify.tune_allocator`) and whether the model makes its inputs channels-last
+  as it is called (:func:`tieify.optimize`'s entry, :func:`~tieify.latency._optimize.add_entry`).
 
 So for a search over plans of one model only the layer configurations not yet in the table
 are ever timed; the rest is arithmetic.
@@ -38,7 +39,7 @@ from torch import nn
 from .._modes import eval_mode
 from ._allocator import allocator_state
 from ._machine import machine_key, software_key
-from ._optimize import example_tensors, input_signature, run_model
+from ._optimize import example_tensors, has_entry, input_signature, run_model
 from ._table import TABLE, LatencyTable, is_layer
 from ._timing import (
     LATENCY_STATISTIC,
@@ -123,6 +124,9 @@ def _remainder_key(model: nn.Module, outs: dict[str, Any], x: Any, threads: int)
             **software_key(kernel=False),
             "machine": machine_key(x.device if isinstance(x, torch.Tensor) else "cpu"),
             "allocator": allocator_state().label,
+            # Inputs made channels-last as the model is called (tieify.optimize): its
+            # modules between the layers run in another layout, at another speed.
+            **({"entry": True} if has_entry(model) else {}),
         },
         sort_keys=True,
     )

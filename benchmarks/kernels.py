@@ -233,6 +233,44 @@ def add_compute_ceiling(rows):
     return peak
 
 
+#: The floor the issue sets for tieify's E on every (shape, B) case.
+MIN_E = 0.6
+
+
+def below_target(rows, target=MIN_E):
+    """The cases where tieify's E is under ``target``, each with its roofline ceiling (the
+    smaller of the memory and compute ceilings) and which of the two it is: where that
+    ceiling is under ``target`` too, no forward path could reach it in this run."""
+    return [
+        {
+            "C_in": r["C_in"],
+            "C_out": r["C_out"],
+            "H": r["H"],
+            "k": r["k"],
+            "B": r["B"],
+            "E_tieify": r["E_tieify"],
+            "E_roofline": r["E_roofline"],
+            "ceiling": "memory" if r["E_ceiling"] <= r["E_compute_ceiling"] else "compute",
+            "bound": r["E_roofline"] < target,
+        }
+        for r in rows
+        if r["E_tieify"] < target
+    ]
+
+
+def below_target_line(cases, target=MIN_E):
+    """One Markdown line on :func:`below_target`'s cases."""
+    if not cases:
+        return f"Every case at E ≥ {target}."
+    parts = [
+        f"{c['C_in']}→{c['C_out']} {c['k']}×{c['k']} at {c['H']}×{c['H']}, B = {c['B']}: "
+        f"E {c['E_tieify']:.2f}, {c['ceiling']} ceiling {c['E_roofline']:.2f}"
+        + (f" (no forward path reaches {target} in this run)" if c["bound"] else "")
+        for c in cases
+    ]
+    return f"Below E = {target}: " + "; ".join(parts) + "."
+
+
 def summarize(rows):
     out = {}
     for col in (
@@ -253,6 +291,7 @@ def summarize(rows):
         vals = [r[col] for r in rows]
         out[col] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
     out["faster_than_fold"] = sum(r["speedup_vs_fold"] > 1.0 for r in rows)
+    out["below_target"] = below_target(rows)
     out["n"] = len(rows)
     return out
 
@@ -293,6 +332,8 @@ def markdown(res):
         "",
         f"tieify faster than the reference fold on {s['faster_than_fold']}/{s['n']} "
         "(shape, B) cases.",
+        "",
+        below_target_line(s["below_target"]),
         "",
         "| C_in | C_out | H | k | B | dense ms | E fold | E grouped | E tieify | E tieify CL "
         "| E tieify NCHW | E memory | E compute | of roofline | × vs fold | path CL "

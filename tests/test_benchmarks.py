@@ -64,6 +64,27 @@ def test_ceilings_and_rates_follow_from_the_timings(kernels):
     assert "| roofline ceiling (the smaller of the two) |" in md
 
 
+def test_the_cases_below_the_target_name_their_ceiling(kernels):
+    def row(ci, co, B, e, memory, compute):
+        return {"C_in": ci, "C_out": co, "H": 56, "k": 1, "B": B, "E_tieify": e,
+                "E_ceiling": memory, "E_compute_ceiling": compute,
+                "E_roofline": min(memory, compute)}  # fmt: skip
+
+    rows = [row(64, 256, 8, 0.42, 0.48, 1.23), row(256, 64, 8, 0.55, 1.63, 1.38)]
+    rows.append(row(256, 64, 4, 0.98, 2.52, 1.34))
+    cases = kernels.below_target(rows)
+    assert [(c["B"], c["ceiling"], c["bound"]) for c in cases] == [
+        (8, "memory", True),
+        (8, "compute", False),
+    ]
+    assert kernels.below_target_line(cases) == (
+        "Below E = 0.6: 64→256 1×1 at 56×56, B = 8: E 0.42, memory ceiling 0.48 (no forward "
+        "path reaches 0.6 in this run); 256→64 1×1 at 56×56, B = 8: E 0.55, compute ceiling "
+        "1.38."
+    )
+    assert kernels.below_target_line(kernels.below_target(rows[2:])) == "Every case at E ≥ 0.6."
+
+
 @pytest.mark.parametrize("numel", [64, 100, 8 * 64 * 56 * 56])
 def test_the_streamed_write_covers_the_output(kernels, numel):
     from tieify.nn._kernel import kernel_available

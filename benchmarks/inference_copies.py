@@ -1,0 +1,98 @@
+"""Tied models converted or copied under ``torch.inference_mode``, against the same models
+converted outside it.
+
+A model moved to channels-last (``.to(memory_format=...)``) or deep-copied inside
+``torch.inference_mode()`` holds inference tensors as parameters: they have no version
+counter, so a kernel call prepared from them cannot learn of an in-place change by its
+version. tieify's tied layers keep such calls with a copy of the parameters' values,
+compared before each run (``tieify.nn._paths._stamp``). This times, per case and batch,
+channels-last and after ``tieify.optimize``, in interleaved rounds (medians of per-round
+ratios): the dense model, the tied model converted outside ``inference_mode``, and the tied
+model converted inside it.
+
+Usage::
+
+    python benchmarks/inference_copies.py     # ~1 minute on 2 cores
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import run_model_benchmark  # noqa: E402
+from models import CL, against, build_case, median_ratio, time_models  # noqa: E402
+
+import tieify  # noqa: E402
+
+CASES = ["resnet50_all_B4", "resnet50_3x3_B2"]
+
+
+def case_rows(args) -> list[dict]:
+    rows = []
+    for case in args.cases:
+        dense, tied = build_case(case)
+        dense = copy.deepcopy(dense).to(memory_format=CL)
+        for batch in args.batches:
+            x = torch.randn(batch, 3, args.size, args.size).contiguous(memory_format=CL)
+            outside = copy.deepcopy(tied).to(memory_format=CL)
+            with torch.inference_mode():
+                inside = copy.deepcopy(tied).to(memory_format=CL)
+                assert all(p.is_inference() for p in inside.parameters())
+                tieify.optimize(outside, x)
+                tieify.optimize(inside, x)
+                torch.testing.assert_close(inside(x), outside(x))
+                samples = time_models(
+                    {"dense": dense, "outside": outside, "inside": inside},
+                    x,
+                    args.rounds,
+                    args.target_s,
+                )
+            row = {"case": case, "batch": batch, **against(samples, ("outside", "inside"), "dense")}
+            row["inside_over_outside"] = median_ratio(samples, "inside", "outside")
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def markdown(res: dict) -> str:
+    lines = [
+        "# Tied models converted under inference_mode against outside it",
+        "",
+        f"Channels-last, {res['size']}×{res['size']}, after `tieify.optimize`, "
+        f"{res['threads']} threads, {res['rounds']} interleaved rounds (medians of per-round "
+        f"ratios); torch {res['torch']}, {res['machine']}. Load average at start "
+        f"{res['loadavg_start']}, at end {res['loadavg_end']}.",
+        "",
+        "| case | batch | dense ms | converted outside: ms (/ dense) | converted inside: ms "
+        "(/ dense) | inside / outside |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['dense_ms']:.1f} | {r['outside_ms']:.1f} "
+            f"({r['outside']:.3f}) | {r['inside_ms']:.1f} ({r['inside']:.3f}) | "
+            f"{r['inside_over_outside']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    return run_model_benchmark(
+        "inference_copies",
+        "Tied models converted under inference_mode against outside it.",
+        CASES,
+        lambda args: {"rows": case_rows(args)},
+        markdown,
+        argv,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,7 +14,8 @@ import optuna
 import yaml
 from _search_helpers import tiny_recipe
 
-TRIALS = 6
+#: Trials the resumed search adds to those completed before the kill.
+EXTRA_TRIALS = 3
 
 
 def _study(out: Path) -> optuna.Study:
@@ -41,22 +42,14 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "tieify",
-        "search",
-        str(recipe),
-        "--trials",
-        str(TRIALS),
-        "--out",
-        str(out),
-        "--quiet",
-        "--seed",
-        "0",
-    ]
+    cmd = [sys.executable, "-m", "tieify", "search", str(recipe), "--out", str(out), "--quiet"]
+    cmd += ["--seed", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Far more trials than can finish before the kill lands: trials of this tiny recipe take
+    # tenths of a second, and a study of 6 sometimes finished before the kill landed.
+    proc = subprocess.Popen(
+        cmd + ["--trials", "1000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 240
     try:
         while len(_complete(out)) < 2:
@@ -68,9 +61,16 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     before = {t.number: (t.params, t.values) for t in _complete(out)}
-    assert 2 <= len(before) < TRIALS
+    assert 2 <= len(before) < 1000
+    total = len(before) + EXTRA_TRIALS  # --trials counts the study's trials, old and new
 
-    again = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        cmd + ["--trials", str(total), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     trials = _study(out).get_trials()
     after = {t.number: (t.params, t.values) for t in trials if t.state.name == "COMPLETE"}
@@ -79,8 +79,8 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     interrupted = [t for t in trials if t.state.name == "FAIL"]
     assert all(t.user_attrs["failed_reason"].startswith("interrupted") for t in interrupted)
     assert len(interrupted) <= 1  # at most the trial in flight is lost
-    assert len(after) == TRIALS
-    assert len(trials) == TRIALS + len(interrupted)
+    assert len(after) == total
+    assert len(trials) == total + len(interrupted)
 
 
 def test_ctrl_c_writes_results_so_far(tmp_path: Path) -> None:

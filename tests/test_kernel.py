@@ -375,6 +375,35 @@ def test_a_call_kept_for_timing_the_named_path_leaves_the_forward_to_the_rule(mo
     assert len(_paths._CALLS[layer]) == 1
 
 
+def test_banks_are_kept_for_parameters_made_under_inference_mode_until_their_values_change():
+    """The forms of the bank other paths run on (the grouped path's bank repeated B times)
+    are kept for parameters made under inference_mode too, with a copy of their values, and
+    made again when an in-place change alters them."""
+    made = []
+
+    def repeat(weight, bias, B):
+        made.append(B)
+        return _paths._repeat_bank(weight, bias, B)
+
+    x = torch.randn(2, 16, 8, 8)
+    with torch.inference_mode():
+        layer = TiedConv2d(16, 32, 3, padding=1, B=4)
+        first = _paths._cached(layer, "repeated", repeat)
+        assert _paths._cached(layer, "repeated", repeat) is first and made == [4]
+        layer.weight.mul_(2.0)  # in place, the same address
+        again = _paths._cached(layer, "repeated", repeat)
+        assert again is not first and made == [4, 4]
+        torch.testing.assert_close(again[0], _paths._repeat_bank(layer.weight, None, 4)[0])
+        for _ in range(2):
+            torch.testing.assert_close(
+                _paths.run_path(layer, x, "grouped"),
+                _paths.fold_forward(layer, x),
+                rtol=1e-4,
+                atol=1e-4,
+            )
+    assert made == [4, 4]
+
+
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 @pytest.mark.parametrize("kernel_size", [1, 3])
 def test_calls_are_kept_for_parameters_made_under_inference_mode_until_their_values_change(

@@ -920,7 +920,8 @@ def _cached(
     repeat costs B times the bank's memory, what a ``G = B`` group conv's weights take, and
     saves a copy per call. Under tracing, or while autograd records, it is part of the graph.
     Parameters created under ``torch.inference_mode`` have no version counter, so an in-place
-    update could not be seen: for them the form is made on every call.
+    update could not be seen by it: for them the form is kept with a copy of their values,
+    compared on each call (:func:`_stamp`).
     The cache lives beside the layer (a weak-keyed map), never in its state, so pickling and
     ``deepcopy`` do not carry it.
     """
@@ -947,7 +948,7 @@ def kept(
     try:
         key = tuple([(t._version, t.data_ptr()) for t in tensors])
     except RuntimeError:  # a tensor made under inference_mode: no version counter
-        return make()
+        return _kept_by_values(owner, kind, tensors, make)
     forms = _FORMS.get(owner)
     if forms is None:
         forms = _FORMS[owner] = {}
@@ -958,6 +959,26 @@ def kept(
     with torch.no_grad():
         form = make()
     forms[kind] = (key, tuple(weakref.ref(t) for t in tensors), form)
+    return form
+
+
+def _kept_by_values(
+    owner: nn.Module, kind: Any, tensors: tuple[torch.Tensor, ...], make: Callable[[], _Form]
+) -> _Form:
+    """:func:`kept` where some of ``tensors`` were made under ``torch.inference_mode`` (no
+    version counter): the value is reused while each tensor holds its :func:`_stamp` (the
+    same tensor at the same address, at the same version or, for those, with the same
+    values), as the kernel's kept calls are."""
+    forms = _FORMS.get(owner)
+    if forms is None:
+        forms = _FORMS[owner] = {}
+    hit = forms.get(kind)
+    if hit is not None and hit[0][:1] == ("values",) and len(hit[0]) == len(tensors) + 1:
+        if all(_holds(s, t) for s, t in zip(hit[0][1:], tensors, strict=True)):
+            return hit[2]  # type: ignore[no-any-return]
+    with torch.no_grad():
+        form = make()
+    forms[kind] = (("values", *(_stamp(t) for t in tensors)), (), form)
     return form
 
 

@@ -145,14 +145,14 @@ def test_conv_bn_act_keeps_the_affine_until_the_batch_norm_changes(monkeypatch):
     x = channels_last(torch.randn(1, 32, 8, 8))
     with torch.no_grad():
         _fused.conv_bn_act(x, conv, bn)
-        kept = _paths._FORMS[bn][("affine", id(conv), bn.eps)][2]
+        kept = _paths._FORMS[bn][("affine", id(conv), bn.eps)][1]
         _fused.conv_bn_act(x, conv, bn)
-        assert _paths._FORMS[bn][("affine", id(conv), bn.eps)][2] is kept
+        assert _paths._FORMS[bn][("affine", id(conv), bn.eps)][1] is kept
         bn.running_var.mul_(4.0)  # an in-place update (as training makes): a new affine
         torch.testing.assert_close(
             _fused.conv_bn_act(x, conv, bn), separate(x, conv, bn), rtol=1e-4, atol=1e-4
         )
-        assert _paths._FORMS[bn][("affine", id(conv), bn.eps)][2] is not kept
+        assert _paths._FORMS[bn][("affine", id(conv), bn.eps)][1] is not kept
 
 
 @needs_kernel

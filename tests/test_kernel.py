@@ -292,11 +292,11 @@ def test_kernel_reads_the_input_in_place_and_keeps_a_transposed_bank(monkeypatch
     monkeypatch.undo()
     with torch.no_grad():
         first = _paths.run_path(layer, x, "kernel")
-        bank = _paths._FORMS[layer]["packed"][2][0]
+        bank = _paths._FORMS[layer]["packed"][1][0]
         assert bank.shape == (16 * 8,) and bank.is_contiguous()  # one panel of 8: (16, 8) rows
         torch.testing.assert_close(bank, layer.weight.reshape(8, 16).t().reshape(-1))
         _paths.run_path(layer, x, "kernel")
-        assert _paths._FORMS[layer]["packed"][2][0] is bank  # reused
+        assert _paths._FORMS[layer]["packed"][1][0] is bank  # reused
         layer.weight.mul_(-1.0)  # a new version of the weights: a new bank
         torch.testing.assert_close(
             _paths.run_path(layer, x, "kernel"),
@@ -304,7 +304,7 @@ def test_kernel_reads_the_input_in_place_and_keeps_a_transposed_bank(monkeypatch
             rtol=1e-4,
             atol=1e-4,
         )
-        assert _paths._FORMS[layer]["packed"][2][0] is not bank
+        assert _paths._FORMS[layer]["packed"][1][0] is not bank
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
@@ -614,7 +614,7 @@ def test_conv_kernel_equals_the_reference_forward_and_backward(
     assert applies == (winograd and k == 3 and stride == dilation == 1 and min(K, N) >= 32)
     kh, kw = layer.kernel_size
     kind, points = ("winograd", 16) if applies else ("taps", kh * kw)
-    bank = _paths._FORMS[layer][kind][2][0]
+    bank = _paths._FORMS[layer][kind][1][0]
     assert bank.shape == (points * K * -(-N // 8) * 8,)  # packed
 
 

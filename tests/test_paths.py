@@ -203,22 +203,22 @@ def test_grouped_repeat_is_kept_between_no_grad_calls_and_follows_the_weights():
 
     with torch.no_grad():
         check()
-        kept = _paths._FORMS[layer]["repeated"][2][0]
+        kept = _paths._FORMS[layer]["repeated"][1][0]
         check()
-        assert _paths._FORMS[layer]["repeated"][2][0] is kept  # reused, not repeated again
+        assert _paths._FORMS[layer]["repeated"][1][0] is kept  # reused, not repeated again
         layer.weight.mul_(2.0)  # in-place update: a new version
         check()
-        assert _paths._FORMS[layer]["repeated"][2][0] is not kept
+        assert _paths._FORMS[layer]["repeated"][1][0] is not kept
         layer.bias = torch.nn.Parameter(torch.randn(2))  # a new parameter
         check()
         layer.load_state_dict({"weight": torch.randn(2, 2, 3, 3), "bias": torch.randn(2)})
         check()
-        kept = _paths._FORMS[layer]["repeated"][2][0]
+        kept = _paths._FORMS[layer]["repeated"][1][0]
         version = layer.weight._version
         layer.weight.data = torch.randn(2, 2, 3, 3)  # new storage, the same version
         assert layer.weight._version == version
         check()
-        assert _paths._FORMS[layer]["repeated"][2][0] is not kept
+        assert _paths._FORMS[layer]["repeated"][1][0] is not kept
     layer.double()  # new storage and dtype
     x = x.double()
     with torch.inference_mode():

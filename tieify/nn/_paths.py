@@ -938,55 +938,31 @@ def kept(
 ) -> _Form:
     """``make()``, a value computed from ``tensors`` (parameters or buffers of ``owner``),
     kept for ``owner`` under ``kind`` and reused while ``tensors`` are the same tensors, at
-    the same version and address (see :func:`_cached`; the test of a kept kernel call,
-    :meth:`_KernelCall.fresh`: a new dtype, device or shape comes with new storage), in eager
-    calls that record no gradient for them; made on every call otherwise. The lookup costs
-    ~3 µs for six tensors (6 µs when it also compared each one's dtype, device and shape):
-    a folded dense chain of :func:`tieify.fuse` pays it on every call."""
+    the same version and address, or, made under ``torch.inference_mode``, with the same
+    values (:func:`_stamp`, the test of a kept kernel call too: a new dtype, device or
+    shape comes with new storage), in eager calls that record no gradient for them; made on
+    every call otherwise. The lookup costs ~2 µs for six tensors (~5 µs for six of 64 values
+    made under inference_mode; 6 µs when it also compared each one's dtype, device and
+    shape): a folded dense chain of :func:`tieify.fuse` pays it on every call."""
     if _traced() or _records(tensors):
         return make()
-    try:
-        key = tuple([(t._version, t.data_ptr()) for t in tensors])
-    except RuntimeError:  # a tensor made under inference_mode: no version counter
-        return _kept_by_values(owner, kind, tensors, make)
     forms = _FORMS.get(owner)
     if forms is None:
         forms = _FORMS[owner] = {}
     hit = forms.get(kind)
-    if hit is not None and hit[0] == key:
-        if all(r() is t for r, t in zip(hit[1], tensors, strict=True)):
-            return hit[2]  # type: ignore[no-any-return]
+    if hit is not None and len(hit[0]) == len(tensors):
+        if all(_holds(s, t) for s, t in zip(hit[0], tensors, strict=True)):
+            return hit[1]  # type: ignore[no-any-return]
     with torch.no_grad():
         form = make()
-    forms[kind] = (key, tuple(weakref.ref(t) for t in tensors), form)
-    return form
-
-
-def _kept_by_values(
-    owner: nn.Module, kind: Any, tensors: tuple[torch.Tensor, ...], make: Callable[[], _Form]
-) -> _Form:
-    """:func:`kept` where some of ``tensors`` were made under ``torch.inference_mode`` (no
-    version counter): the value is reused while each tensor holds its :func:`_stamp` (the
-    same tensor at the same address, at the same version or, for those, with the same
-    values), as the kernel's kept calls are."""
-    forms = _FORMS.get(owner)
-    if forms is None:
-        forms = _FORMS[owner] = {}
-    hit = forms.get(kind)
-    if hit is not None and hit[0][:1] == ("values",) and len(hit[0]) == len(tensors) + 1:
-        if all(_holds(s, t) for s, t in zip(hit[0][1:], tensors, strict=True)):
-            return hit[2]  # type: ignore[no-any-return]
-    with torch.no_grad():
-        form = make()
-    forms[kind] = (("values", *(_stamp(t) for t in tensors)), (), form)
+    forms[kind] = (tuple(_stamp(t) for t in tensors), form)
     return form
 
 
 _Bank = tuple[torch.Tensor, "torch.Tensor | None"]
-_FORMS: weakref.WeakKeyDictionary[
-    nn.Module,
-    dict[Any, tuple[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], ...], Any]],
-] = weakref.WeakKeyDictionary()
+_FORMS: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[tuple[Any, ...], Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _repeat_bank(weight: torch.Tensor, bias: torch.Tensor | None, B: int) -> _Bank:
@@ -1386,8 +1362,9 @@ def tied_conv_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
 
 
 def _stamp(t: torch.Tensor) -> tuple[Any, ...]:
-    """What a call made from ``t`` checks before each run (:func:`_holds`): ``t`` itself,
-    its address and its version, or, for a tensor made under ``torch.inference_mode`` (which
+    """What a value made from ``t`` (a kept call, :class:`_KernelCall`; a kept form,
+    :func:`kept`) checks before each use (:func:`_holds`): ``t`` itself (held weakly), its
+    address and its version, or, for a tensor made under ``torch.inference_mode`` (which
     has no version counter, so an in-place change would go unseen), a copy of its values.
     Such parameters come from converting or copying a model under ``inference_mode``
     (``.to(memory_format=...)``, ``deepcopy``): their calls were made anew on every run, a
@@ -1395,18 +1372,18 @@ def _stamp(t: torch.Tensor) -> tuple[Any, ...]:
     channels-last, batch 1: 15.6 against 6.6 ms; Zen 5 EPYC, 2 threads, 2026-12-04). The
     comparison costs ~1 µs for 4 KB of values, 7.6 µs for 64 KB."""
     if t.is_inference():
-        return (t, t.data_ptr(), None, t.detach().clone())
-    return (t, t.data_ptr(), t._version, None)
+        return (weakref.ref(t), t.data_ptr(), None, t.detach().clone())
+    return (weakref.ref(t), t.data_ptr(), t._version, None)
 
 
 def _holds(stamp: tuple[Any, ...], t: torch.Tensor) -> bool:
     """Whether ``t`` is the tensor of ``stamp`` (:func:`_stamp`), unchanged."""
-    kept, address, version, values = stamp
-    if t is not kept or t.data_ptr() != address:
+    ref, address, version, values = stamp
+    if ref() is not t or t.data_ptr() != address:
         return False
     if values is None:
         return bool(t._version == version)
-    return bool(t.shape == values.shape and torch.equal(t, values))
+    return torch.equal(t, values)
 
 
 class _KernelCall:

@@ -5,14 +5,16 @@ A model moved to channels-last (``.to(memory_format=...)``) or deep-copied insid
 ``torch.inference_mode()`` holds inference tensors as parameters: they have no version
 counter, so a kernel call prepared from them cannot learn of an in-place change by its
 version. tieify's tied layers keep such calls with a copy of the parameters' values,
-compared before each run (``tieify.nn._paths._stamp``). This times, per case and batch,
-channels-last and after ``tieify.optimize``, in interleaved rounds (medians of per-round
-ratios): the dense model, the tied model converted outside ``inference_mode``, and the tied
-model converted inside it.
+compared before each run (``tieify.nn._paths._stamp``), and so do the operators a
+``torch.compile`` d graph calls (``tieify.nn._paths._OperatorCalls``). This times, per case
+and batch, channels-last and after ``tieify.optimize``, in interleaved rounds (medians of
+per-round ratios): the dense model, the tied model converted outside ``inference_mode``,
+and the tied model converted inside it; eager, and each of the three compiled
+(``torch.compile(dynamic=False)``, ``--no-compile`` leaves them out).
 
 Usage::
 
-    python benchmarks/inference_copies.py     # ~1 minute on 2 cores
+    python benchmarks/inference_copies.py     # ~2 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -47,17 +49,21 @@ def case_rows(args) -> list[dict]:
                 assert all(p.is_inference() for p in inside.parameters())
                 tieify.optimize(outside, x)
                 tieify.optimize(inside, x)
-                torch.testing.assert_close(inside(x), outside(x))
-                samples = time_models(
-                    {"dense": dense, "outside": outside, "inside": inside},
-                    x,
-                    args.rounds,
-                    args.target_s,
-                )
-            row = {"case": case, "batch": batch, **against(samples, ("outside", "inside"), "dense")}
-            row["inside_over_outside"] = median_ratio(samples, "inside", "outside")
-            rows.append(row)
-            print(row, flush=True)
+            models = {"eager": {"dense": dense, "outside": outside, "inside": inside}}
+            if args.compile:
+                torch._dynamo.reset()
+                models["compile"] = {
+                    k: torch.compile(m, dynamic=False) for k, m in models["eager"].items()
+                }
+            for mode, ms in models.items():
+                with torch.inference_mode():
+                    torch.testing.assert_close(ms["inside"](x), ms["outside"](x))
+                    samples = time_models(ms, x, args.rounds, args.target_s)
+                row = {"case": case, "batch": batch, "mode": mode}
+                row |= against(samples, ("outside", "inside"), "dense")
+                row["inside_over_outside"] = median_ratio(samples, "inside", "outside")
+                rows.append(row)
+                print(row, flush=True)
     return rows
 
 
@@ -65,20 +71,21 @@ def markdown(res: dict) -> str:
     lines = [
         "# Tied models converted under inference_mode against outside it",
         "",
-        f"Channels-last, {res['size']}×{res['size']}, after `tieify.optimize`, "
-        f"{res['threads']} threads, {res['rounds']} interleaved rounds (medians of per-round "
-        f"ratios); torch {res['torch']}, {res['machine']}. Load average at start "
-        f"{res['loadavg_start']}, at end {res['loadavg_end']}.",
+        f"Channels-last, {res['size']}×{res['size']}, after `tieify.optimize`, eager and "
+        f"`torch.compile(dynamic=False)`, {res['threads']} threads, {res['rounds']} "
+        f"interleaved rounds (medians of per-round ratios); torch {res['torch']}, "
+        f"{res['machine']}. Load average at start {res['loadavg_start']}, at end "
+        f"{res['loadavg_end']}.",
         "",
-        "| case | batch | dense ms | converted outside: ms (/ dense) | converted inside: ms "
-        "(/ dense) | inside / outside |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| case | batch | mode | dense ms | converted outside: ms (/ dense) | converted inside: "
+        "ms (/ dense) | inside / outside |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         lines.append(
-            f"| {r['case']} | {r['batch']} | {r['dense_ms']:.1f} | {r['outside_ms']:.1f} "
-            f"({r['outside']:.3f}) | {r['inside_ms']:.1f} ({r['inside']:.3f}) | "
-            f"{r['inside_over_outside']:.3f} |"
+            f"| {r['case']} | {r['batch']} | {r['mode']} | {r['dense_ms']:.1f} | "
+            f"{r['outside_ms']:.1f} ({r['outside']:.3f}) | "
+            f"{r['inside_ms']:.1f} ({r['inside']:.3f}) | {r['inside_over_outside']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -91,6 +98,9 @@ def main(argv=None) -> int:
         lambda args: {"rows": case_rows(args)},
         markdown,
         argv,
+        options=lambda p: p.add_argument(
+            "--no-compile", dest="compile", action="store_false", help="eager models only"
+        ),
     )
 
 

@@ -1006,32 +1006,74 @@ def test_compiled_graphs_keep_the_operators_calls_until_the_parameters_change(
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 def test_operator_calls_are_kept_for_parameters_only_and_one_library(monkeypatch):
-    """A call is kept for parameters; a plain tensor (which may be an alias that does not
-    share its parameter's version counter) or a parameter made under inference_mode (no
-    version counter) is made ready on every call. A call kept for one library is not run
-    with another (a rebuilt kernel)."""
+    """A call is kept for parameters, those made under inference_mode (no version counter:
+    their values are compared) too, and made again after an in-place change of either; a
+    plain tensor (which may be an alias that does not share its parameter's version counter)
+    is made ready on every call. A call kept for one library is not run with another (a
+    rebuilt kernel)."""
     _paths._OPERATOR_CALLS.clear()
     made = counting_preparations(monkeypatch)
     a = torch.randn(96, 16)
     weight, bias = torch.randn(8, 16, 1, 1), torch.randn(8)
-    expected = a @ weight.view(8, 16).t() + bias
 
     def run(w: torch.Tensor, b: torch.Tensor) -> None:
+        expected = a @ w.detach().view(8, 16).t() + b.detach()
         for _ in range(2):
             with torch.no_grad():
                 torch.testing.assert_close(_paths.pointwise_op(a, w, b), expected)
 
     run(weight, bias)
+    assert made == ["pointwise"] * 2 and len(_paths._OPERATOR_CALLS) == 0
     with torch.inference_mode():
         frozen = (nn.Parameter(weight.clone()), nn.Parameter(bias.clone()))
     run(*frozen)
-    assert made == ["pointwise"] * 4 and len(_paths._OPERATOR_CALLS) == 0
+    assert made == ["pointwise"] * 3 and len(_paths._OPERATOR_CALLS) == 1
+    with torch.inference_mode():
+        frozen[0][0, 0, 0, 0] += 1.0  # no version to see it by: the values differ
+        run(*frozen)
+    assert made == ["pointwise"] * 4 and len(_paths._OPERATOR_CALLS) == 1
     params = (nn.Parameter(weight.clone()), nn.Parameter(bias.clone()))
     run(*params)
-    assert made == ["pointwise"] * 5 and len(_paths._OPERATOR_CALLS) == 1
+    assert made == ["pointwise"] * 5 and len(_paths._OPERATOR_CALLS) == 2
+    with torch.no_grad():
+        params[1].add_(1.0)
+    run(*params)
+    assert made == ["pointwise"] * 6 and len(_paths._OPERATOR_CALLS) == 2
     calls = spy_kernel(monkeypatch)
     run(*params)
-    assert made == ["pointwise"] * 6 and calls == [96, 96]
+    assert made == ["pointwise"] * 7 and calls == [96, 96]
+
+
+@pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
+def test_compiled_graphs_keep_the_operators_calls_of_parameters_made_under_inference_mode(
+    monkeypatch,
+):
+    """A model converted under inference_mode holds inference tensors as parameters; its
+    compiled graph packs the bank once, packs it again after an in-place change made under
+    inference_mode, and equals the reference fold throughout."""
+    made = counting_preparations(monkeypatch)
+    _paths._OPERATOR_CALLS.clear()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = TiedConv2d(32, 64, 3, padding=1, B=4, bias=True).eval()
+    layer.path = "kernel"
+    x = channels_last(torch.randn(2, 32, 12, 12))
+    with torch.inference_mode():
+        frozen = copy.deepcopy(layer).to(memory_format=torch.channels_last)
+        assert all(p.is_inference() for p in frozen.parameters())
+        compiled = torch.compile(frozen, fullgraph=True, dynamic=False)
+        for _ in range(3):
+            torch.testing.assert_close(
+                compiled(x), _paths.fold_forward(frozen, x), rtol=1e-4, atol=1e-4
+            )
+        assert made == ["conv2d"]
+        frozen.weight.mul_(-2.0)
+        for _ in range(2):
+            torch.testing.assert_close(
+                compiled(x), _paths.fold_forward(frozen, x), rtol=1e-4, atol=1e-4
+            )
+    assert made == ["conv2d"] * 2
+    torch._dynamo.reset()
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())

@@ -83,7 +83,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import _kernel, _transfer
 
@@ -560,21 +559,21 @@ class _OperatorCalls:
     calls an operator with the same parameters every time, and making the call ready again
     costs more than a small layer's arithmetic (packing the bank: a pad, a transpose and a
     copy). A call is reused while its tensors (a layer's weight and bias) are the same
-    storages at the same offsets, shapes, strides and versions, the input's layout is the
-    same, and the loaded library is the one it calls. An in-place update (an optimizer's
-    step, ``load_state_dict``) changes the version: the call is made again. Only
-    ``nn.Parameter`` s are kept, each its own tensor: an alias a compiled graph makes of one
-    (inductor's ``reinterpret_tensor``) does not share its version counter, so an update
-    would go unseen, and a parameter made under ``torch.inference_mode`` has none. Their
-    calls, and any other tensor's, are made every time. Storages are held weakly and a call
-    holds copies of the bank and bias, never the parameters, so a dead model's calls go at
-    the next insertion; at most :attr:`LIMIT` calls are kept."""
+    parameters, at the same storages, offsets, shapes and strides, unchanged (their versions,
+    or for parameters made under ``torch.inference_mode``, which have no version counter,
+    their values: :func:`_stamp`), the input's layout is the same, and the loaded library is
+    the one it calls. An in-place update (an optimizer's step, ``load_state_dict``) makes the
+    call again. Only ``nn.Parameter`` s are kept, each its own tensor: an alias a compiled
+    graph makes of one (inductor's ``reinterpret_tensor``) does not share its version
+    counter, so an update would go unseen; any other tensor's call is made every time. The
+    parameters are held weakly and a call holds copies of the bank and bias, so a dead
+    model's calls go at the next insertion; at most :attr:`LIMIT` calls are kept."""
 
     LIMIT = 1024
 
     def __init__(self) -> None:
-        # key -> (the library, the tensors' versions, weak references to their storages, the call)
-        self._calls: dict[Any, tuple[Any, tuple[int, ...], tuple[StorageWeakRef, ...], Any]] = {}
+        # key -> (the library, the tensors' stamps (:func:`_stamp`), the call)
+        self._calls: dict[Any, tuple[Any, tuple[tuple[Any, ...], ...], Any]] = {}
 
     def get(
         self,
@@ -585,35 +584,34 @@ class _OperatorCalls:
         """The call kept for ``tensors`` and an input ``layout`` (everything else the call
         depends on: shapes, geometry), or ``make()``'s, kept."""
         real = tuple(t for t in tensors if t is not None)
-        if any(type(t) is not nn.Parameter or t.is_inference() for t in real):
+        if any(type(t) is not nn.Parameter for t in real):
             return make()
-        storages = tuple(t.untyped_storage() for t in real)
         key = (
             layout,
             tuple(t is None for t in tensors),
             tuple(
-                (s.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
-                for s, t in zip(storages, real, strict=True)
+                (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+                for t in real
             ),
         )
-        lib, versions = _kernel._state.get("lib"), tuple(t._version for t in real)
+        lib = _kernel._state.get("lib")
         kept = self._calls.get(key)
         if (
             kept is not None
-            and kept[:2] == (lib, versions)
-            and not any(r.expired() for r in kept[2])
+            and kept[0] is lib
+            and all(_holds(s, t) for s, t in zip(kept[1], real, strict=True))
         ):
-            return kept[3]  # type: ignore[no-any-return]
+            return kept[2]  # type: ignore[no-any-return]
         with torch.no_grad():
             call = make()
         if key not in self._calls and len(self._calls) >= self.LIMIT:
             self._prune()
-        self._calls[key] = (lib, versions, tuple(StorageWeakRef(s) for s in storages), call)
+        self._calls[key] = (lib, tuple(_stamp(t) for t in real), call)
         return call
 
     def _prune(self) -> None:
-        """Drop the calls of dead storages, then, while still full, the oldest half."""
-        live = {k: v for k, v in self._calls.items() if not any(r.expired() for r in v[2])}
+        """Drop the calls of dead parameters, then, while still full, the oldest half."""
+        live = {k: v for k, v in self._calls.items() if all(s[0]() is not None for s in v[1])}
         if len(live) >= self.LIMIT:
             live = dict(list(live.items())[len(live) // 2 :])
         self._calls = live
@@ -1362,15 +1360,16 @@ def tied_conv_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
 
 
 def _stamp(t: torch.Tensor) -> tuple[Any, ...]:
-    """What a value made from ``t`` (a kept call, :class:`_KernelCall`; a kept form,
-    :func:`kept`) checks before each use (:func:`_holds`): ``t`` itself (held weakly), its
-    address and its version, or, for a tensor made under ``torch.inference_mode`` (which
-    has no version counter, so an in-place change would go unseen), a copy of its values.
-    Such parameters come from converting or copying a model under ``inference_mode``
-    (``.to(memory_format=...)``, ``deepcopy``): their calls were made anew on every run, a
-    model's tied convolutions 2.4x slower (ResNet-50 with every bottleneck conv at B = 4,
-    channels-last, batch 1: 15.6 against 6.6 ms; Zen 5 EPYC, 2 threads, 2026-12-04). The
-    comparison costs ~1 µs for 4 KB of values, 7.6 µs for 64 KB."""
+    """What a value made from ``t`` (a kept call, :class:`_KernelCall`; an operator's kept
+    call, :class:`_OperatorCalls`; a kept form, :func:`kept`) checks before each use
+    (:func:`_holds`): ``t`` itself (held weakly), its address and its version, or, for a
+    tensor made under ``torch.inference_mode`` (which has no version counter, so an
+    in-place change would go unseen), a copy of its values. Such parameters come from
+    converting or copying a model under ``inference_mode`` (``.to(memory_format=...)``,
+    ``deepcopy``): their calls were made anew on every run, a model's tied convolutions
+    2.4x slower (ResNet-50 with every bottleneck conv at B = 4, channels-last, batch 1:
+    15.6 against 6.6 ms; Zen 5 EPYC, 2 threads, 2026-12-04). The comparison costs ~1 µs
+    for 4 KB of values, 7.6 µs for 64 KB."""
     if t.is_inference():
         return (weakref.ref(t), t.data_ptr(), None, t.detach().clone())
     return (weakref.ref(t), t.data_ptr(), t._version, None)

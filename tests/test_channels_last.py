@@ -191,16 +191,15 @@ def test_optimize_moves_an_nchw_model_to_channels_last_where_faster(cache_tmp, m
     assert [v["layout"] for v in entries.values() if "layout" in v] == ["channels_last"]
 
 
+def dense_stem() -> list[nn.Module]:
+    """A dense stem: conv, batch norm, ReLU, max pooling (3 channels to 8)."""
+    return [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+
+
 def stem_classifier() -> nn.Module:
-    """A dense stem (conv, batch norm, ReLU, max pooling) before the tied convs."""
+    """A dense stem before the tied convs."""
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.MaxPool2d(3, 2, 1),
-        *classifier(),
-    ).eval()
+    return nn.Sequential(*dense_stem(), *classifier()).eval()
 
 
 def test_optimize_makes_the_inputs_channels_last_at_the_entry_where_faster(cache_tmp, monkeypatch):
@@ -263,6 +262,74 @@ def test_optimize_keeps_the_entry_only_where_it_beats_both_others(
     tieify.optimize(net, torch.randn(2, 3, 20, 20))
     assert not _optimize.has_entry(net)
     assert all(layer.channels_last == (kept == "channels_last") for layer in tied_convs(net))
+
+
+def dense_stem_net() -> nn.Module:
+    """A dense model: the dense stem, a conv, pooled to logits."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        *dense_stem(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
+
+
+@pytest.mark.parametrize("entry_time, entered", [(0.3, True), (1.0, False), (2.0, False)])
+def test_optimize_gives_a_dense_model_the_entry_only_where_faster(
+    cache_tmp, monkeypatch, entry_time, entered
+):
+    """A model without tied convs (the baseline a search times its candidates against) is
+    timed as given and through the entry hook, and keeps the hook only where faster (a tie
+    keeps the inputs as given); its outputs stay the same and its weights are untouched."""
+    timer = LayoutTimer({"entry": entry_time})
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    net = dense_stem_net()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        ref = net(x)
+    assert tieify.optimize(net, x) is net
+    assert timer.calls == [("input", "entry")]
+    assert _optimize.has_entry(net) == entered
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-4)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    tieify.optimize(net, x)  # again: the choice from the cache, one hook at most
+    assert len(timer.calls) == 1
+    assert sum(h is _optimize._to_channels_last for h in net._forward_pre_hooks.values()) == int(
+        entered
+    )
+
+
+def test_optimize_leaves_a_dense_model_alone_where_the_entry_cannot_apply(cache_tmp, monkeypatch):
+    """No entry for a dense model fed channels-last (nothing to change), asked for a fused
+    or a fixed layout, or whose code needs NCHW memory (``view`` of a feature map: it
+    raises on channels-last, so the hook is never a candidate, and no warning is given)."""
+
+    class DenseView(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8 * 5 * 5, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.conv(x))
+            return self.fc(y.view(y.shape[0], -1))
+
+    timer = LayoutTimer({"entry": 0.1})
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    x = torch.randn(2, 3, 20, 20)
+    net = dense_stem_net()
+    tieify.optimize(net, x.contiguous(memory_format=torch.channels_last))
+    tieify.optimize(net, x, fused=True)
+    tieify.optimize(net, x, layout="channels_last")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tieify.optimize(DenseView().eval(), torch.randn(2, 3, 5, 5))
+    assert timer.calls == [] and not _optimize.has_entry(net)
 
 
 def test_optimize_skips_the_entry_where_the_model_returns_what_it_changes(cache_tmp, monkeypatch):

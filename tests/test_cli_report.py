@@ -275,6 +275,31 @@ def test_latency_measured_json(
     assert "channels-last" in data["title"]
 
 
+def test_optimize_runs_on_both_models(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--optimize runs tieify.optimize on the original too (on an NCHW input it may make
+    that model's inputs channels-last at its entry), then on the tied model, each once."""
+    import tieify.latency
+    from tieify import _report
+    from tieify.nn import TiedConv2d
+
+    monkeypatch.setattr(_report, "MEASURE_SECONDS", 0.05)
+    seen: list[bool] = []
+    real = tieify.latency.optimize
+
+    def spy(m, x, **kw):
+        seen.append(any(isinstance(c, TiedConv2d) for c in m.modules()))
+        return real(m, x, **kw)
+
+    monkeypatch.setattr(tieify.latency, "optimize", spy)
+    argv = ("resnet18", "--B", "4", *SMALL, "--latency", "measured", "--threads", "1")
+    code, out, err = _run(capsys, "report", *argv, "--optimize", "--format", "json")
+    assert code == 0, err
+    assert seen == [False, True]
+    assert json.loads(out)["latency"]["ratio"] > 0
+
+
 @pytest.mark.parametrize(
     ("flags", "match"),
     [

@@ -230,7 +230,11 @@ def optimize(
     channels-last at batch 1 (21.3 and 1.6 ms at batch 8), 20% of the tied model's NCHW-fed
     forward at batch 8. The hook is kept by ``copy.deepcopy`` and ``torch.save`` of the
     model, not by :func:`tieify.fuse`'s traced copy; ``layout="input"`` or
-    ``"channels_last"`` in a later call removes it (:func:`remove_entry` does too).
+    ``"channels_last"`` in a later call removes it (:func:`remove_entry` does too). A model
+    with no tied convolution to move (a dense model, such as the baseline ``tieify
+    search`` times its candidates against with ``latency.optimize``) is timed two ways,
+    its inputs as given and through this hook, and keeps the faster: a tied model is not
+    credited with the dense model's own gain from channels-last.
 
     With ``fused=True``, ``"auto"`` times the two layouts as :func:`tieify.fuse` will run
     them (each configuration fused on a copy, with ``example_inputs``): the batch norm, add
@@ -242,7 +246,8 @@ def optimize(
     channels-last (0.832×).
 
     Args:
-        model: a module holding tied convolutions (others are left alone).
+        model: a module holding tied convolutions (others are left alone; a model without
+            any can get the entry hook only).
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs,
             laid out as in production (e.g. ``channels_last``).
         repeats: interleaved timing rounds per layer configuration.
@@ -288,7 +293,11 @@ def optimize(
         and layer._ndim in (2, 3)
         and not _paths.is_channels_last(x)
     ]
-    if layout == "input" or not movable:
+    if layout == "input":
+        return model
+    if not movable:  # no tied conv to move: a dense model, or its tied layers channels-last
+        if layout == "auto" and not fused:
+            _keep_faster_entry(model, example_inputs, kept, reference, repeats, cache, threads)
         return model
     moved = _channels_last_config(
         model, example_inputs, movable, reference, layout == "auto", repeats, cache, threads
@@ -318,6 +327,33 @@ def optimize(
     if choice == "entry":
         add_entry(model)
     return model
+
+
+def _keep_faster_entry(
+    model: nn.Module,
+    example_inputs: Any,
+    kept: _Paths,
+    reference: Any,
+    repeats: int,
+    cache: bool,
+    threads: int | None,
+) -> None:
+    """For a model without a tied conv to move to channels-last (a dense model, such as the
+    baseline a search times its candidates against): :func:`add_entry` where its inputs
+    would change, the model runs so as it ran on them as given, and it is faster so
+    (:func:`_fastest`); else its tied layers keep the paths ``kept``."""
+    if not _entry_applies(example_inputs):
+        return
+    entered = _entry_config(model, example_inputs, reference, repeats, cache, threads)
+    if entered is None:
+        return
+    configs = {"input": kept, "entry": entered}
+    choice = _fastest(
+        model, example_inputs, [], configs, repeats=repeats, threads=threads, cache=cache
+    )
+    _apply(configs[choice], [], False)
+    if choice == "entry":
+        add_entry(model)
 
 
 #: ``optimize``'s layouts: timed, channels-last, the inputs'.

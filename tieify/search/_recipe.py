@@ -125,7 +125,9 @@ class LatencyConfig:
     input before timing or predicting it (each tied layer on its fastest measured path and,
     for the NCHW input, the tied layers in channels-last where the model runs faster so):
     the latency of the candidate as deployed after ``optimize``, at the cost of its
-    timings (cached per layer configuration, so later candidates mostly reuse them).
+    timings (cached per layer configuration, so later candidates mostly reuse them). The
+    dense model the candidates are compared with is optimized too: its inputs made
+    channels-last at its entry where that is faster.
     """
 
     mode: str = "auto"

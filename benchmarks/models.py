@@ -9,9 +9,11 @@ Cases (torchvision models, random weights, eval mode):
 - ``mobilenet_v3_large_TiedSE``: only the squeeze-and-excitation convs, at B = 8 (TiedSE).
 
 For each case and batch size (1 and 8) the dense and tied models run in interleaved rounds
-(medians) in five modes: ``eager`` (NCHW inputs, the tied model after ``tieify.optimize`` on
-them, which may run its tied layers in channels-last: one copy in, no copies back),
-``eager_unoptimized`` (NCHW, the tied model as ``tieify.tieify`` returns it),
+(medians) in five modes: ``eager`` (NCHW inputs, both models after ``tieify.optimize`` on
+them, which may run the tied layers in channels-last, one copy in and no copies back, and
+may make either model's inputs channels-last at its entry where that is faster),
+``eager_unoptimized`` (NCHW, both models as they are: the tied one as ``tieify.tieify``
+returns it),
 ``channels_last`` (both models and the input in channels-last, after ``tieify.optimize``),
 ``fused`` (channels-last inference fusion, each model with its own tool: the dense one with
 torch.fx's conv-BN folding, the tied one with ``tieify.fuse``) and ``compile``
@@ -53,6 +55,7 @@ from _results import write_results  # noqa: E402
 
 import tieify  # noqa: E402
 from tieify.latency._machine import describe_machine  # noqa: E402
+from tieify.latency._optimize import has_entry  # noqa: E402
 from tieify.latency._timing import calibrate_iters, time_once  # noqa: E402
 from tieify.nn import TiedConv1d, TiedConv2d, TiedConv3d, TiedLinear  # noqa: E402
 
@@ -206,6 +209,7 @@ def run_case(case: str, args) -> list[dict]:
     dense_cl = copy.deepcopy(dense).to(memory_format=CL)
     tied_cl = copy.deepcopy(tied).to(memory_format=CL)
     tied_eager = copy.deepcopy(tied)  # tieify.optimize'd for the NCHW inputs
+    dense_eager = copy.deepcopy(dense)  # likewise: the entry hook where faster
     compile_case = args.compile and case in args.compile_cases
     rows = []
     # Inference fusion of the dense model with its own tool, torch.fx's conv-BN folding (BN
@@ -218,12 +222,14 @@ def run_case(case: str, args) -> list[dict]:
         with torch.inference_mode():
             tieify.optimize(tied_cl, xc)
             tieify.optimize(tied_eager, x)
+            tieify.optimize(dense_eager, x)
         # The tied model fused for this input's paths (tieify.fuse: BN, residual add and
         # ReLU in the kernel's epilogue; the weights stay tied).
         tied_fused = tieify.fuse(tied_cl, xc)
         fns = {
-            "eager|dense": lambda x=x: dense(x),
+            "eager|dense": lambda x=x: dense_eager(x),
             "eager|tied": lambda x=x: tied_eager(x),
+            "eager_unoptimized|dense": lambda x=x: dense(x),
             "eager_unoptimized|tied": lambda x=x: tied(x),
             "channels_last|dense": lambda m=dense_cl, x=xc: m(x),
             "channels_last|tied": lambda m=tied_cl, x=xc: m(x),
@@ -233,7 +239,7 @@ def run_case(case: str, args) -> list[dict]:
         # mode: (dense, tied) series; "fused_vs_channels_last" is the fused tied model against
         # the plain channels-last dense one (the user's model as it is), same rounds.
         pairs = {mode: (f"{mode}|dense", f"{mode}|tied") for mode in MODES}
-        pairs["eager_unoptimized"] = ("eager|dense", "eager_unoptimized|tied")
+        pairs["eager_unoptimized"] = ("eager_unoptimized|dense", "eager_unoptimized|tied")
         pairs["fused_vs_channels_last"] = ("channels_last|dense", "fused|tied")
         if compile_case:
             # A static-shape compile per batch size, after tieify.optimize pinned the paths
@@ -264,6 +270,8 @@ def run_case(case: str, args) -> list[dict]:
                     "gap": ratio - mac_ratio,
                 }
             )
+            if mode == "eager":  # whether optimize gave the dense model the entry hook
+                rows[-1]["dense_entry"] = has_entry(dense_eager)
             r = rows[-1]
             print(
                 f"{case} b{batch} {mode}: dense {r['dense_ms']:.1f} ms, tied {r['tied_ms']:.1f} "
@@ -423,12 +431,21 @@ def markdown(res: dict) -> str:
         f"{res['note']} Load average (1/5/15 min) at start "
         f"{res['loadavg_start']}, at end {res['loadavg_end']}. Allocator: {res['allocator']}.",
         "",
+        "Modes: `eager`, NCHW input, both models after `tieify.optimize` (marked `dense "
+        "entry` where it made the dense model's inputs channels-last at its entry); "
+        "`eager_unoptimized`, NCHW input, both models as they are; `channels_last`, both "
+        "models and the input in channels-last, the tied one after `tieify.optimize`; "
+        "`fused`, each channels-last model fused by its own tool; `fused_vs_channels_last`, "
+        "the fused tied model against the plain channels-last dense one; `compile`, "
+        "`torch.compile` of the channels-last models.",
+        "",
         "| case | batch | mode | dense ms | tied ms | latency ratio | MAC ratio | gap |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         lines.append(
-            f"| {r['case']} | {r['batch']} | {r['mode']} | {r['dense_ms']:.1f} | "
+            f"| {r['case']} | {r['batch']} | {r['mode']}"
+            f"{' (dense entry)' if r.get('dense_entry') else ''} | {r['dense_ms']:.1f} | "
             f"{r['tied_ms']:.1f} | {r['latency_ratio']:.3f} | {r['mac_ratio']:.3f} | "
             f"{r['gap']:+.3f} |"
         )

@@ -639,7 +639,9 @@ def report(
             (:func:`tieify.predict_latency`, which times only layer configurations its
             on-disk table does not hold yet). Inference in eval mode; both models are left as
             they were. Pass inputs (and models) in the memory layout, dtype and device to
-            time, and run :func:`tieify.optimize` on ``tied`` first to time its fastest paths.
+            time, and run :func:`tieify.optimize` on ``tied`` first to time its fastest paths
+            (and on ``model`` too: on NCHW inputs it may make its inputs channels-last at
+            its entry, so the tied model is not credited with that gain).
         threads: intra-op threads for the latency (default: the current setting).
 
     Returns:

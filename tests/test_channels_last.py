@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -545,6 +546,44 @@ def test_latency_table_keys_a_layer_in_channels_last_by_the_path_it_runs():
     assert moved["input"] == nchw["input"]  # the input the model gives it
     cl = json.loads(_table.layer_key(layer, x.contiguous(memory_format=CL)))
     assert "copies_to" not in cl["op"]  # nothing to copy
+
+
+def test_latency_keys_tell_a_weight_laid_out_otherwise_than_its_input(cache_tmp, monkeypatch):
+    """A conv whose weight is NCHW on a channels-last input (a dense model fed channels-last
+    at its entry), which PyTorch reorders on every call, gets table and path keys of its
+    own; a weight laid out as its input, or a 1×1 bank (both layouts at once), adds nothing
+    to the keys; and optimize's whole-model timing is kept apart for channels-last weights."""
+    x = torch.randn(2, 16, 8, 8)
+    xc = x.contiguous(memory_format=CL)
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    conv_cl = copy.deepcopy(conv).to(memory_format=CL)
+    tied = TiedConv2d(16, 32, 3, padding=1, B=2)
+    tied_cl = copy.deepcopy(tied).to(memory_format=CL)
+
+    def op(layer: nn.Module, inp: torch.Tensor) -> dict:
+        return json.loads(_table.layer_key(layer, inp))["op"]
+
+    def layer(key: str) -> dict:
+        return json.loads(key)["layer"]
+
+    assert op(conv, xc)["weight_layout"] == "contiguous"
+    assert op(conv_cl, x)["weight_layout"] == "channels_last"
+    assert op(conv, xc) != op(conv_cl, xc)
+    assert "weight_layout" not in op(conv, x) and "weight_layout" not in op(conv_cl, xc)
+    assert op(conv, x) == op(conv_cl, xc)  # keys as before the rule for matching layouts
+    one = nn.Conv2d(16, 32, 1)
+    assert "weight_layout" not in op(one, xc) and "weight_layout" not in op(one, x)
+    assert layer(_optimize.path_key(tied_cl, x))["weight_layout"] == "channels_last"
+    assert "weight_layout" not in layer(_optimize.path_key(tied, x))
+    assert layer(_optimize.path_key(tied, x)) == layer(_optimize.path_key(tied_cl, xc))
+    timer = LayoutTimer({})
+    monkeypatch.setattr(_optimize, "_timer", timer)
+    image = torch.randn(2, 8, 10, 10)
+    tieify.optimize(classifier(), image)
+    tieify.optimize(classifier(), image)  # the choice from the cache
+    assert timer.layout_calls() == 1
+    tieify.optimize(classifier().to(memory_format=CL), image)  # channels-last weights: timed
+    assert timer.layout_calls() == 2
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())

@@ -28,7 +28,7 @@ from ..nn._conv import _TiedConvNd
 from ._allocator import allocator_state
 from ._cache import JsonCache
 from ._machine import machine_key, software_key
-from ._optimize import input_signature, layer_signature, like
+from ._optimize import input_signature, layer_signature, like, weight_signature
 from ._timing import interleaved_samples, num_threads
 
 __all__ = ["LAYER_TYPES", "is_layer", "layer_key", "LatencyTable", "TABLE"]
@@ -50,7 +50,7 @@ def is_layer(module: nn.Module) -> bool:
 
 def layer_key(layer: nn.Module, x: torch.Tensor, threads: int | None = None) -> str:
     """The table key of ``layer`` run on inputs like ``x`` (a JSON string)."""
-    sig = layer_signature(layer)
+    sig = layer_signature(layer) | weight_signature(layer, x)
     if isinstance(layer, _TiedConvNd):
         # The forward that actually runs on x ("auto" resolves by layout, and the rule
         # changes when tieify gains a path), so an entry is never another path's time.

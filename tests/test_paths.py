@@ -465,10 +465,14 @@ def test_optimize_pins_fastest_and_caches(cache_tmp, monkeypatch):
     assert data["version"] == 1 and len(data["entries"]) == 2
     # A fresh process (new in-memory cache) reads the choice from disk: no timing at all.
     monkeypatch.setattr(_optimize, "PATH_CACHE", JsonCache("paths.json"))
-    net2 = small_net()
+    net2 = small_net().to(memory_format=torch.channels_last)
     tieify.optimize(net2, x)
     assert timer.calls == 2
     assert [net2[0].path, net2[2].path] == ["grouped", "lift"]
+    # The same layers with NCHW weights on the channels-last input (reordered on every
+    # call) are other configurations: the 3×3 ones are timed, the 1×1 bank is not.
+    tieify.optimize(small_net(), x)
+    assert timer.calls == 3
 
 
 def test_choice_cached_before_a_new_path_existed_is_timed_again(cache_tmp, monkeypatch, no_kernel):

@@ -318,24 +318,26 @@ def optimize(
     ]
     if layout == "input":
         return model
-    if not movable:  # no tied conv to move: a dense model, or its tied layers channels-last
-        if layout == "auto" and not fused:
-            _keep_faster_entry(model, example_inputs, kept, reference, repeats, cache, threads)
+    configs = {"input": kept}
+    if movable:
+        moved = _channels_last_config(
+            model, example_inputs, movable, reference, layout == "auto", repeats, cache, threads
+        )
+        if moved is None:  # it does not run channels-last (the warning says why)
+            _apply(kept, movable, False)
+            return model
+        if layout != "auto":
+            _apply(moved, movable, True)
+            return model
+        configs["channels_last"] = moved
+    elif layout != "auto":  # no tied conv to move (a dense model): nothing to set
         return model
-    moved = _channels_last_config(
-        model, example_inputs, movable, reference, layout == "auto", repeats, cache, threads
-    )
-    if moved is None:  # it does not run channels-last (the warning says why)
-        _apply(kept, movable, False)
-        return model
-    if layout != "auto":
-        _apply(moved, movable, True)
-        return model
-    configs = {"input": kept, "channels_last": moved}
     if not fused and _entry_applies(example_inputs):
         entered = _entry_config(model, example_inputs, reference, repeats, cache, threads)
         if entered is not None:
             configs["entry"] = entered
+    if len(configs) == 1:  # nothing to move and no entry: the inputs' layout, as pinned
+        return model
     choice = _fastest(
         model,
         example_inputs,
@@ -350,33 +352,6 @@ def optimize(
     if choice == "entry":
         add_entry(model)
     return model
-
-
-def _keep_faster_entry(
-    model: nn.Module,
-    example_inputs: Any,
-    kept: _Paths,
-    reference: Any,
-    repeats: int,
-    cache: bool,
-    threads: int | None,
-) -> None:
-    """For a model without a tied conv to move to channels-last (a dense model, such as the
-    baseline a search times its candidates against): :func:`add_entry` where its inputs
-    would change, the model runs so as it ran on them as given, and it is faster so
-    (:func:`_fastest`); else its tied layers keep the paths ``kept``."""
-    if not _entry_applies(example_inputs):
-        return
-    entered = _entry_config(model, example_inputs, reference, repeats, cache, threads)
-    if entered is None:
-        return
-    configs = {"input": kept, "entry": entered}
-    choice = _fastest(
-        model, example_inputs, [], configs, repeats=repeats, threads=threads, cache=cache
-    )
-    _apply(configs[choice], [], False)
-    if choice == "entry":
-        add_entry(model)
 
 
 #: ``optimize``'s layouts: timed, channels-last, the inputs'.

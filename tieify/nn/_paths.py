@@ -553,6 +553,11 @@ def _relayouts(x: torch.Tensor) -> bool:
     )
 
 
+#: What values made from tensors check before each use: each tensor's stamp (:func:`_stamp`),
+#: None for None (:func:`_stamps`, :func:`_all_hold`).
+_Stamps = tuple[tuple[Any, ...] | None, ...]
+
+
 class _OperatorCalls:
     """The kernel's calls made ready (:class:`tieify.nn._kernel.Prepared`: the bank packed,
     the operands checked) for the ``tieify::`` operators, kept across calls. A compiled graph
@@ -573,7 +578,7 @@ class _OperatorCalls:
 
     def __init__(self) -> None:
         # key -> (the library, the tensors' stamps (:func:`_stamp`), the call)
-        self._calls: dict[Any, tuple[Any, tuple[tuple[Any, ...], ...], Any]] = {}
+        self._calls: dict[Any, tuple[Any, _Stamps, Any]] = {}
 
     def get(
         self,
@@ -596,22 +601,22 @@ class _OperatorCalls:
         )
         lib = _kernel._state.get("lib")
         kept = self._calls.get(key)
-        if (
-            kept is not None
-            and kept[0] is lib
-            and all(_holds(s, t) for s, t in zip(kept[1], real, strict=True))
-        ):
+        if kept is not None and kept[0] is lib and _all_hold(kept[1], real):
             return kept[2]  # type: ignore[no-any-return]
         with torch.no_grad():
             call = make()
         if key not in self._calls and len(self._calls) >= self.LIMIT:
             self._prune()
-        self._calls[key] = (lib, tuple(_stamp(t) for t in real), call)
+        self._calls[key] = (lib, _stamps(real), call)
         return call
 
     def _prune(self) -> None:
         """Drop the calls of dead parameters, then, while still full, the oldest half."""
-        live = {k: v for k, v in self._calls.items() if all(s[0]() is not None for s in v[1])}
+        live = {
+            k: v
+            for k, v in self._calls.items()
+            if all(s is None or s[0]() is not None for s in v[1])
+        }
         if len(live) >= self.LIMIT:
             live = dict(list(live.items())[len(live) // 2 :])
         self._calls = live
@@ -948,17 +953,16 @@ def kept(
     if forms is None:
         forms = _FORMS[owner] = {}
     hit = forms.get(kind)
-    if hit is not None and len(hit[0]) == len(tensors):
-        if all(_holds(s, t) for s, t in zip(hit[0], tensors, strict=True)):
-            return hit[1]  # type: ignore[no-any-return]
+    if hit is not None and _all_hold(hit[0], tensors):
+        return hit[1]  # type: ignore[no-any-return]
     with torch.no_grad():
         form = make()
-    forms[kind] = (tuple(_stamp(t) for t in tensors), form)
+    forms[kind] = (_stamps(tensors), form)
     return form
 
 
 _Bank = tuple[torch.Tensor, "torch.Tensor | None"]
-_FORMS: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[tuple[Any, ...], Any]]] = (
+_FORMS: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[_Stamps, Any]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -1385,6 +1389,20 @@ def _holds(stamp: tuple[Any, ...], t: torch.Tensor) -> bool:
     return torch.equal(t, values)
 
 
+def _stamps(tensors: tuple[torch.Tensor | None, ...]) -> _Stamps:
+    """Each tensor's :func:`_stamp` (None for None)."""
+    return tuple(None if t is None else _stamp(t) for t in tensors)
+
+
+def _all_hold(stamps: _Stamps, tensors: tuple[torch.Tensor | None, ...]) -> bool:
+    """Whether ``tensors`` are those ``stamps`` were made from (:func:`_stamps`), each
+    unchanged (:func:`_holds`), None where it was None."""
+    return len(stamps) == len(tensors) and all(
+        t is None if s is None else t is not None and _holds(s, t)
+        for s, t in zip(stamps, tensors, strict=True)
+    )
+
+
 class _KernelCall:
     """A layer's ``kernel`` path for one input layout in eager inference, every check and
     operand made once (:func:`prepare_kernel_call`): per call, an output allocated and the
@@ -1410,7 +1428,7 @@ class _KernelCall:
         transposed: bool = False,
     ) -> None:
         self.lib = _kernel._state.get("lib")
-        self.tokens = tuple(None if t is None else _stamp(t) for t in tensors)
+        self.tokens = _stamps(tensors)
         self.run, self.index, self.K = run, index, K
         self.planar = planar  # the channels-first product: its output is NCHW as it is
         self.transposed = transposed  # an NCHW k×k layer: the conv on channels-last copies
@@ -1428,15 +1446,7 @@ class _KernelCall:
         the same tensors, at the same address and version (or, made under
         ``torch.inference_mode``, with the same values: :func:`_stamp`), and the library the
         same."""
-        if self.lib is not _kernel._state.get("lib"):
-            return False
-        for token, t in zip(self.tokens, tensors, strict=True):
-            if token is None:
-                if t is not None:
-                    return False
-            elif t is None or not _holds(token, t):
-                return False
-        return True
+        return self.lib is _kernel._state.get("lib") and _all_hold(self.tokens, tensors)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.transposed:  # an NCHW input: its channels-last copy, by the kernel (the call

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import _allocator_flag
@@ -19,6 +19,74 @@ def write_results(out: Path, stem: str, res: dict, markdown: str) -> None:
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     (out / f"{stem}.md").write_text(markdown)
     print(markdown)
+
+
+def table(header: str | Sequence[str], align: str, rows: Iterable[Sequence[object]]) -> list[str]:
+    """A Markdown table's lines: ``header``'s cells (a sequence, or one string of them
+    separated by ``|``), the rule (``align``, one letter a column: ``l`` left, ``r`` right),
+    then one line a row of ``rows``, each cell as ``str(cell)``."""
+    if isinstance(header, str):
+        header = [cell.strip() for cell in header.split("|")]
+    if len(align) != len(header) or set(align) - {"l", "r"}:
+        raise ValueError(
+            f"align {align!r} needs one of 'l' or 'r' for each of {len(header)} columns"
+        )
+
+    def line(cells: Sequence[str]) -> str:
+        return "|" + "".join(f" {c} |" if c else " |" for c in cells)
+
+    lines = [line(header)]
+    lines.append("|" + "|".join("---:" if a == "r" else "---" for a in align) + "|")
+    for row in rows:
+        cells = [str(c) for c in row]
+        if len(cells) != len(header):
+            raise ValueError(f"a row of {len(cells)} cells in a table of {len(header)} columns")
+        lines.append(line(cells))
+    return lines
+
+
+def timing_facts(res: dict) -> str:
+    """The sentence on how a run of interleaved rounds timed its models, and where."""
+    return (
+        f"{res['threads']} threads, {res['rounds']} interleaved rounds (medians of per-round "
+        f"ratios); torch {res['torch']}, {res['machine']}."
+    )
+
+
+def against_table(
+    header: str,
+    rows: Iterable[dict],
+    lead: Callable[[dict], list],
+    names: Sequence[str],
+    ratio: str | None = None,
+) -> list[str]:
+    """The Markdown table of rows of :func:`models.against` (models timed against a dense
+    one): per row the cells ``lead(row)``, the dense model's ms, each of ``names`` as ``ms
+    (ratio to dense)`` and, where given, ``row[ratio]``; ``header`` names every column (the
+    leading ``case`` and ``mode`` left-aligned, the others right-aligned)."""
+    cells = [cell.strip() for cell in header.split("|")]
+    first = len(cells) - len(names) - 1 - (ratio is not None)
+    align = "".join("l" if c in ("case", "mode") else "r" for c in cells[:first])
+    return table(
+        cells,
+        align + "r" * (len(cells) - first),
+        (
+            lead(r)
+            + [f"{r['dense_ms']:.1f}"]
+            + [f"{r[f'{n}_ms']:.1f} ({r[n]:.3f})" for n in names]
+            + ([f"{r[ratio]:.3f}"] if ratio is not None else [])
+            for r in rows
+        ),
+    )
+
+
+def run_facts(res: dict) -> str:
+    """The sentence on the host during a run: its load average (1/5/15 min) at the start and
+    the end and, where the run recorded it, the allocator."""
+    text = (
+        f"Load average (1/5/15 min) at start {res['loadavg_start']}, at end {res['loadavg_end']}."
+    )
+    return text + (f" Allocator: {res['allocator']}." if "allocator" in res else "")
 
 
 def run_model_benchmark(

@@ -35,6 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _results import table  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("system", "tuned")
 CL = torch.channels_last
@@ -105,17 +107,19 @@ def markdown(res: dict) -> str:
         f"- system: {res['allocator']['system']}",
         f"- tuned: {res['allocator']['tuned']}",
         "",
-        "| workload | mode | dense ms | tied ms | tied/dense | MAC ratio | "
-        "dense faults/call | tied faults/call |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, modes in res["summary"].items():
-        for mode, s in modes.items():
-            lines.append(
-                f"| {name} | {mode} | {s['dense_ms']:.2f} | {s['tied_ms']:.2f} | "
-                f"{s['ratio']:.2f} | {s['mac_ratio']:.2f} | {s['dense_faults_per_call']:.0f} | "
-                f"{s['tied_faults_per_call']:.0f} |"
-            )
+    lines += table(
+        "workload | mode | dense ms | tied ms | tied/dense | MAC ratio | dense faults/call "
+        "| tied faults/call",
+        "ll" + "r" * 6,
+        (
+            [name, mode]
+            + [f"{s[k]:.2f}" for k in ("dense_ms", "tied_ms", "ratio", "mac_ratio")]
+            + [f"{s[k]:.0f}" for k in ("dense_faults_per_call", "tied_faults_per_call")]
+            for name, modes in res["summary"].items()
+            for mode, s in modes.items()
+        ),
+    )
     lines.append("")
     return "\n".join(lines)
 

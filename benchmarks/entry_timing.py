@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import write_results  # noqa: E402
+from _results import table, write_results  # noqa: E402
 from latency_model import MODELS, random_plan_model  # noqa: E402
 
 from tieify.latency import LatencyTable, _table, measure_latency, predict_latency  # noqa: E402
@@ -126,32 +126,42 @@ def markdown(res: dict) -> str:
         f"Load average (1/5/15 min) at start {res['loadavg_start']}, at end "
         f"{res['loadavg_end']}; {res['seconds']:.0f} s.",
         "",
-        "| entries timed | in-round MdAPE (median over trials) | total MdAPE (median over "
-        "trials) | trials closer in-round | trials closer in total |",
-        "|---|---:|---:|---:|---:|",
     ]
-    for way in WAYS:
-        closer = {m: s[f"together_closer_{m}"] for m in ("in_round", "total")}
-        if way == "one_by_one":
-            closer = {m: s["n"] - c for m, c in closer.items()}
-        lines.append(
-            f"| {way.replace('_', ' ')} | {s[way]['in_round'] * 100:.1f}% | "
-            f"{s[way]['total'] * 100:.1f}% | {closer['in_round']} of {s['n']} | "
-            f"{closer['total']} of {s['n']} |"
-        )
-    lines += [
-        "",
-        "| trial | first | one by one: in-round | total | dense predicted / measured "
-        "| together: in-round | total | dense predicted / measured |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in res["rows"]:
-        cells = " | ".join(
-            f"{r[w]['in_round'] * 100:.1f}% | {r[w]['total'] * 100:.1f}% | "
-            f"{r[w]['dense_ratio']:.2f}"
-            for w in WAYS
-        )
-        lines.append(f"| {r['trial']} | {r['first'].replace('_', ' ')} | {cells} |")
+
+    def closer(way: str, measure: str) -> str:
+        together = s[f"together_closer_{measure}"]
+        return f"{together if way == 'together' else s['n'] - together} of {s['n']}"
+
+    lines += table(
+        "entries timed | in-round MdAPE (median over trials) | total MdAPE (median over "
+        "trials) | trials closer in-round | trials closer in total",
+        "lrrrr",
+        (
+            [way.replace("_", " ")]
+            + [f"{s[way][m] * 100:.1f}%" for m in ("in_round", "total")]
+            + [closer(way, m) for m in ("in_round", "total")]
+            for way in WAYS
+        ),
+    )
+    lines.append("")
+    lines += table(
+        "trial | first | one by one: in-round | total | dense predicted / measured "
+        "| together: in-round | total | dense predicted / measured",
+        "rl" + "r" * 6,
+        (
+            [r["trial"], r["first"].replace("_", " ")]
+            + [
+                cell
+                for w in WAYS
+                for cell in (
+                    f"{r[w]['in_round'] * 100:.1f}%",
+                    f"{r[w]['total'] * 100:.1f}%",
+                    f"{r[w]['dense_ratio']:.2f}",
+                )
+            ]
+            for r in res["rows"]
+        ),
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import run_model_benchmark  # noqa: E402
+from _results import run_facts, run_model_benchmark, table, timing_facts  # noqa: E402
 from models import CL, build_case, median_ratio, time_models, time_pair  # noqa: E402
 
 import tieify  # noqa: E402
@@ -129,38 +129,41 @@ def markdown(res: dict) -> str:
     lines = [
         "# tieify.fuse: plain against fused",
         "",
-        f"{res['threads']} threads, {res['rounds']} interleaved rounds, medians (ratios: "
-        f"medians of per-round ratios); torch {res['torch']}, {res['machine']}. Load average "
-        f"at start {res['loadavg_start']}, at end {res['loadavg_end']}.",
+        f"Times are medians. {timing_facts(res)} {run_facts(res)}",
         "",
         "Layers (batch 8, channels-last, B = 4): the tied conv alone (1×1: tieify's kernel; 3×3: "
         "the rule's path, widen), with its batch norm, residual add (where named) and ReLU as "
         "separate modules, and fused (tieify's kernel with the epilogue).",
         "",
-        "| layer | conv ms | separate ms | fused ms | fused / separate |",
-        "|---|---:|---:|---:|---:|",
     ]
-    for r in res["layers"]:
-        lines.append(
-            f"| {r['layer']} | {r['conv']:.2f} | {r['separate']:.2f} | {r['fused']:.2f} | "
-            f"{r['fused_over_separate']:.3f} |"
-        )
+    lines += table(
+        "layer | conv ms | separate ms | fused ms | fused / separate",
+        "lrrrr",
+        (
+            [r["layer"]]
+            + [f"{r[k]:.2f}" for k in ("conv", "separate", "fused")]
+            + [f"{r['fused_over_separate']:.3f}"]
+            for r in res["layers"]
+        ),
+    )
     lines += [
         "",
         f"Models ({res['size']}×{res['size']}, channels-last, after `tieify.optimize`): the "
         "tied model, the same after `tieify.fuse(model, x, dense=False)` (tied chains only) "
         "and after `tieify.fuse(model, x)` (the dense convs' batch norms folded too).",
         "",
-        "| case | batch | chains (tied only) | plain ms | tied only ms | fused ms | "
-        "tied only / plain | fused / plain |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in res["models"]:
-        lines.append(
-            f"| {r['case']} | {r['batch']} | {r['chains']} ({r['tied_chains']}) | "
-            f"{r['plain_ms']:.1f} | {r['tied_only_ms']:.1f} | {r['fused_ms']:.1f} | "
-            f"{r['tied_only_over_plain']:.3f} | {r['fused_over_plain']:.3f} |"
-        )
+    lines += table(
+        "case | batch | chains (tied only) | plain ms | tied only ms | fused ms | "
+        "tied only / plain | fused / plain",
+        "lrrrrrrr",
+        (
+            [r["case"], r["batch"], f"{r['chains']} ({r['tied_chains']})"]
+            + [f"{r[k]:.1f}" for k in ("plain_ms", "tied_only_ms", "fused_ms")]
+            + [f"{r['tied_only_over_plain']:.3f}", f"{r['fused_over_plain']:.3f}"]
+            for r in res["models"]
+        ),
+    )
     limited = [r for r in res["models"] if "fused_over_limited" in r]
     if limited:
         lines += [
@@ -169,14 +172,16 @@ def markdown(res: dict) -> str:
             f"at most {res['max_bank']} bank entries, against this machine's limit "
             f"({res['fused_max_bank']}).",
             "",
-            "| case | batch | chains (limited) | fused / limited |",
-            "|---|---:|---:|---:|",
         ]
-        lines += [
-            f"| {r['case']} | {r['batch']} | {r['chains']} ({r['limited_chains']}) | "
-            f"{r['fused_over_limited']:.3f} |"
-            for r in limited
-        ]
+        lines += table(
+            "case | batch | chains (limited) | fused / limited",
+            "lrrr",
+            (
+                [r["case"], r["batch"], f"{r['chains']} ({r['limited_chains']})"]
+                + [f"{r['fused_over_limited']:.3f}"]
+                for r in limited
+            ),
+        )
     return "\n".join(lines) + "\n"
 
 

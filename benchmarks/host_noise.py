@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _allocator_flag  # noqa: E402
-from _results import write_results  # noqa: E402
+from _results import table, write_results  # noqa: E402
 
 from tieify.latency._machine import describe_machine  # noqa: E402
 
@@ -104,15 +104,19 @@ def markdown(res: dict) -> str:
         "Per window length, each reading of a window (its median call, 10th percentile, "
         "fastest call) over all windows: lowest–highest ms (coefficient of variation).",
         "",
-        "| window | windows | median call | 10th percentile | fastest call |",
-        "|---:|---:|---:|---:|---:|",
     ]
-    for r in res["rows"]:
-        cells = [
-            f"{r[k]['min']:.2f}–{r[k]['max']:.2f} ({r[k]['cv'] * 100:.1f}%)"
-            for k in ("median", "p10", "fastest")
-        ]
-        lines.append(f"| {r['window_s']} s | {r['windows']} | " + " | ".join(cells) + " |")
+    lines += table(
+        "window | windows | median call | 10th percentile | fastest call",
+        "rrrrr",
+        (
+            [f"{r['window_s']} s", r["windows"]]
+            + [
+                f"{r[k]['min']:.2f}–{r[k]['max']:.2f} ({r[k]['cv'] * 100:.1f}%)"
+                for k in ("median", "p10", "fastest")
+            ]
+            for r in res["rows"]
+        ),
+    )
     return "\n".join(lines) + "\n"
 
 

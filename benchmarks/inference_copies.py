@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import run_model_benchmark  # noqa: E402
+from _results import against_table, run_facts, run_model_benchmark, timing_facts  # noqa: E402
 from models import CL, against, build_case, median_ratio, time_models  # noqa: E402
 
 import tieify  # noqa: E402
@@ -72,21 +72,17 @@ def markdown(res: dict) -> str:
         "# Tied models converted under inference_mode against outside it",
         "",
         f"Channels-last, {res['size']}×{res['size']}, after `tieify.optimize`, eager and "
-        f"`torch.compile(dynamic=False)`, {res['threads']} threads, {res['rounds']} "
-        f"interleaved rounds (medians of per-round ratios); torch {res['torch']}, "
-        f"{res['machine']}. Load average at start {res['loadavg_start']}, at end "
-        f"{res['loadavg_end']}.",
+        f"`torch.compile(dynamic=False)`, {timing_facts(res)} {run_facts(res)}",
         "",
-        "| case | batch | mode | dense ms | converted outside: ms (/ dense) | converted inside: "
-        "ms (/ dense) | inside / outside |",
-        "|---|---:|---|---:|---:|---:|---:|",
     ]
-    for r in res["rows"]:
-        lines.append(
-            f"| {r['case']} | {r['batch']} | {r['mode']} | {r['dense_ms']:.1f} | "
-            f"{r['outside_ms']:.1f} ({r['outside']:.3f}) | "
-            f"{r['inside_ms']:.1f} ({r['inside']:.3f}) | {r['inside_over_outside']:.3f} |"
-        )
+    lines += against_table(
+        "case | batch | mode | dense ms | converted outside: ms (/ dense) | converted inside: "
+        "ms (/ dense) | inside / outside",
+        res["rows"],
+        lambda r: [r["case"], r["batch"], r["mode"]],
+        ("outside", "inside"),
+        "inside_over_outside",
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import run_model_benchmark  # noqa: E402
+from _results import against_table, run_facts, run_model_benchmark, timing_facts  # noqa: E402
 from models import CL, against, build_case, time_models  # noqa: E402
 
 import tieify  # noqa: E402
@@ -61,22 +61,18 @@ def markdown(res: dict) -> str:
     lines = [
         "# The kernel as the rule's default for unfused layers",
         "",
-        f"Tied / dense latency, channels-last, {res['size']}×{res['size']}, {res['threads']} "
-        f"threads, {res['rounds']} interleaved rounds (medians of per-round ratios); torch "
-        f"{res['torch']}, {res['machine']}. This machine's rule takes the kernel alone: "
+        f"Tied / dense latency, channels-last, {res['size']}×{res['size']}, "
+        f"{timing_facts(res)} This machine's rule takes the kernel alone: "
         f"{res['kernel_wins_alone']}; the kernel streams outputs from "
-        f"{res['stream_min_bytes'] / 2**20:.0f} MiB. Load average at start "
-        f"{res['loadavg_start']}, at end {res['loadavg_end']}.",
+        f"{res['stream_min_bytes'] / 2**20:.0f} MiB. {run_facts(res)}",
         "",
-        "| case | batch | dense ms | rule | kernel alone | no kernel alone | optimize |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in res["rows"]:
-        lines.append(
-            f"| {r['case']} | {r['batch']} | {r['dense_ms']:.1f} | "
-            + " | ".join(f"{r[v]:.3f} ({r[f'{v}_ms']:.1f} ms)" for v in VARIANTS)
-            + " |"
-        )
+    lines += against_table(
+        "case | batch | dense ms | " + " | ".join(v.replace("_", " ") for v in VARIANTS),
+        res["rows"],
+        lambda r: [r["case"], r["batch"]],
+        VARIANTS,
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _allocator_flag  # noqa: E402
-from _results import write_results  # noqa: E402
+from _results import run_facts, table, write_results  # noqa: E402
 
 from tieify.latency._machine import describe_machine  # noqa: E402
 from tieify.latency._optimize import choose_path  # noqa: E402
@@ -306,13 +306,10 @@ def markdown(res):
         f"{res['machine']}, torch {res['torch']}. Peak float32 rate reached in the run: "
         f"{res['peak_gflops']:.0f} GFLOP/s; the dense convolutions ran at "
         f"{s['dense_gflops']['min']:.0f}-{s['dense_gflops']['max']:.0f} GFLOP/s (median "
-        f"{s['dense_gflops']['median']:.0f}). {res['note']} Load average (1/5/15 min) at start "
-        f"{res['loadavg_start']}, at end {res['loadavg_end']}. Allocator: {res['allocator']}.",
+        f"{s['dense_gflops']['median']:.0f}). {res['note']} {run_facts(res)}",
         "",
-        "| | median E | min E | max E |",
-        "|---|---:|---:|---:|",
     ]
-    for col, label in (
+    summary_rows = (
         ("E_fold", "reference fold (NCHW)"),
         ("E_grouped", "grouped conv G=B (best layout)"),
         ("E_tieify", "**tieify** (best layout)"),
@@ -325,9 +322,15 @@ def markdown(res):
         ("E_fold_best", "fold, best-of-rounds times"),
         ("E_grouped_best", "grouped, best-of-rounds times"),
         ("E_tieify_best", "tieify, best-of-rounds times"),
-    ):
-        v = s[col]
-        lines.append(f"| {label} | {v['median']:.2f} | {v['min']:.2f} | {v['max']:.2f} |")
+    )
+    lines += table(
+        " | median E | min E | max E",
+        "lrrr",
+        (
+            [label] + [f"{s[col][k]:.2f}" for k in ("median", "min", "max")]
+            for col, label in summary_rows
+        ),
+    )
     lines += [
         "",
         f"tieify faster than the reference fold on {s['faster_than_fold']}/{s['n']} "
@@ -335,20 +338,20 @@ def markdown(res):
         "",
         below_target_line(s["below_target"]),
         "",
-        "| C_in | C_out | H | k | B | dense ms | E fold | E grouped | E tieify | E tieify CL "
-        "| E tieify NCHW | E memory | E compute | of roofline | × vs fold | path CL "
-        "| path NCHW |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    for r in res["rows"]:
-        lines.append(
-            f"| {r['C_in']} | {r['C_out']} | {r['H']} | {r['k']} | {r['B']} | "
-            f"{r['dense_ms']:.2f} | {r['E_fold']:.2f} | {r['E_grouped']:.2f} | "
-            f"**{r['E_tieify']:.2f}** | {r['E_tieify_cl']:.2f} | {r['E_tieify_nchw']:.2f} | "
-            f"{r['E_ceiling']:.2f} | {r['E_compute_ceiling']:.2f} | {r['of_roofline']:.2f} | "
-            f"{r['speedup_vs_fold']:.2f} | {r['path_cl']} | "
-            f"{r['path_nchw']} |"
-        )
+    columns = ("E_fold", "E_grouped", "E_tieify", "E_tieify_cl", "E_tieify_nchw", "E_ceiling")
+    columns += ("E_compute_ceiling", "of_roofline", "speedup_vs_fold")
+    lines += table(
+        "C_in | C_out | H | k | B | dense ms | E fold | E grouped | E tieify | E tieify CL "
+        "| E tieify NCHW | E memory | E compute | of roofline | × vs fold | path CL | path NCHW",
+        "r" * 15 + "ll",
+        (
+            [r["C_in"], r["C_out"], r["H"], r["k"], r["B"], f"{r['dense_ms']:.2f}"]
+            + [f"**{r[c]:.2f}**" if c == "E_tieify" else f"{r[c]:.2f}" for c in columns]
+            + [r["path_cl"], r["path_nchw"]]
+            for r in res["rows"]
+        ),
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _allocator_flag  # noqa: E402
-from _results import write_results  # noqa: E402
+from _results import run_facts, table, write_results  # noqa: E402
 from models import divisible, is_depthwise, tie_convs  # noqa: E402
 
 from tieify.latency import (  # noqa: E402
@@ -230,6 +230,19 @@ def summarize(rows: list[dict], models: list[str]) -> dict:
     return out
 
 
+#: The error columns of the tables per repetition and per model, after their MdAPE.
+MDAPE_COLUMNS = (
+    "MdAPE (in-round calibration) | MdAPE (stubbed calibration) | MdAPE (against the median) "
+    "| measured twice | max APE"
+)
+
+
+def percentages(errors: dict) -> list[str]:
+    """The MdAPE and :data:`MDAPE_COLUMNS` of one repetition or model, as percentages."""
+    keys = ("mdape", "mdape_in_rounds", "mdape_stubbed", "mdape_median", "mdape_self", "max_ape")
+    return [f"{errors[k] * 100:.1f}%" for k in keys]
+
+
 def markdown(res: dict) -> str:
     s = res["summary"]
     reps = res["repetitions"]
@@ -238,8 +251,7 @@ def markdown(res: dict) -> str:
         "",
         f"{res['plans_per_model']} random plans per model, batch {res['batch']}, "
         f"{res['size']}×{res['size']}, {res['layout']}, {res['threads']} threads, torch "
-        f"{res['torch']}, {res['machine']}. {res['note']} Load average (1/5/15 min) at start "
-        f"{res['loadavg_start']}, at end {res['loadavg_end']}. Allocator: {res['allocator']}.",
+        f"{res['torch']}, {res['machine']}. {res['note']} {run_facts(res)}",
         "",
         f"**Median absolute percentage error: {s['mdape'] * 100:.1f}%** over {s['n']} plans "
         f"({len(reps)} repetition(s); max {s['max_ape'] * 100:.1f}%) against the measured "
@@ -270,41 +282,30 @@ def markdown(res: dict) -> str:
             "Each repetition starts from an empty table (every entry and the remainder measured "
             "again), so the spread between repetitions is the host's, not the plans':",
             "",
-            "| repetition | MdAPE | MdAPE (in-round calibration) | MdAPE (stubbed calibration) "
-            "| MdAPE (against the median) | measured twice | max APE | load average at start |",
-            "|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
-        for i, r in enumerate(reps):
-            lines.append(
-                f"| {i} | {r['mdape'] * 100:.1f}% | {r['mdape_in_rounds'] * 100:.1f}% | "
-                f"{r['mdape_stubbed'] * 100:.1f}% | {r['mdape_median'] * 100:.1f}% | "
-                f"{r['mdape_self'] * 100:.1f}% | {r['max_ape'] * 100:.1f}% | "
-                f"{r['loadavg_start']} |"
-            )
+        lines += table(
+            "repetition | MdAPE | " + MDAPE_COLUMNS + " | load average at start",
+            "r" * 7 + "l",
+            ([i, *percentages(r), r["loadavg_start"]] for i, r in enumerate(reps)),
+        )
         lines.append("")
-    lines += [
-        "| model | MdAPE | MdAPE (in-round calibration) | MdAPE (stubbed calibration) | "
-        "MdAPE (against the median) | measured twice | max APE | table entries measured |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for m, v in s["per_model"].items():
-        lines.append(
-            f"| {m} | {v['mdape'] * 100:.1f}% | {v['mdape_in_rounds'] * 100:.1f}% | "
-            f"{v['mdape_stubbed'] * 100:.1f}% | {v['mdape_median'] * 100:.1f}% | "
-            f"{v['mdape_self'] * 100:.1f}% | {v['max_ape'] * 100:.1f}% | {v['entries']} |"
-        )
-    lines += [
-        "",
-        "| rep | model | plan | mean B | predicted ms | measured (fastest) ms | median ms | APE "
-        "| stubbed calibration ms |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in res["rows"]:
-        lines.append(
-            f"| {r['rep']} | {r['model']} | {r['plan']} | {r['mean_B']:.2f} | "
-            f"{r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | {r['measured_median_ms']:.2f} | "
-            f"{r['ape'] * 100:.1f}% | {r['predicted_stubbed_ms']:.2f} |"
-        )
+    lines += table(
+        "model | MdAPE | " + MDAPE_COLUMNS + " | table entries measured",
+        "l" + "r" * 7,
+        ([m, *percentages(v), v["entries"]] for m, v in s["per_model"].items()),
+    )
+    lines.append("")
+    lines += table(
+        "rep | model | plan | mean B | predicted ms | measured (fastest) ms | median ms | APE "
+        "| stubbed calibration ms",
+        "rlrrrrrrr",
+        (
+            [r["rep"], r["model"], r["plan"], f"{r['mean_B']:.2f}"]
+            + [f"{r[k]:.2f}" for k in ("predicted_ms", "measured_ms", "measured_median_ms")]
+            + [f"{r['ape'] * 100:.1f}%", f"{r['predicted_stubbed_ms']:.2f}"]
+            for r in res["rows"]
+        ),
+    )
     return "\n".join(lines) + "\n"
 
 

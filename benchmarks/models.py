@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _allocator_flag  # noqa: E402
-from _results import write_results  # noqa: E402
+from _results import run_facts, table, write_results  # noqa: E402
 
 import tieify  # noqa: E402
 from tieify.latency._machine import describe_machine  # noqa: E402
@@ -396,28 +396,24 @@ def profile_markdown(rows: list[dict], args, allocator: str) -> str:
         f"in the tied model. {describe_machine()}; torch {torch.__version__}. Allocator: "
         f"{allocator}.",
         "",
-        "| case | batch | model | total | conv | norm | act | pool | other | rest |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        for name in ("dense", "tied"):
-            parts = " | ".join(
-                f"{r[f'{name}_{k}_ms']:.1f}"
-                for k in ("conv", "norm", "act", "pool", "other", "rest")
-            )
-            lines.append(
-                f"| {r['case']} | {r['batch']} | {name} | {r[f'{name}_total_ms']:.1f} | {parts} |"
-            )
-    lines += [
-        "",
-        "| case | batch | latency ratio | conv ratio | MAC ratio | bound |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['case']} | {r['batch']} | {r['latency_ratio']:.3f} | {r['conv_ratio']:.3f} | "
-            f"{r['mac_ratio']:.3f} | {r['bound_ratio']:.3f} |"
-        )
+    parts = ("total", "conv", "norm", "act", "pool", "other", "rest")
+    lines += table(
+        "case | batch | model | " + " | ".join(parts),
+        "lrl" + "r" * len(parts),
+        (
+            [r["case"], r["batch"], name] + [f"{r[f'{name}_{k}_ms']:.1f}" for k in parts]
+            for r in rows
+            for name in ("dense", "tied")
+        ),
+    )
+    lines.append("")
+    ratios = ("latency_ratio", "conv_ratio", "mac_ratio", "bound_ratio")
+    lines += table(
+        "case | batch | latency ratio | conv ratio | MAC ratio | bound",
+        "lrrrrr",
+        ([r["case"], r["batch"]] + [f"{r[k]:.3f}" for k in ratios] for r in rows),
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -428,8 +424,7 @@ def markdown(res: dict) -> str:
         f"Input {res['size']}×{res['size']}, {res['threads']} threads, {res['rounds']} "
         f"interleaved rounds, medians of per-round ratios; torch {res['torch']}, "
         f"{res['machine']}. torch.compile: {res.get('compile', 'static shapes, per batch')}. "
-        f"{res['note']} Load average (1/5/15 min) at start "
-        f"{res['loadavg_start']}, at end {res['loadavg_end']}. Allocator: {res['allocator']}.",
+        f"{res['note']} {run_facts(res)}",
         "",
         "Modes: `eager`, NCHW input, both models after `tieify.optimize` (marked `dense "
         "entry` where it made the dense model's inputs channels-last at its entry); "
@@ -439,16 +434,17 @@ def markdown(res: dict) -> str:
         "the fused tied model against the plain channels-last dense one; `compile`, "
         "`torch.compile` of the channels-last models.",
         "",
-        "| case | batch | mode | dense ms | tied ms | latency ratio | MAC ratio | gap |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for r in res["rows"]:
-        lines.append(
-            f"| {r['case']} | {r['batch']} | {r['mode']}"
-            f"{' (dense entry)' if r.get('dense_entry') else ''} | {r['dense_ms']:.1f} | "
-            f"{r['tied_ms']:.1f} | {r['latency_ratio']:.3f} | {r['mac_ratio']:.3f} | "
-            f"{r['gap']:+.3f} |"
-        )
+    lines += table(
+        "case | batch | mode | dense ms | tied ms | latency ratio | MAC ratio | gap",
+        "lrlrrrrr",
+        (
+            [r["case"], r["batch"], r["mode"] + (" (dense entry)" if r.get("dense_entry") else "")]
+            + [f"{r['dense_ms']:.1f}", f"{r['tied_ms']:.1f}", f"{r['latency_ratio']:.3f}"]
+            + [f"{r['mac_ratio']:.3f}", f"{r['gap']:+.3f}"]
+            for r in res["rows"]
+        ),
+    )
     return "\n".join(lines) + "\n"
 
 

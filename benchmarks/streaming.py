@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import run_model_benchmark  # noqa: E402
+from _results import against_table, run_facts, run_model_benchmark, timing_facts  # noqa: E402
 from models import CL, against, build_case, median_ratio, time_models  # noqa: E402
 
 import tieify  # noqa: E402
@@ -72,22 +72,20 @@ def markdown(res: dict) -> str:
         "# The kernel's stores: streamed from 1 MiB against from half the last-level cache",
         "",
         f"Fused tied models (`tieify.fuse`), channels-last, {res['size']}×{res['size']}, "
-        f"{res['threads']} threads, {res['rounds']} interleaved rounds (medians of per-round "
-        f"ratios); torch {res['torch']}, {res['machine']}. Last-level cache "
+        f"{timing_facts(res)} Last-level cache "
         f"{res['llc_bytes']} bytes: half of it {res['half_cache_bytes'] / 2**20:.0f} MiB; "
         f"this machine's rule streams outputs from {res['stream_min_bytes'] / 2**20:.0f} MiB. "
-        f"Load average at start {res['loadavg_start']}, at end {res['loadavg_end']}.",
+        f"{run_facts(res)}",
         "",
-        "| case | batch | chains | dense ms | streamed from half the cache: ms (/ dense) | "
-        "streamed from 1 MiB: ms (/ dense) | from 1 MiB / from half the cache |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in res["rows"]:
-        lines.append(
-            f"| {r['case']} | {r['batch']} | {r['chains']} | {r['dense_ms']:.1f} | "
-            f"{r['half_cache_ms']:.1f} ({r['half_cache']:.3f}) | {r['from_1mib_ms']:.1f} "
-            f"({r['from_1mib']:.3f}) | {r['from_1mib_over_half_cache']:.3f} |"
-        )
+    lines += against_table(
+        "case | batch | chains | dense ms | streamed from half the cache: ms (/ dense) | "
+        "streamed from 1 MiB: ms (/ dense) | from 1 MiB / from half the cache",
+        res["rows"],
+        lambda r: [r["case"], r["batch"], r["chains"]],
+        ("half_cache", "from_1mib"),
+        "from_1mib_over_half_cache",
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -328,3 +328,34 @@ def test_models_profile_splits_a_forward_by_module_on_a_fake_clock(models, monke
     split = models.module_split(Net().eval(), torch.randn(1, 4, 3, 3), rounds=2)
     expected = {"conv": 12.0, "norm": 2.0, "act": 1.0, "pool": 4.0, "other": 0.0, "rest": 3.0}
     assert split == pytest.approx({**expected, "total": 22.0})
+
+
+@pytest.fixture(scope="module")
+def results():
+    yield from _load("_results")
+
+
+def test_tables_align_their_columns_and_reject_a_ragged_row(results):
+    assert results.table(" | ms | name", "lrl", [["a", 1.5, "x"], ["", 2, ""]]) == [
+        "| | ms | name |",
+        "|---|---:|---|",
+        "| a | 1.5 | x |",
+        "| | 2 | |",
+    ]
+    with pytest.raises(ValueError, match="needs one of 'l' or 'r' for each of 2 columns"):
+        results.table("a | b", "l", [])
+    with pytest.raises(ValueError, match="a row of 1 cells in a table of 2 columns"):
+        results.table("a | b", "lr", [["x"]])
+    row = {"case": "r50", "batch": 8, "dense_ms": 200.0, "tied_ms": 60.04, "tied": 0.3002}
+    row |= {"fused_ms": 50.0, "fused": 0.25, "fused_over_tied": 0.8328}
+    assert results.against_table(
+        "case | batch | dense ms | tied | fused | fused / tied",
+        [row],
+        lambda r: [r["case"], r["batch"]],
+        ("tied", "fused"),
+        "fused_over_tied",
+    ) == [
+        "| case | batch | dense ms | tied | fused | fused / tied |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| r50 | 8 | 200.0 | 60.0 (0.300) | 50.0 (0.250) | 0.833 |",
+    ]

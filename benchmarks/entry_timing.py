@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import table, write_results  # noqa: E402
+from _results import run_facts, table, write_results  # noqa: E402
 from latency_model import MODELS, random_plan_model  # noqa: E402
 
 from tieify.latency import LatencyTable, _table, measure_latency, predict_latency  # noqa: E402
@@ -123,8 +123,7 @@ def markdown(res: dict) -> str:
         "",
         f"{res['model']}, {res['plans']} random plans a trial, batch 1, {res['size']}×"
         f"{res['size']}, {res['threads']} threads, torch {res['torch']}, {res['machine']}. "
-        f"Load average (1/5/15 min) at start {res['loadavg_start']}, at end "
-        f"{res['loadavg_end']}; {res['seconds']:.0f} s.",
+        f"{run_facts(res)} The run took {res['seconds']:.0f} s.",
         "",
     ]
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _allocator_flag  # noqa: E402
-from _results import table, write_results  # noqa: E402
+from _results import run_facts, table, write_results  # noqa: E402
 
 from tieify.latency._machine import describe_machine  # noqa: E402
 
@@ -97,8 +97,7 @@ def markdown(res: dict) -> str:
         "",
         f"{res['model']} at {res['size']}×{res['size']}, batch 1, {res['threads']} threads, "
         f"{res['calls']} calls over {res['seconds']:g} s ({res['start']}), torch {res['torch']}, "
-        f"{res['machine']}. Load average (1/5/15 min) at start {res['loadavg_start']}, at end "
-        f"{res['loadavg_end']}. All calls: median {res['median_ms']:.2f} ms, fastest "
+        f"{res['machine']}. {run_facts(res)} All calls: median {res['median_ms']:.2f} ms, fastest "
         f"{res['fastest_ms']:.2f} ms.",
         "",
         "Per window length, each reading of a window (its median call, 10th percentile, "

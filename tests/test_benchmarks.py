@@ -359,3 +359,51 @@ def test_tables_align_their_columns_and_reject_a_ragged_row(results):
         "|---|---:|---:|---:|---:|---:|",
         "| r50 | 8 | 200.0 | 60.0 (0.300) | 50.0 (0.250) | 0.833 |",
     ]
+
+
+@pytest.fixture(scope="module")
+def zoo_coverage():
+    yield from _load("zoo_coverage")
+
+
+def test_zoo_coverage_records_each_function_and_names_what_failed(zoo_coverage, monkeypatch):
+    functions = ["report", "save_load", "optimize", "fuse", "export", "onnx"]
+    row = zoo_coverage.run_model("torchvision/resnet", "resnet18", {}, 32, 4, functions)
+    assert row["status"] == "ok" and row["tied"] == 19 and row["left"] == 2
+    results = {f: v["result"] for f, v in row["functions"].items()}
+    onnx = "skipped (onnxruntime not installed)"
+    if importlib.util.find_spec("onnxruntime"):
+        onnx = "ok"
+    fuse = results.pop("fuse")
+    assert fuse.startswith("ok (") and fuse.endswith(" chains)"), fuse
+    assert results == {f: "ok" for f in functions if f != "fuse"} | {"onnx": onnx}
+
+    # a function that raises is recorded with its error and where it was raised; an exporter
+    # that fails on the dense model too is not counted against tieify
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(zoo_coverage.tieify, "save", broken)
+    monkeypatch.setattr(zoo_coverage, "_export", broken)
+    row = zoo_coverage.run_model(
+        "torchvision/resnet", "resnet18", {}, 32, 4, ["save_load", "export"]
+    )
+    results = {f: v["result"] for f, v in row["functions"].items()}
+    assert results["save_load"].startswith("failed: RuntimeError: disk full (test_benchmarks.py:")
+    assert results["export"] == "dense fails too (RuntimeError)"
+    res = {
+        "B": 4,
+        "functions": ["save_load", "export"],
+        "torch": "t",
+        "torchvision": "tv",
+        "timm": "not installed",
+        "loadavg_start": [1, 1, 1],
+        "loadavg_end": [1, 1, 1],
+        "resnet152_tieify_seconds_median_of_5": 0.25,
+        "models": [row],
+    }
+    md = zoo_coverage.markdown(res)
+    assert "| torchvision/resnet | 1 | 19 | 2 | 0 | 0 | 0/1 | 0/1 (1 n/a) |" in md
+    assert f"- resnet18: save_load: {results['save_load']}" in md
+    assert "- resnet18: export: dense fails too (RuntimeError)" in md
+    assert "1 function failure(s)" in md

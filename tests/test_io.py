@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,92 @@ def test_pt_loading_is_weights_only(tmp_path: Path) -> None:
     torch.save({"format": "other"}, tmp_path / "o.pt")
     with pytest.raises(PlanError, match="was not written by tieify.save"):
         tieify.load(nn.Linear(2, 2), tmp_path / "o.pt")
+
+
+class _Versioned(nn.Module):
+    """A module whose loader needs its state-dict version, as torchvision's MNASNet does:
+    version 1 stored the weight under an older key."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):  # type: ignore[no-untyped-def]
+        version = local_metadata.get("version")
+        if version not in (1, 2):
+            raise ValueError(f"version should be 1 or 2, not {version}")
+        if version == 1:
+            state_dict[prefix + "conv.weight"] = state_dict.pop(prefix + "old_weight")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_state_dict_versions_travel_with_the_weights(tmp_path: Path, suffix: str) -> None:
+    # MNASNet refuses a state without its version (ValueError): tieify.save keeps each
+    # module's version, tieify.load hands it back
+    model = torchvision.models.mnasnet0_5().eval()
+    tied = tieify.tieify(model, B=4).eval()
+    again = tieify.load(torchvision.models.mnasnet0_5(), tieify.save(tied, tmp_path / f"m{suffix}"))
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(again.eval()(x), tied(x), rtol=0, atol=0)
+
+    # the saved version, not the rebuilt model's, reaches the loader: a version-1 state
+    net = nn.Sequential(_Versioned(), nn.Conv2d(8, 8, 1))
+    tied = tieify.tieify(net, B=2)
+    path = tieify.save(tied, tmp_path / f"v{suffix}")
+    text, tensors, versions = tieify._io._read(path)
+    assert versions[""] == {"version": 1} and versions["0"] == {"version": 2}
+    tensors["0.old_weight"] = tensors.pop("0.conv.weight")
+    versions["0"]["version"] = 1
+    if suffix == ".pt":
+        torch.save(
+            {"format": "tieify-1", "plan": text, "state_dict": tensors, "versions": versions}, path
+        )
+    else:
+        from safetensors.torch import save_file
+
+        save_file(
+            tensors,
+            str(path),
+            metadata={"format": "tieify-1", "plan": text, "versions": json.dumps(versions)},
+        )
+    again = tieify.load(nn.Sequential(_Versioned(), nn.Conv2d(8, 8, 1)), path)
+    x = torch.randn(1, 8, 5, 5)
+    torch.testing.assert_close(again(x), tied(x), rtol=0, atol=0)
+
+    # a file without versions (written before they were saved) loads with the rebuilt
+    # model's own; a loader that still fails is a PlanError naming its error
+    del versions["0"]
+    tensors["0.conv.weight"] = tensors.pop("0.old_weight")
+    torch.save({"format": "tieify-1", "plan": text, "state_dict": tensors}, tmp_path / "old.pt")
+    again = tieify.load(nn.Sequential(_Versioned(), nn.Conv2d(8, 8, 1)), tmp_path / "old.pt")
+    torch.testing.assert_close(again(x), tied(x), rtol=0, atol=0)
+    broken = nn.Sequential(_Versioned(), nn.Conv2d(8, 8, 1))
+    broken[0]._version = 3  # type: ignore[assignment]
+    with pytest.raises(PlanError, match="ValueError: version should be 1 or 2, not 3"):
+        tieify.load(broken, tmp_path / "old.pt")
+
+
+def test_save_creates_directories_and_never_leaves_half_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tied = tieify.tieify(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1)), B=2)
+    for suffix in (".safetensors", ".pt"):
+        path = tieify.save(tied, tmp_path / "a" / "b" / f"t{suffix}")
+        assert path.is_file()
+    before = path.read_bytes()
+
+    def interrupted(obj: object, f: str) -> None:  # writes part of the file, then fails
+        Path(f).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tieify.save(tied, path)
+    assert path.read_bytes() == before  # the earlier checkpoint is whole
+    assert sorted(p.name for p in path.parent.iterdir()) == ["t.pt", "t.safetensors"]

@@ -3,7 +3,9 @@
 Each model: the tied model's output shape equals the original's, backward reaches the tied
 weights, every tied layer computes exactly its dense form (``to_dense()``; TiedBlock: its
 ``blockwise_forward``) on the activations it really sees, parameters strictly drop whenever
-something was tied, and ``B=1`` gives outputs equal to the original's.
+something was tied, ``tieify.save`` / ``tieify.load`` give back the same outputs, and ``B=1``
+gives outputs equal to the original's. (The other public functions over the whole zoo:
+``python benchmarks/zoo_coverage.py``.)
 
 Input sizes: 64×64 by default; inception_v3 needs at least 75 (80 used); ViT and MaxViT have
 a fixed 224×224 input. No model is excluded; the largest ones (over 100 M parameters, or a
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import re
 import sys
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -143,6 +147,13 @@ def check_model(model: nn.Module, x: torch.Tensor, B: int = 4, **kw: Any) -> tie
         assert n_params(tied) < n_params(model)
     else:
         assert n_params(tied) == n_params(model)
+
+    # save / load: the plan replayed on the architecture, with the saved weights, computes
+    # the same outputs (each module's state-dict version travels too: MNASNet needs it)
+    with tempfile.TemporaryDirectory() as work:
+        again = tieify.load(model, tieify.save(tied, Path(work) / "tied.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(_first_tensor(again(x)), _first_tensor(tied(x)), rtol=0, atol=0)
 
     # B=1 keeps the outputs; the original is untouched
     same = tieify.tieify(model, B=1)

@@ -59,6 +59,7 @@ SIZES = {"inception_v3": 299, "googlenet": 64}
 FIXED_224 = ("vit_", "swin", "maxvit")
 FUNCTIONS = ("report", "save_load", "optimize", "fuse", "export", "onnx")
 TOL = {"rtol": 1e-3, "atol": 1e-3}
+NOT_APPLICABLE = ("dense fails", "skipped")  # how check() begins a result it could not judge
 
 
 def _family(name: str) -> str:
@@ -144,7 +145,7 @@ def check(
             return "ok"
         if function == "save_load":
             path = tieify.save(tied, work / "tied.safetensors")
-            again = tieify.load(copy.deepcopy(model), path).eval()
+            again = tieify.load(model, path).eval()  # load leaves `model` as it is
             torch.testing.assert_close(_first(again(x)), y, rtol=0, atol=0)
             return "ok"
         if function == "optimize":
@@ -225,15 +226,20 @@ def run_model(
     return row
 
 
-def markdown(res: dict) -> str:
-    rows, functions = res["models"], res["functions"]
-    failed = [r for r in rows if r["status"] == "failed"]
-    broken = [
+def _results(rows: list[dict], starts: str | tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """(model, function, result) of every check whose result begins with ``starts``."""
+    return [
         (r["model"], f, v["result"])
         for r in rows
         for f, v in r.get("functions", {}).items()
-        if v["result"].startswith("failed")
+        if v["result"].startswith(starts)
     ]
+
+
+def markdown(res: dict) -> str:
+    rows, functions = res["models"], res["functions"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    broken = _results(rows, "failed")
     lines = [
         f"# Zoo coverage of tieify(model, B={res['B']}) and the public functions",
         "",
@@ -259,7 +265,7 @@ def markdown(res: dict) -> str:
         for f, v in r.get("functions", {}).items():
             c[f"{f} checked"] += 1
             c[f"{f} ok"] += v["result"].startswith("ok")
-            c[f"{f} n/a"] += v["result"].startswith(("dense fails", "skipped"))
+            c[f"{f} n/a"] += v["result"].startswith(NOT_APPLICABLE)
 
     def cell(c: Counter, f: str) -> str:
         text = f"{c[f + ' ok']}/{c[f + ' checked']}"
@@ -279,12 +285,7 @@ def markdown(res: dict) -> str:
         lines += ["", "Failures:", ""]
         lines += [f"- {r['model']}: tieify: {r['error']}" for r in failed]
         lines += [f"- {m}: {f}: {result}" for m, f, result in broken]
-    na = [
-        (r["model"], f, v["result"])
-        for r in rows
-        for f, v in r.get("functions", {}).items()
-        if v["result"].startswith(("dense fails", "skipped"))
-    ]
+    na = _results(rows, NOT_APPLICABLE)
     if na:
         lines += ["", "Not applicable:", ""]
         lines += [f"- {m}: {f}: {result}" for m, f, result in na]
@@ -304,8 +305,14 @@ def main() -> None:
     functions = list(args.functions) + (["predict"] if args.predict else [])
     # optimize's choices and the latency table, timed here with one repeat, go to a cache of
     # this run's own, not the user's (where later runs would take them as measured)
-    cache = tempfile.TemporaryDirectory(prefix="tieify-zoo-cache-")
-    os.environ["TIEIFY_CACHE_DIR"] = cache.name
+    with tempfile.TemporaryDirectory(prefix="tieify-zoo-cache-") as cache:
+        os.environ["TIEIFY_CACHE_DIR"] = cache
+        res = run(args, functions)
+    write_results(args.out, "zoo_coverage", res, markdown(res))
+
+
+def run(args: argparse.Namespace, functions: list[str]) -> dict:
+    """Every zoo model through ``functions``, then tieify()'s time on ResNet-152."""
     load_start = os.getloadavg()
     rows = []
     for source, name, kwargs, size in _torchvision_models() + _timm_models():
@@ -328,7 +335,7 @@ def main() -> None:
         timm_version = timm.__version__
     except ImportError:
         timm_version = "not installed"
-    res = {
+    return {
         "B": args.B,
         "functions": functions,
         "torch": torch.__version__,
@@ -340,8 +347,6 @@ def main() -> None:
         "resnet152_tieify_seconds": times,
         "models": rows,
     }
-    write_results(args.out, "zoo_coverage", res, markdown(res))
-    cache.cleanup()
 
 
 if __name__ == "__main__":

@@ -504,10 +504,11 @@ def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch,
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())
 @pytest.mark.parametrize("avx512", [False, True])
 def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monkeypatch, avx512):
-    """Unfused, k×k layers keep widen (or lift) above a batch of one; for a chain tieify.fuse
-    fused, the rule takes the kernel where the output is at least 28 wide; at a batch of
-    one it takes the kernel, fused or not (on a CPU with AVX-512: fused only); by Winograd
-    from 14 wide."""
+    """Unfused, k×k layers keep widen above a batch of one; for a chain tieify.fuse fused,
+    the rule takes the kernel where the output is at least 28 wide; at a batch of one it
+    takes the kernel, fused or not (on a CPU with AVX-512: fused only); by Winograd from 14
+    wide; and where a stride along the width rules widen out, at any width and batch (on a
+    CPU with AVX-512: fused only), never lift."""
     as_if_avx512(monkeypatch, avx512)
     assert _paths.KERNEL_CONV_MIN_WIDTH == 28
     layer = TiedConv2d(16, 16, 3, padding=1, B=4)
@@ -520,8 +521,10 @@ def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monk
         assert _paths.default_path(layer, x, fused=True) == ("kernel" if kernel else "widen")
         assert _paths.select_path(layer, x, fused=True) == ("kernel" if kernel else "widen")
         assert _paths.select_path(layer, x) == "widen"  # the memo keeps the two apart
-        # Stride 2 halves the width: lift (widen cannot stride across blocks) below 28.
-        assert _paths.default_path(strided, x, fused=True) == "lift"
+        # Widen cannot stride across blocks: a strided layer takes the kernel at any width.
+        assert "widen" not in _paths.applicable_paths(strided, x)
+        assert _paths.default_path(strided, x, fused=True) == "kernel"
+        assert _paths.default_path(strided, x) == ("lift" if avx512 else "kernel")
         # One sample of the same input: the kernel, fused or not, at any width.
         one = x[:1]
         for fused in (False, True):
@@ -532,7 +535,9 @@ def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monk
         assert _paths.select_path(layer, x) == "widen"  # the memo tells the batches apart
     x = channels_last(torch.randn(2, 16, 3, 56))
     assert _paths.default_path(strided, x, fused=True) == "kernel"
-    assert _paths.default_path(strided, x) == "lift"
+    assert _paths.default_path(strided, x) == ("lift" if avx512 else "kernel")
+    with torch.no_grad():
+        torch.testing.assert_close(strided(x), _paths.lift_forward(strided, x))
     # A pinned path is kept, fused or not.
     layer.path = "widen"
     assert _paths.select_path(layer, x, fused=True) == "widen"
@@ -554,7 +559,7 @@ def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monk
         winograd = width >= least
         assert _paths.default_path(wide, x, fused=True) == ("kernel" if winograd else "widen")
         assert _paths.default_path(wide, x) == ("kernel" if winograd and not avx512 else "widen")
-        assert _paths.default_path(wide_strided, x, fused=True) == "lift"
+        assert _paths.default_path(wide_strided, x, fused=True) == "kernel"
     # 'same' padding that is asymmetric (an even kernel) is not the kernel's.
     even = TiedConv2d(16, 16, 2, padding="same", B=4)
     assert "kernel" not in _paths.applicable_paths(even, x)

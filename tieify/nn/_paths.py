@@ -1222,9 +1222,23 @@ def _kernel_conv_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool) ->
     """Whether a k×k layer whose input the ``kernel`` takes runs it by default, where
     :data:`_KERNEL_WINS_ALONE` or ``fused``: by Winograd's F(2×2, 3×3) (:func:`_winograd`)
     with an output at least :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide (with AVX-512; else
-    :data:`KERNEL_WINOGRAD_MIN_WIDTH_256`), at a batch of one, or,
-    ``fused``, with an output at least :data:`KERNEL_CONV_MIN_WIDTH` wide. Static tests: a
-    symbolic batch (a dynamic-batch compile or export) is not taken for one.
+    :data:`KERNEL_WINOGRAD_MIN_WIDTH_256`), at a batch of one, on a channels-last input
+    where ``widen`` does not apply (a stride along the width), or, ``fused``, with an output
+    at least :data:`KERNEL_CONV_MIN_WIDTH` wide. Static tests: a symbolic batch (a
+    dynamic-batch compile or export) is not taken for one.
+
+    A strided k×k layer on a channels-last input cannot be widened (a stride along the
+    widened axis would step across blocks); ``lift``, the rule's choice there before, is
+    slower than the kernel almost everywhere. ``python benchmarks/conv_paths.py``, its
+    strided tables (B ∈ {2, 4, 8}, channels-last, 2 threads, Zen 5 EPYC with AVX-512, two
+    runs, 2026-12-05 08:52 and 08:55 UTC, ``benchmarks/results/epyc_zen5/conv_paths.md``):
+    at batch 8, ResNet-50's three strided 3×3 convs took 0.82-1.93× the kernel's time under
+    ``lift`` (median 1.20 and 1.19; faster than the kernel in 2 and 4 of 9, by at most 18%,
+    at 512 channels, 7 wide out, B = 4 and 8, and 256 at B = 4 and 8) and 0.72-1.46× under
+    ``grouped`` (median 1.06 and 0.93); fifteen other strided layers (3×3, 5×5 and 7×7, 6 to
+    112 wide) 1.41-4.56× under ``lift`` and 0.78-4.55× under ``grouped`` (medians 1.54 and
+    1.11); at batch 1, where the rule took the kernel already, it was the fastest path in 24
+    and 22 of 24 cases.
 
     At a batch of one an NCHW input takes it too (the kernel's copy to channels-last and
     back included). 3×3 layers of 16-128 channels at 4×4 to 56×56, B ∈ {2, 4, 8}, batch 1
@@ -1246,6 +1260,8 @@ def _kernel_conv_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool) ->
         return True  # in either layout (NCHW: on the kernel's copies, see the doc above)
     if not is_channels_last(x):  # NCHW: the copies to channels-last and back pay off only
         return False  # against Winograd's 2.25x fewer multiply-adds (or at a batch of one)
+    if not _widen_applies(layer, x):
+        return True  # a stride along the width: the other choice is lift, slower everywhere
     return fused and statically_known_true(width >= KERNEL_CONV_MIN_WIDTH)
 
 
@@ -1261,11 +1277,11 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     AVX-512 once a float32 input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers
     on a channels-last input run tieify's ``kernel`` where it applies by Winograd's
     F(2×2, 3×3) with an output at least :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide (without
-    AVX-512 :data:`KERNEL_WINOGRAD_MIN_WIDTH_256`) or at a batch
-    of one (only ``fused`` where not :data:`_KERNEL_WINS_ALONE`), and with ``fused`` (a
-    layer whose
-    batch norm, add and ReLU :func:`tieify.fuse` would apply in the kernel's epilogue) also
-    where the output is at least :data:`KERNEL_CONV_MIN_WIDTH` wide
+    AVX-512 :data:`KERNEL_WINOGRAD_MIN_WIDTH_256`), at a batch of one or where a stride
+    along the width rules ``widen`` out (only ``fused`` where not
+    :data:`_KERNEL_WINS_ALONE`), and with ``fused`` (a layer whose batch norm, add and ReLU
+    :func:`tieify.fuse` would apply in the kernel's epilogue) also where the output is at
+    least :data:`KERNEL_CONV_MIN_WIDTH` wide
     (:func:`_kernel_conv_by_default`); else widened on CPU where that applies, else lifted
     (1-D/2-D). On an NCHW input (eager calls only) pointwise layers run tieify's ``kernel``
     (its channels-first product; a strided one on the kept pixels, copied out) by the same

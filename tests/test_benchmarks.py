@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -407,3 +408,48 @@ def test_zoo_coverage_records_each_function_and_names_what_failed(zoo_coverage, 
     assert f"- resnet18: save_load: {results['save_load']}" in md
     assert "- resnet18: export: dense fails too (RuntimeError)" in md
     assert "1 function failure(s)" in md
+
+
+@pytest.fixture(scope="module")
+def training():
+    yield from _load("training")
+
+
+def test_training_benchmark_steps_under_each_rule_and_tabulates_them(training):
+    """The inference rule's steps run with the training rule off, which comes back on even
+    where a step raises; a layer row names each rule's path and its time over the fastest;
+    the single-layer timing runs a real forward and backward on each path (tiny layers)."""
+    from tieify.nn import _paths
+
+    seen = []
+    step = training.as_inference_rule(lambda: seen.append(_paths._TRAINING_RULE))
+    step()
+    assert seen == [False] and _paths._TRAINING_RULE
+
+    def boom():
+        raise RuntimeError("step failed")
+
+    with pytest.raises(RuntimeError, match="step failed"):
+        training.as_inference_rule(boom)()
+    assert _paths._TRAINING_RULE
+    saved, training.LAYERS = training.LAYERS, [(8, 16, 4, 1, 1, 2, 2), (8, 8, 6, 3, 2, 2, 2)]
+    try:
+        layers = training.layer_rows(argparse.Namespace(rounds=1))
+    finally:
+        training.LAYERS = saved
+    assert [(r["k"], r["layout"]) for r in layers] == [
+        (1, "nchw"), (1, "channels_last"), (3, "nchw"), (3, "channels_last")
+    ]  # fmt: skip
+    for r in layers:
+        assert r["fastest"] in r["ms"] and r["training_rule"] in r["ms"]
+        assert r["ms"][r["fastest"]] == min(r["ms"].values()) > 0
+    assert layers[3]["training_rule"] == "grouped"  # strided k×k, channels-last
+    row = {"case": "r50", "layout": "nchw", "batch": 8, "training_ms": 400.0}
+    row |= {"inference_ms": 520.0, "inference_over_training": 1.3004}
+    res = {"threads": 2, "rounds": 1, "torch": "t", "machine": "m", "loadavg_start": [0],
+           "loadavg_end": [0], "rows": [row], "layers": layers}  # fmt: skip
+    text = training.markdown(res)
+    assert "| r50 | nchw | 8 | 400.0 | 520.0 | 1.300 |" in text
+    fastest = layers[0]["ms"][layers[0]["fastest"]]
+    rule = layers[0]["ms"][layers[0]["training_rule"]]
+    assert f"| {layers[0]['training_rule']} | {rule / fastest:.2f} |" in text

@@ -179,8 +179,8 @@ def test_the_rule_takes_the_kernel_for_nchw_winograd_layers_and_at_a_batch_of_on
     and Winograd applies (its 2.25x fewer multiply-adds pay for the copies) or the batch is
     one; a direct conv at a larger batch keeps the fold."""
     monkeypatch.setattr(_paths, "_KERNEL_WINS_ALONE", alone)
-    winograd = TiedConv2d(64, 64, 3, padding=1, B=2)
-    direct = TiedConv2d(32, 32, 3, padding=1, B=2)  # 16 channels a block: no Winograd
+    winograd = TiedConv2d(64, 64, 3, padding=1, B=2).eval()
+    direct = TiedConv2d(32, 32, 3, padding=1, B=2).eval()  # 16 channels a block: no Winograd
     for batch in (1, 8):
         x = torch.randn(batch, 64, 14, 14)  # above NATIVE_MAX_NUMEL at a batch of one
         assert _paths.default_path(winograd, x) == ("kernel" if alone else "fold")
@@ -465,7 +465,7 @@ def as_if_avx512(monkeypatch, avx512: bool) -> None:
 def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch, avx512):
     """Unfused, on a CPU without AVX-512; for a chain tieify.fuse fused, on any."""
     as_if_avx512(monkeypatch, avx512)
-    layer = TiedConv2d(64, 64, 1, B=4)
+    layer = TiedConv2d(64, 64, 1, B=4).eval()  # the rule for inference
     # 784 pixels: the threshold, reached by batch and spatial size together.
     big = channels_last(torch.randn(4, 64, 14, 14))
     small = channels_last(torch.randn(3, 64, 14, 14))
@@ -481,7 +481,7 @@ def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch,
         assert _paths.select_path(layer, x) == expected
         torch.testing.assert_close(layer(x), _paths.fold_forward(layer, x), rtol=1e-4, atol=1e-4)
     # A bank above KERNEL_MAX_BANK entries keeps the BLAS paths (widen: many pixels).
-    wide = TiedConv2d(512, 528, 1, B=2)
+    wide = TiedConv2d(512, 528, 1, B=2).eval()
     assert 256 * 264 > _paths.KERNEL_MAX_BANK >= 128 * 512
     x = channels_last(torch.randn(1, 512, 64, 64))
     assert "kernel" in _paths.applicable_paths(wide, x)
@@ -493,7 +493,7 @@ def test_the_rule_takes_the_kernel_for_large_inputs_and_small_banks(monkeypatch,
     # NCHW: the channels-first product, by the same rule (else the native fold).
     assert _paths.default_path(layer, big.contiguous()) == ("native" if avx512 else "kernel")
     assert _paths.default_path(layer, small.contiguous()) == "native"
-    thin = TiedConv2d(16, 64, 1, B=8)  # 2 input channels a block: native on NCHW input
+    thin = TiedConv2d(16, 64, 1, B=8).eval()  # 2 input channels a block: native on NCHW
     assert _paths.default_path(thin, big[:, :16].contiguous()) == "native"
     thin_cl = channels_last(big[:, :16].contiguous())
     assert _paths.default_path(thin, thin_cl) == ("gemm" if avx512 else "kernel")
@@ -511,8 +511,8 @@ def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monk
     CPU with AVX-512: fused only), never lift."""
     as_if_avx512(monkeypatch, avx512)
     assert _paths.KERNEL_CONV_MIN_WIDTH == 28
-    layer = TiedConv2d(16, 16, 3, padding=1, B=4)
-    strided = TiedConv2d(16, 16, 3, stride=2, padding=1, B=4)
+    layer = TiedConv2d(16, 16, 3, padding=1, B=4).eval()  # the rule for inference
+    strided = TiedConv2d(16, 16, 3, stride=2, padding=1, B=4).eval()
     for x, width in [(torch.randn(2, 16, 5, 28), 28), (torch.randn(2, 16, 5, 27), 27)]:
         x = channels_last(x)
         assert _paths.output_size(layer, x)[-1] == width
@@ -552,8 +552,8 @@ def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monk
     # kernel wins alone); narrower, the rule above decides. Stride 2 is not Winograd's.
     assert (_paths.KERNEL_WINOGRAD_MIN_WIDTH, _paths.KERNEL_WINOGRAD_MIN_WIDTH_256) == (7, 14)
     least = 7 if avx512 else 14
-    wide = TiedConv2d(64, 64, 3, padding=1, B=2)
-    wide_strided = TiedConv2d(64, 64, 3, stride=2, padding=1, B=2)
+    wide = TiedConv2d(64, 64, 3, padding=1, B=2).eval()
+    wide_strided = TiedConv2d(64, 64, 3, stride=2, padding=1, B=2).eval()
     for width in (least, least - 1):
         x = channels_last(torch.randn(2, 64, 3, width))
         winograd = width >= least
@@ -918,6 +918,7 @@ def test_torch_compile_calls_the_kernel_as_an_operator(monkeypatch, backend):
     calls = counting_kernel_calls(monkeypatch)
     torch.manual_seed(0)
     layer = TiedConv2d(64, 128, 1, B=4, bias=True)
+    layer.path = "kernel"  # training: the rule would leave the kernel (test_the_training_rule)
     x = channels_last(torch.randn(4, 64, 16, 16)).requires_grad_()
     compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)
     y = compiled(x)
@@ -1315,6 +1316,7 @@ def test_a_kernel_output_can_be_changed_in_place_in_training(k, batch, size, lay
     could not be changed in place."""
     torch.manual_seed(0)
     layer = TiedConv2d(64, 64, k, padding=k // 2, B=2, bias=True)
+    layer.path = "kernel"  # pinned: the rule leaves the kernel in training
     x = to_layout(torch.randn(batch, 64, size, size), layout).requires_grad_()
     assert _paths.select_path(layer, x) == "kernel"
     y = torch.relu_(layer(x))

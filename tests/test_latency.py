@@ -295,8 +295,12 @@ def test_table_key_names_the_path_that_runs():
     expected = "kernel" if _kernel.kernel_available() else "native"
     assert path(layer, x) == expected  # at a batch of one, tieify's kernel where it is built
     assert path(layer, torch.randn(8, 16, 8, 8)) == "fold"  # a large one
-    # Channels-last: widen, but at a batch of one tieify's kernel where it is built.
-    one = _paths.select_path(layer, xc)
+    # Channels-last: widen, but at a batch of one tieify's kernel where it is built. The key
+    # names the path of an inference forward even where the layer is in training mode (where
+    # the rule for training would leave the kernel).
+    assert layer.training and torch.is_grad_enabled()
+    with torch.no_grad():
+        one = _paths.select_path(layer, xc)
     assert one in ("kernel", "widen") and path(layer, xc) == one
     assert path(layer, xc[0]) == one  # an unbatched input is looked at as batched
     two = torch.cat([xc, xc]).contiguous(memory_format=torch.channels_last)

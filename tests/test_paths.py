@@ -239,10 +239,11 @@ def test_grouped_repeat_is_kept_between_no_grad_calls_and_follows_the_weights():
 
 def test_fast_paths_keep_channels_last_and_the_expected_choice():
     x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
-    pw = TiedConv2d(16, 32, 1, B=4)
-    kk = TiedConv2d(16, 32, 3, padding=1, B=4)
-    strided = TiedConv2d(16, 32, 3, stride=2, padding=1, B=4)
-    even_same = TiedConv2d(16, 32, 2, padding="same", B=4)  # asymmetric padding
+    # The rule for inference (eval mode; training: test_the_training_rule_...).
+    pw = TiedConv2d(16, 32, 1, B=4).eval()
+    kk = TiedConv2d(16, 32, 3, padding=1, B=4).eval()
+    strided = TiedConv2d(16, 32, 3, stride=2, padding=1, B=4).eval()
+    even_same = TiedConv2d(16, 32, 2, padding="same", B=4).eval()  # asymmetric padding
     assert _paths.default_path(pw, x) == "gemm"
     assert _paths.default_path(kk, x) == "widen"
     # A stride along W would cross blocks: no widen, and tieify's kernel before lift.
@@ -277,7 +278,7 @@ def test_fast_paths_keep_channels_last_and_the_expected_choice():
 @pytest.mark.parametrize("avx512", [False, True])
 def test_large_pointwise_channels_last_inputs_widen_without_avx512(monkeypatch, avx512, no_kernel):
     monkeypatch.setattr(_paths, "_CPU_HAS_AVX512", avx512)
-    layer = TiedConv2d(16, 32, 1, B=4)
+    layer = TiedConv2d(16, 32, 1, B=4).eval()
     # 4,096 pixels: the threshold, reached by batch and spatial size together.
     big = torch.randn(4, 16, 32, 32).contiguous(memory_format=torch.channels_last)
     small = torch.randn(3, 16, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -296,7 +297,7 @@ def test_large_pointwise_channels_last_inputs_widen_without_avx512(monkeypatch, 
     assert _paths.default_path(layer.to(torch.bfloat16), big.to(torch.bfloat16)) == "gemm"
     layer.float()
     assert _paths.default_path(layer, big.contiguous()) == "native"
-    assert _paths.default_path(TiedConv2d(16, 32, 3, padding=1, B=4), big) == "widen"
+    assert _paths.default_path(TiedConv2d(16, 32, 3, padding=1, B=4).eval(), big) == "widen"
 
 
 def test_pooled_inputs_run_native_while_the_larger_side_is_small():
@@ -370,7 +371,7 @@ def test_pinned_path_is_used_when_it_applies_and_falls_back_otherwise(monkeypatc
 
 
 def test_path_choice_is_remembered_per_input_layout(monkeypatch):
-    layer = TiedConv2d(16, 32, 3, padding=1, B=4)
+    layer = TiedConv2d(16, 32, 3, padding=1, B=4).eval()
     checks = []
     orig = _paths.applicable_paths
     monkeypatch.setattr(
@@ -605,3 +606,82 @@ def test_optimize_leaves_weights_and_statistics_alone(cache_tmp, monkeypatch):
     assert net.training and net[0].path == "bmm"
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, before[k])
+
+
+@pytest.mark.parametrize("avx512", [False, True])
+def test_the_training_rule_chooses_for_forward_and_backward(monkeypatch, avx512):
+    """Where a forward trains (training mode, autograd recording it), the rule leaves tieify's
+    kernel (its backward is the fold's on a copy), widens large pointwise layers on
+    channels-last input, folds mid-sized ones on NCHW input and groups strided k×k layers;
+    in eval mode, under no_grad, or with nothing requiring a gradient, the inference rule
+    holds. The memo keeps the two rules (and the training rule's batch sizes) apart, and
+    the gradients are the reference's."""
+    monkeypatch.setattr(_paths, "_CPU_HAS_AVX512", avx512)
+    monkeypatch.setattr(_paths, "_KERNEL_WINS_ALONE", True)
+    kernel = _kernel.kernel_available()
+    pw = TiedConv2d(64, 64, 1, B=4)
+    kk = TiedConv2d(64, 64, 3, padding=1, B=2)  # 32 channels a block: Winograd's
+    strided = TiedConv2d(64, 64, 3, stride=2, padding=1, B=2)
+    big = torch.randn(4, 64, 14, 14).contiguous(memory_format=CL[2])  # 784 pixels
+    # 4 × 196 pixels × 64 channels = 50,176 output elements: below TRAINING_WIDEN_MIN_NUMEL.
+    assert 4 * 196 * 64 < _paths.TRAINING_WIDEN_MIN_NUMEL <= 8 * 196 * 64
+    wider = torch.randn(8, 64, 14, 14).contiguous(memory_format=CL[2])
+    inference = {
+        (pw, big): "kernel" if kernel else "gemm" if avx512 else "gemm",
+        (pw, wider): "kernel" if kernel else "gemm" if avx512 else "widen",
+        (kk, big): "kernel" if kernel else "widen",
+        (strided, big): "kernel" if kernel else "lift",
+    }
+    training = {
+        (pw, big): "gemm" if avx512 else "widen",  # without AVX-512 from 4,096 pixels anyway
+        (pw, wider): "widen",
+        (kk, big): "widen",
+        (strided, big): "grouped",
+    }
+    if not avx512:  # the inference rule widens from WIDEN_POINTWISE_MIN_PIXELS (here 1,568)
+        training[(pw, big)] = "gemm"
+        inference[(pw, wider)] = "kernel" if kernel else "gemm"
+    for (layer, x), path in training.items():
+        assert layer.training and _paths._trains(layer, x)
+        assert _paths.default_path(layer, x) == path, (layer, x.shape)
+        assert _paths.default_path(layer, x, fused=True) == ("kernel" if kernel else path)
+        with torch.no_grad():
+            assert not _paths._trains(layer, x)
+            assert _paths.default_path(layer, x) == inference[(layer, x)]
+        layer.eval()
+        assert _paths.default_path(layer, x) == inference[(layer, x)]
+        layer.train()
+        monkeypatch.setattr(_paths, "_TRAINING_RULE", False)
+        assert _paths.default_path(layer, x) == inference[(layer, x)]
+        monkeypatch.setattr(_paths, "_TRAINING_RULE", True)
+    # Nothing requires a gradient (frozen parameters, a plain input): no backward follows.
+    frozen = TiedConv2d(64, 64, 1, B=4).requires_grad_(False)
+    assert not _paths._trains(frozen, big)
+    assert _paths._trains(frozen, big.clone().requires_grad_())
+    # NCHW pointwise: native up to 65,536 input elements or from 56×56 an image, else fold.
+    assert _paths.default_path(pw, torch.randn(8, 64, 14, 14)) == "fold"  # 100,352 elements
+    assert _paths.default_path(pw, torch.randn(4, 64, 16, 16)) == "native"  # 65,536 elements
+    assert _paths.default_path(pw, torch.randn(5, 64, 16, 16)) == "fold"
+    assert _paths.default_path(pw, torch.randn(2, 64, 56, 56)) == "native"
+    with torch.no_grad():
+        nchw = torch.randn(5, 64, 16, 16)
+        assert _paths.default_path(pw, nchw) == ("kernel" if kernel else "native")
+    # The memo answers each rule, and the training rule each batch, for itself.
+    kk._path_memo = {}
+    for x, grad, path in (
+        (big, True, "widen"),
+        (big, False, "kernel" if kernel else "widen"),
+        (big, True, "widen"),
+    ):
+        with torch.set_grad_enabled(grad):
+            assert _paths.select_path(kk, x) == path
+    pw._path_memo = {}
+    assert _paths.select_path(pw, big) == training[(pw, big)]
+    assert _paths.select_path(pw, wider) == "widen"
+    assert _paths.select_path(pw, big) == training[(pw, big)]
+    # The gradients of a training step on the rule's paths are the reference's.
+    for layer in (pw, kk, strided):
+        x = big.clone().requires_grad_()
+        assert_matches_reference(
+            layer(x), _paths.fold_forward(layer, x), [x, layer.weight, layer.bias]
+        )

@@ -227,7 +227,11 @@ def optimize(
     ``layout="auto"`` finds it faster, a forward pre-hook on ``model`` that makes its image
     inputs channels-last (below); a pinned path that
     does not apply to a later input (another memory layout) falls back to the cheap rule.
-    Forward time is what is measured (inference); the paths are equally valid for training.
+    Forward time is what is measured (inference); the paths are equally valid for training,
+    but a pinned path is taken in training too, where the rule would choose by forward and
+    backward (:func:`tieify.nn._paths.default_path`: the kernel's backward is slower than
+    its forward suggests): optimize a model for inference, or set ``layer.path = "auto"``
+    on its tied layers again before training it.
 
     Where tied 2-D or 3-D convolutions receive inputs that are not channels-last (a model
     run on NCHW inputs), ``layout`` decides whether they run in channels-last

@@ -58,7 +58,8 @@ def layer_key(layer: nn.Module, x: torch.Tensor, threads: int | None = None) -> 
         if _paths.relays(layer, batched):  # a layer in channels-last: its input's copy too
             sig["copies_to"] = "channels_last"
             batched = torch.empty_like(batched, memory_format=_paths.CHANNELS_LAST[batched.dim()])
-        sig["path"] = "dense" if layer.B == 1 else _paths.select_path(layer, batched)
+        with torch.no_grad():  # the path of an inference forward, whatever the layer's mode
+            sig["path"] = "dense" if layer.B == 1 else _paths.select_path(layer, batched)
     elif hasattr(layer, "path"):
         sig["path"] = layer.path
     inner = getattr(layer, "module", None)  # TiedBlock: the wrapped module decides the cost

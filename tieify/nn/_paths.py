@@ -1148,6 +1148,57 @@ _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 #: take the kernel on 5 of 36 cases), and the all-B = 4 ResNet-50 unfused by the rule took
 #: 0.488 and 0.509 of the dense channels-last time at batch 8.
 _KERNEL_WINS_ALONE = True
+#: Where a forward trains (:func:`_trains`), the rule chooses by the time of forward and
+#: backward together. One layer at a time, 2 threads, Zen 5 EPYC, interleaved medians
+#: (``python benchmarks/training.py --layers``, 2026-12-05 09:45 UTC,
+#: ``benchmarks/results/epyc_zen5/training.md``). NCHW pointwise layers: ``native`` took
+#: 0.86-0.93 of ``fold``'s time at 56×56 (batch 8) and 0.47-0.70 on the strided 8×8 and
+#: 4×4 inputs of 65,536 and 32,768 elements (batch 64; 0.95 and 1.23 on 50,176 and 25,088
+#: at batch 1), but 1.10-2.23× between (28×28 to 7×7 at batch 8, 8×8 at batch 128).
+#: Channels-last pointwise layers: ``widen`` took 0.49-0.97 of ``gemm``'s time on outputs
+#: of 100,352 to 6.4 million elements on their wider side and 1.11× on 524,288 (8×8 at
+#: batch 128), but 1.44-1.73× on 32,768 and 16,384 (the strided ones above). Strided k×k
+#: layers on channels-last input, which ``widen`` cannot run: ``grouped`` took at most
+#: 1.34× the fastest path's time, ``lift`` up to 1.70× (seven layers, 3×3 to 5×5, 14 to
+#: 112 wide, B ∈ {2, 4, 8}).
+#: The pixels an image from which a pointwise layer that trains on an NCHW input runs
+#: ``native`` by default (:func:`_native_trains`).
+NATIVE_TRAINING_MIN_PIXELS = 56 * 56
+#: The input elements up to which a pointwise layer that trains on an NCHW input runs
+#: ``native`` by default (:func:`_native_trains`).
+TRAINING_NATIVE_MAX_NUMEL = 65536
+#: The output elements on its wider side (batch × output pixels × the larger channel
+#: count) from which a pointwise layer that trains on a channels-last input runs ``widen``
+#: by default (:func:`_widen_pointwise`).
+TRAINING_WIDEN_MIN_NUMEL = 65536
+#: Whether a forward that trains (:func:`_trains`) takes the training rule: tieify's kernel
+#: left to the layers :func:`tieify.fuse` fused (the kernel's backward is the fold's
+#: convolution backward on a copy of the input laid out for it), ``widen`` for large
+#: pointwise layers on channels-last input, ``fold`` for mid-sized ones on NCHW input and
+#: ``grouped`` for strided k×k layers on channels-last input. False only to time the rule
+#: for inference under training (``benchmarks/training.py``).
+_TRAINING_RULE = True
+
+
+def _trains(layer: _TiedConvNd, x: torch.Tensor) -> bool:
+    """Whether this forward trains: the layer in training mode, and autograd recording it
+    (grad mode on, and the input or a parameter requiring its gradient), so that a backward
+    follows; there the rule is the training rule (:data:`_TRAINING_RULE`). A model in eval
+    mode, or under ``no_grad`` / ``inference_mode``, takes the rule for inference.
+
+    A training step (forward, cross-entropy, backward) under the rule for inference against
+    under the training rule, 2 threads, Zen 5 EPYC, interleaved medians (``python
+    benchmarks/training.py``, 2026-12-05 09:45 UTC): the all-B = 4 ResNet-50 at batch 8
+    took 1.39× the time on NCHW input and 1.34× channels-last, ResNet-50 with its 3×3 convs
+    at B = 2 1.01× and 1.09×, the default search's model (``cifar_resnet``, depth 8, width
+    16, on the digits' 8×8 images, batch 64) at B = 2 1.06× and 1.16×, at B = 4 1.00× and
+    1.29×. Layer by layer the rule for inference took up to 2.23× the training rule's time
+    (NCHW, 2048→512 at 7×7: ``native``; its kernel up to 1.89×, 1024→256 at 14×14), and the
+    training rule's path was the fastest or within 1.34× of it on all 46 layers timed."""
+    if not (_TRAINING_RULE and layer.training and torch.is_grad_enabled()):
+        return False
+    params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
+    return x.requires_grad or any(p.requires_grad for p in params)
 
 
 def _pixels(x: torch.Tensor) -> int:
@@ -1178,13 +1229,32 @@ def _at_least_pixels(x: torch.Tensor, n: int) -> bool:
     return statically_known_true(_pixels(x) >= n)
 
 
-def _widen_pointwise(x: torch.Tensor) -> bool:
+def _widen_pointwise(layer: _TiedConvNd, x: torch.Tensor, trains: bool = False) -> bool:
     """Whether a pointwise layer's channels-last input is large enough for ``widen`` by
-    default: float32 (what was measured) on a CPU without AVX-512 and at least
-    :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels (:func:`_at_least_pixels`)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or _CPU_HAS_AVX512:
+    default: float32 (what was measured) on CPU, and on a CPU without AVX-512 at least
+    :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels (:func:`_at_least_pixels`), or, where the
+    forward ``trains`` (:func:`_trains`), an output of at least
+    :data:`TRAINING_WIDEN_MIN_NUMEL` elements on its wider side (batch × output pixels ×
+    the larger channel count)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
-    return _at_least_pixels(x, WIDEN_POINTWISE_MIN_PIXELS)
+    if not _CPU_HAS_AVX512 and _at_least_pixels(x, WIDEN_POINTWISE_MIN_PIXELS):
+        return True
+    if not trains or not isinstance(x.shape[0], (int, torch.SymInt)):
+        return False
+    rows = x.shape[0] * math.prod(output_size(layer, x))
+    wide = max(layer.in_channels, layer.out_channels)
+    return statically_known_true(rows * wide >= TRAINING_WIDEN_MIN_NUMEL)
+
+
+def _native_trains(x: torch.Tensor) -> bool:
+    """Whether a pointwise layer that trains (:func:`_trains`) on an NCHW input runs
+    ``native`` by default rather than ``fold``: an input of at most
+    :data:`TRAINING_NATIVE_MAX_NUMEL` elements, or of at least
+    :data:`NATIVE_TRAINING_MIN_PIXELS` pixels an image (eager calls only, as ``native``)."""
+    return x.numel() <= TRAINING_NATIVE_MAX_NUMEL or (
+        math.prod(x.shape[2:]) >= NATIVE_TRAINING_MIN_PIXELS
+    )
 
 
 def _kernel_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> bool:
@@ -1196,7 +1266,7 @@ def _kernel_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False)
     k = layer.in_channels // layer.B
     bank = k * (layer.out_channels // layer.B)
     return (
-        (fused or _KERNEL_WINS_ALONE)
+        (fused or (_KERNEL_WINS_ALONE and not _trains(layer, x)))
         and bank <= KERNEL_MAX_BANK
         and (k >= PLANAR_MIN_CHANNELS or is_channels_last(x))
         and _at_least_pixels(x, KERNEL_MIN_PIXELS)
@@ -1248,7 +1318,7 @@ def _kernel_conv_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool) ->
     1.15-2.70× on two (1.92); where it ran ``native`` (11 cases, inputs up to 4,096
     elements) 0.97-1.54× (median 1.23) on one thread and 0.91-1.30× (1.00) on two. The
     kernel was the fastest path in 39 and 35 of the 42."""
-    if not (fused or _KERNEL_WINS_ALONE):
+    if not (fused or (_KERNEL_WINS_ALONE and not _trains(layer, x))):
         return False
     width = output_size(layer, x)[-1]
     winograd = _winograd(layer.weight, layer.B, _conv_geometry(layer))
@@ -1292,6 +1362,14 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     the input has at most :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the
     batched GEMM is slower than the fold on CPU). Measured in ``benchmarks/``;
     ``tieify.optimize`` times the candidates on the real input instead.
+
+    That is the rule for inference. Where the forward trains (:func:`_trains`: training
+    mode, autograd recording), the rule chooses by forward and backward together: tieify's
+    kernel only for a fused layer, pointwise layers on channels-last input ``widen`` from
+    :data:`TRAINING_WIDEN_MIN_NUMEL` output elements, on NCHW input ``fold`` between
+    :data:`TRAINING_NATIVE_MAX_NUMEL` input elements and :data:`NATIVE_TRAINING_MIN_PIXELS`
+    pixels an image (else ``native``), and strided k×k layers on channels-last input
+    ``grouped``.
     """
     paths = applicable_paths(layer, x)
     if "native" in paths and "gemm" in paths and _small_pointwise(layer, _pixels(x)):
@@ -1299,16 +1377,19 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     pointwise = _is_pointwise(layer)
     if "kernel" in paths and pointwise and _kernel_by_default(layer, x, fused):
         return "kernel"
+    trains = _trains(layer, x)
     if "gemm" in paths:
-        return "widen" if "widen" in paths and _widen_pointwise(x) else "gemm"
+        return "widen" if "widen" in paths and _widen_pointwise(layer, x, trains) else "gemm"
     if "kernel" in paths and not pointwise and _kernel_conv_by_default(layer, x, fused):
         return "kernel"
     if "widen" in paths and x.device.type == "cpu":
         return "widen"
+    if trains and "lift" in paths and "grouped" in paths and x.device.type == "cpu":
+        return "grouped"  # training where widen cannot run: see TRAINING_WIDEN_MIN_NUMEL
     if "lift" in paths:
         return "lift"
     if "native" in paths and (pointwise or x.numel() <= NATIVE_MAX_NUMEL):
-        return "native"
+        return "fold" if pointwise and trains and not _native_trains(x) else "native"
     return "fold"
 
 
@@ -1323,9 +1404,10 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> str
     per-sample shape, strides, dtype and device, and on which side of the size thresholds of
     ``native``, ``widen`` and ``kernel`` the whole input falls (:data:`NATIVE_MAX_NUMEL`,
     :data:`WIDEN_POINTWISE_MIN_PIXELS`, :data:`KERNEL_MIN_PIXELS`, :func:`_small_pointwise`)
-    and whether it is a batch of one (:func:`_kernel_conv_by_default`), so eager calls
-    remember it per layer (the checks cost ~50 µs a call in Python, more than
-    a small convolution's kernel; the memo's key, ~3 µs). Inside
+    and whether it is a batch of one (:func:`_kernel_conv_by_default`), and, where the
+    forward trains (:func:`_trains`: the layer's mode, grad mode and ``requires_grad``), on
+    the batch size, so eager calls remember it per layer (the checks cost ~50 µs a call in
+    Python, more than a small convolution's kernel; the memo's key, ~3 µs). Inside
     ``torch.compile``/``torch.export``/``torch.jit.trace`` tracing and under a dispatch mode
     the checks run every time (shapes may be symbolic there, the trace keeps only the chosen
     path, and ``native`` is not taken there).
@@ -1340,6 +1422,7 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> str
         n >= KERNEL_MIN_PIXELS,
         _small_pointwise(layer, n),
         x.shape[0] == 1,
+        x.shape[0] if _trains(layer, x) else None,  # the training rule's sizes: the batch's
     )
     key = (path, x.shape[1:], x.stride()[1:], x.dtype, x.device.type, sizes, fused)
     memo = layer.__dict__.setdefault("_path_memo", {})

@@ -29,6 +29,7 @@ import statistics
 import sys
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import torch
 from torch import nn
@@ -80,11 +81,8 @@ def as_inference_rule(step: Callable[[], None]) -> Callable[[], None]:
     """``step`` run with the rule as for inference: the kernel taken where it wins forward."""
 
     def run() -> None:
-        _paths._TRAINING_RULE = False
-        try:
+        with mock.patch.object(_paths, "_TRAINING_RULE", False):
             step()
-        finally:
-            _paths._TRAINING_RULE = True
 
     return run
 
@@ -160,11 +158,8 @@ def layer_rows(args) -> list[dict]:
             samples = interleaved_samples(fns, repeats=args.rounds, target_s=0.02)
             ms = {p: statistics.median(v) * 1e3 for p, v in samples.items()}
             training = _paths.default_path(layer, x)
-            _paths._TRAINING_RULE = False
-            try:
+            with mock.patch.object(_paths, "_TRAINING_RULE", False):
                 inference = _paths.default_path(layer, x)
-            finally:
-                _paths._TRAINING_RULE = True
             row = {
                 "C_in": ci,
                 "C_out": co,

@@ -1257,16 +1257,19 @@ def _native_trains(x: torch.Tensor) -> bool:
     )
 
 
-def _kernel_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> bool:
+def _kernel_by_default(
+    layer: _TiedConvNd, x: torch.Tensor, fused: bool = False, trains: bool = False
+) -> bool:
     """Whether a pointwise layer whose input the ``kernel`` takes runs it by default:
-    :data:`_KERNEL_WINS_ALONE` or ``fused``, a bank of at most
+    :data:`_KERNEL_WINS_ALONE` in a forward that does not train (``trains``, :func:`_trains`)
+    or ``fused``, a bank of at most
     :data:`KERNEL_MAX_BANK` entries and at least :data:`KERNEL_MIN_PIXELS` pixels
     (:func:`_at_least_pixels`), and on an NCHW input at least :data:`PLANAR_MIN_CHANNELS`
     input channels a block."""
     k = layer.in_channels // layer.B
     bank = k * (layer.out_channels // layer.B)
     return (
-        (fused or (_KERNEL_WINS_ALONE and not _trains(layer, x)))
+        (fused or (_KERNEL_WINS_ALONE and not trains))
         and bank <= KERNEL_MAX_BANK
         and (k >= PLANAR_MIN_CHANNELS or is_channels_last(x))
         and _at_least_pixels(x, KERNEL_MIN_PIXELS)
@@ -1288,9 +1291,12 @@ def output_size(layer: _TiedConvNd, x: torch.Tensor) -> tuple[int, ...]:
     )
 
 
-def _kernel_conv_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool) -> bool:
+def _kernel_conv_by_default(
+    layer: _TiedConvNd, x: torch.Tensor, fused: bool, trains: bool = False
+) -> bool:
     """Whether a k×k layer whose input the ``kernel`` takes runs it by default, where
-    :data:`_KERNEL_WINS_ALONE` or ``fused``: by Winograd's F(2×2, 3×3) (:func:`_winograd`)
+    :data:`_KERNEL_WINS_ALONE` in a forward that does not train (``trains``, :func:`_trains`)
+    or ``fused``: by Winograd's F(2×2, 3×3) (:func:`_winograd`)
     with an output at least :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide (with AVX-512; else
     :data:`KERNEL_WINOGRAD_MIN_WIDTH_256`), at a batch of one, on a channels-last input
     where ``widen`` does not apply (a stride along the width), or, ``fused``, with an output
@@ -1318,7 +1324,7 @@ def _kernel_conv_by_default(layer: _TiedConvNd, x: torch.Tensor, fused: bool) ->
     1.15-2.70× on two (1.92); where it ran ``native`` (11 cases, inputs up to 4,096
     elements) 0.97-1.54× (median 1.23) on one thread and 0.91-1.30× (1.00) on two. The
     kernel was the fastest path in 39 and 35 of the 42."""
-    if not (fused or (_KERNEL_WINS_ALONE and not _trains(layer, x))):
+    if not (fused or (_KERNEL_WINS_ALONE and not trains)):
         return False
     width = output_size(layer, x)[-1]
     winograd = _winograd(layer.weight, layer.B, _conv_geometry(layer))
@@ -1375,17 +1381,17 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     if "native" in paths and "gemm" in paths and _small_pointwise(layer, _pixels(x)):
         return "native"  # an input both layouts describe (pooled, 1×1): least overhead
     pointwise = _is_pointwise(layer)
-    if "kernel" in paths and pointwise and _kernel_by_default(layer, x, fused):
-        return "kernel"
     trains = _trains(layer, x)
+    if "kernel" in paths and pointwise and _kernel_by_default(layer, x, fused, trains):
+        return "kernel"
     if "gemm" in paths:
         return "widen" if "widen" in paths and _widen_pointwise(layer, x, trains) else "gemm"
-    if "kernel" in paths and not pointwise and _kernel_conv_by_default(layer, x, fused):
+    if "kernel" in paths and not pointwise and _kernel_conv_by_default(layer, x, fused, trains):
         return "kernel"
     if "widen" in paths and x.device.type == "cpu":
         return "widen"
     if trains and "lift" in paths and "grouped" in paths and x.device.type == "cpu":
-        return "grouped"  # training where widen cannot run: see TRAINING_WIDEN_MIN_NUMEL
+        return "grouped"  # training where widen cannot run: measured above the training sizes
     if "lift" in paths:
         return "lift"
     if "native" in paths and (pointwise or x.numel() <= NATIVE_MAX_NUMEL):

@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> dict:
                 for path in _paths.applicable_paths(tied, x):
                     fns[("tied", B, path)] = lambda m=tied, p=path, x=x: _paths.run_path(m, x, p)
                 fns[("tied", B, "auto")] = lambda m=tied, x=x: m(x)
-                chosen["auto", B] = _paths.select_path(tied, x)
-                with torch.inference_mode():
+                with torch.inference_mode():  # the rule for inference, as "auto" runs
+                    chosen["auto", B] = _paths.select_path(tied, x)
                     best = choose_path(tied, x, cache=False)
                 chosen["optimized", B] = best
                 fns[("tied", B, "optimized")] = lambda m=tied, p=best, x=x: _paths.run_path(m, x, p)

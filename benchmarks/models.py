@@ -29,6 +29,15 @@ Usage::
     python benchmarks/models.py --quick          # 128×128 inputs, no compile, ~3 minutes
     python benchmarks/models.py --compile-dynamic  # torch.compile(dynamic=True) instead
     python benchmarks/models.py --profile --batches 8   # where the time goes, module by module
+    python benchmarks/models.py --bandwidth 150 --cases resnet50_all_B4 --batches 8
+
+Each round also times a copy of 128 MiB (``copy GB/s``: the host's memory bandwidth in the
+same rounds). A tied layer does B times fewer multiply-adds than the dense one but reads and
+writes the same activations, as do the batch norms, activations and adds around it, so a
+tied model's ratio moves with the bandwidth the host gives it at the time. ``--bandwidth
+SECONDS`` measures that: dense and tied forwards (channels-last, last batch size), each
+beside a copy, for that long; the ratio in the rounds of the lowest and the highest third of
+the bandwidth, and their correlation (``models_bandwidth.json``/``.md``).
 """
 
 from __future__ import annotations
@@ -191,6 +200,22 @@ def time_models(
     return time_pair({k: (lambda m=m: m(x)) for k, m in models.items()}, rounds, target_s)
 
 
+#: The bytes the host probe copies (:func:`copy_probe`): well past the last-level cache.
+COPY_BYTES = 128 * 2**20
+
+
+def copy_probe(nbytes: int = COPY_BYTES) -> tuple[Callable[[], object], int]:
+    """A call that copies ``nbytes`` from one buffer to another, and the bytes it moves (read
+    and written): its time gives the host's memory bandwidth at that moment."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
+
+
+def gb_per_s(moved: int, seconds: float) -> float:
+    return moved / seconds / 1e9
+
+
 def median_ratio(samples: dict[str, list[float]], top: str, bottom: str) -> float:
     """The median over rounds of ``top``'s time over ``bottom``'s in the same round."""
     pairs = zip(samples[top], samples[bottom], strict=True)
@@ -215,6 +240,7 @@ def run_case(case: str, args) -> list[dict]:
     # Inference fusion of the dense model with its own tool, torch.fx's conv-BN folding (BN
     # into the conv weights), once: it does not depend on the batch.
     dense_fused = fx_fuse(dense_cl)
+    probe, moved = copy_probe()
     for batch in args.batches:
         x = torch.randn(batch, 3, args.size, args.size)
         mac_ratio = macs(tied, x) / macs(dense, x)
@@ -235,6 +261,7 @@ def run_case(case: str, args) -> list[dict]:
             "channels_last|tied": lambda m=tied_cl, x=xc: m(x),
             "fused|dense": lambda m=dense_fused, x=xc: m(x),
             "fused|tied": lambda m=tied_fused, x=xc: m(x),
+            "host|copy": probe,  # the host's memory bandwidth, in the same rounds
         }
         # mode: (dense, tied) series; "fused_vs_channels_last" is the fused tied model against
         # the plain channels-last dense one (the user's model as it is), same rounds.
@@ -254,6 +281,7 @@ def run_case(case: str, args) -> list[dict]:
             pairs["compile"] = ("compile|dense", "compile|tied")
         with torch.inference_mode():
             samples = time_pair(fns, args.rounds, args.target_s)
+        copy_gbs = statistics.median(gb_per_s(moved, s) for s in samples["host|copy"])
         for mode, (dense_key, tied_key) in pairs.items():
             d, t = samples[dense_key], samples[tied_key]
             ratio = statistics.median(b / a for a, b in zip(d, t, strict=True))
@@ -268,6 +296,7 @@ def run_case(case: str, args) -> list[dict]:
                     "latency_ratio": ratio,
                     "mac_ratio": mac_ratio,
                     "gap": ratio - mac_ratio,
+                    "copy_gbs": copy_gbs,
                 }
             )
             if mode == "eager":  # whether optimize gave the dense model the entry hook
@@ -417,6 +446,90 @@ def profile_markdown(rows: list[dict], args, allocator: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bandwidth_case(case: str, args) -> dict:
+    """Dense and tied forwards (channels-last, the tied model after ``tieify.optimize``, the
+    last batch size), one each after the host's bandwidth is read (the fastest of three
+    copies, :func:`copy_probe`), for ``args.bandwidth`` seconds: how the tied model's ratio
+    moves with the bandwidth (:func:`bandwidth_summary`)."""
+    dense, tied = build_case(case)
+    dense, tied = dense.to(memory_format=CL), tied.to(memory_format=CL)
+    batch = args.batches[-1]
+    x = torch.randn(batch, 3, args.size, args.size).contiguous(memory_format=CL)
+    probe, moved = copy_probe()
+    samples = []
+    with torch.inference_mode():
+        tieify.optimize(tied, x)
+        for model in (dense, tied):
+            model(x)  # warm: paths chosen, kernels built, buffers allocated
+        end = time.perf_counter() + args.bandwidth
+        while time.perf_counter() < end:
+            seconds = min(time_once(probe) for _ in range(3))
+            d, t = time_once(lambda: dense(x)), time_once(lambda: tied(x))
+            samples.append({"copy_gbs": gb_per_s(moved, seconds), "dense_s": d, "tied_s": t})
+    return {"case": case, "batch": batch, "size": args.size} | bandwidth_summary(samples)
+
+
+def bandwidth_summary(samples: list[dict]) -> dict:
+    """Of samples ``{"copy_gbs", "dense_s", "tied_s"}`` (at least three): the Pearson
+    correlation of the bandwidth with the tied / dense ratio, and the medians of the
+    bandwidth, both times (ms) and the ratio over all samples and over the lowest and the
+    highest third of them by bandwidth."""
+    if len(samples) < 3:
+        raise ValueError(
+            f"{len(samples)} samples: the bandwidth study needs at least 3; give "
+            "--bandwidth more seconds"
+        )
+    ordered = sorted(samples, key=lambda s: s["copy_gbs"])
+    third = len(ordered) // 3
+
+    def medians(part: list[dict]) -> dict:
+        return {
+            "copy_gbs": statistics.median(s["copy_gbs"] for s in part),
+            "dense_ms": statistics.median(s["dense_s"] for s in part) * 1e3,
+            "tied_ms": statistics.median(s["tied_s"] for s in part) * 1e3,
+            "ratio": statistics.median(s["tied_s"] / s["dense_s"] for s in part),
+        }
+
+    gbs = [s["copy_gbs"] for s in samples]
+    ratios = [s["tied_s"] / s["dense_s"] for s in samples]
+    return {
+        "samples": len(samples),
+        "correlation": statistics.correlation(gbs, ratios),
+        "all": medians(ordered),
+        "low": medians(ordered[:third]),
+        "high": medians(ordered[-third:]),
+        "raw": samples,
+    }
+
+
+def bandwidth_markdown(rows: list[dict], args, allocator: str) -> str:
+    lines = [
+        "# Tied / dense against the host's memory bandwidth",
+        "",
+        f"Channels-last, eager, {args.threads} threads, the tied model after "
+        f"`tieify.optimize`; for {args.bandwidth:.0f} s a case, the host's bandwidth read "
+        "(the fastest of three copies of 128 MiB, read and written), then one dense and one "
+        "tied forward. Medians over all samples and over the lowest and the highest third "
+        "by bandwidth; r: the correlation of the bandwidth with the tied / dense ratio. "
+        f"{describe_machine()}; torch {torch.__version__}. Allocator: {allocator}.",
+        "",
+    ]
+    parts = ("low", "high", "all")
+    lines += table(
+        "case | batch | samples | GB/s low / high / all | dense ms low / high | "
+        "tied ms low / high | ratio low / high / all | r",
+        "lrrrrrrr",
+        (
+            [r["case"], r["batch"], r["samples"]]
+            + [" / ".join(f"{r[p]['copy_gbs']:.0f}" for p in parts)]
+            + [" / ".join(f"{r[p][k]:.1f}" for p in parts[:2]) for k in ("dense_ms", "tied_ms")]
+            + [" / ".join(f"{r[p]['ratio']:.3f}" for p in parts), f"{r['correlation']:+.2f}"]
+            for r in rows
+        ),
+    )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(res: dict) -> str:
     lines = [
         "# Model latency: tied / dense against the MAC ratio",
@@ -432,16 +545,19 @@ def markdown(res: dict) -> str:
         "models and the input in channels-last, the tied one after `tieify.optimize`; "
         "`fused`, each channels-last model fused by its own tool; `fused_vs_channels_last`, "
         "the fused tied model against the plain channels-last dense one; `compile`, "
-        "`torch.compile` of the channels-last models.",
+        "`torch.compile` of the channels-last models. `copy GB/s`: the host's memory "
+        "bandwidth in the same rounds (a copy of 128 MiB, read and written; median), which "
+        "the memory-bound parts of a tied model move with.",
         "",
     ]
     lines += table(
-        "case | batch | mode | dense ms | tied ms | latency ratio | MAC ratio | gap",
-        "lrlrrrrr",
+        "case | batch | mode | dense ms | tied ms | latency ratio | MAC ratio | gap | copy GB/s",
+        "lrlrrrrrr",
         (
             [r["case"], r["batch"], r["mode"] + (" (dense entry)" if r.get("dense_entry") else "")]
             + [f"{r['dense_ms']:.1f}", f"{r['tied_ms']:.1f}", f"{r['latency_ratio']:.3f}"]
             + [f"{r['mac_ratio']:.3f}", f"{r['gap']:+.3f}"]
+            + [f"{r['copy_gbs']:.0f}" if "copy_gbs" in r else "-"]
             for r in res["rows"]
         ),
     )
@@ -476,6 +592,14 @@ def main(argv=None) -> int:
         "by module into convolutions, batch norms, activations, pooling and the rest, dense "
         "and tied; writes models_profile.json/.md",
     )
+    p.add_argument(
+        "--bandwidth",
+        type=float,
+        metavar="SECONDS",
+        help="instead of timing the modes: for SECONDS a case, the host's memory bandwidth "
+        "and one dense and one tied forward (last batch size, channels-last), and how the "
+        "ratio moves with the bandwidth; writes models_bandwidth.json/.md",
+    )
     p.add_argument("--quick", action="store_true", help="128×128, 3 rounds, no compile")
     p.add_argument("--out", type=Path, default=RESULTS)
     _allocator_flag.add_flag(p)
@@ -484,23 +608,24 @@ def main(argv=None) -> int:
         args.size, args.rounds, args.compile, args.target_s = 128, 3, False, 0.05
     torch.set_num_threads(args.threads)
     allocator = _allocator_flag.apply(args)
-    if args.profile:
-        rows = [profile_case(case, args) for case in args.cases]
-        write_results(
-            args.out,
-            "models_profile",
-            {
-                "benchmark": "models_profile",
-                "threads": args.threads,
-                "rounds": args.rounds,
-                "torch": torch.__version__,
-                "machine": describe_machine(),
-                "allocator": allocator,
-                "rows": rows,
-            },
-            profile_markdown(rows, args, allocator),
-        )
-        return 0
+    # The two studies instead of the modes: each case's rows, written with the run's facts.
+    studies = {
+        "profile": (args.profile, profile_case, profile_markdown, {"rounds": args.rounds}),
+        "bandwidth": (
+            args.bandwidth is not None,
+            bandwidth_case,
+            bandwidth_markdown,
+            {"seconds_a_case": args.bandwidth},
+        ),
+    }
+    for study, (chosen, run, render, settings) in studies.items():
+        if chosen:
+            rows = [run(case, args) for case in args.cases]
+            res = {"benchmark": f"models_{study}", "threads": args.threads, **settings}
+            res |= {"torch": torch.__version__, "machine": describe_machine()}
+            res |= {"allocator": allocator, "rows": rows}
+            write_results(args.out, f"models_{study}", res, render(rows, args, allocator))
+            return 0
     load_start = os.getloadavg()
     start = time.time()
     rows = []

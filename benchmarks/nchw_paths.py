@@ -120,7 +120,8 @@ def main(argv=None) -> int:
                 t = medians(layer, x, ("fold", "grouped", "native", "kernel"), args.rounds)
                 others = ("fold", "grouped", "native")
                 cells = " | ".join(f"{t[p] / t['kernel']:.2f}" for p in others)
-                rule = _paths.default_path(layer, x)
+                with torch.inference_mode():  # the rule for inference, as the paths ran
+                    rule = _paths.default_path(layer, x)
                 print(f"| {batch} | {c} | {h} | {B} | {c // B} | {cells} | {rule} |", flush=True)
     return 0
 

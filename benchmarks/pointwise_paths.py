@@ -81,11 +81,11 @@ def table(args, shapes, candidates, make) -> None:
                 layer = make(ci, co, B)
                 timed = [p for p in paths if p in _paths.applicable_paths(layer, x)]
                 fns = {p: (lambda p=p, m=layer, x=x: _paths.run_path(m, x, p)) for p in timed}
-                with torch.inference_mode():
+                with torch.inference_mode():  # the rule for inference, as the paths run
                     s = interleaved_samples(fns, repeats=args.rounds, target_s=0.01)
+                    rule = _paths.default_path(layer, x)
                 ms = {p: statistics.median(s[p]) * 1e3 for p in timed}
                 cells = " | ".join(f"{ms[p]:.3f}" if p in ms else "–" for p in paths)
-                rule = _paths.default_path(layer, x)
                 print(
                     f"| {batch} | {ci} | {co} | {h} | {B} | {ci // B}×{co // B} | {cells} | "
                     f"{min(ms, key=ms.__getitem__)} | {rule} |",

@@ -331,6 +331,42 @@ def test_models_profile_splits_a_forward_by_module_on_a_fake_clock(models, monke
     assert split == pytest.approx({**expected, "total": 22.0})
 
 
+def test_models_bandwidth_study_splits_samples_by_bandwidth(models):
+    """Six samples: the lowest and the highest third by bandwidth (two each) give the
+    medians, the ratio falls as the bandwidth rises (a negative correlation, computed by
+    hand), and fewer than three samples is an error that says what to give."""
+    rows = [(20, 0.200, 0.080), (30, 0.190, 0.070), (40, 0.200, 0.070)]
+    rows += [(50, 0.180, 0.063), (60, 0.190, 0.060), (80, 0.180, 0.054)]
+    samples = [{"copy_gbs": g, "dense_s": d, "tied_s": t} for g, d, t in rows]
+    out = models.bandwidth_summary(list(reversed(samples)))
+    assert out["samples"] == 6
+    assert out["low"] == pytest.approx(
+        {"copy_gbs": 25.0, "dense_ms": 195.0, "tied_ms": 75.0, "ratio": (0.4 + 0.07 / 0.19) / 2}
+    )
+    assert out["high"]["copy_gbs"] == 70.0 and out["high"]["ratio"] == pytest.approx(
+        (0.06 / 0.19 + 0.3) / 2
+    )
+    g = [r[0] for r in rows]
+    q = [t / d for _, d, t in rows]
+    mg, mq = sum(g) / 6, sum(q) / 6
+    cov = sum((a - mg) * (b - mq) for a, b in zip(g, q, strict=True))
+    r = cov / (sum((a - mg) ** 2 for a in g) * sum((b - mq) ** 2 for b in q)) ** 0.5
+    assert out["correlation"] == pytest.approx(r) and r < -0.9
+    args = argparse.Namespace(threads=2, bandwidth=60.0)
+    text = models.bandwidth_markdown([{"case": "r50", "batch": 8} | out], args, "glibc")
+    row = "| r50 | 8 | 6 | 25 / 70 / 45 | 195.0 / 185.0 | 75.0 / 57.0 | 0.384 / 0.308 / 0.350 |"
+    assert row + " -0.97 |" in text
+    with pytest.raises(ValueError, match="at least 3; give --bandwidth more seconds"):
+        models.bandwidth_summary(samples[:2])
+
+
+def test_copy_probe_moves_its_bytes_both_ways(models):
+    probe, moved = models.copy_probe(1 << 20)
+    probe()
+    assert moved == 2 << 20
+    assert models.gb_per_s(moved, 1e-3) == pytest.approx(2 * 2**20 / 1e-3 / 1e9)
+
+
 @pytest.fixture(scope="module")
 def results():
     yield from _load("_results")
@@ -453,3 +489,29 @@ def test_training_benchmark_steps_under_each_rule_and_tabulates_them(training):
     fastest = layers[0]["ms"][layers[0]["fastest"]]
     rule = layers[0]["ms"][layers[0]["training_rule"]]
     assert f"| {layers[0]['training_rule']} | {rule / fastest:.2f} |" in text
+
+
+@pytest.fixture(scope="module")
+def pointwise_paths():
+    yield from _load("pointwise_paths")
+
+
+def test_path_tables_name_the_rule_for_inference(pointwise_paths, capsys):
+    """The paths are timed for inference, so the table's rule column is the rule for
+    inference, not the training rule a layer in training mode would get under autograd: a
+    strided k×k layer on channels-last input takes the kernel (or lift where the kernel is
+    not built) for inference and grouped in training."""
+    from tieify.nn import TiedConv2d, _paths
+
+    def make(ci, co, B):
+        return TiedConv2d(ci, co, 3, stride=2, padding=1, B=B, bias=False)
+
+    args = argparse.Namespace(batches=[2], rounds=1)
+    pointwise_paths.table(args, [(8, 8, 6)], ("lift", "grouped", "kernel"), make)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")]
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    layer = make(8, 8, 2)
+    with torch.inference_mode():
+        inference = _paths.default_path(layer, x)
+    assert _paths.default_path(layer, x.requires_grad_()) == "grouped" != inference
+    assert len(rows) == 3 and all(row.endswith(f"| {inference} |") for row in rows)

@@ -321,6 +321,33 @@ def test_pooled_inputs_run_native_while_the_larger_side_is_small():
     torch.testing.assert_close(compiled(x), expand(x), rtol=1e-4, atol=1e-4)
 
 
+def test_small_maps_with_wide_blocks_fold_on_nchw_input(monkeypatch):
+    """An unstrided NCHW pointwise layer with at most 7×7 pixels an image, 392 in all and
+    128 channels a block on both sides folds (for inference), where it ran native; a batch
+    below 392 pixels, narrower blocks, a larger map, a stride, a pooled input and a forward
+    that trains keep the other rules, and the memo tells the batches apart."""
+    wide = TiedConv2d(1024, 512, 1, B=4, bias=False).eval()  # 256 and 128 channels a block
+    narrow = TiedConv2d(1024, 512, 1, B=8, bias=False).eval()  # 64 out a block
+    strided = TiedConv2d(1024, 512, 1, stride=2, B=4, bias=False).eval()
+    x8, x7 = torch.randn(8, 1024, 7, 7), torch.randn(7, 1024, 7, 7)
+    assert 8 * 49 == _paths.FOLD_POINTWISE_MIN_PIXELS > 7 * 49
+    assert 8 * 49 < _paths.KERNEL_MIN_PIXELS  # below the kernel's pixels: native before
+    assert "native" in _paths.applicable_paths(wide, x8)
+    assert _paths.default_path(wide, x8) == "fold"
+    assert _paths.default_path(narrow, x8) == "native"
+    assert _paths.default_path(wide, torch.randn(2, 1024, 14, 14)) != "fold"  # 196 an image
+    assert _paths.default_path(strided, x8) != "fold"  # 7×7 in, 4×4 out
+    wide._path_memo = {}
+    for x, path in ((x8, "fold"), (x7, "native"), (x8, "fold"), (x7, "native")):
+        assert _paths.select_path(wide, x) == path  # the memo keeps the two apart
+    torch.testing.assert_close(wide(x8), _paths.fold_forward(wide, x8))
+    pooled = torch.randn(512, 1024, 1, 1)  # channels-last too: the pooled rule
+    assert _paths.default_path(wide, pooled) != "fold"
+    trains = TiedConv2d(1024, 512, 1, B=4, bias=False)  # the training rule's own choice
+    monkeypatch.setattr(_paths, "_fold_pointwise", lambda *a: pytest.fail("asked"))
+    _paths.default_path(trains, x8)
+
+
 def test_native_is_never_taken_under_a_dispatch_mode():
     """An eager call remembers native for a small NCHW input (a batch of two: at a batch of
     one the rule takes tieify's kernel); the same input under a dispatch mode (torch's flop

@@ -136,6 +136,26 @@ KERNEL_MAX_BANK = 65536
 #: channels a block, the only case under 4: 1.80), 480→80 at 14×14, B = 4 (1.05) and
 #: 1024→256 at 14×14, B = 2 (1.02).
 PLANAR_MIN_CHANNELS = 4
+#: The fold's oneDNN convolution against tieify's channels-first product and PyTorch's
+#: native kernel on NCHW pointwise layers with small maps and wide blocks:
+#: ``benchmarks/nchw_paths.py`` on three hosts (2 threads; AVX2 EPYC 2026-12-02 08:10,
+#: AVX-512 Zen 4 EPYC 2026-12-03 17:30, Zen 5 EPYC 2026-12-05 11:55, the
+#: ``results/*/nchw_paths.md`` of each), ResNet-50's 512→2048 and 2048→512 at 7×7, batch 8:
+#: at B = 2 and 4 (128-1024 channels a block, where the rule ran ``native``: 392 pixels are
+#: fewer than :data:`KERNEL_MIN_PIXELS`, and at B = 2 the bank is past
+#: :data:`KERNEL_MAX_BANK`) fold / native 0.82-0.87, 0.76-0.86 and 0.39-0.41, and kernel /
+#: native 0.85-1.07, 0.87-1.02 and 0.84-0.87. With fewer channels a block (B = 8: 64), at
+#: batch 1 and on 14×14 maps the fold lost on one host or more (up to 2.3× the kernel's
+#: time: 256→1024 at 14×14, batch 1, B = 8, AVX2). So an unstrided NCHW pointwise layer
+#: (not a pooled input, which is channels-last too) with an output of at most
+#: this many pixels an image, at least :data:`FOLD_POINTWISE_MIN_PIXELS` pixels in all and
+#: at least :data:`FOLD_POINTWISE_MIN_CHANNELS` channels a block on both sides runs the fold
+#: by default (:func:`_fold_pointwise`).
+FOLD_POINTWISE_MAX_IMAGE_PIXELS = 7 * 7
+#: The fewest output pixels, batch included, of :data:`FOLD_POINTWISE_MAX_IMAGE_PIXELS`.
+FOLD_POINTWISE_MIN_PIXELS = 8 * 7 * 7
+#: The fewest channels a block, in and out, of :data:`FOLD_POINTWISE_MAX_IMAGE_PIXELS`.
+FOLD_POINTWISE_MIN_CHANNELS = 128
 
 #: Narrowest output (its last spatial size) on which a 2-D k×k layer on a channels-last CPU
 #: input of a batch above one, followed by a batch norm that :func:`tieify.fuse` fused, runs
@@ -1276,6 +1296,21 @@ def _kernel_by_default(
     )
 
 
+def _fold_pointwise(layer: _TiedConvNd, x: torch.Tensor) -> bool:
+    """Whether an unstrided pointwise layer on an NCHW CPU input runs the fold by default
+    (in a forward that does not train): small maps, a batch that brings them to
+    :data:`FOLD_POINTWISE_MIN_PIXELS` pixels and wide blocks
+    (:data:`FOLD_POINTWISE_MAX_IMAGE_PIXELS`, where the measurements are)."""
+    B = layer.B
+    return (
+        x.device.type == "cpu"
+        and all(s == 1 for s in layer.stride)
+        and min(layer.in_channels, layer.out_channels) // B >= FOLD_POINTWISE_MIN_CHANNELS
+        and math.prod(x.shape[2:]) <= FOLD_POINTWISE_MAX_IMAGE_PIXELS
+        and _at_least_pixels(x, FOLD_POINTWISE_MIN_PIXELS)
+    )
+
+
 def output_size(layer: _TiedConvNd, x: torch.Tensor) -> tuple[int, ...]:
     """The spatial size of ``layer``'s output on ``x`` (numeric padding; 'same' keeps it,
     'valid' is none)."""
@@ -1361,7 +1396,8 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     (:func:`_kernel_conv_by_default`); else widened on CPU where that applies, else lifted
     (1-D/2-D). On an NCHW input (eager calls only) pointwise layers run tieify's ``kernel``
     (its channels-first product; a strided one on the kept pixels, copied out) by the same
-    rule (:func:`_kernel_by_default`), else (CPU, 2-D) ``native``; k×k layers run the
+    rule (:func:`_kernel_by_default`), else (CPU, 2-D) ``native``, but the fold where
+    their maps are small and their blocks wide (:func:`_fold_pointwise`); k×k layers run the
     ``kernel`` on a channels-last copy where Winograd applies, from the same width, or at a
     batch of one, only where :data:`_KERNEL_WINS_ALONE` (:func:`_kernel_conv_by_default`),
     else ``native`` while
@@ -1382,6 +1418,9 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
         return "native"  # an input both layouts describe (pooled, 1×1): least overhead
     pointwise = _is_pointwise(layer)
     trains = _trains(layer, x)
+    nchw_pointwise = pointwise and "native" in paths and "gemm" not in paths  # not pooled
+    if nchw_pointwise and not (trains or fused) and _fold_pointwise(layer, x):
+        return "fold"  # small maps, wide blocks: oneDNN's convolution (measured above)
     if "kernel" in paths and pointwise and _kernel_by_default(layer, x, fused, trains):
         return "kernel"
     if "gemm" in paths:
@@ -1408,8 +1447,9 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> str
 
     The answer depends only on the layer's hyper-parameters, its ``path``, the input's
     per-sample shape, strides, dtype and device, and on which side of the size thresholds of
-    ``native``, ``widen`` and ``kernel`` the whole input falls (:data:`NATIVE_MAX_NUMEL`,
-    :data:`WIDEN_POINTWISE_MIN_PIXELS`, :data:`KERNEL_MIN_PIXELS`, :func:`_small_pointwise`)
+    ``native``, ``widen``, ``kernel`` and the fold the whole input falls
+    (:data:`NATIVE_MAX_NUMEL`, :data:`WIDEN_POINTWISE_MIN_PIXELS`, :data:`KERNEL_MIN_PIXELS`,
+    :data:`FOLD_POINTWISE_MIN_PIXELS`, :func:`_small_pointwise`)
     and whether it is a batch of one (:func:`_kernel_conv_by_default`), and, where the
     forward trains (:func:`_trains`: the layer's mode, grad mode and ``requires_grad``), on
     the batch size, so eager calls remember it per layer (the checks cost ~50 µs a call in
@@ -1426,6 +1466,7 @@ def select_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> str
         x.numel() <= NATIVE_MAX_NUMEL,
         n >= WIDEN_POINTWISE_MIN_PIXELS,
         n >= KERNEL_MIN_PIXELS,
+        n >= FOLD_POINTWISE_MIN_PIXELS,
         _small_pointwise(layer, n),
         x.shape[0] == 1,
         x.shape[0] if _trains(layer, x) else None,  # the training rule's sizes: the batch's

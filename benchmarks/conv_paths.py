@@ -7,8 +7,10 @@ tables: ResNet-50's four 3×3 shapes (stride 1, padding 1), where the rule takes
 kernel by Winograd or at a batch of one and ``widen`` otherwise; and strided layers (stride
 2, padding k // 2: ResNet-50's three strided 3×3 convs, then 3×3, 5×5 and 7×7 layers of
 other sizes), which ``widen`` cannot run (a stride along the widened axis would step across
-blocks) and where the rule takes the kernel. ``kernel`` is left out where tieify's kernel
-cannot be built (the table says why).
+blocks) and where the rule takes the kernel; and ResNeXt-50 32×4d's three strided grouped
+3×3 convs (32 groups: a tied grouped convolution, which the kernel does not compute), where
+the rule takes ``grouped``, as for every strided layer the kernel does not run. ``kernel``
+is left out where tieify's kernel cannot be built (the table says why).
 
 Usage::
 
@@ -40,6 +42,9 @@ STRIDED = [
     (64, 64, 28, 5),
     (32, 64, 56, 7),
 ]
+#: (C_in, C_out, H) of ResNeXt-50 32×4d's strided grouped 3×3 convs (their input sizes).
+STRIDED_GROUPED = [(256, 256, 56), (512, 512, 28), (1024, 1024, 14)]
+GROUPS = 32
 PATHS = ("widen", "lift", "grouped", "kernel")
 
 
@@ -55,6 +60,15 @@ def main(argv=None) -> int:
             PATHS,
             lambda ci, co, B, k=k: TiedConv2d(ci, co, k, stride=2, padding=k // 2, B=B, bias=False),
         )
+    print(f"\nStride 2, 3×3, padding 1, {GROUPS} groups (H: input size):\n")
+    table(
+        args,
+        STRIDED_GROUPED,
+        PATHS,
+        lambda ci, co, B: TiedConv2d(
+            ci, co, 3, stride=2, padding=1, groups=GROUPS, B=B, bias=False
+        ),
+    )
     return 0
 
 

@@ -80,9 +80,9 @@ def test_torch_export_dynamic_batch(layout, path):
     net, x = make(layout, path)
     used = paths_used(net, x)
     if (layout, path) == ("channels_last", "auto"):
-        # c has stride 2 along W: no widen; eager runs it on tieify's kernel (lift where
+        # c has stride 2 along W: no widen; eager runs it on tieify's kernel (grouped where
         # that is not built), an exported graph, which never holds the kernel, lifts it.
-        strided = "kernel" if _kernel.kernel_available() else "lift"
+        strided = "kernel" if _kernel.kernel_available() else "grouped"
         assert used == {"gemm", "widen", strided}
     if (layout, path) == ("contiguous", "auto"):
         # Eager: the pointwise layer runs natively, the 3×3 ones (6,144-element inputs) fold;

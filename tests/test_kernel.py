@@ -524,18 +524,18 @@ def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monk
         # Widen cannot stride across blocks: a strided layer takes the kernel at any width.
         assert "widen" not in _paths.applicable_paths(strided, x)
         assert _paths.default_path(strided, x, fused=True) == "kernel"
-        assert _paths.default_path(strided, x) == ("lift" if avx512 else "kernel")
+        assert _paths.default_path(strided, x) == ("grouped" if avx512 else "kernel")
         # One sample of the same input: the kernel, fused or not, at any width.
         one = x[:1]
         for fused in (False, True):
             alone = avx512 and not fused
             assert _paths.default_path(layer, one, fused) == ("widen" if alone else "kernel")
             assert _paths.select_path(layer, one, fused) == ("widen" if alone else "kernel")
-            assert _paths.default_path(strided, one, fused) == ("lift" if alone else "kernel")
+            assert _paths.default_path(strided, one, fused) == ("grouped" if alone else "kernel")
         assert _paths.select_path(layer, x) == "widen"  # the memo tells the batches apart
     x = channels_last(torch.randn(2, 16, 3, 56))
     assert _paths.default_path(strided, x, fused=True) == "kernel"
-    assert _paths.default_path(strided, x) == ("lift" if avx512 else "kernel")
+    assert _paths.default_path(strided, x) == ("grouped" if avx512 else "kernel")
     with torch.no_grad():
         torch.testing.assert_close(strided(x), _paths.lift_forward(strided, x))
     # A pinned path is kept, fused or not.

@@ -246,9 +246,23 @@ def test_fast_paths_keep_channels_last_and_the_expected_choice():
     even_same = TiedConv2d(16, 32, 2, padding="same", B=4).eval()  # asymmetric padding
     assert _paths.default_path(pw, x) == "gemm"
     assert _paths.default_path(kk, x) == "widen"
-    # A stride along W would cross blocks: no widen, and tieify's kernel before lift.
-    assert _paths.default_path(strided, x) == ("kernel" if _kernel.kernel_available() else "lift")
+    # A stride along W would cross blocks: no widen; tieify's kernel, else (eager) grouped.
+    assert _paths.default_path(strided, x) == (
+        "kernel" if _kernel.kernel_available() else "grouped"
+    )
     assert _paths.default_path(even_same, x) == "lift"
+    # A strided grouped layer (TGC), which the kernel does not compute: grouped in eager
+    # calls, lift in a trace (no repeated bank in an exported graph).
+    tgc = TiedConv2d(16, 32, 3, stride=2, padding=1, groups=2, B=4).eval()
+    assert "kernel" not in _paths.applicable_paths(tgc, x)
+    assert _paths.default_path(tgc, x) == "grouped"
+    torch.testing.assert_close(tgc(x), _paths.fold_forward(tgc, x))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False):  # a dispatch mode, as in a trace
+        assert _paths.default_path(tgc, x) == "lift"
+    compiled = torch.compile(tgc, backend="aot_eager", fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x), tgc(x))
     # NCHW: pointwise layers run natively at any size, k×k layers only on small inputs.
     big = torch.randn(8, 16, 6, 6)  # 4,608 elements > NATIVE_MAX_NUMEL
     assert big.numel() > _paths.NATIVE_MAX_NUMEL >= x.numel()

@@ -1393,8 +1393,20 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     :data:`_KERNEL_WINS_ALONE`), and with ``fused`` (a layer whose batch norm, add and ReLU
     :func:`tieify.fuse` would apply in the kernel's epilogue) also where the output is at
     least :data:`KERNEL_CONV_MIN_WIDTH` wide
-    (:func:`_kernel_conv_by_default`); else widened on CPU where that applies, else lifted
-    (1-D/2-D). On an NCHW input (eager calls only) pointwise layers run tieify's ``kernel``
+    (:func:`_kernel_conv_by_default`); else widened on CPU where that applies, else, on CPU,
+    a strided layer (one the kernel does not run: grouped, another dtype, no compiler) in
+    an eager call as a ``grouped`` convolution, else lifted (1-D/2-D).
+    ``python benchmarks/conv_paths.py`` (2 threads, Zen 5 EPYC, 2026-12-05; four runs, 08:55
+    committed as
+    ``benchmarks/results/epyc_zen5/conv_paths.md``, 12:19, 12:19 and 12:20, the last
+    committed as ``conv_paths_grouped.md``): on the strided layers of one group (48 cases:
+    3×3, 5×5 and 7×7, B ∈ {2, 4, 8}, batch 1 and 8) ``lift`` took a median 1.36-1.40×
+    ``grouped``'s time (0.44-5.23×, faster in 10-12 of the 48); on ResNeXt-50's three
+    strided grouped 3×3 convs (32 groups, B ∈ {2, 4, 8}, the last three runs) the nine at
+    batch 8 took 1.38-1.47× ``grouped``'s total time under ``lift`` (at batch 1
+    1.03-1.27×), though ``lift`` was faster on 7 or 8 of the 18 (28×28 and 14×14 inputs at
+    B = 4 and 8, by up to 2.1×). On an NCHW input (eager calls
+    only) pointwise layers run tieify's ``kernel``
     (its channels-first product; a strided one on the kept pixels, copied out) by the same
     rule (:func:`_kernel_by_default`), else (CPU, 2-D) ``native``, but the fold where
     their maps are small and their blocks wide (:func:`_fold_pointwise`); k×k layers run the
@@ -1429,8 +1441,9 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
         return "kernel"
     if "widen" in paths and x.device.type == "cpu":
         return "widen"
-    if trains and "lift" in paths and "grouped" in paths and x.device.type == "cpu":
-        return "grouped"  # training where widen cannot run: measured above the training sizes
+    strided = any(s > 1 for s in layer.stride) and _plain_eager(x)  # traces keep lift
+    if (trains or strided) and "lift" in paths and "grouped" in paths and x.device.type == "cpu":
+        return "grouped"  # where widen cannot run, training or strided: measured, see above
     if "lift" in paths:
         return "lift"
     if "native" in paths and (pointwise or x.numel() <= NATIVE_MAX_NUMEL):

@@ -378,20 +378,29 @@ def module_split(model: nn.Module, x: torch.Tensor, rounds: int) -> dict[str, fl
     return {k: best.get(k, 0.0) for k in ("conv", "norm", "act", "pool", "other", "rest", "total")}
 
 
+def warm_channels_last_pair(case: str, args) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """The studies' models and input: ``case``'s dense and tied models in channels-last, the
+    tied one after ``tieify.optimize``, and a channels-last input at the last batch size,
+    each model run on it once (paths chosen, kernels built, buffers allocated)."""
+    dense, tied = build_case(case)
+    dense, tied = dense.to(memory_format=CL), tied.to(memory_format=CL)
+    x = torch.randn(args.batches[-1], 3, args.size, args.size).contiguous(memory_format=CL)
+    with torch.inference_mode():
+        tieify.optimize(tied, x)
+        for model in (dense, tied):
+            model(x)
+    return dense, tied, x
+
+
 def profile_case(case: str, args) -> dict:
     """One forward's time split by module (:func:`module_split`), dense and tied,
     channels-last, eager (the tied model after ``tieify.optimize``): where the tied model's
     time goes against the dense one's. Everything but the convolutions costs both models the
     same (the activations are the same size), so where it is a large part of the dense
     time, the whole model's ratio stays above the MAC ratio however fast the tied layers."""
-    dense, tied = build_case(case)
-    dense, tied = dense.to(memory_format=CL), tied.to(memory_format=CL)
-    x = torch.randn(args.batches[-1], 3, args.size, args.size).contiguous(memory_format=CL)
+    dense, tied, x = warm_channels_last_pair(case, args)
     out = {"case": case, "batch": args.batches[-1], "size": args.size}
     with torch.inference_mode():
-        tieify.optimize(tied, x)
-        for model in (dense, tied):
-            model(x)  # warm: paths chosen, kernels built, buffers allocated
         splits = {"dense": [], "tied": []}
         for _ in range(args.rounds):  # interleaved, one forward each at a time
             for name, model in (("dense", dense), ("tied", tied)):
@@ -451,16 +460,11 @@ def bandwidth_case(case: str, args) -> dict:
     last batch size), one each after the host's bandwidth is read (the fastest of three
     copies, :func:`copy_probe`), for ``args.bandwidth`` seconds: how the tied model's ratio
     moves with the bandwidth (:func:`bandwidth_summary`)."""
-    dense, tied = build_case(case)
-    dense, tied = dense.to(memory_format=CL), tied.to(memory_format=CL)
-    batch = args.batches[-1]
-    x = torch.randn(batch, 3, args.size, args.size).contiguous(memory_format=CL)
+    dense, tied, x = warm_channels_last_pair(case, args)
+    batch = x.shape[0]
     probe, moved = copy_probe()
     samples = []
     with torch.inference_mode():
-        tieify.optimize(tied, x)
-        for model in (dense, tied):
-            model(x)  # warm: paths chosen, kernels built, buffers allocated
         end = time.perf_counter() + args.bandwidth
         while time.perf_counter() < end:
             seconds = min(time_once(probe) for _ in range(3))

@@ -499,19 +499,20 @@ def pointwise_paths():
 def test_path_tables_name_the_rule_for_inference(pointwise_paths, capsys):
     """The paths are timed for inference, so the table's rule column is the rule for
     inference, not the training rule a layer in training mode would get under autograd: a
-    strided k×k layer on channels-last input takes the kernel (or lift where the kernel is
-    not built) for inference and grouped in training."""
+    wide pointwise layer on a small channels-last input (72 pixels, 73,728 output elements)
+    is a GEMM for inference on any host (too few pixels for the kernel or widen) and widened
+    in training (from 65,536 output elements)."""
     from tieify.nn import TiedConv2d, _paths
 
     def make(ci, co, B):
-        return TiedConv2d(ci, co, 3, stride=2, padding=1, B=B, bias=False)
+        return TiedConv2d(ci, co, 1, B=B, bias=False)
 
     args = argparse.Namespace(batches=[2], rounds=1)
-    pointwise_paths.table(args, [(8, 8, 6)], ("lift", "grouped", "kernel"), make)
+    pointwise_paths.table(args, [(1024, 1024, 6)], ("gemm", "widen"), make)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")]
-    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
-    layer = make(8, 8, 2)
+    x = torch.randn(2, 1024, 6, 6).contiguous(memory_format=torch.channels_last)
+    layer = make(1024, 1024, 2)
     with torch.inference_mode():
-        inference = _paths.default_path(layer, x)
-    assert _paths.default_path(layer, x.requires_grad_()) == "grouped" != inference
-    assert len(rows) == 3 and all(row.endswith(f"| {inference} |") for row in rows)
+        assert _paths.default_path(layer, x) == "gemm"
+    assert _paths.default_path(layer, x.requires_grad_()) == "widen"
+    assert len(rows) == 3 and all(row.endswith("| gemm |") for row in rows)

@@ -1297,14 +1297,13 @@ def _kernel_by_default(
 
 
 def _fold_pointwise(layer: _TiedConvNd, x: torch.Tensor) -> bool:
-    """Whether an unstrided pointwise layer on an NCHW CPU input runs the fold by default
-    (in a forward that does not train): small maps, a batch that brings them to
-    :data:`FOLD_POINTWISE_MIN_PIXELS` pixels and wide blocks
-    (:data:`FOLD_POINTWISE_MAX_IMAGE_PIXELS`, where the measurements are)."""
+    """Whether an unstrided pointwise layer on an NCHW CPU input (the caller knows it is one:
+    ``native`` applies) runs the fold by default in a forward that does not train: small
+    maps, a batch that brings them to :data:`FOLD_POINTWISE_MIN_PIXELS` pixels and wide
+    blocks (:data:`FOLD_POINTWISE_MAX_IMAGE_PIXELS`, where the measurements are)."""
     B = layer.B
     return (
-        x.device.type == "cpu"
-        and all(s == 1 for s in layer.stride)
+        all(s == 1 for s in layer.stride)
         and min(layer.in_channels, layer.out_channels) // B >= FOLD_POINTWISE_MIN_CHANNELS
         and math.prod(x.shape[2:]) <= FOLD_POINTWISE_MAX_IMAGE_PIXELS
         and _at_least_pixels(x, FOLD_POINTWISE_MIN_PIXELS)
@@ -1395,9 +1394,19 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     least :data:`KERNEL_CONV_MIN_WIDTH` wide
     (:func:`_kernel_conv_by_default`); else widened on CPU where that applies, else, on CPU,
     a strided layer (one the kernel does not run: grouped, another dtype, no compiler) in
-    an eager call as a ``grouped`` convolution, else lifted (1-D/2-D).
-    ``python benchmarks/conv_paths.py`` (2 threads, Zen 5 EPYC, 2026-12-05; four runs, 08:55
-    committed as
+    an eager call as a ``grouped`` convolution (below), else lifted (1-D/2-D). On an NCHW
+    input (eager calls only) pointwise layers run tieify's ``kernel`` (its channels-first
+    product; a strided one on the kept pixels, copied out) by the same rule
+    (:func:`_kernel_by_default`), else (CPU, 2-D) ``native``, but the fold where their maps
+    are small and their blocks wide (:func:`_fold_pointwise`); k×k layers run the
+    ``kernel`` on a channels-last copy where Winograd applies, from the same width, or at a
+    batch of one, only where :data:`_KERNEL_WINS_ALONE` (:func:`_kernel_conv_by_default`),
+    else ``native`` while the input has at most :data:`NATIVE_MAX_NUMEL` elements;
+    everything else folds (the batched GEMM is slower than the fold on CPU). Measured in
+    ``benchmarks/``; ``tieify.optimize`` times the candidates on the real input instead.
+
+    ``grouped`` against ``lift`` for strided layers: ``python benchmarks/conv_paths.py``
+    (2 threads, Zen 5 EPYC, 2026-12-05; four runs, 08:55 committed as
     ``benchmarks/results/epyc_zen5/conv_paths.md``, 12:19, 12:19 and 12:20, the last
     committed as ``conv_paths_grouped.md``): on the strided layers of one group (48 cases:
     3×3, 5×5 and 7×7, B ∈ {2, 4, 8}, batch 1 and 8) ``lift`` took a median 1.36-1.40×
@@ -1405,17 +1414,8 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     strided grouped 3×3 convs (32 groups, B ∈ {2, 4, 8}, the last three runs) the nine at
     batch 8 took 1.38-1.47× ``grouped``'s total time under ``lift`` (at batch 1
     1.03-1.27×), though ``lift`` was faster on 7 or 8 of the 18 (28×28 and 14×14 inputs at
-    B = 4 and 8, by up to 2.1×). On an NCHW input (eager calls
-    only) pointwise layers run tieify's ``kernel``
-    (its channels-first product; a strided one on the kept pixels, copied out) by the same
-    rule (:func:`_kernel_by_default`), else (CPU, 2-D) ``native``, but the fold where
-    their maps are small and their blocks wide (:func:`_fold_pointwise`); k×k layers run the
-    ``kernel`` on a channels-last copy where Winograd applies, from the same width, or at a
-    batch of one, only where :data:`_KERNEL_WINS_ALONE` (:func:`_kernel_conv_by_default`),
-    else ``native`` while
-    the input has at most :data:`NATIVE_MAX_NUMEL` elements; everything else folds (the
-    batched GEMM is slower than the fold on CPU). Measured in ``benchmarks/``;
-    ``tieify.optimize`` times the candidates on the real input instead.
+    B = 4 and 8, by up to 2.1×). Traced graphs keep ``lift`` (no repeated bank in an
+    exported program).
 
     That is the rule for inference. Where the forward trains (:func:`_trains`: training
     mode, autograd recording), the rule chooses by forward and backward together: tieify's
@@ -1443,7 +1443,7 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
         return "widen"
     strided = any(s > 1 for s in layer.stride) and _plain_eager(x)  # traces keep lift
     if (trains or strided) and "lift" in paths and "grouped" in paths and x.device.type == "cpu":
-        return "grouped"  # where widen cannot run, training or strided: measured, see above
+        return "grouped"  # where widen cannot run, training or strided: measured (docstring)
     if "lift" in paths:
         return "lift"
     if "native" in paths and (pointwise or x.numel() <= NATIVE_MAX_NUMEL):

@@ -22,6 +22,17 @@ def _stream_from_one_mib(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _blas_as_fast_as_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path rule as on a CPU whose BLAS keeps up with oneDNN (every host but an AMD one
+    with full-width AVX-512: :func:`tieify.nn._paths.blas_behind_onednn`), so that the
+    rule's tests expect the same paths on every host; ``test_paths.py`` tests the other
+    branch by setting it."""
+    from tieify.nn import _paths
+
+    monkeypatch.setattr(_paths, "_BLAS_BEHIND_ONEDNN", False)
+
+
+@pytest.fixture(autouse=True)
 def _short_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
     """The latency model calibrates a model's remainder over 2 s of rounds instead of the
     package's :data:`~tieify.latency._predict.CALIBRATION_SECONDS` (tens of seconds, for a

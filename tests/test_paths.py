@@ -362,6 +362,100 @@ def test_small_maps_with_wide_blocks_fold_on_nchw_input(monkeypatch):
     _paths.default_path(trains, x8)
 
 
+@pytest.mark.parametrize(
+    ("vendor", "family", "avx512", "mkl", "behind"),
+    [
+        ("AuthenticAMD", 26, True, True, True),  # Zen 5: MKL's AVX2 code, full-width AVX-512
+        ("AuthenticAMD", 27, True, True, True),
+        ("AuthenticAMD", 25, True, True, False),  # Zen 4: AVX-512 at half width
+        ("GenuineIntel", 6, True, True, False),  # MKL runs its AVX-512 code
+        ("AuthenticAMD", 26, False, True, False),
+        ("AuthenticAMD", 26, True, False, False),  # another BLAS
+        ("", None, True, True, False),  # nothing read
+    ],
+)
+def test_blas_behind_onednn_names_amd_cpus_with_full_width_avx512(
+    vendor, family, avx512, mkl, behind
+):
+    assert _paths.blas_behind_onednn(vendor, family, avx512, mkl) is behind
+
+
+def test_cpu_vendor_and_family_come_from_the_first_processor(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n\n"
+        "processor\t: 1\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n\n"
+    )
+    assert _paths._cpu_vendor_family(str(cpuinfo)) == ("AuthenticAMD", 26)
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: SomeVendor\ncpu family\t: ?\n")
+    assert _paths._cpu_vendor_family(str(cpuinfo)) == ("SomeVendor", None)
+    assert _paths._cpu_vendor_family(str(tmp_path / "missing")) == ("", None)
+
+
+@pytest.mark.parametrize("behind", [False, True])
+def test_nchw_pointwise_layers_fold_where_the_blas_runs_behind(monkeypatch, behind):
+    """Where the BLAS runs behind oneDNN, NCHW pointwise layers of up to 28×28 input pixels
+    an image, a batch above one and 64 channels a block on both sides fold, strided too; a
+    56×56 map, one image, 32 channels a block and a forward that trains do not. Elsewhere
+    only the 7×7 rule folds."""
+    monkeypatch.setattr(_paths, "_BLAS_BEHIND_ONEDNN", behind)
+    b2 = TiedConv2d(512, 1024, 1, B=2, bias=False).eval()  # 256 and 512 channels a block
+    b8 = TiedConv2d(256, 1024, 1, B=8, bias=False).eval()  # 32 in a block
+    strided = TiedConv2d(1024, 2048, 1, stride=2, B=4, bias=False).eval()
+    narrow_out = TiedConv2d(1024, 256, 1, B=4, bias=False).eval()  # 256 in, 64 out a block
+    x14, x28 = torch.randn(2, 512, 14, 14), torch.randn(2, 512, 28, 28)
+    x1024 = torch.randn(2, 1024, 14, 14)
+    for layer, x in ((b2, x14), (b2, x28), (strided, x1024), (narrow_out, x1024)):
+        assert (_paths.default_path(layer, x) == "fold") is behind
+    for layer, x in (
+        (b2, torch.randn(2, 512, 56, 56)),  # 56×56: the kernel's
+        (b2, torch.randn(1, 512, 28, 28)),  # one image
+        (b8, torch.randn(2, 256, 14, 14)),  # 32 channels a block in
+    ):
+        assert _paths.default_path(layer, x) != "fold"
+    torch.testing.assert_close(b2(x14), _paths.fold_forward(b2, x14))
+    trains = TiedConv2d(512, 1024, 1, B=2, bias=False)  # the training rule's own choice
+    monkeypatch.setattr(_paths, "_fold_pointwise", lambda *a: pytest.fail("asked"))
+    _paths.default_path(trains, x14)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_channels_last_pointwise_layers_leave_a_blas_that_runs_behind(fresh_kernel, kernel):
+    """Where the BLAS runs behind oneDNN, a channels-last pointwise layer whose bank is past
+    KERNEL_MAX_BANK, or whose input has fewer than KERNEL_MIN_PIXELS pixels, runs tieify's
+    kernel (where it is built) instead of gemm, and widen from WIDEN_POINTWISE_MIN_PIXELS
+    where it is not; a pooled input of a small layer keeps native."""
+    monkeypatch = fresh_kernel
+    if not kernel:
+        monkeypatch.setenv("TIEIFY_KERNEL", "0")
+    elif not _kernel.kernel_available():
+        pytest.skip(_kernel.kernel_status())
+    monkeypatch.setattr(_paths, "_CPU_HAS_AVX512", True)  # where gemm is the rule's choice
+    big_bank = TiedConv2d(512, 2048, 1, B=2, bias=False).eval()  # 256×1024
+    few_pixels = TiedConv2d(256, 1024, 1, B=4, bias=False).eval()  # 64×256
+    assert 256 * 1024 > _paths.KERNEL_MAX_BANK
+    x7 = torch.randn(8, 512, 7, 7).contiguous(memory_format=torch.channels_last)
+    x_big = torch.randn(4, 512, 32, 32).contiguous(memory_format=torch.channels_last)
+    x14 = torch.randn(1, 256, 14, 14).contiguous(memory_format=torch.channels_last)
+    assert 196 < _paths.KERNEL_MIN_PIXELS and 4 * 32 * 32 == _paths.WIDEN_POINTWISE_MIN_PIXELS
+    se, pooled = TiedConv2d(240, 960, 1, B=4).eval(), torch.randn(1, 240, 1, 1)
+    for behind in (False, True):
+        monkeypatch.setattr(_paths, "_BLAS_BEHIND_ONEDNN", behind)
+        kernel_here = behind and kernel
+        assert _paths.default_path(big_bank, x7) == ("kernel" if kernel_here else "gemm")
+        assert _paths.default_path(few_pixels, x14) == ("kernel" if kernel_here else "gemm")
+        wide = _paths.default_path(big_bank, x_big)
+        assert wide == ("kernel" if kernel_here else "widen" if behind else "gemm")
+        assert _paths.default_path(se, pooled) == "native"
+        path = _paths.default_path(few_pixels, x14)
+        torch.testing.assert_close(
+            _paths.run_path(few_pixels, x14, path),
+            _paths.fold_forward(few_pixels, x14),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
 def test_native_is_never_taken_under_a_dispatch_mode():
     """An eager call remembers native for a small NCHW input (a batch of two: at a batch of
     one the rule takes tieify's kernel); the same input under a dispatch mode (torch's flop

@@ -104,7 +104,9 @@ NATIVE_MAX_NUMEL = 4096
 #: on 28×28 and 56×56 maps (6,272 and 25,088 pixels); gemm was as fast or faster on 7×7 maps
 #: at batch 8, on 28×28 and smaller at batch 1, and 1.4-4.3× faster on pooled (1×1) SE inputs.
 #: An earlier AVX2 host agreed (widen up to 6.1× at batch 8). On an AVX-512 Xeon gemm was as
-#: fast or faster (widen / gemm time 0.87-1.3) at every size, so there it keeps gemm.
+#: fast or faster (widen / gemm time 0.87-1.3) at every size, so there it keeps gemm, but where
+#: the BLAS runs behind oneDNN (:data:`_BLAS_BEHIND_ONEDNN`: gemm 1.8-5.6× widen's time there
+#: at batch 8).
 WIDEN_POINTWISE_MIN_PIXELS = 4096
 
 #: Fewest pixels (N · spatial size) at which a pointwise layer on a channels-last CPU input
@@ -118,7 +120,12 @@ WIDEN_POINTWISE_MIN_PIXELS = 4096
 #: ``benchmarks/results/epyc_avx2``), and even with gemm at 196 (14×14, batch 1: kernel /
 #: gemm 0.93-1.06) and at 392 (7×7, batch 8: 0.84-1.04). Before the call was kept (60-120 µs
 #: more a call, ``benchmarks/call_overhead.py``) it was slower than gemm in 5 of 6 cases at
-#: 784 pixels.
+#: 784 pixels. Where the BLAS runs behind oneDNN (:data:`_BLAS_BEHIND_ONEDNN`) neither this
+#: nor :data:`KERNEL_MAX_BANK` holds on channels-last inputs: on the Zen 5 EPYC
+#: (``benchmarks/pointwise_paths.py``, 2026-12-05 14:38, 2 threads) the kernel took 0.45-0.51×
+#: gemm's time on ResNet-50's 14×14 and 7×7 layers at batch 1 (196 and 49 pixels; 0.54-0.82×
+#: widen's), 0.42-0.45× on its 7×7 layers at batch 8 (392 pixels; at B = 2 banks of 256×1024
+#: and 1024×256) and 0.56-0.80× on MobileNetV3's pooled SE inputs at batch 8.
 KERNEL_MIN_PIXELS = 784
 #: Largest thin bank (C_in/B · C_out/B entries) the ``kernel`` takes by default: its tiles
 #: read the whole (packed) bank for every six rows. With banks of 128×512 and 512×128
@@ -156,6 +163,26 @@ FOLD_POINTWISE_MAX_IMAGE_PIXELS = 7 * 7
 FOLD_POINTWISE_MIN_PIXELS = 8 * 7 * 7
 #: The fewest channels a block, in and out, of :data:`FOLD_POINTWISE_MAX_IMAGE_PIXELS`.
 FOLD_POINTWISE_MIN_CHANNELS = 128
+#: Where PyTorch's BLAS runs behind oneDNN (:data:`_BLAS_BEHIND_ONEDNN`), the fold (oneDNN's
+#: convolution) against the rule's other NCHW pointwise paths, tieify's channels-first
+#: product (``kernel``) and PyTorch's native kernel (on the BLAS): ``benchmarks/nchw_paths.py``
+#: on the Zen 5 EPYC (2 threads; 2026-12-05 11:55, ``results/epyc_zen5/nchw_paths.md``, and
+#: 14:40), ResNet-50's 1×1 shapes at batch 8 with 64 channels a block or more on both sides:
+#: on 28×28 and 14×14 maps fold / native 0.50-0.68, kernel / native 0.74-0.88 (the rule ran
+#: the kernel there); on 7×7 maps at B = 8 (64 and 256 channels a block) 0.47-0.50 against
+#: 0.80-0.81. With 32 channels a block on a side the fold lost three of four cases in one run
+#: (0.89-1.11 against 0.74-0.79) and won all four in the other; with one 28×28 image (64-256
+#: channels a block) fold / kernel was 0.87-1.18. Layers of whole models on NCHW input, batch
+#: 8 (``/tmp`` probes, 14:25-14:35, ten calls each): ResNeXt-50's at B = 2 on 28×28 and 14×14
+#: maps took 0.46-0.89 of the rule's path's time folded (its strided downsampling layers
+#: 0.46-0.60), the all-B = 4 ResNet-50's with 64 channels a block or more 0.45-0.99; on a
+#: 56×56 map the kernel was faster (fold 1.38× its time, 256→512, stride 2, B = 4). So there
+#: an NCHW pointwise layer, with a stride or without, of at most this many input pixels an
+#: image, a batch of more than one, at least :data:`FOLD_POINTWISE_MIN_PIXELS` pixels in all
+#: and :data:`FOLD_POINTWISE_BLAS_BEHIND_MIN_CHANNELS` channels a block on both sides folds.
+FOLD_POINTWISE_BLAS_BEHIND_MAX_IMAGE_PIXELS = 28 * 28
+#: The fewest channels a block, in and out, of :data:`FOLD_POINTWISE_BLAS_BEHIND_MAX_IMAGE_PIXELS`.
+FOLD_POINTWISE_BLAS_BEHIND_MIN_CHANNELS = 64
 
 #: Narrowest output (its last spatial size) on which a 2-D k×k layer on a channels-last CPU
 #: input of a batch above one, followed by a batch norm that :func:`tieify.fuse` fused, runs
@@ -1138,6 +1165,48 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
 
 #: Read once at import: ``torch.compile`` cannot trace the query.
 _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _cpu_vendor_family(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, int | None]:
+    """The CPU's vendor (``vendor_id``) and family number as Linux lists them for its first
+    processor, or ("", None) where they cannot be read."""
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block describes them all
+                field, _, value = line.partition(":")
+                fields[field.strip()] = value.strip()
+    except OSError:
+        pass
+    family = fields.get("cpu family", "")
+    return fields.get("vendor_id", ""), int(family) if family.isdigit() else None
+
+
+def blas_behind_onednn(vendor: str, family: int | None, avx512: bool, mkl: bool) -> bool:
+    """Whether PyTorch's BLAS runs float32 products at well under oneDNN's rate on a CPU:
+    PyTorch built on MKL (``mkl``), on an AMD CPU (``vendor`` ``AuthenticAMD``) that runs
+    AVX-512 (``avx512``) at full width, family 26 (Zen 5) on. MKL runs its AVX-512 code on
+    Intel's CPUs only and its AVX2 code on AMD's; oneDNN, behind PyTorch's convolutions, runs
+    AVX-512 on both. Where the 512-bit multiply-adds run at half width (Zen 4, family 25)
+    the two codes reach about the same rate, and the rule's measurements there agree with
+    the other hosts'. On the Zen 5 EPYC (2 threads, 2026-12-05 14:36): a 2048² ``torch.mm``
+    at 207 GFLOP/s, a 1×1 convolution of 1024 channels at 14×14, batch 8, channels-last, at
+    477; ``benchmarks/pointwise_paths.py`` (14:38) had ``gemm`` (MKL) at 1.8-5.6× ``widen``'s
+    (oneDNN's) time on every channels-last pointwise layer with spatial extent at batch 8,
+    and 0.84-2.65× at batch 1 (slower in 26 of 27)."""
+    return mkl and avx512 and vendor == "AuthenticAMD" and family is not None and family >= 26
+
+
+#: :func:`blas_behind_onednn` of this machine, read once at import. Where it holds, the rule
+#: keeps pointwise layers off the BLAS: tieify's ``kernel`` takes channels-last inputs of any
+#: bank and size (:func:`_kernel_by_default`), ``widen`` takes them where the kernel is not
+#: built (:func:`_widen_pointwise`), and NCHW inputs with wide blocks on maps of up to 28×28
+#: fold (:func:`_fold_pointwise`).
+_BLAS_BEHIND_ONEDNN = blas_behind_onednn(
+    *_cpu_vendor_family(), _CPU_HAS_AVX512, torch.backends.mkl.is_available()
+)
 #: Whether the kernel is the default of an unfused layer (where the rule's other conditions
 #: hold; a layer :func:`tieify.fuse` fused takes it either way). True on every host measured,
 #: with the kernel's stores as :func:`tieify.nn._kernel.stream_min_bytes` sets them; False
@@ -1251,14 +1320,17 @@ def _at_least_pixels(x: torch.Tensor, n: int) -> bool:
 
 def _widen_pointwise(layer: _TiedConvNd, x: torch.Tensor, trains: bool = False) -> bool:
     """Whether a pointwise layer's channels-last input is large enough for ``widen`` by
-    default: float32 (what was measured) on CPU, and on a CPU without AVX-512 at least
+    default: float32 (what was measured) on CPU, and on a CPU without AVX-512 (or whose BLAS
+    runs behind oneDNN: :data:`_BLAS_BEHIND_ONEDNN`) at least
     :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels (:func:`_at_least_pixels`), or, where the
     forward ``trains`` (:func:`_trains`), an output of at least
     :data:`TRAINING_WIDEN_MIN_NUMEL` elements on its wider side (batch × output pixels ×
     the larger channel count)."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
-    if not _CPU_HAS_AVX512 and _at_least_pixels(x, WIDEN_POINTWISE_MIN_PIXELS):
+    if (not _CPU_HAS_AVX512 or _BLAS_BEHIND_ONEDNN) and _at_least_pixels(
+        x, WIDEN_POINTWISE_MIN_PIXELS
+    ):
         return True
     if not trains or not isinstance(x.shape[0], (int, torch.SymInt)):
         return False
@@ -1288,23 +1360,36 @@ def _kernel_by_default(
     input channels a block."""
     k = layer.in_channels // layer.B
     bank = k * (layer.out_channels // layer.B)
+    channels_last = is_channels_last(x)
+    unbounded = _BLAS_BEHIND_ONEDNN and channels_last  # the other paths run on the BLAS
     return (
         (fused or (_KERNEL_WINS_ALONE and not trains))
-        and bank <= KERNEL_MAX_BANK
-        and (k >= PLANAR_MIN_CHANNELS or is_channels_last(x))
-        and _at_least_pixels(x, KERNEL_MIN_PIXELS)
+        and (unbounded or bank <= KERNEL_MAX_BANK)
+        and (k >= PLANAR_MIN_CHANNELS or channels_last)
+        and (unbounded or _at_least_pixels(x, KERNEL_MIN_PIXELS))
     )
 
 
 def _fold_pointwise(layer: _TiedConvNd, x: torch.Tensor) -> bool:
-    """Whether an unstrided pointwise layer on an NCHW CPU input (the caller knows it is one:
-    ``native`` applies) runs the fold by default in a forward that does not train: small
-    maps, a batch that brings them to :data:`FOLD_POINTWISE_MIN_PIXELS` pixels and wide
-    blocks (:data:`FOLD_POINTWISE_MAX_IMAGE_PIXELS`, where the measurements are)."""
-    B = layer.B
+    """Whether a pointwise layer on an NCHW CPU input (the caller knows it is one: ``native``
+    applies) runs the fold by default in a forward that does not train: small maps, a batch
+    that brings them to :data:`FOLD_POINTWISE_MIN_PIXELS` pixels and wide blocks. Unstrided
+    layers of at most 7×7 pixels an image and 128 channels a block
+    (:data:`FOLD_POINTWISE_MAX_IMAGE_PIXELS`, where the measurements are); where the BLAS
+    runs behind oneDNN (:data:`_BLAS_BEHIND_ONEDNN`), strided ones too, of at most 28×28
+    input pixels an image, 64 channels a block and more than one image
+    (:data:`FOLD_POINTWISE_BLAS_BEHIND_MAX_IMAGE_PIXELS`)."""
+    narrowest = min(layer.in_channels, layer.out_channels) // layer.B
+    if _BLAS_BEHIND_ONEDNN:  # strided too, larger maps, narrower blocks: measured there
+        return (
+            narrowest >= FOLD_POINTWISE_BLAS_BEHIND_MIN_CHANNELS
+            and math.prod(x.shape[2:]) <= FOLD_POINTWISE_BLAS_BEHIND_MAX_IMAGE_PIXELS
+            and _at_least_pixels(x, FOLD_POINTWISE_MIN_PIXELS)
+            and x.shape[0] != 1  # one 28×28 image: the fold was as often slower as faster
+        )
     return (
         all(s == 1 for s in layer.stride)
-        and min(layer.in_channels, layer.out_channels) // B >= FOLD_POINTWISE_MIN_CHANNELS
+        and narrowest >= FOLD_POINTWISE_MIN_CHANNELS
         and math.prod(x.shape[2:]) <= FOLD_POINTWISE_MAX_IMAGE_PIXELS
         and _at_least_pixels(x, FOLD_POINTWISE_MIN_PIXELS)
     )
@@ -1382,13 +1467,15 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     ``native`` while the layer's larger side is small (:func:`_small_pointwise`). Pointwise
     layers on a channels-last input run tieify's ``kernel`` (only ``fused`` where not
     :data:`_KERNEL_WINS_ALONE`) when it is built, the bank is small and the input large
-    enough (:func:`_kernel_by_default`); else as a GEMM (a matrix multiply has the least
+    enough, or at any size where the BLAS runs behind oneDNN (:func:`_kernel_by_default`,
+    :data:`_BLAS_BEHIND_ONEDNN`); else as a GEMM (a matrix multiply has the least
     per-call overhead, which decides small and pooled inputs), or widened on a CPU without
-    AVX-512 once a float32 input has :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers
-    on a channels-last input run tieify's ``kernel`` where it applies by Winograd's
-    F(2×2, 3×3) with an output at least :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide (without
-    AVX-512 :data:`KERNEL_WINOGRAD_MIN_WIDTH_256`), at a batch of one or where a stride
-    along the width rules ``widen`` out (only ``fused`` where not
+    AVX-512 (or whose BLAS runs behind oneDNN) once a float32 input has
+    :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers on a channels-last input run
+    tieify's ``kernel`` where it applies by Winograd's F(2×2, 3×3) with an output at least
+    :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide (without AVX-512
+    :data:`KERNEL_WINOGRAD_MIN_WIDTH_256`), at a batch of one or where a stride along the
+    width rules ``widen`` out (only ``fused`` where not
     :data:`_KERNEL_WINS_ALONE`), and with ``fused`` (a layer whose batch norm, add and ReLU
     :func:`tieify.fuse` would apply in the kernel's epilogue) also where the output is at
     least :data:`KERNEL_CONV_MIN_WIDTH` wide
@@ -1398,7 +1485,8 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     input (eager calls only) pointwise layers run tieify's ``kernel`` (its channels-first
     product; a strided one on the kept pixels, copied out) by the same rule
     (:func:`_kernel_by_default`), else (CPU, 2-D) ``native``, but the fold where their maps
-    are small and their blocks wide (:func:`_fold_pointwise`); k×k layers run the
+    are small and their blocks wide (:func:`_fold_pointwise`; where the BLAS runs behind
+    oneDNN, maps of up to 28×28 and strided layers too); k×k layers run the
     ``kernel`` on a channels-last copy where Winograd applies, from the same width, or at a
     batch of one, only where :data:`_KERNEL_WINS_ALONE` (:func:`_kernel_conv_by_default`),
     else ``native`` while the input has at most :data:`NATIVE_MAX_NUMEL` elements;

@@ -63,10 +63,10 @@ def against_table(
     """The Markdown table of rows of :func:`models.against` (models timed against a dense
     one): per row the cells ``lead(row)``, the dense model's ms, each of ``names`` as ``ms
     (ratio to dense)`` and, where given, ``row[ratio]``; ``header`` names every column (the
-    leading ``case`` and ``mode`` left-aligned, the others right-aligned)."""
+    leading ``case``, ``mode`` and ``layout`` left-aligned, the others right-aligned)."""
     cells = [cell.strip() for cell in header.split("|")]
     first = len(cells) - len(names) - 1 - (ratio is not None)
-    align = "".join("l" if c in ("case", "mode") else "r" for c in cells[:first])
+    align = "".join("l" if c in ("case", "mode", "layout") else "r" for c in cells[:first])
     return table(
         cells,
         align + "r" * (len(cells) - first),

@@ -16,20 +16,15 @@ Usage::
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
-from unittest import mock
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import against_table, run_facts, run_model_benchmark, timing_facts  # noqa: E402
-from models import CL, against, build_case, time_models  # noqa: E402
+from models import rule_setting_rows  # noqa: E402
 
-import tieify  # noqa: E402
 from tieify.nn import _kernel, _paths  # noqa: E402
 
 CASES = ["resnet50_all_B4", "resnet50_3x3_B2", "resnext50_B2", "mobilenet_v3_large_B2"]
@@ -37,24 +32,8 @@ VARIANTS = ("rule", "kernel_alone", "no_kernel_alone", "optimize")
 
 
 def case_rows(args) -> list[dict]:
-    rows = []
-    for case in args.cases:
-        dense, tied = build_case(case)
-        dense = dense.to(memory_format=CL)
-        for batch in args.batches:
-            x = torch.randn(batch, 3, args.size, args.size).contiguous(memory_format=CL)
-            models = {v: copy.deepcopy(tied).to(memory_format=CL) for v in VARIANTS}
-            with torch.inference_mode():
-                for variant, alone in (("kernel_alone", True), ("no_kernel_alone", False)):
-                    with mock.patch.object(_paths, "_KERNEL_WINS_ALONE", alone):
-                        models[variant](x)  # its layers' paths, chosen under this setting
-                models["rule"](x)
-                tieify.optimize(models["optimize"], x)
-                samples = time_models({"dense": dense, **models}, x, args.rounds, args.target_s)
-            row = {"case": case, "batch": batch, **against(samples, VARIANTS, "dense")}
-            rows.append(row)
-            print(row, flush=True)
-    return rows
+    settings = {"kernel_alone": True, "no_kernel_alone": False}
+    return rule_setting_rows(args, "_KERNEL_WINS_ALONE", settings)
 
 
 def markdown(res: dict) -> str:

@@ -229,6 +229,43 @@ def against(samples: dict[str, list[float]], names: tuple[str, ...], base: str) 
     return row | {k: median_ratio(samples, k, base) for k in names}
 
 
+def rule_setting_rows(
+    args, flag: str, settings: dict[str, bool], layouts: tuple[str, ...] = ("channels_last",)
+) -> list[dict]:
+    """Whole models under the static rule with one of its machine flags
+    (``tieify.nn._paths.<flag>``) set each way: per case of ``args.cases``, input layout
+    (``channels_last`` or ``nchw``) and batch, in interleaved rounds (medians of per-round
+    ratios to the dense model in the same layout), the tied model with the rule as this
+    machine has it (``rule``), with ``flag`` as each entry of ``settings`` sets it, and after
+    ``tieify.optimize``. Each copy decides its layers' paths on its first call, under its
+    own setting, and keeps them (the layers remember their choice per input)."""
+    from unittest import mock
+
+    from tieify.nn import _paths
+
+    variants = ("rule", *settings, "optimize")
+    rows = []
+    for case in args.cases:
+        dense, tied = build_case(case)
+        for layout in layouts:
+            fmt = CL if layout == "channels_last" else torch.contiguous_format
+            dense = dense.to(memory_format=fmt)
+            for batch in args.batches:
+                x = torch.randn(batch, 3, args.size, args.size).contiguous(memory_format=fmt)
+                models = {v: copy.deepcopy(tied).to(memory_format=fmt) for v in variants}
+                with torch.inference_mode():
+                    for variant, value in settings.items():
+                        with mock.patch.object(_paths, flag, value):
+                            models[variant](x)
+                    models["rule"](x)
+                    tieify.optimize(models["optimize"], x)
+                    samples = time_models({"dense": dense, **models}, x, args.rounds, args.target_s)
+                row = {"case": case, "layout": layout, "batch": batch}
+                rows.append(row | against(samples, variants, "dense"))
+                print(rows[-1], flush=True)
+    return rows
+
+
 def run_case(case: str, args) -> list[dict]:
     dense, tied = build_case(case)
     dense_cl = copy.deepcopy(dense).to(memory_format=CL)

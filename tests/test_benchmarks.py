@@ -331,6 +331,41 @@ def test_models_profile_splits_a_forward_by_module_on_a_fake_clock(models, monke
     assert split == pytest.approx({**expected, "total": 22.0})
 
 
+def test_rule_setting_rows_give_each_copy_its_own_setting(models, monkeypatch):
+    """Each copy of the tied model decides its layers' paths on its first call under its own
+    setting of the rule's flag and keeps them: with the rule for a BLAS behind oneDNN the
+    NCHW pointwise layer (128 channels a block, 14×14, two images) folds, with the other it
+    does not, and ``rule`` has this process's setting (the suite's: keeps up)."""
+    import argparse
+
+    from torch import nn
+
+    from tieify.nn import TiedConv2d, _paths
+
+    def toy():
+        return nn.Sequential(nn.Conv2d(3, 256, 1), TiedConv2d(256, 256, 1, B=2)).eval()
+
+    monkeypatch.setattr(models, "build_case", lambda case: (toy(), toy()))
+    timed = {}
+
+    def fake_time_models(ms, x, rounds, target_s):
+        timed.update(ms, x=x)
+        return {k: [1.0 + i] for i, k in enumerate(ms)}
+
+    monkeypatch.setattr(models, "time_models", fake_time_models)
+    args = argparse.Namespace(cases=["toy"], batches=[2], size=14, rounds=1, target_s=0.0)
+    settings = {"behind": True, "keeps_up": False}
+    rows = models.rule_setting_rows(args, "_BLAS_BEHIND_ONEDNN", settings, ("nchw",))
+    assert [(r["case"], r["layout"], r["batch"]) for r in rows] == [("toy", "nchw", 2)]
+    assert rows[0]["behind"] == 3.0 and rows[0]["optimize"] == 5.0  # ratios to dense (1.0)
+    x = timed["x"]
+    assert x.shape == (2, 3, 14, 14) and x.is_contiguous()
+    chosen = {k: _paths.select_path(timed[k][1], torch.randn(2, 256, 14, 14)) for k in settings}
+    assert chosen["behind"] == "fold" and chosen["keeps_up"] != "fold"
+    assert _paths.select_path(timed["rule"][1], torch.randn(2, 256, 14, 14)) != "fold"
+    assert _paths._BLAS_BEHIND_ONEDNN is False  # the flag restored after each copy's call
+
+
 def test_models_bandwidth_study_splits_samples_by_bandwidth(models):
     """Six samples: the lowest and the highest third by bandwidth (two each) give the
     medians, the ratio falls as the bandwidth rises (a negative correlation, computed by
@@ -500,8 +535,9 @@ def test_path_tables_name_the_rule_for_inference(pointwise_paths, capsys):
     """The paths are timed for inference, so the table's rule column is the rule for
     inference, not the training rule a layer in training mode would get under autograd: a
     wide pointwise layer on a small channels-last input (72 pixels, 73,728 output elements)
-    is a GEMM for inference on any host (too few pixels for the kernel or widen) and widened
-    in training (from 65,536 output elements)."""
+    is a GEMM for inference where the BLAS keeps up with oneDNN, as the suite has it on every
+    host (too few pixels for the kernel or widen), and widened in training (from 65,536
+    output elements)."""
     from tieify.nn import TiedConv2d, _paths
 
     def make(ci, co, B):

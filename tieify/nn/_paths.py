@@ -105,8 +105,8 @@ NATIVE_MAX_NUMEL = 4096
 #: at batch 8, on 28×28 and smaller at batch 1, and 1.4-4.3× faster on pooled (1×1) SE inputs.
 #: An earlier AVX2 host agreed (widen up to 6.1× at batch 8). On an AVX-512 Xeon gemm was as
 #: fast or faster (widen / gemm time 0.87-1.3) at every size, so there it keeps gemm, but where
-#: the BLAS runs behind oneDNN (:data:`_BLAS_BEHIND_ONEDNN`: gemm 1.8-5.6× widen's time there
-#: at batch 8).
+#: the BLAS runs behind oneDNN (:data:`_BLAS_BEHIND_ONEDNN`: gemm 1.65-5.6× widen's time
+#: there at batch 8).
 WIDEN_POINTWISE_MIN_PIXELS = 4096
 
 #: Fewest pixels (N · spatial size) at which a pointwise layer on a channels-last CPU input
@@ -122,10 +122,11 @@ WIDEN_POINTWISE_MIN_PIXELS = 4096
 #: more a call, ``benchmarks/call_overhead.py``) it was slower than gemm in 5 of 6 cases at
 #: 784 pixels. Where the BLAS runs behind oneDNN (:data:`_BLAS_BEHIND_ONEDNN`) neither this
 #: nor :data:`KERNEL_MAX_BANK` holds on channels-last inputs: on the Zen 5 EPYC
-#: (``benchmarks/pointwise_paths.py``, 2026-12-05 14:38, 2 threads) the kernel took 0.45-0.51×
-#: gemm's time on ResNet-50's 14×14 and 7×7 layers at batch 1 (196 and 49 pixels; 0.54-0.82×
-#: widen's), 0.42-0.45× on its 7×7 layers at batch 8 (392 pixels; at B = 2 banks of 256×1024
-#: and 1024×256) and 0.56-0.80× on MobileNetV3's pooled SE inputs at batch 8.
+#: (``benchmarks/pointwise_paths.py``, 2 threads, 2026-12-05 14:38 and 14:47, the last
+#: committed as ``results/epyc_zen5/pointwise_paths.md``) the kernel took 0.45-0.52× gemm's
+#: time on ResNet-50's 14×14 and 7×7 layers at batch 1 (196 and 49 pixels; 0.52-0.82×
+#: widen's), 0.42-0.46× on its 7×7 layers at batch 8 (392 pixels; at B = 2 banks of 256×1024
+#: and 1024×256) and 0.56-1.00× on MobileNetV3's pooled SE inputs at batch 8.
 KERNEL_MIN_PIXELS = 784
 #: Largest thin bank (C_in/B · C_out/B entries) the ``kernel`` takes by default: its tiles
 #: read the whole (packed) bank for every six rows. With banks of 128×512 and 512×128
@@ -166,20 +167,21 @@ FOLD_POINTWISE_MIN_CHANNELS = 128
 #: Where PyTorch's BLAS runs behind oneDNN (:data:`_BLAS_BEHIND_ONEDNN`), the fold (oneDNN's
 #: convolution) against the rule's other NCHW pointwise paths, tieify's channels-first
 #: product (``kernel``) and PyTorch's native kernel (on the BLAS): ``benchmarks/nchw_paths.py``
-#: on the Zen 5 EPYC (2 threads; 2026-12-05 11:55, ``results/epyc_zen5/nchw_paths.md``, and
-#: 14:40), ResNet-50's 1×1 shapes at batch 8 with 64 channels a block or more on both sides:
-#: on 28×28 and 14×14 maps fold / native 0.50-0.68, kernel / native 0.74-0.88 (the rule ran
-#: the kernel there); on 7×7 maps at B = 8 (64 and 256 channels a block) 0.47-0.50 against
-#: 0.80-0.81. With 32 channels a block on a side the fold lost three of four cases in one run
-#: (0.89-1.11 against 0.74-0.79) and won all four in the other; with one 28×28 image (64-256
-#: channels a block) fold / kernel was 0.87-1.18. Layers of whole models on NCHW input, batch
-#: 8 (``/tmp`` probes, 14:25-14:35, ten calls each): ResNeXt-50's at B = 2 on 28×28 and 14×14
-#: maps took 0.46-0.89 of the rule's path's time folded (its strided downsampling layers
-#: 0.46-0.60), the all-B = 4 ResNet-50's with 64 channels a block or more 0.45-0.99; on a
-#: 56×56 map the kernel was faster (fold 1.38× its time, 256→512, stride 2, B = 4). So there
-#: an NCHW pointwise layer, with a stride or without, of at most this many input pixels an
-#: image, a batch of more than one, at least :data:`FOLD_POINTWISE_MIN_PIXELS` pixels in all
-#: and :data:`FOLD_POINTWISE_BLAS_BEHIND_MIN_CHANNELS` channels a block on both sides folds.
+#: on the Zen 5 EPYC (2 threads; 2026-12-05 11:55, 14:40 and 14:47, the last committed as
+#: ``results/epyc_zen5/nchw_paths.md``), ResNet-50's 1×1 shapes at batch 8 with 64 channels
+#: a block or more on both sides: on 28×28 and 14×14 maps fold / native 0.50-0.72, kernel /
+#: native 0.74-0.89 (the rule ran the kernel there); on 7×7 maps at B = 8 (64 and 256
+#: channels a block) 0.47-0.50 against 0.80-0.82. With 32 channels a block on a side the
+#: fold won 7 of the 12 cases and lost the other 5 by up to 1.41× the kernel's time; with one
+#: 28×28 image (64-256 channels a block) fold / kernel was 0.87-1.18. Layers of whole models
+#: on NCHW input, batch 8 (``/tmp`` probes, 14:25-14:35, ten calls each): ResNeXt-50's at
+#: B = 2 on 28×28 and 14×14 maps took 0.46-0.89 of the rule's path's time folded (its
+#: strided downsampling layers 0.46-0.60), the all-B = 4 ResNet-50's with 64 channels a
+#: block or more 0.45-0.99; on a 56×56 map the kernel was faster (fold 1.38× its time,
+#: 256→512, stride 2, B = 4). So there an NCHW pointwise layer, with a stride or without, of
+#: at most this many input pixels an image, a batch of more than one, at least
+#: :data:`FOLD_POINTWISE_MIN_PIXELS` pixels in all and
+#: :data:`FOLD_POINTWISE_BLAS_BEHIND_MIN_CHANNELS` channels a block on both sides folds.
 FOLD_POINTWISE_BLAS_BEHIND_MAX_IMAGE_PIXELS = 28 * 28
 #: The fewest channels a block, in and out, of :data:`FOLD_POINTWISE_BLAS_BEHIND_MAX_IMAGE_PIXELS`.
 FOLD_POINTWISE_BLAS_BEHIND_MIN_CHANNELS = 64
@@ -1193,9 +1195,9 @@ def blas_behind_onednn(vendor: str, family: int | None, avx512: bool, mkl: bool)
     the two codes reach about the same rate, and the rule's measurements there agree with
     the other hosts'. On the Zen 5 EPYC (2 threads, 2026-12-05 14:36): a 2048² ``torch.mm``
     at 207 GFLOP/s, a 1×1 convolution of 1024 channels at 14×14, batch 8, channels-last, at
-    477; ``benchmarks/pointwise_paths.py`` (14:38) had ``gemm`` (MKL) at 1.8-5.6× ``widen``'s
-    (oneDNN's) time on every channels-last pointwise layer with spatial extent at batch 8,
-    and 0.84-2.65× at batch 1 (slower in 26 of 27)."""
+    477; ``benchmarks/pointwise_paths.py`` (14:38 and 14:47) had ``gemm`` (MKL) at
+    1.65-5.6× ``widen``'s (oneDNN's) time on every channels-last pointwise layer with
+    spatial extent at batch 8, and 0.84-2.65× at batch 1 (slower in 26 of 27 in each run)."""
     return mkl and avx512 and vendor == "AuthenticAMD" and family is not None and family >= 26
 
 

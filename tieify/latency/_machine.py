@@ -16,6 +16,8 @@ import platform
 
 import torch
 
+from ..nn._kernel import cpuinfo_fields
+
 __all__ = ["machine_key", "software_key", "describe_machine"]
 
 
@@ -23,16 +25,7 @@ def _cpu_model() -> str:
     """The CPU's model: its name, and on Linux the family/model/stepping numbers and cache
     size from ``/proc/cpuinfo`` (a virtual machine often reports only a generic name, and the
     numbers still tell its hosts apart); elsewhere what ``platform`` knows."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor's block describes them all
-                field, _, value = line.partition(":")
-                fields[field.strip().lower()] = value.strip()
-    except OSError:
-        pass
+    fields = {field.lower(): value for field, value in cpuinfo_fields().items()}
     name = fields.get("model name") or fields.get("hardware") or fields.get("cpu model")
     if not name:
         return platform.processor() or platform.machine() or "unknown CPU"

@@ -137,6 +137,23 @@ def _compiler() -> str | None:
     return None
 
 
+def cpuinfo_fields(path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The fields Linux lists for the first processor in ``path`` (``/proc/cpuinfo``), name to
+    value, both stripped (the first processor's block describes them all), or {} where the
+    file cannot be read."""
+    fields: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                field, _, value = line.partition(":")
+                fields[field.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
 def _cpu_flags() -> str:
     """What ``-march=native`` compiles for: the CPU's feature flags where Linux lists them."""
     try:

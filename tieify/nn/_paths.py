@@ -1171,17 +1171,9 @@ _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 def _cpu_vendor_family(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, int | None]:
     """The CPU's vendor (``vendor_id``) and family number as Linux lists them for its first
-    processor, or ("", None) where they cannot be read."""
-    fields: dict[str, str] = {}
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor's block describes them all
-                field, _, value = line.partition(":")
-                fields[field.strip()] = value.strip()
-    except OSError:
-        pass
+    processor (:func:`tieify.nn._kernel.cpuinfo_fields`), or ("", None) where they cannot be
+    read."""
+    fields = _kernel.cpuinfo_fields(cpuinfo)
     family = fields.get("cpu family", "")
     return fields.get("vendor_id", ""), int(family) if family.isdigit() else None
 
@@ -1193,9 +1185,10 @@ def blas_behind_onednn(vendor: str, family: int | None, avx512: bool, mkl: bool)
     Intel's CPUs only and its AVX2 code on AMD's; oneDNN, behind PyTorch's convolutions, runs
     AVX-512 on both. Where the 512-bit multiply-adds run at half width (Zen 4, family 25)
     the two codes reach about the same rate, and the rule's measurements there agree with
-    the other hosts'. On the Zen 5 EPYC (2 threads, 2026-12-05 14:36): a 2048² ``torch.mm``
-    at 207 GFLOP/s, a 1×1 convolution of 1024 channels at 14×14, batch 8, channels-last, at
-    477; ``benchmarks/pointwise_paths.py`` (14:38 and 14:47) had ``gemm`` (MKL) at
+    the other hosts'. On the Zen 5 EPYC (2 threads; ``benchmarks/blas_rule.py``, 2026-12-05
+    15:03, ``results/epyc_zen5/blas_rule.md``): a 2048² ``torch.mm`` at 211 GFLOP/s, a 1×1
+    convolution of 1024 channels at 14×14, batch 8, channels-last, at 469;
+    ``benchmarks/pointwise_paths.py`` (14:38 and 14:47) had ``gemm`` (MKL) at
     1.65-5.6× ``widen``'s (oneDNN's) time on every channels-last pointwise layer with
     spatial extent at batch 8, and 0.84-2.65× at batch 1 (slower in 26 of 27 in each run)."""
     return mkl and avx512 and vendor == "AuthenticAMD" and family is not None and family >= 26

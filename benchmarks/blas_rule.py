@@ -1,14 +1,18 @@
-"""Whole models under the rule for a BLAS that runs behind oneDNN, and under the other one.
+"""Whole models under the rule for a BLAS that runs behind oneDNN, for one the kernel
+outruns, and for one that keeps up with both.
 
 Where PyTorch's BLAS runs well under oneDNN's rate (MKL on an AMD CPU with full-width
 AVX-512: ``tieify.nn._paths.blas_behind_onednn``), the static rule keeps pointwise layers
-off it (``_paths._BLAS_BEHIND_ONEDNN``). This times, per model, input layout (channels-last
-and NCHW) and batch, in interleaved rounds (medians of per-round ratios to the dense model
-in the same layout): the tied model as ``tieify.tieify`` returns it with the rule as this
-machine has it, with the rule for a BLAS that runs behind (``blas_behind``), with the rule
-for one that keeps up (``blas_keeps_up``), and after ``tieify.optimize``. Each copy decides
-its layers' paths on its first call, under its own setting. The header gives the BLAS's
-rate and oneDNN's on one product each, measured before the models on the run's threads.
+off it (``_paths._BLAS_BEHIND_ONEDNN``); where tieify's kernel outruns a BLAS that keeps up
+with oneDNN (AMD's Zen and Zen+: ``kernel_outruns_blas``), it keeps channels-last pointwise
+layers off it (``_paths._KERNEL_OUTRUNS_BLAS``). This times, per model, input layout
+(channels-last and NCHW) and batch, in interleaved rounds (medians of per-round ratios to
+the dense model in the same layout): the tied model as ``tieify.tieify`` returns it with the
+rule as this machine has it, with the rule for a BLAS that runs behind (``blas_behind``),
+for one the kernel outruns (``kernel_outruns``), for one that keeps up with both
+(``blas_keeps_up``), and after ``tieify.optimize``. Each copy decides its layers' paths on
+its first call, under its own setting. The header gives the BLAS's rate and oneDNN's on one
+product each, measured before the models on the run's threads.
 
 Usage::
 
@@ -33,7 +37,12 @@ from models import rule_setting_rows  # noqa: E402
 from tieify.nn import _paths  # noqa: E402
 
 CASES = ["resnext50_B2", "resnet50_all_B4", "mobilenet_v3_large_B2"]
-VARIANTS = ("rule", "blas_behind", "blas_keeps_up", "optimize")
+SETTINGS: dict[str, dict[str, object]] = {
+    "blas_behind": {"_BLAS_BEHIND_ONEDNN": True, "_KERNEL_OUTRUNS_BLAS": False},
+    "kernel_outruns": {"_BLAS_BEHIND_ONEDNN": False, "_KERNEL_OUTRUNS_BLAS": True},
+    "blas_keeps_up": {"_BLAS_BEHIND_ONEDNN": False, "_KERNEL_OUTRUNS_BLAS": False},
+}
+VARIANTS = ("rule", *SETTINGS, "optimize")
 
 
 def gflops(fn, flop: float, calls: int = 10, repeats: int = 5) -> float:
@@ -61,16 +70,17 @@ def rates() -> dict:
 
 
 def case_rows(args) -> list[dict]:
-    settings = {"blas_behind": True, "blas_keeps_up": False}
-    return rule_setting_rows(args, "_BLAS_BEHIND_ONEDNN", settings, ("channels_last", "nchw"))
+    return rule_setting_rows(args, SETTINGS, ("channels_last", "nchw"))
 
 
 def markdown(res: dict) -> str:
     lines = [
-        "# The rule for a BLAS that runs behind oneDNN, and for one that keeps up",
+        "# The rule for a BLAS that runs behind oneDNN, for one the kernel outruns, and for "
+        "one that keeps up",
         "",
-        f"Tied / dense latency, {res['size']}×{res['size']}, {timing_facts(res)} PyTorch's "
-        f"BLAS runs behind oneDNN on this machine: {res['blas_behind_onednn']} (MKL: "
+        f"Tied / dense latency, {res['size']}×{res['size']}, {timing_facts(res)} On this "
+        f"machine the kernel outruns the BLAS: {res['kernel_outruns_blas']}; PyTorch's "
+        f"BLAS runs behind oneDNN: {res['blas_behind_onednn']} (MKL: "
         f"{res['mkl']}; a 2048² mm at {res['blas_gflops']} GFLOP/s, a 1×1 convolution of 1024 "
         f"channels at 14×14, batch 8, channels-last, at {res['onednn_gflops']}). "
         f"{run_facts(res)}",
@@ -88,13 +98,14 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     return run_model_benchmark(
         "blas_rule",
-        "The rule for a BLAS behind oneDNN, and for one that keeps up.",
+        "The rule for a BLAS behind oneDNN, for one the kernel outruns, and for one that keeps up.",
         CASES,
         lambda args: {"rows": case_rows(args)},
         markdown,
         argv,
         lambda: {
             "blas_behind_onednn": _paths._BLAS_BEHIND_ONEDNN,
+            "kernel_outruns_blas": _paths._KERNEL_OUTRUNS_BLAS,
             "mkl": torch.backends.mkl.is_available(),
             **rates(),
         },

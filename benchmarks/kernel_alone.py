@@ -32,8 +32,11 @@ VARIANTS = ("rule", "kernel_alone", "no_kernel_alone", "optimize")
 
 
 def case_rows(args) -> list[dict]:
-    settings = {"kernel_alone": True, "no_kernel_alone": False}
-    return rule_setting_rows(args, "_KERNEL_WINS_ALONE", settings)
+    settings = {
+        "kernel_alone": {"_KERNEL_WINS_ALONE": True},
+        "no_kernel_alone": {"_KERNEL_WINS_ALONE": False},
+    }
+    return rule_setting_rows(args, settings)
 
 
 def markdown(res: dict) -> str:

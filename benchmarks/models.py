@@ -230,15 +230,17 @@ def against(samples: dict[str, list[float]], names: tuple[str, ...], base: str) 
 
 
 def rule_setting_rows(
-    args, flag: str, settings: dict[str, bool], layouts: tuple[str, ...] = ("channels_last",)
+    args, settings: dict[str, dict[str, object]], layouts: tuple[str, ...] = ("channels_last",)
 ) -> list[dict]:
-    """Whole models under the static rule with one of its machine flags
-    (``tieify.nn._paths.<flag>``) set each way: per case of ``args.cases``, input layout
-    (``channels_last`` or ``nchw``) and batch, in interleaved rounds (medians of per-round
-    ratios to the dense model in the same layout), the tied model with the rule as this
-    machine has it (``rule``), with ``flag`` as each entry of ``settings`` sets it, and after
-    ``tieify.optimize``. Each copy decides its layers' paths on its first call, under its
-    own setting, and keeps them (the layers remember their choice per input)."""
+    """Whole models under the static rule with its machine flags
+    (``tieify.nn._paths.<flag>``) set in several ways: per case of ``args.cases``, input
+    layout (``channels_last`` or ``nchw``) and batch, in interleaved rounds (medians of
+    per-round ratios to the dense model in the same layout), the tied model with the rule as
+    this machine has it (``rule``), with the flags as each entry of ``settings`` (variant
+    name to {flag: value}) sets them, and after ``tieify.optimize``. Each copy decides its
+    layers' paths on its first call, under its own setting, and keeps them (the layers
+    remember their choice per input)."""
+    from contextlib import ExitStack
     from unittest import mock
 
     from tieify.nn import _paths
@@ -254,8 +256,10 @@ def rule_setting_rows(
                 x = torch.randn(batch, 3, args.size, args.size).contiguous(memory_format=fmt)
                 models = {v: copy.deepcopy(tied).to(memory_format=fmt) for v in variants}
                 with torch.inference_mode():
-                    for variant, value in settings.items():
-                        with mock.patch.object(_paths, flag, value):
+                    for variant, flags in settings.items():
+                        with ExitStack() as stack:
+                            for flag, value in flags.items():
+                                stack.enter_context(mock.patch.object(_paths, flag, value))
                             models[variant](x)
                     models["rule"](x)
                     tieify.optimize(models["optimize"], x)

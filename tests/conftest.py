@@ -24,12 +24,14 @@ def _stream_from_one_mib(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def _blas_as_fast_as_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
     """The path rule as on a CPU whose BLAS keeps up with oneDNN (every host but an AMD one
-    with full-width AVX-512: :func:`tieify.nn._paths.blas_behind_onednn`), so that the
-    rule's tests expect the same paths on every host; ``test_paths.py`` tests the other
-    branch by setting it."""
+    with full-width AVX-512: :func:`tieify.nn._paths.blas_behind_onednn`) and with tieify's
+    kernel on large banks (every host but AMD's Zen and Zen+:
+    :func:`tieify.nn._paths.kernel_outruns_blas`), so that the rule's tests expect the same
+    paths on every host; ``test_paths.py`` tests the other branches by setting them."""
     from tieify.nn import _paths
 
     monkeypatch.setattr(_paths, "_BLAS_BEHIND_ONEDNN", False)
+    monkeypatch.setattr(_paths, "_KERNEL_OUTRUNS_BLAS", False)
 
 
 @pytest.fixture(autouse=True)

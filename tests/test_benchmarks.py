@@ -354,8 +354,8 @@ def test_rule_setting_rows_give_each_copy_its_own_setting(models, monkeypatch):
 
     monkeypatch.setattr(models, "time_models", fake_time_models)
     args = argparse.Namespace(cases=["toy"], batches=[2], size=14, rounds=1, target_s=0.0)
-    settings = {"behind": True, "keeps_up": False}
-    rows = models.rule_setting_rows(args, "_BLAS_BEHIND_ONEDNN", settings, ("nchw",))
+    settings = {"behind": {"_BLAS_BEHIND_ONEDNN": True}, "keeps_up": {"_BLAS_BEHIND_ONEDNN": False}}
+    rows = models.rule_setting_rows(args, settings, ("nchw",))
     assert [(r["case"], r["layout"], r["batch"]) for r in rows] == [("toy", "nchw", 2)]
     assert rows[0]["behind"] == 3.0 and rows[0]["optimize"] == 5.0  # ratios to dense (1.0)
     x = timed["x"]

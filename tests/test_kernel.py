@@ -548,10 +548,10 @@ def test_the_conv_rule_takes_the_kernel_at_batch_one_and_fused_from_28_wide(monk
     assert _paths._pixels(many) >= _paths.KERNEL_MIN_PIXELS
     assert _paths.default_path(layer, many, fused=True) == "widen"
     # A layer the kernel runs by Winograd's F(2×2, 3×3) (32 channels a block) takes it at
-    # any batch from an output 7 wide with AVX-512, 14 without (fused, or unfused where the
+    # any batch from an output 7 wide, with AVX-512 or without (fused, or unfused where the
     # kernel wins alone); narrower, the rule above decides. Stride 2 is not Winograd's.
-    assert (_paths.KERNEL_WINOGRAD_MIN_WIDTH, _paths.KERNEL_WINOGRAD_MIN_WIDTH_256) == (7, 14)
-    least = 7 if avx512 else 14
+    least = _paths.KERNEL_WINOGRAD_MIN_WIDTH
+    assert least == 7
     wide = TiedConv2d(64, 64, 3, padding=1, B=2).eval()
     wide_strided = TiedConv2d(64, 64, 3, stride=2, padding=1, B=2).eval()
     for width in (least, least - 1):

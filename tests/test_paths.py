@@ -380,16 +380,34 @@ def test_blas_behind_onednn_names_amd_cpus_with_full_width_avx512(
     assert _paths.blas_behind_onednn(vendor, family, avx512, mkl) is behind
 
 
-def test_cpu_vendor_and_family_come_from_the_first_processor(tmp_path):
+@pytest.mark.parametrize(
+    ("vendor", "family", "model", "outruns"),
+    [
+        ("AuthenticAMD", 23, 1, True),  # Zen 1 (Naples): 128-bit multiply-add units
+        ("AuthenticAMD", 23, 8, True),  # Zen+
+        ("AuthenticAMD", 23, 0x31, False),  # Zen 2 (Rome): full-width AVX2, not measured
+        ("AuthenticAMD", 25, 1, False),  # Zen 3
+        ("AuthenticAMD", 26, 2, False),  # Zen 5: blas_behind_onednn's
+        ("GenuineIntel", 23, 1, False),
+        ("AuthenticAMD", 23, None, False),  # nothing read
+        ("", None, None, False),
+    ],
+)
+def test_kernel_outruns_blas_names_zen_and_zen_plus(vendor, family, model, outruns):
+    assert _paths.kernel_outruns_blas(vendor, family, model) is outruns
+
+
+def test_cpu_vendor_family_and_model_come_from_the_first_processor(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(
-        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n\n"
-        "processor\t: 1\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n\n"
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+        "model name\t: AMD EPYC\n\n"
+        "processor\t: 1\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 85\n\n"
     )
-    assert _paths._cpu_vendor_family(str(cpuinfo)) == ("AuthenticAMD", 26)
+    assert _paths._cpu_id(str(cpuinfo)) == ("AuthenticAMD", 26, 2)
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: SomeVendor\ncpu family\t: ?\n")
-    assert _paths._cpu_vendor_family(str(cpuinfo)) == ("SomeVendor", None)
-    assert _paths._cpu_vendor_family(str(tmp_path / "missing")) == ("", None)
+    assert _paths._cpu_id(str(cpuinfo)) == ("SomeVendor", None, None)
+    assert _paths._cpu_id(str(tmp_path / "missing")) == ("", None, None)
 
 
 @pytest.mark.parametrize("behind", [False, True])
@@ -424,7 +442,9 @@ def test_channels_last_pointwise_layers_leave_a_blas_that_runs_behind(fresh_kern
     """Where the BLAS runs behind oneDNN, a channels-last pointwise layer whose bank is past
     KERNEL_MAX_BANK, or whose input has fewer than KERNEL_MIN_PIXELS pixels, runs tieify's
     kernel (where it is built) instead of gemm, and widen from WIDEN_POINTWISE_MIN_PIXELS
-    where it is not; a pooled input of a small layer keeps native."""
+    where it is not; a pooled input of a small layer keeps native. Where the kernel outruns
+    a BLAS that keeps up with oneDNN (Zen, Zen+) the kernel takes them too, and without it
+    they keep gemm; NCHW inputs keep the bounds."""
     monkeypatch = fresh_kernel
     if not kernel:
         monkeypatch.setenv("TIEIFY_KERNEL", "0")
@@ -439,9 +459,12 @@ def test_channels_last_pointwise_layers_leave_a_blas_that_runs_behind(fresh_kern
     x14 = torch.randn(1, 256, 14, 14).contiguous(memory_format=torch.channels_last)
     assert 196 < _paths.KERNEL_MIN_PIXELS and 4 * 32 * 32 == _paths.WIDEN_POINTWISE_MIN_PIXELS
     se, pooled = TiedConv2d(240, 960, 1, B=4).eval(), torch.randn(1, 240, 1, 1)
-    for behind in (False, True):
+    nchw = torch.randn(8, 512, 7, 7)
+    for behind, outruns in ((False, False), (True, False), (False, True)):
         monkeypatch.setattr(_paths, "_BLAS_BEHIND_ONEDNN", behind)
-        kernel_here = behind and kernel
+        monkeypatch.setattr(_paths, "_KERNEL_OUTRUNS_BLAS", outruns)
+        kernel_here = (behind or outruns) and kernel
+        assert _paths.default_path(big_bank, nchw) != "kernel"  # NCHW: the bank's bound
         assert _paths.default_path(big_bank, x7) == ("kernel" if kernel_here else "gemm")
         assert _paths.default_path(few_pixels, x14) == ("kernel" if kernel_here else "gemm")
         wide = _paths.default_path(big_bank, x_big)

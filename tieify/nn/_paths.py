@@ -120,8 +120,9 @@ WIDEN_POINTWISE_MIN_PIXELS = 4096
 #: ``benchmarks/results/epyc_avx2``), and even with gemm at 196 (14×14, batch 1: kernel /
 #: gemm 0.93-1.06) and at 392 (7×7, batch 8: 0.84-1.04). Before the call was kept (60-120 µs
 #: more a call, ``benchmarks/call_overhead.py``) it was slower than gemm in 5 of 6 cases at
-#: 784 pixels. Where the BLAS runs behind oneDNN (:data:`_BLAS_BEHIND_ONEDNN`) neither this
-#: nor :data:`KERNEL_MAX_BANK` holds on channels-last inputs: on the Zen 5 EPYC
+#: 784 pixels. Where the BLAS runs behind oneDNN (:data:`_BLAS_BEHIND_ONEDNN`) or the kernel
+#: outruns it (:data:`_KERNEL_OUTRUNS_BLAS`) neither this nor :data:`KERNEL_MAX_BANK` holds on
+#: channels-last inputs: on the Zen 5 EPYC
 #: (``benchmarks/pointwise_paths.py``, 2 threads, 2026-12-05 14:38 and 14:47, the last
 #: committed as ``results/epyc_zen5/pointwise_paths.md``) the kernel took 0.45-0.52× gemm's
 #: time on ResNet-50's 14×14 and 7×7 layers at batch 1 (196 and 49 pixels; 0.52-0.82×
@@ -215,13 +216,17 @@ KERNEL_CONV_MIN_WIDTH = 28
 #: last product rows take 4-row tiles (no longer a recomputing 12-row one), the 7×7 layers
 #: too: Winograd / ``widen`` 2.53-2.71 / 2.79-2.86, 1.08-1.17 / 1.29-1.35 and 0.56-0.60 /
 #: 0.64-0.68 ms in four runs of ``benchmarks/conv_paths.py`` (2026-12-02 17:53-17:55 UTC),
-#: where the kernel was the fastest path in 12 of 12 cases at batch 8 each time. With AVX-512
-#: only: :data:`KERNEL_WINOGRAD_MIN_WIDTH_256` holds elsewhere.
+#: where the kernel was the fastest path in 12 of 12 cases at batch 8 each time. Without
+#: AVX-512 (256-bit vectors) the 7×7 layers were measured again on the Zen 1 EPYC (family
+#: 23, model 1, AVX2; ``benchmarks/conv_paths.py``, 2 threads, 2026-12-05 17:27 and 17:30
+#: UTC): at batch 8, 512 channels at 7×7, B = 2, 4 and 8, the kernel took 9.38 / 4.35 /
+#: 2.64 ms and 8.55 / 4.37 / 2.63, ``widen`` (the rule's choice there while the threshold
+#: was 14, as measured before the 4-row tiles) 13.47 / 6.18 / 3.12 and 13.02 / 6.02 / 3.16
+#: (17:34, the rule taking the kernel: ``benchmarks/results/epyc_zen1/conv_paths.md``);
+#: whole ResNet-50s, channels-last, batch 8, tied / dense with 7 against 14 in the same
+#: interleaved rounds (a probe on ``benchmarks/models.py``'s ``rule_setting_rows``, 17:28):
+#: 3×3-B2 0.754 against 0.771, all-B = 4 0.340 against 0.351.
 KERNEL_WINOGRAD_MIN_WIDTH = 7
-#: :data:`KERNEL_WINOGRAD_MIN_WIDTH` on a CPU without AVX-512 (256-bit vectors, 6-row tiles,
-#: which overlapped by at most 5 rows before the 4-row tiles): kept at the 14 measured
-#: before, since no such host was at hand to measure the 7×7 layers again.
-KERNEL_WINOGRAD_MIN_WIDTH_256 = 14
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 #: PyTorch's native (non-oneDNN) CPU 2-D convolution, with autograd; see ``"native"`` above.
@@ -1169,13 +1174,17 @@ def applicable_paths(layer: _TiedConvNd, x: torch.Tensor) -> tuple[str, ...]:
 _CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-def _cpu_vendor_family(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, int | None]:
-    """The CPU's vendor (``vendor_id``) and family number as Linux lists them for its first
-    processor (:func:`tieify.nn._kernel.cpuinfo_fields`), or ("", None) where they cannot be
-    read."""
+def _cpu_id(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, int | None, int | None]:
+    """The CPU's vendor (``vendor_id``), family and model numbers as Linux lists them for its
+    first processor (:func:`tieify.nn._kernel.cpuinfo_fields`); "" and None for what cannot
+    be read."""
     fields = _kernel.cpuinfo_fields(cpuinfo)
-    family = fields.get("cpu family", "")
-    return fields.get("vendor_id", ""), int(family) if family.isdigit() else None
+    family, model = fields.get("cpu family", ""), fields.get("model", "")
+    return (
+        fields.get("vendor_id", ""),
+        int(family) if family.isdigit() else None,
+        int(model) if model.isdigit() else None,
+    )
 
 
 def blas_behind_onednn(vendor: str, family: int | None, avx512: bool, mkl: bool) -> bool:
@@ -1200,8 +1209,40 @@ def blas_behind_onednn(vendor: str, family: int | None, avx512: bool, mkl: bool)
 #: built (:func:`_widen_pointwise`), and NCHW inputs with wide blocks on maps of up to 28×28
 #: fold (:func:`_fold_pointwise`).
 _BLAS_BEHIND_ONEDNN = blas_behind_onednn(
-    *_cpu_vendor_family(), _CPU_HAS_AVX512, torch.backends.mkl.is_available()
+    *_cpu_id()[:2], _CPU_HAS_AVX512, torch.backends.mkl.is_available()
 )
+
+
+def kernel_outruns_blas(vendor: str, family: int | None, model: int | None) -> bool:
+    """Whether tieify's kernel outruns PyTorch's BLAS on pointwise products of every bank
+    and size, though the BLAS keeps up with oneDNN: AMD's Zen and Zen+ cores (family 23,
+    models below 0x30), whose multiply-add units are 128 bits wide (a 256-bit AVX2
+    operation runs as two halves). Zen 2 (family 23 from model 0x30) runs them at full
+    width and has not been measured; there, as on Zen 3 (family 25), the kernel lost to the
+    BLAS on the largest banks. On the Zen 1 EPYC (family 23, model 1, 2 threads, 2026-12-05):
+    a 2048² ``torch.mm`` at 70 GFLOP/s, a 1×1 convolution of 1024 channels at 14×14, batch
+    8, channels-last, at 74 (``benchmarks/blas_rule.py``, 17:22). In two runs of
+    ``benchmarks/pointwise_paths.py`` (17:21 and 17:30) ``gemm`` took 1.01-1.33× the
+    kernel's time on the 18 channels-last layers where the bounded rule took it (ResNet-50's
+    14×14 and 7×7 layers at batch 1, its 7×7 layers at batch 8) but one even case (2048→512
+    at B = 2, batch 8: 0.99 and 1.02), and 1.0-1.3× on MobileNetV3's pooled SE inputs at
+    batch 8 (0.05-0.1 ms layers): the rule missed the fastest path in 23 and 24 of 66 cases,
+    by up to 1.30× and 1.33×; unbounded (17:33, ``results/epyc_zen1/pointwise_paths.md``)
+    in 4, by up to 1.08×. Whole models channels-last, tied / dense as ``tieify.tieify``
+    returns them, batch 1 / 8, unbounded against bounded in the same rounds
+    (``blas_rule.py``, 17:35, ``results/epyc_zen1/blas_rule.md``): ResNeXt-50 B2 0.591 /
+    0.614 against 0.613 / 0.629, all-B = 4 ResNet-50 0.316 / 0.343 against 0.335 / 0.349,
+    MobileNetV3-Large B2 0.853 / 0.801 against 0.883 / 0.814 (at 17:22: 0.599 / 0.621
+    against 0.623 / 0.637, 0.328 / 0.340 against 0.354 / 0.343, 0.853 / 0.780 against
+    0.910 / 0.797); each within 0.02 of ``tieify.optimize``'s, or faster."""
+    return vendor == "AuthenticAMD" and family == 23 and model is not None and model < 0x30
+
+
+#: :func:`kernel_outruns_blas` of this machine, read once at import. Where it holds, or
+#: :data:`_BLAS_BEHIND_ONEDNN` does, tieify's ``kernel`` takes channels-last pointwise
+#: layers of any bank and size (:func:`_kernel_by_default`); NCHW ones keep the rule's
+#: bounds, and fold no more than elsewhere.
+_KERNEL_OUTRUNS_BLAS = kernel_outruns_blas(*_cpu_id())
 #: Whether the kernel is the default of an unfused layer (where the rule's other conditions
 #: hold; a layer :func:`tieify.fuse` fused takes it either way). True on every host measured,
 #: with the kernel's stores as :func:`tieify.nn._kernel.stream_min_bytes` sets them; False
@@ -1222,8 +1263,12 @@ _BLAS_BEHIND_ONEDNN = blas_behind_onednn(
 #:   run at 17:55 UTC (the results file): 0.370 / 0.447 against 0.419 / 0.463, 0.812 / 0.819
 #:   against 0.861 / 0.840, 0.598 / 0.682 against 0.612 / 0.694, 0.882 / 0.879 against
 #:   0.882 / 0.870.
-#: - AVX2 EPYC: the kernel was the fastest path of most layers measured alone
-#:   (:data:`KERNEL_MIN_PIXELS`, :data:`KERNEL_WINOGRAD_MIN_WIDTH_256`).
+#: - Zen 1 EPYC with AVX2 (family 23, model 1; 8 MB of L3, outputs streamed from 1 MiB;
+#:   2026-12-05 18:04-18:08 UTC, ``benchmarks/results/epyc_zen1/kernel_alone.md``): 0.323 /
+#:   0.334 against 0.430 / 0.402, 0.769 / 0.751 against 0.838 / 0.824, 0.615 / 0.616
+#:   against 0.680 / 0.654, 0.833 / 0.789 against 0.911 / 0.873: faster in all eight.
+#: - AVX2 EPYC (Zen 3): the kernel was the fastest path of most layers measured alone
+#:   (:data:`KERNEL_MIN_PIXELS`, :data:`KERNEL_WINOGRAD_MIN_WIDTH`).
 #:
 #: The one configuration that lost was that Xeon with outputs streamed from 1 MiB, past a
 #: cache that would have kept them for the next layer (which the stores no longer do there):
@@ -1349,14 +1394,15 @@ def _kernel_by_default(
 ) -> bool:
     """Whether a pointwise layer whose input the ``kernel`` takes runs it by default:
     :data:`_KERNEL_WINS_ALONE` in a forward that does not train (``trains``, :func:`_trains`)
-    or ``fused``, a bank of at most
-    :data:`KERNEL_MAX_BANK` entries and at least :data:`KERNEL_MIN_PIXELS` pixels
-    (:func:`_at_least_pixels`), and on an NCHW input at least :data:`PLANAR_MIN_CHANNELS`
-    input channels a block."""
+    or ``fused``, a bank of at most :data:`KERNEL_MAX_BANK` entries and at least
+    :data:`KERNEL_MIN_PIXELS` pixels (:func:`_at_least_pixels`; on a channels-last input
+    any bank and size where :data:`_BLAS_BEHIND_ONEDNN` or :data:`_KERNEL_OUTRUNS_BLAS`),
+    and on an NCHW input at least :data:`PLANAR_MIN_CHANNELS` input channels a block."""
     k = layer.in_channels // layer.B
     bank = k * (layer.out_channels // layer.B)
     channels_last = is_channels_last(x)
-    unbounded = _BLAS_BEHIND_ONEDNN and channels_last  # the other paths run on the BLAS
+    # The other paths run on the BLAS, which runs behind oneDNN or the kernel there.
+    unbounded = (_BLAS_BEHIND_ONEDNN or _KERNEL_OUTRUNS_BLAS) and channels_last
     return (
         (fused or (_KERNEL_WINS_ALONE and not trains))
         and (unbounded or bank <= KERNEL_MAX_BANK)
@@ -1410,11 +1456,10 @@ def _kernel_conv_by_default(
 ) -> bool:
     """Whether a k×k layer whose input the ``kernel`` takes runs it by default, where
     :data:`_KERNEL_WINS_ALONE` in a forward that does not train (``trains``, :func:`_trains`)
-    or ``fused``: by Winograd's F(2×2, 3×3) (:func:`_winograd`)
-    with an output at least :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide (with AVX-512; else
-    :data:`KERNEL_WINOGRAD_MIN_WIDTH_256`), at a batch of one, on a channels-last input
-    where ``widen`` does not apply (a stride along the width), or, ``fused``, with an output
-    at least :data:`KERNEL_CONV_MIN_WIDTH` wide. Static tests: a symbolic batch (a
+    or ``fused``: by Winograd's F(2×2, 3×3) (:func:`_winograd`) with an output at least
+    :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide, at a batch of one, on a channels-last input where
+    ``widen`` does not apply (a stride along the width), or, ``fused``, with an output at
+    least :data:`KERNEL_CONV_MIN_WIDTH` wide. Static tests: a symbolic batch (a
     dynamic-batch compile or export) is not taken for one.
 
     A strided k×k layer on a channels-last input cannot be widened (a stride along the
@@ -1442,8 +1487,7 @@ def _kernel_conv_by_default(
         return False
     width = output_size(layer, x)[-1]
     winograd = _winograd(layer.weight, layer.B, _conv_geometry(layer))
-    least = KERNEL_WINOGRAD_MIN_WIDTH if _CPU_HAS_AVX512 else KERNEL_WINOGRAD_MIN_WIDTH_256
-    if winograd and statically_known_true(width >= least):
+    if winograd and statically_known_true(width >= KERNEL_WINOGRAD_MIN_WIDTH):
         return True
     batch = x.shape[0]
     if isinstance(batch, (int, torch.SymInt)) and statically_known_true(batch == 1):
@@ -1462,14 +1506,14 @@ def default_path(layer: _TiedConvNd, x: torch.Tensor, fused: bool = False) -> st
     ``native`` while the layer's larger side is small (:func:`_small_pointwise`). Pointwise
     layers on a channels-last input run tieify's ``kernel`` (only ``fused`` where not
     :data:`_KERNEL_WINS_ALONE`) when it is built, the bank is small and the input large
-    enough, or at any size where the BLAS runs behind oneDNN (:func:`_kernel_by_default`,
-    :data:`_BLAS_BEHIND_ONEDNN`); else as a GEMM (a matrix multiply has the least
+    enough, or at any size where the BLAS runs behind oneDNN or the kernel outruns it
+    (:func:`_kernel_by_default`, :data:`_BLAS_BEHIND_ONEDNN`, :data:`_KERNEL_OUTRUNS_BLAS`);
+    else as a GEMM (a matrix multiply has the least
     per-call overhead, which decides small and pooled inputs), or widened on a CPU without
     AVX-512 (or whose BLAS runs behind oneDNN) once a float32 input has
     :data:`WIDEN_POINTWISE_MIN_PIXELS` pixels. k×k layers on a channels-last input run
     tieify's ``kernel`` where it applies by Winograd's F(2×2, 3×3) with an output at least
-    :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide (without AVX-512
-    :data:`KERNEL_WINOGRAD_MIN_WIDTH_256`), at a batch of one or where a stride along the
+    :data:`KERNEL_WINOGRAD_MIN_WIDTH` wide, at a batch of one or where a stride along the
     width rules ``widen`` out (only ``fused`` where not
     :data:`_KERNEL_WINS_ALONE`), and with ``fused`` (a layer whose batch norm, add and ReLU
     :func:`tieify.fuse` would apply in the kernel's epilogue) also where the output is at

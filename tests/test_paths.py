@@ -85,8 +85,9 @@ def test_every_path_equals_reference(case, seed):
 def test_strided_pointwise_layers_have_the_reference_gradients_on_every_path(cin, cout, B, stride):
     """Thin banks, strided, on channels-last inputs: PyTorch's CPU backward of a strided 1×1
     convolution on such a bank gives wrong weight gradients, and ``widen`` ran one until it
-    subsampled first (4 of these 9 cases failed then, C/B = O/B = 1 in 7-10 of 10 draws);
-    ten draws each, as the error comes and goes with the memory."""
+    subsampled first (4 of these 9 cases failed then, C/B = O/B = 1 in 7-10 of 10 draws), as
+    did ``expanded`` on the Zen 1 EPYC (2 and 4 channels, stride (1, 2)); ten draws each, as
+    the error comes and goes with the memory."""
     for seed in range(10):
         torch.manual_seed(seed)
         layer = TIED[2](cin, cout, 1, stride=stride, B=B, bias=False)

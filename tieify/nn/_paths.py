@@ -87,6 +87,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from . import _kernel, _transfer
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ._conv import _TiedConvNd
 
 PATHS = ("fold", "gemm", "bmm", "lift", "grouped", "widen", "native", "kernel", "expanded")
@@ -411,6 +413,28 @@ def _widen_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
     return layer.stride[-1] == 1 or (layer.kernel_size[-1] == 1 and pad[-1] == 0)
 
 
+def _unit_strides_first(
+    layer: _TiedConvNd, x: torch.Tensor, padding: Sequence[int]
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``x`` with every axis that has a stride, a 1-wide kernel and no ``padding`` subsampled
+    by its stride (a view), and the strides left for the convolution (1 on those axes). Besides
+    skipping the pixels the convolution would not read, this avoids a wrong weight gradient:
+    PyTorch's CPU backward of a strided 1×1 convolution on a channels-last input of 2 or 4
+    channels (torch 2.14.1) gave wrong values in up to 10 of 10 random draws: through
+    ``widen`` (the widened input of a layer of one channel a block) on every host, through
+    ``expanded`` (the dense block-diagonal convolution of a layer of 2 or 4 channels) on the
+    Zen 1 EPYC (family 23, model 1, AVX2; 2026-12-05)."""
+    skip = [
+        s != 1 and k == 1 and p == 0
+        for s, k, p in zip(layer.stride, layer.kernel_size, padding, strict=True)
+    ]
+    if not any(skip):
+        return x, tuple(layer.stride)
+    steps = [slice(None, None, s if q else 1) for s, q in zip(layer.stride, skip, strict=True)]
+    stride = tuple(1 if q else s for s, q in zip(layer.stride, skip, strict=True))
+    return x[(slice(None), slice(None), *steps)], stride
+
+
 def widen_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     """Tied conv on a channels-last input as one conv over ``(N, C/B, *S[:-1], S[-1]·B)``,
     dilation and padding along the innermost axis multiplied by B (see the module doc)."""
@@ -418,21 +442,9 @@ def widen_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     c = layer.in_channels // B
     pad = _widen_padding(layer)
     assert pad is not None  # guaranteed by _widen_applies
-    # An axis with a stride and a 1-wide, unpadded kernel is subsampled first (the innermost
-    # one must be: a stride there would step across blocks), and the convolution runs with
-    # stride 1 along it. Besides skipping the pixels it would not read, this avoids a wrong
-    # weight gradient: PyTorch's CPU backward of a strided 1×1 convolution on a
-    # channels-last input of 2 or 4 channels (torch 2.14.1; the widened input of a C/B = 1
-    # layer too) gave wrong values in up to 10 of 10 random draws.
-    strides = layer.stride
-    skip = [
-        s != 1 and k == 1 and p == 0
-        for s, k, p in zip(strides, layer.kernel_size, pad, strict=True)
-    ]
-    if any(skip):
-        steps = [slice(None, None, s if q else 1) for s, q in zip(strides, skip, strict=True)]
-        x = x[(slice(None), slice(None), *steps)]
-    stride = tuple(1 if q else s for s, q in zip(strides, skip, strict=True))
+    # The innermost axis must be subsampled first when strided: a stride there would step
+    # across blocks (_widen_applies lets only a 1-wide, unpadded kernel through).
+    x, stride = _unit_strides_first(layer, x, pad)
     n, spatial = x.shape[0], x.shape[2:]
     xl = channels_inner(x).reshape(n, *spatial[:-1], spatial[-1] * B, c)
     xl = channels_second(xl)  # (N, C/B, *S[:-1], S[-1]·B), channels-last
@@ -1099,7 +1111,12 @@ def _dense_conv(
     if layer.padding_mode != "zeros":
         xp = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
         return keep_layout(conv(xp, weight, bias, layer.stride, 0, layer.dilation, groups), x)
-    y = conv(x, weight, bias, layer.stride, layer.padding, layer.dilation, groups)
+    padding = layer.padding
+    if isinstance(padding, str):  # 'valid' is none; 'same' admits no stride
+        y = conv(x, weight, bias, layer.stride, padding, layer.dilation, groups)
+        return keep_layout(y, x)
+    xs, stride = _unit_strides_first(layer, x, padding)
+    y = conv(xs, weight, bias, stride, padding, layer.dilation, groups)
     return keep_layout(y, x)
 
 

@@ -386,9 +386,9 @@ def lift_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     return channels_second(y)
 
 
-def _widen_padding(layer: _TiedConvNd) -> tuple[int, ...] | None:
+def _numeric_padding(layer: _TiedConvNd) -> tuple[int, ...] | None:
     """The layer's padding as numbers per dim, or None where it is asymmetric ('same' with an
-    odd total), which a dilated convolution cannot express."""
+    odd total), which a dilated convolution (``widen``) cannot express."""
     pad = layer.padding
     if pad == "valid":
         return (0,) * layer._ndim
@@ -405,7 +405,7 @@ def _widen_padding(layer: _TiedConvNd) -> tuple[int, ...] | None:
 def _widen_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
     if not is_channels_last(x) or layer.padding_mode != "zeros":
         return False
-    pad = _widen_padding(layer)
+    pad = _numeric_padding(layer)
     if pad is None:
         return False
     # A stride along the widened axis would step across blocks; a 1-wide, unpadded kernel
@@ -440,7 +440,7 @@ def widen_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     dilation and padding along the innermost axis multiplied by B (see the module doc)."""
     B, nd = layer.B, layer._ndim
     c = layer.in_channels // B
-    pad = _widen_padding(layer)
+    pad = _numeric_padding(layer)
     assert pad is not None  # guaranteed by _widen_applies
     # The innermost axis must be subsampled first when strided: a stride there would step
     # across blocks (_widen_applies lets only a 1-wide, unpadded kernel through).
@@ -488,7 +488,7 @@ def _native_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
         and layer.groups == 1
         and all(d == 1 for d in layer.dilation)
         and layer.padding_mode == "zeros"
-        and _widen_padding(layer) is not None
+        and _numeric_padding(layer) is not None
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64, torch.bfloat16)
         and is_channels_first(x)
@@ -499,7 +499,7 @@ def _native_applies(layer: _TiedConvNd, x: torch.Tensor) -> bool:
 def native_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
     """The fold on PyTorch's native CPU convolution (``thnn_conv2d``) instead of oneDNN."""
     n, B = x.shape[0], layer.B
-    pad = _widen_padding(layer)
+    pad = _numeric_padding(layer)
     assert pad is not None  # guaranteed by _native_applies
     xf = x.reshape(n * B, layer.in_channels // B, *x.shape[2:])
     y = _THNN_CONV2D(xf, layer.weight, layer.kernel_size, layer.bias, layer.stride, pad)
@@ -530,7 +530,7 @@ def _kernel_conv(layer: _TiedConvNd) -> bool:
         layer._ndim == 2
         and layer.groups == 1
         and layer.padding_mode == "zeros"
-        and _widen_padding(layer) is not None
+        and _numeric_padding(layer) is not None
     )
 
 
@@ -874,7 +874,7 @@ def kernel_conv_forward(layer: _TiedConvNd, x: torch.Tensor) -> torch.Tensor:
 def _conv_geometry(layer: _TiedConvNd) -> dict[str, Any]:
     """A :func:`_kernel_conv` layer's kernel size, stride, numeric padding and dilation, as
     the convolution kernel takes them."""
-    pad = _widen_padding(layer)
+    pad = _numeric_padding(layer)
     assert pad is not None  # guaranteed by _kernel_conv
     return {
         "kernel_size": tuple(layer.kernel_size),
@@ -1111,12 +1111,9 @@ def _dense_conv(
     if layer.padding_mode != "zeros":
         xp = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
         return keep_layout(conv(xp, weight, bias, layer.stride, 0, layer.dilation, groups), x)
-    padding = layer.padding
-    if isinstance(padding, str):  # 'valid' is none; 'same' admits no stride
-        y = conv(x, weight, bias, layer.stride, padding, layer.dilation, groups)
-        return keep_layout(y, x)
-    xs, stride = _unit_strides_first(layer, x, padding)
-    y = conv(xs, weight, bias, stride, padding, layer.dilation, groups)
+    pad = _numeric_padding(layer)  # None: an asymmetric 'same', which admits no stride
+    xs, stride = (x, layer.stride) if pad is None else _unit_strides_first(layer, x, pad)
+    y = conv(xs, weight, bias, stride, layer.padding, layer.dilation, groups)
     return keep_layout(y, x)
 
 
@@ -1225,8 +1222,10 @@ def blas_behind_onednn(vendor: str, family: int | None, avx512: bool, mkl: bool)
 #: bank and size (:func:`_kernel_by_default`), ``widen`` takes them where the kernel is not
 #: built (:func:`_widen_pointwise`), and NCHW inputs with wide blocks on maps of up to 28×28
 #: fold (:func:`_fold_pointwise`).
+#: :func:`_cpu_id` of this machine, read once at import.
+_CPU_ID = _cpu_id()
 _BLAS_BEHIND_ONEDNN = blas_behind_onednn(
-    *_cpu_id()[:2], _CPU_HAS_AVX512, torch.backends.mkl.is_available()
+    *_CPU_ID[:2], _CPU_HAS_AVX512, torch.backends.mkl.is_available()
 )
 
 
@@ -1259,7 +1258,7 @@ def kernel_outruns_blas(vendor: str, family: int | None, model: int | None) -> b
 #: :data:`_BLAS_BEHIND_ONEDNN` does, tieify's ``kernel`` takes channels-last pointwise
 #: layers of any bank and size (:func:`_kernel_by_default`); NCHW ones keep the rule's
 #: bounds, and fold no more than elsewhere.
-_KERNEL_OUTRUNS_BLAS = kernel_outruns_blas(*_cpu_id())
+_KERNEL_OUTRUNS_BLAS = kernel_outruns_blas(*_CPU_ID)
 #: Whether the kernel is the default of an unfused layer (where the rule's other conditions
 #: hold; a layer :func:`tieify.fuse` fused takes it either way). True on every host measured,
 #: with the kernel's stores as :func:`tieify.nn._kernel.stream_min_bytes` sets them; False
@@ -1458,7 +1457,7 @@ def output_size(layer: _TiedConvNd, x: torch.Tensor) -> tuple[int, ...]:
     'valid' is none)."""
     if layer.padding == "same":
         return tuple(x.shape[2:])
-    pad = _widen_padding(layer)
+    pad = _numeric_padding(layer)
     assert pad is not None  # None only for an asymmetric 'same'
     return tuple(
         _kernel.conv_size(size, k, s, p, d)

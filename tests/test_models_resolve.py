@@ -163,6 +163,17 @@ def test_default_input_size_torchvision(name: str, size: tuple[int, ...]) -> Non
         model.eval()(torch.randn(1, *size))  # the size actually runs
 
 
+def test_default_input_size_of_a_vit_built_for_another_size() -> None:
+    """A torchvision ViT's position embeddings fix its input: 128×128 for image_size=128,
+    found with or without the name (the name's usual 224 would not run)."""
+    model = resolve_model("vit_b_32", image_size=128)
+    assert default_input_size(model, "vit_b_32") == default_input_size(model) == (3, 128, 128)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 128, 128)).shape == (1, 1000)
+        with pytest.raises(AssertionError, match="Wrong image height"):
+            model(torch.randn(1, 3, 224, 224))
+
+
 def test_default_input_size_from_first_conv_and_timm_cfg() -> None:
     assert default_input_size(nn.Sequential(nn.Conv2d(1, 4, 3))) == (1, 224, 224)
     assert default_input_size(nn.Sequential(nn.Conv1d(2, 4, 3))) == (2, 224)

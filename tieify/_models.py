@@ -243,8 +243,9 @@ def default_input_size(model: nn.Module, spec: str | None = None) -> tuple[int, 
 
     Order of sources: a ``default_input_size`` attribute on the model; timm's
     ``pretrained_cfg["input_size"]``; torchvision's known sizes (``inception_v3``: 299; video
-    models: 16×112×112); otherwise 224×224 with the channels of the first convolution
-    (3 when there is none).
+    models: 16×112×112); a torchvision ViT's own ``image_size`` (its position embeddings fix
+    it: ``vit_b_16(image_size=128)`` takes 128×128 only); otherwise 224×224 with the
+    channels of the first convolution (3 when there is none).
 
     Example:
         >>> import torchvision
@@ -262,6 +263,9 @@ def default_input_size(model: nn.Module, spec: str | None = None) -> tuple[int, 
         return _TORCHVISION_SIZES[name]
     if type(model).__name__ == "Inception3":
         return _TORCHVISION_SIZES["inception_v3"]
+    image_size = getattr(model, "image_size", None)
+    if type(model).__name__ == "VisionTransformer" and isinstance(image_size, int):
+        return (3, image_size, image_size)
     conv = _first_conv(model)
     if isinstance(conv, nn.Conv3d):
         return (int(conv.in_channels), *_VIDEO_SIZE[1:])

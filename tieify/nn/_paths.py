@@ -1201,6 +1201,10 @@ def _cpu_id(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, int | None, int | None
     )
 
 
+#: :func:`_cpu_id` of this machine, read once at import (both machine flags below use it).
+_CPU_ID = _cpu_id()
+
+
 def blas_behind_onednn(vendor: str, family: int | None, avx512: bool, mkl: bool) -> bool:
     """Whether PyTorch's BLAS runs float32 products at well under oneDNN's rate on a CPU:
     PyTorch built on MKL (``mkl``), on an AMD CPU (``vendor`` ``AuthenticAMD``) that runs
@@ -1222,8 +1226,6 @@ def blas_behind_onednn(vendor: str, family: int | None, avx512: bool, mkl: bool)
 #: bank and size (:func:`_kernel_by_default`), ``widen`` takes them where the kernel is not
 #: built (:func:`_widen_pointwise`), and NCHW inputs with wide blocks on maps of up to 28×28
 #: fold (:func:`_fold_pointwise`).
-#: :func:`_cpu_id` of this machine, read once at import.
-_CPU_ID = _cpu_id()
 _BLAS_BEHIND_ONEDNN = blas_behind_onednn(
     *_CPU_ID[:2], _CPU_HAS_AVX512, torch.backends.mkl.is_available()
 )

@@ -55,7 +55,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--input-size",
         metavar="C,H,W",
-        help="per-sample input size (default: the model's, e.g. 3,224,224)",
+        help=(
+            "per-sample input size (default: the model's: 3,299,299 for inception_v3, "
+            "3,16,112,112 for video models, a torchvision ViT's own image_size, timm's "
+            "pretrained_cfg; else 224x224 with the first convolution's channels)"
+        ),
     )
     p.add_argument("--batch", default="1", metavar="N", help="batch size of the input (1)")
     p.add_argument(

@@ -65,9 +65,10 @@ def separate(x, conv, bn, residual=None, relu=False):
 def test_the_epilogue_applies_scale_shift_residual_and_relu_per_block():
     gen = torch.Generator().manual_seed(0)
     # N <= 8 runs pair tiles (odd K: a last single step), with AVX-512 quad tiles (K % 4: last
-    # single steps), as does N = 16; 6-row tiles cross blocks of 5, 12-row ones of 7
+    # single steps), as does N = 16; 6-row tiles cross blocks of 5, 12-row ones of 7, and
+    # without AVX-512 the 3-row tiles of N % 32 = 0 blocks of 2 and 5
     cases = ((60, 7, 27, 4), (36, 16, 32, 3), (13, 5, 8, 1), (30, 9, 3, 5), (42, 32, 8, 7))
-    cases += ((50, 11, 16, 5), (35, 24, 16, 7), (28, 6, 5, 7))
+    cases += ((50, 11, 16, 5), (35, 24, 16, 7), (28, 6, 5, 7), (40, 12, 64, 5), (34, 8, 32, 2))
     for rows, k, n, blocks in cases:
         a, bt = torch.randn(rows, k, generator=gen), torch.randn(k, n, generator=gen)
         bias = torch.randn(n, generator=gen)

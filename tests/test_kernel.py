@@ -30,7 +30,8 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "nd, cin, cout, B, stride, bias, batch, size",
     [
-        (2, 64, 256, 8, 1, False, 2, 9),  # N = 32: two 16-column tiles (AVX-512: one)
+        (2, 64, 256, 8, 1, False, 2, 9),  # N = 32: a 32-column tile (AVX-512: a 2-panel one)
+        (2, 128, 256, 4, 1, True, 1, 7),  # N = 64: two 32-column tiles, 196 rows (not % 3)
         (2, 96, 96, 2, 1, True, 2, 7),  # N = 48: AVX-512 tiles of 32 and 16 columns, 98 rows
         (2, 256, 64, 8, 1, True, 3, 7),  # N = 8: pair tiles (AVX-512: quad tiles); rows not a
         # multiple of 6 (12)
@@ -712,10 +713,11 @@ def test_winograd_rule_banks_and_an_epilogue_of_fewer_blocks():
 def pointwise_cases(draw):
     """A pointwise product the kernel runs in each of its tiles: K = 1-70 (with AVX-512 a
     quad tile's groups of four rows and a tail of 0-3), N of up to 8 (pair or quad tiles),
-    16 (quad tiles with AVX-512), or wider (tiles of rows, with a narrow part), rows that
-    are not a multiple of a tile's, and an epilogue of 1-3 blocks or none."""
+    16 (quad tiles with AVX-512), a multiple of 32 (32-column tiles without AVX-512), or
+    wider (tiles of rows, with a narrow part), rows that are not a multiple of a tile's, and
+    an epilogue of 1-3 blocks or none."""
     K = draw(st.integers(1, 70))
-    N = draw(st.sampled_from([1, 3, 5, 8, 12, 16, 16, 17, 24, 32, 40]))
+    N = draw(st.sampled_from([1, 3, 5, 8, 12, 16, 16, 17, 24, 32, 40, 64]))
     blocks = draw(st.integers(1, 3))
     rows = blocks * draw(st.integers(1, 30))
     return K, N, rows, blocks, draw(st.sampled_from(["none", "bias", "affine", "all"]))
@@ -1284,6 +1286,7 @@ def test_the_builds_without_avx512_compute_the_same(fresh_kernel, tmp_path, arch
         TiedConv2d(16, 16, 3, padding=1, B=4),  # pixel tiles of 4 columns
         TiedConv2d(16, 16, 3, padding=1, B=8),  # of 2
         TiedConv2d(64, 72, 1, B=4),  # row tiles of 16 and a tail of 2
+        TiedConv2d(64, 128, 1, B=2),  # 32-column tiles
         TiedConv2d(16, 8, 1, B=4),  # pair tiles of 2
     ):
         conv.path = "kernel"
@@ -1296,7 +1299,7 @@ def test_the_builds_without_avx512_compute_the_same(fresh_kernel, tmp_path, arch
             y = _fused.conv_bn_act(xi, conv, bn, res, relu=True)
             expected = torch.relu(bn(_paths.fold_forward(conv, xi)) + res)
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
-    assert residuals == [True] * 4  # each one kernel call, the residual in its epilogue
+    assert residuals == [True] * 5  # each one kernel call, the residual in its epilogue
 
 
 @pytest.mark.skipif(not _kernel.kernel_available(), reason=_kernel.kernel_status())

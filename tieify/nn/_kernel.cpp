@@ -288,20 +288,22 @@ struct Rows {
 
 // C[0:MR, n0:n0+width] = Σ_t A_t[0:MR, :] · Bt_t[:, n0:n0+width] (+ bias), then the epilogue
 // when EPI. width is 8·NV but for the last tile of a padded bank (then NV = 1, width < 8, and
-// only `width` columns of C and of the residual are touched). row0: the tile's first row of C,
-// b0 its block (row0 % blocks, computed once per row block: a division costs as much as a row
-// of a thin bank's arithmetic). PREFETCH: the rows stream from memory (the pointwise product);
-// a k×k filter reads them from a copy in cache.
+// only `width` columns of C and of the residual are touched). A v8 tile of NV = 4 (32-column
+// tiles, below) reads two 16-column panels, vectors 0-1 from the first and 2-3 from the next.
+// row0: the tile's first row of C, b0 its block (row0 % blocks, computed once per row block:
+// a division costs as much as a row of a thin bank's arithmetic). PREFETCH: the rows stream
+// from memory (the pointwise product); a k×k filter reads them from a copy in cache.
 // Always inlined: where the compiler called it out of line (from a lambda of the caller), the
 // thin banks (K = 8-16) ran 1.1-1.2x slower.
 template <int MR, int NV, bool STREAM, int EPI, bool PREFETCH, class V = v8>
 __attribute__((always_inline)) inline void tile(const Rows& a, const Operands& op,
                                                 float* __restrict c, int64_t ldc, int64_t row0,
                                                 int64_t b0, int64_t n0, int width) {
-  // v8: one panel of 8·NV columns, vector j its columns 8j..8j+7; v16 (AVX-512): NV whole
-  // panels of 16 side by side, vector j panel j (16·krows floats after the one before).
+  // v8: one panel of 8·NV columns, vector j its columns 8j..8j+7 (NV <= 2), or two panels of
+  // 16 (NV = 4); v16 (AVX-512): NV whole panels of 16 side by side, vector j panel j (16·krows
+  // floats after the one before).
   constexpr int L = lanes<V>();
-  constexpr int64_t W = L == 8 ? 8 * NV : 16;  // the panel's width
+  constexpr int64_t W = L == 8 ? 8 * std::min(NV, 2) : 16;  // a panel's width
   const int64_t K = a.K, K4 = 4 * a.K, next = L == 8 ? 8 : W * op.krows;
   V acc[MR][NV];
   for (int j = 0; j < NV; ++j) {
@@ -314,6 +316,26 @@ __attribute__((always_inline)) inline void tile(const Rows& a, const Operands& o
     const float* __restrict at1 = at + K;
     const float* __restrict at2 = at + 2 * K;
     const float* __restrict at3 = at + 3 * K;
+    if constexpr (L == 8 && NV == 4) {
+      // A 32-column tile (TILE32_MR rows), not unrolled: its twelve accumulators and four
+      // panel vectors fill AVX2's sixteen registers, and a second step's vectors spilled:
+      // unrolled twice, 0.93-1.11x the time of the 6-row tiles (median 1.01) on ResNet-50's
+      // pointwise shapes of N % 32 = 0; not unrolled, 0.84-1.02x (median 0.92; Zen 1 EPYC,
+      // batch 8, 2 threads, the same 12 interleaved rounds). Rows are prefetched 24 ahead,
+      // as the 6-row tiles do.
+      static_assert(MR <= 3, "a 32-column tile holds at most three rows");
+      for (int64_t k = 0; k < K; ++k) {
+        if (PREFETCH && (k & 15) == 0) prefetch_tile<MR>(at, K, k, 2 * PREFETCH_TILES, K >= 64);
+        const float* bk = bt + k * W;  // row k of both panels, the second krows·16 floats on
+        const V b[4] = {load<V>(bk), load<V>(bk + 8), load<V>(bk + W * op.krows),
+                        load<V>(bk + W * op.krows + 8)};
+        for (int i = 0; i < MR; ++i) {
+          const V av = splat<V>((i == 0 ? at : i == 1 ? at1 : at2)[k]);
+          for (int j = 0; j < 4; ++j) acc[i][j] += av * b[j];
+        }
+      }
+      continue;
+    }
     // Unrolled twice: 1.00-1.16x the speed of the plain loop on ResNet-50's 3×3 shapes and
     // 1.00-1.05x on its pointwise ones (AVX2 EPYC, batch 8, 2 threads, 31 interleaved
     // rounds; the larger gains when the host was busy): a filter tap's loop runs only K
@@ -349,6 +371,17 @@ constexpr int WIDE_MR = 6;
 constexpr bool WIDE = false;
 #endif
 
+// Without AVX-512, a pointwise product of a multiple of 32 columns runs 32-column tiles: three
+// rows of four vectors (32 columns, two panels) instead of six of two. Each broadcast of A
+// feeds four multiply-adds instead of two, and each row of A is read once per 32 columns
+// instead of per 16. ResNet-50's 1×1 shapes of N % 32 = 0 at batch 8 (21 cases, 2 threads,
+// 20 interleaved rounds, Zen 1 EPYC): 0.81-1.01x the time of the 6-row tiles, median 0.92
+// (0.75-1.04x, median 0.905, in another run). It gains least where the 6-row tiles already
+// ran near the peak (the 7×7 layers at B = 4 and 8, 70-75 GFLOP/s: 0.97-1.01x) and on K = 8,
+// N = 32 (64→256 at B = 8, bound by its 26 MB output: 0.97-1.04x). Through the layers'
+// forward, the other shapes (3×3, and 1×1 of N = 8 or 16) took 0.98-1.02x the time.
+constexpr int TILE32_MR = 3;
+
 // All N columns of MR rows of C (c: their first row, row0 its index, b0 its block): tiles of
 // 16, then 8, then the padded last one (with AVX-512, tiles of 32 and 16 in 512-bit vectors
 // first; a pointwise product of N <= 8 columns runs pair tiles instead).
@@ -374,6 +407,10 @@ inline void row_block(const Rows& a, const Operands& op, float* c, int64_t N, in
       tile<MR, 1, STREAM, EPI, true, v16>(a, op, c + n0, N, row0, b0, n0, 16);
     else
       tile<MR, 1, STREAM, EPI, false, v16>(a, op, c + n0, N, row0, b0, n0, 16);
+#else
+  if constexpr (MR == TILE32_MR)  // 32-column tiles: N is a multiple of 32
+    for (; n0 + 32 <= N; n0 += 32)
+      tile<MR, 4, STREAM, EPI, PREFETCH>(a, op, c + n0, N, row0, b0, n0, 32);
 #endif
   for (; n0 + 16 <= N; n0 += 16)
     tile<MR, 2, STREAM, EPI, PREFETCH>(a, op, c + n0, N, row0, b0, n0, 16);
@@ -1045,7 +1082,8 @@ void run_planar(const float* X, const float* Wp, const float* bias, float* Y, in
 template <bool STREAM, int EPI>
 void with_height(const Conv* conv, const float* A, float* C, int64_t R, int64_t K, int64_t N,
                  const Operands& op, int threads) {
-  // Tiles of six rows, twelve with AVX-512 (WIDE_MR) where the columns are more than 8; pair
+  // Tiles of six rows, twelve with AVX-512 (WIDE_MR) where the columns are more than 8
+  // (without AVX-512, three rows of 32 columns where N is a multiple of 32: TILE32_MR); pair
   // tiles of six rows for N <= 8, or with AVX-512 quad tiles for N <= 8 and N = 16.
   if (conv)  // thin banks of a 3-wide filter run pixel tiles; the rest is rarer: one height
     run_conv<WIDE_MR, STREAM, EPI>(*conv, A, C, N, op, threads);
@@ -1059,6 +1097,8 @@ void with_height(const Conv* conv, const float* A, float* C, int64_t R, int64_t 
 #endif
   else if (N <= 8) {  // six rows of two accumulators each
     run<6, STREAM, EPI, PAIR_TILES>(A, C, R, K, N, op, threads);
+  } else if (!WIDE && N % 32 == 0) {  // 32-column tiles (row_block)
+    run<TILE32_MR, STREAM, EPI, ROW_TILES>(A, C, R, K, N, op, threads);
   } else {
     run<WIDE_MR, STREAM, EPI, ROW_TILES>(A, C, R, K, N, op, threads);
   }

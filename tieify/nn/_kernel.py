@@ -330,34 +330,40 @@ def _check(lib: ctypes.CDLL) -> str:
 
 
 def _self_test(lib: ctypes.CDLL) -> bool:
-    """Small products against ``torch.addmm`` (both tile widths, a row and a column tail),
-    without and with the epilogue (scale and shift of 3 blocks, residual, ReLU)."""
+    """Small products against ``torch.addmm`` (:func:`_product_self_test`), the convolutions,
+    the channels-first product and the layout copy."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(29, 7, generator=gen)
-    bt = torch.randn(7, 27, generator=gen)
-    bias = torch.randn(27, generator=gen)
-    scale, shift = torch.randn(3, 27, generator=gen), torch.randn(3, 27, generator=gen)
-    residual = torch.randn(29, 27, generator=gen)
-    plain = torch.empty(29, 27)
-    fused = torch.empty(29, 27)
-    ptr = lambda t: t.data_ptr()  # noqa: E731
-    packed = pack(bt)
-    lib.tieify_pointwise(ptr(a), ptr(packed), ptr(plain), 29, 7, 27, ptr(bias), 1, 0, *_NO_EPILOGUE)
-    lib.tieify_pointwise(
-        ptr(a), ptr(packed), ptr(fused), 29, 7, 27, ptr(bias), 1, 0,
-        ptr(scale), ptr(shift), 3, ptr(residual), 1,
-    )  # fmt: skip
-    expected = torch.addmm(bias, a, bt)
-    rows = torch.arange(29) % 3
-    expected_fused = torch.relu(expected * scale[rows] + shift[rows] + residual)
     return bool(
-        torch.allclose(plain, expected, rtol=1e-4, atol=1e-4)
-        and torch.allclose(fused, expected_fused, rtol=1e-4, atol=1e-4)
+        _product_self_test(lib, gen, n=27)  # both tile widths and a column tail
+        and _product_self_test(lib, gen, n=64)  # the 32-column tiles (without AVX-512)
         and _conv_self_test(lib, gen, stride=1, n_out=5)  # the pixel tiles (N <= 8, 3 wide)
         and _conv_self_test(lib, gen, stride=2, n_out=9)  # the row tiles, phases, a padded bank
         and _conv_self_test(lib, gen, stride=1, n_out=9, winograd=True)
         and _planar_self_test(lib, gen)
         and _transpose_self_test(lib, gen)
+    )
+
+
+def _product_self_test(lib: ctypes.CDLL, gen: torch.Generator, n: int) -> bool:
+    """A 29×7 by 7×n product (29 rows: a row tail after every tile height), without and with
+    the epilogue (scale and shift of 3 blocks, residual, ReLU)."""
+    a, bt = torch.randn(29, 7, generator=gen), torch.randn(7, n, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    scale, shift = torch.randn(3, n, generator=gen), torch.randn(3, n, generator=gen)
+    residual = torch.randn(29, n, generator=gen)
+    plain, fused = torch.empty(29, n), torch.empty(29, n)
+    ptr = lambda t: t.data_ptr()  # noqa: E731
+    packed = pack(bt)
+    lib.tieify_pointwise(ptr(a), ptr(packed), ptr(plain), 29, 7, n, ptr(bias), 1, 0, *_NO_EPILOGUE)
+    lib.tieify_pointwise(
+        ptr(a), ptr(packed), ptr(fused), 29, 7, n, ptr(bias), 1, 0,
+        ptr(scale), ptr(shift), 3, ptr(residual), 1,
+    )  # fmt: skip
+    expected = torch.addmm(bias, a, bt)
+    rows = torch.arange(29) % 3
+    expected_fused = torch.relu(expected * scale[rows] + shift[rows] + residual)
+    return torch.allclose(plain, expected, rtol=1e-4, atol=1e-4) and torch.allclose(
+        fused, expected_fused, rtol=1e-4, atol=1e-4
     )
 
 
